@@ -1,0 +1,210 @@
+"""What is being fine-tuned (ModelSpec) and how (TrainSpec).
+
+ModelSpec is the architecture normalized from a Hugging Face config.json (see architectures.py): every parameter
+tensor of the model, grouped as transformers builds them, so that parameter counts are exact and each memory
+formula can ask "which linears, of what shape, in how many layers". TrainSpec holds every training setting that
+changes memory. Both are plain frozen dataclasses: no torch, cheap to build by the thousand.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from memplan.errors import MemplanError
+
+# --------------------------------------------------------------------------------------------------- the model
+
+
+@dataclass(frozen=True)
+class Linear:
+    """One `nn.Linear` inside a decoder layer: what bitsandbytes quantizes and PEFT can target."""
+
+    name: str  # the module's attribute name in transformers (q_proj, dense_h_to_4h, ...)
+    in_features: int
+    out_features: int
+    bias: bool = False
+    # transformers' replace_with_bnb_linear converts only modules whose type *is* nn.Linear: subclasses such as
+    # Falcon's FalconLinear stay unquantized in the compute dtype (integrations/bitsandbytes.py, v5).
+    quantizable: bool = True
+
+    @property
+    def weight_numel(self) -> int:
+        return self.in_features * self.out_features
+
+    @property
+    def numel(self) -> int:
+        return self.weight_numel + (self.out_features if self.bias else 0)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One decoder layer. Layers that are alike are stored once, with a count, in ModelSpec.layers."""
+
+    linears: tuple[Linear, ...]
+    norm_params: int  # layer/RMS norm weights (and biases): never quantized
+    # Mixture of experts. transformers 5 stores experts as fused 3-D parameters (gate_up_proj [E, 2I, H],
+    # down_proj [E, H, I]), not nn.Linear: bitsandbytes leaves them in the compute dtype and PEFT's linear
+    # targets do not reach them. The router is an nn.Parameter [E, H] (not quantized either).
+    expert_params: int = 0
+    router_params: int = 0
+    num_experts: int = 0
+    experts_per_token: int = 0
+    expert_intermediate: int = 0
+    # Activation-shape facts the estimator needs.
+    mlp: str = "gated"  # gated (SwiGLU/GeGLU: act(gate)*up), plain (fc1 -> act -> fc2), moe
+    parallel_attn: bool = False  # attention and MLP read the same normed input (Falcon-7B, GPT-NeoX)
+    qk_norm: bool = False  # Qwen3: RMSNorm on q and k per head
+
+    @property
+    def linear_params(self) -> int:
+        return sum(lin.numel for lin in self.linears)
+
+    @property
+    def params(self) -> int:
+        return self.linear_params + self.norm_params + self.expert_params + self.router_params
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    model_type: str
+    source: str  # where the architecture came from: catalog entry source, a file path, or a hub cache path
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    layers: tuple[tuple[int, LayerSpec], ...]  # (how many, layer) groups, in order
+    embedding_params: int  # token embeddings (+ learned position embeddings)
+    lm_head_params: int  # 0 when tied to the input embeddings
+    other_params: int  # final norm, projections outside the layers (OPT project_in/out)
+    other_linears: tuple[Linear, ...] = ()  # nn.Linear outside the layers that bitsandbytes quantizes (OPT)
+    tie_word_embeddings: bool = False
+    hf_config: dict = field(default_factory=dict, compare=False, repr=False)
+    stated_params: int | None = None  # the officially stated parameter count, where the catalog has one
+
+    @property
+    def num_layers(self) -> int:
+        return sum(n for n, _ in self.layers)
+
+    @property
+    def max_linear(self) -> Linear:
+        """The largest quantized linear: its dequantized copy is the biggest bitsandbytes temporary."""
+        return max((lin for _, layer in self.layers for lin in layer.linears), key=lambda lin: lin.weight_numel)
+
+    @property
+    def total_params(self) -> int:
+        return (
+            self.embedding_params
+            + self.lm_head_params
+            + self.other_params
+            + sum(lin.numel for lin in self.other_linears)
+            + sum(n * layer.params for n, layer in self.layers)
+        )
+
+    def param_counts(self) -> dict:
+        """The counts `memplan params` prints; each equals what transformers builds for the same config."""
+        linear_weights = sum(n * sum(lin.weight_numel for lin in layer.linears if lin.quantizable)
+                             for n, layer in self.layers)
+        linear_weights += sum(lin.weight_numel for lin in self.other_linears if lin.quantizable)
+        return {
+            "total": self.total_params,
+            "embedding": self.embedding_params,
+            "lm_head": self.lm_head_params,
+            "layers": sum(n * layer.params for n, layer in self.layers),
+            "per_layer": [layer.params for n, layer in self.layers for _ in range(n)],
+            "quantizable_linear_weights": linear_weights,
+            "experts": sum(n * layer.expert_params for n, layer in self.layers),
+            "other": self.other_params + sum(lin.bias * lin.out_features for lin in self.other_linears),
+            "num_layers": self.num_layers,
+            "tie_word_embeddings": self.tie_word_embeddings,
+        }
+
+
+# --------------------------------------------------------------------------------------------- the training
+
+BITS = (4, 8, 16, 32)
+QUANT_TYPES = ("nf4", "fp4")
+DTYPES = {"fp32": 4, "bf16": 2, "fp16": 2}
+METHODS = ("lora", "full")
+LORA_TARGET_SETS = ("qv", "attn", "all-linear")
+OPTIMIZERS = ("adamw", "adamw-8bit", "paged-adamw", "paged-adamw-8bit", "sgd", "adafactor")
+ATTENTIONS = ("sdpa", "eager")
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Every setting that changes memory. Defaults are the common QLoRA recipe (Dettmers et al. 2023; the
+    PEFT/TRL example scripts): NF4 with double quantization, bf16 compute, prepare_model_for_kbit_training,
+    LoRA r=16 on all linear layers, AdamW, gradient checkpointing, SDPA attention."""
+
+    bits: int = 4
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: str = "bf16"
+    method: str = "lora"
+    upcast: bool = True  # PEFT prepare_model_for_kbit_training (only meaningful for 4/8-bit)
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: str | tuple[str, ...] = "all-linear"
+    lora_dtype: str = "fp32"  # PEFT autocast_adapter_dtype=True keeps adapters in fp32
+    dora: bool = False
+    optimizer: str = "adamw"
+    batch_size: int = 1
+    seq_len: int = 2048
+    gradient_checkpointing: bool = True
+    attention: str = "sdpa"
+    modules_to_save: tuple[str, ...] = ()  # e.g. ("lm_head", "embed_tokens"): fully trained copies
+
+    def __post_init__(self):
+        _check_choice("bits", self.bits, BITS)
+        _check_choice("quant-type", self.quant_type, QUANT_TYPES)
+        _check_choice("compute-dtype", self.compute_dtype, DTYPES)
+        _check_choice("method", self.method, METHODS)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("attention", self.attention, ATTENTIONS)
+        _check_choice("lora-dtype", self.lora_dtype, DTYPES)
+        for name in ("batch_size", "seq_len", "lora_r", "lora_alpha"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise MemplanError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise MemplanError(f"lora-dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.method == "full" and self.bits in (4, 8):
+            raise MemplanError("full fine-tuning needs 16- or 32-bit weights (bitsandbytes 4/8-bit weights are frozen)")
+        if isinstance(self.lora_targets, str) and self.lora_targets not in LORA_TARGET_SETS:
+            object.__setattr__(self, "lora_targets", tuple(t for t in self.lora_targets.split("+") if t))
+        if isinstance(self.lora_targets, (list, tuple)):
+            if not self.lora_targets:
+                raise MemplanError("lora-targets is empty")
+            object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits in (4, 8)
+
+    @property
+    def weight_dtype(self) -> str:
+        """dtype of the unquantized weights as loaded (torch_dtype)."""
+        return "fp32" if self.bits == 32 else self.compute_dtype if self.bits == 16 else self.compute_dtype
+
+    @property
+    def upcast_applies(self) -> bool:
+        return self.upcast and self.quantized
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["lora_targets"] = self.lora_targets if isinstance(self.lora_targets, str) else list(self.lora_targets)
+        d["modules_to_save"] = list(self.modules_to_save)
+        return d
+
+    def with_(self, **changes) -> "TrainSpec":
+        return replace(self, **changes)
+
+
+TRAIN_FIELDS = tuple(f.name for f in fields(TrainSpec))
+
+
+def _check_choice(flag: str, value, choices) -> None:
+    if value not in choices:
+        raise MemplanError(f"unsupported {flag} {value!r}; choose one of: {', '.join(map(str, choices))}")
