@@ -127,8 +127,11 @@ def gpus() -> dict[str, GPU]:
 def resolve_gpu(name: str) -> GPU:
     gpu = gpus().get(_key(name))
     if gpu is None:
-        close = difflib.get_close_matches(_key(name), list(gpus()), n=3, cutoff=0.4)
-        hint = f"; did you mean: {', '.join(gpus()[c].name for c in close)}?" if close else "; see `memplan gpus`"
+        names = sorted({g.name for g in gpus().values()})
+        picks = [n for n in names if _key(name) in n]  # "a100" -> both A100 sizes
+        picks += [gpus()[c].name for c in difflib.get_close_matches(_key(name), list(gpus()), n=3, cutoff=0.4)]
+        picks = list(dict.fromkeys(picks))[:4]
+        hint = f"; did you mean: {', '.join(picks)}?" if picks else "; `memplan gpus MODEL` lists the catalog GPUs"
         raise MemplanError(f"unknown GPU {name!r}{hint}")
     return gpu
 

@@ -1,0 +1,157 @@
+"""`memplan estimate MODEL [training flags]`: the analytic memory estimate, as a table, CSV or JSON.
+
+One configuration prints its component table, phases, device overheads and a fits / does-not-fit verdict per
+GPU; comma-separated flag values make a grid, printed one row per configuration. Imports no torch.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+from memplan.options import add_train_flags, grid_from_args, varying_fields
+
+GIB = 2**30
+
+
+def register(sub) -> None:
+    p = sub.add_parser("estimate", help="analytic memory estimate (no torch; milliseconds)",
+                       description="Estimate the GPU memory of one fine-tuning step from the architecture alone. "
+                                   "Sizes are GiB (2^30 bytes).")
+    p.add_argument("model", help="catalog name or alias, config.json path or folder, or a hub id in the local cache")
+    add_train_flags(p)
+    p.add_argument("--gpu", help="judge fit against this GPU only (see `memplan gpus`)")
+    p.add_argument("--json", action="store_true", help="print JSON (a list for a grid)")
+    p.add_argument("--csv", metavar="PATH", help="write one row per configuration (columns: docs/csv.md)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from memplan.catalog import resolve_gpu, resolve_model
+    from memplan.estimate import estimate
+
+    model = resolve_model(args.model)
+    specs = grid_from_args(args)
+    gpu = resolve_gpu(args.gpu) if args.gpu else None
+    results = [estimate(model, spec) for spec in specs]
+    if args.csv:
+        from memplan.report.rows import row, write_csv
+
+        write_csv(args.csv, [row(r) for r in results])
+    if args.json:
+        payload = [r.to_dict() for r in results]
+        json.dump(payload[0] if len(payload) == 1 else payload, sys.stdout, indent=2)
+        print()
+        return 0
+    from rich.console import Console
+
+    console = Console()
+    if len(results) == 1:
+        print_one(console, model, results[0], gpu)
+    else:
+        print_grid(console, model, results, specs, gpu)
+    if args.csv:
+        console.print(f"[dim]wrote {len(results)} row(s) to {args.csv}[/]")
+    return 0
+
+
+def describe(cfg: dict) -> str:
+    if cfg["method"] == "full":
+        head = f"full fine-tuning {cfg['bits']}-bit"
+    elif cfg["bits"] == 4:
+        head = f"QLoRA {cfg['quant_type']}{'+dq' if cfg['double_quant'] else ''} {cfg['compute_dtype']}"
+    elif cfg["bits"] == 8:
+        head = f"LoRA on LLM.int8 {cfg['compute_dtype']}"
+    else:
+        head = f"LoRA on {cfg['bits']}-bit"
+    if cfg["method"] == "lora":
+        targets = cfg["lora_targets"] if isinstance(cfg["lora_targets"], str) else "+".join(cfg["lora_targets"])
+        head += f" · r={cfg['lora_r']} {targets}{' DoRA' if cfg['dora'] else ''}"
+        if cfg["bits"] in (4, 8):
+            head += f" · upcast {'on' if cfg['upcast'] else 'off'}"
+    return (f"{head} · {cfg['optimizer']} · batch {cfg['batch_size']} × seq {cfg['seq_len']} · "
+            f"checkpointing {'on' if cfg['gradient_checkpointing'] else 'off'} · {cfg['attention']}")
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:,.2f}"
+
+
+def gpu_verdicts(device_total: int, gpu=None) -> list[tuple[object, int]]:
+    """(gpu, headroom bytes) for the chosen GPU or every catalog GPU, smallest memory first."""
+    from memplan.catalog import gpu_list
+
+    return [(g, g.memory_bytes - device_total) for g in ([gpu] if gpu else gpu_list())]
+
+
+def print_one(console, model, est, gpu) -> None:
+    from rich.table import Table
+
+    from memplan.estimate import SOURCES
+
+    console.print(f"[bold]{model.name}[/] · {est.params_total / 1e9:.2f} B params, "
+                  f"{est.params_trainable / 1e6:,.1f} M trainable")
+    console.print(f"[dim]{describe(est.config)}[/]")
+    table = Table(title=f"memory at the peak ({est.peak_phase} phase) · GiB = 2^30 bytes", title_justify="left")
+    table.add_column("component")
+    table.add_column("GiB", justify="right")
+    table.add_column("share", justify="right")
+    table.add_column("source", style="dim", overflow="fold")
+    for name, value in est.components.items():
+        if value:
+            table.add_row(name, _gib(value), f"{value / est.peak_bytes:.1%}", SOURCES[name])
+    table.add_section()
+    table.add_row("[bold]tensor peak[/]", f"[bold]{_gib(est.peak_bytes)}[/]", "",
+                  "compare with torch.cuda.max_memory_allocated")
+    for name, value in est.device_overheads.items():
+        table.add_row(name, _gib(value), "", est.overhead_source)
+    table.add_row("[bold]device total[/]", f"[bold]{_gib(est.device_total_bytes)}[/]", "",
+                  "compare with nvidia-smi / NVML used memory")
+    console.print(table)
+    console.print("phases (tensor peak, GiB): " + " · ".join(
+        f"{'[bold]' if p == est.peak_phase else ''}{p} {_gib(v)}{'[/]' if p == est.peak_phase else ''}"
+        for p, v in est.phases.items()))
+    verdicts = gpu_verdicts(est.device_total_bytes, gpu)
+    fits = [f"{g.name} (+{_gib(room)})" for g, room in verdicts if room >= 0]
+    short = [f"{g.name} ({_gib(room)})" for g, room in verdicts if room < 0]
+    if gpu:
+        g, room = verdicts[0]
+        verdict = "[green]fits[/]" if room >= 0 else "[red]does not fit[/]"
+        console.print(f"{g.name} ({_gib(g.memory_bytes)} GiB): {verdict}, headroom {_gib(room)} GiB")
+    else:
+        console.print(f"[green]fits[/] {len(fits)} catalog GPUs, smallest (headroom GiB): "
+                      f"{', '.join(fits[:4]) or 'none'}")
+        if short:
+            console.print(f"[red]does not fit[/] {len(short)}, largest (shortfall GiB): {', '.join(short[::-1][:4])}"
+                          " · `memplan gpus` lists all")
+    for note in est.notes:
+        console.print(f"[yellow]note:[/] {note}")
+
+
+def print_grid(console, model, results, specs, gpu) -> None:
+    from rich.table import Table
+
+    cols = varying_fields(specs)
+    table = Table(title=f"{model.name}: {len(results)} configurations · GiB = 2^30 bytes", title_justify="left")
+    for c in cols:
+        table.add_column(c.replace("_", " "))
+    for c in ("trainable M", "peak phase", "tensor peak GiB", "device total GiB"):
+        table.add_column(c, justify="right")
+    if gpu:
+        table.add_column(f"fits {gpu.name}")
+    for spec, est in zip(specs, results):
+        cfg = est.config
+        cells = [_cell(cfg[c]) for c in cols]
+        cells += [f"{est.params_trainable / 1e6:,.1f}", est.peak_phase, _gib(est.peak_bytes),
+                  _gib(est.device_total_bytes)]
+        if gpu:
+            cells.append("[green]yes[/]" if est.device_total_bytes <= gpu.memory_bytes else "[red]no[/]")
+        table.add_row(*cells)
+    console.print(table)
+
+
+def _cell(v) -> str:
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    if isinstance(v, list):
+        return "+".join(v)
+    return str(v)

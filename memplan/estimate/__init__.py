@@ -1,0 +1,147 @@
+"""The analytic estimate: bytes per component and per phase of a training step, from the architecture alone.
+
+    estimate(model, train) -> Estimate
+
+Each component lives in its own module (weights, lora, optimizer, activations, logits, overhead) and cites its
+source there. This module only composes them into the candidate peaks of each phase of a steady-state step —
+the first step is the same but for the optimizer states, which its step() creates — and takes the maximum:
+
+  load       weights + adapters, plus the largest tensor that is briefly held twice while loading
+  forward    + optimizer states + everything saved for backward + the logits/loss spike, or the last layer's
+             forward transients (bitsandbytes' dequantized weight among them)
+  backward   + the loss gradient spike, or a layer's recomputed saved set and its gradient working set (first
+             and last layer: saved activations shrink and gradients grow linearly in between)
+  optimizer  + gradients + the optimizer's own temporaries
+No torch import: this is the path `memplan estimate` runs, thousands of times a second.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from memplan.estimate import activations as act_mod
+from memplan.estimate import lora, optimizer, weights
+from memplan.estimate.logits import loss_backward, loss_forward
+from memplan.estimate.overhead import Overheads, default_overheads
+from memplan.spec import ModelSpec, TrainSpec
+
+PHASES = ("load", "forward", "backward", "optimizer")
+COMPONENTS = ("weights_quantized", "quant_state", "weights_unquantized", "lora", "gradients", "optimizer_states",
+              "activations", "logits_loss", "temporaries")
+
+# Short provenance for each component; the module named holds the formula and its full citation.
+SOURCES = {
+    "weights_quantized": "bitsandbytes NF4/FP4 4 bit, LLM.int8 8 bit (weights.py)",
+    "quant_state": "absmax per 64-block, double-quantized (QLoRA; weights.py)",
+    "weights_unquantized": "embeddings, lm_head, norms, experts (weights.py)",
+    "lora": "r·(in+out) per adapted linear (LoRA; lora.py)",
+    "gradients": "one per trainable parameter (lora.py)",
+    "optimizer_states": "per optimizer (optimizer.py)",
+    "activations": "saved for backward, op by op (activations.py)",
+    "logits_loss": "b·s·V logits, fp32 loss and gradient (logits.py)",
+    "temporaries": "dequantized weight, grad working set (coefficients.json)",
+}
+
+
+@dataclass
+class Estimate:
+    model: str
+    params_total: int
+    params_trainable: int
+    config: dict
+    components: dict[str, int]  # tensor bytes by component at the peak; they sum to peak_bytes
+    phases: dict[str, int]  # tensor peak of each phase
+    phase_components: dict[str, dict[str, int]]
+    peak_bytes: int  # comparable to torch.cuda.max_memory_allocated
+    peak_phase: str
+    device_overheads: dict[str, int]  # CUDA context, cuBLAS workspace, caching allocator
+    device_total_bytes: int  # comparable to nvidia-smi / NVML used memory
+    overhead_source: str
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "params": {"total": self.params_total, "trainable": self.params_trainable},
+            "config": self.config,
+            "components": dict(self.components),
+            "peak_bytes": self.peak_bytes,
+            "device_total_bytes": self.device_total_bytes,
+            "peak_phase": self.peak_phase,
+            "phases": dict(self.phases),
+            "phase_components": {p: dict(c) for p, c in self.phase_components.items()},
+            "device_overheads": dict(self.device_overheads),
+            "overhead_source": self.overhead_source,
+            "units": "bytes",
+            "notes": list(self.notes),
+        }
+
+
+def _candidate(base: dict[str, int], **extra: int) -> dict[str, int]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = out.get(k, 0) + int(v)
+    return out
+
+
+def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = None) -> Estimate:
+    overheads = overheads or default_overheads()
+    T = train.batch_size * train.seq_len
+    w = weights.weights(model, train)
+    tr = lora.trainable(model, train)
+    states = optimizer.states(model, train, tr["params"], tr["bytes"])
+    grads = tr["bytes"]
+    a = act_mod.activations(model, train)
+
+    static = {**w, "lora": tr["extra_bytes"]}
+    steady = _candidate(static, optimizer_states=states)
+    stored = sum(a.stored_per_layer) + a.fixed
+
+    fwd_loss = _candidate(steady, activations=T * stored, logits_loss=T * loss_forward(model, train))
+    fwd_layer = _candidate(steady, activations=T * (stored - a.stored_per_layer[-1]),
+                           temporaries=T * a.fwd_transient + a.dequant_bytes)
+    bwd_loss = _candidate(steady, activations=T * stored, logits_loss=T * loss_backward(model, train))
+
+    def layer_bwd(idx: int, done_grads: int) -> dict[str, int]:
+        kept = sum(a.stored_per_layer[: idx + 1]) + a.fixed
+        recompute = a.layer_saved[idx] if train.gradient_checkpointing else 0
+        work = max(a.bwd_work_mlp, a.bwd_work_attn - (a.layer_saved[idx] - a.layer_saved_attn[idx]))
+        return _candidate(steady, gradients=done_grads, activations=T * (kept + recompute),
+                          temporaries=T * work + a.dequant_bytes)
+
+    bwd_last = layer_bwd(len(a.stored_per_layer) - 1, 0)
+    bwd_first = layer_bwd(0, grads)
+    opt_step = _candidate(steady, gradients=grads, temporaries=optimizer.step_temporaries(train, tr["bytes"]))
+    load = _candidate(static, temporaries=weights.load_transient(model, train))
+
+    candidates = {"load": [load], "forward": [fwd_loss, fwd_layer], "backward": [bwd_loss, bwd_last, bwd_first],
+                  "optimizer": [opt_step]}
+    phase_components = {p: max(cs, key=lambda c: sum(c.values())) for p, cs in candidates.items()}
+    phase_components = {p: {k: c.get(k, 0) for k in COMPONENTS} for p, c in phase_components.items()}
+    phases = {p: sum(c.values()) for p, c in phase_components.items()}
+    peak_phase = max(PHASES, key=lambda p: phases[p])
+    peak = phases[peak_phase]
+    device = overheads.device_bytes(peak)
+    return Estimate(
+        model=model.name, params_total=model.total_params, params_trainable=tr["params"], config=train.to_dict(),
+        components=phase_components[peak_phase], phases=phases, phase_components=phase_components, peak_bytes=peak,
+        peak_phase=peak_phase, device_overheads=device, device_total_bytes=peak + sum(device.values()),
+        overhead_source=overheads.source, notes=notes(model, train),
+    )
+
+
+def notes(model: ModelSpec, train: TrainSpec) -> list[str]:
+    out = []
+    if train.upcast_applies:
+        out.append("prepare_model_for_kbit_training casts non-quantized weights to fp32, so the residual stream, "
+                   "every layer output and the logits are fp32 (4 B/element); --upcast off keeps them 16-bit")
+    if train.quantized and any(layer.expert_params for _, layer in model.layers):
+        out.append("transformers 5 stores MoE experts as 3-D parameters: bitsandbytes does not quantize them and "
+                   "LoRA does not adapt them")
+    if train.quantized and any(not lin.quantizable for _, layer in model.layers for lin in layer.linears):
+        out.append(f"{model.model_type}'s linears subclass nn.Linear, which transformers' bitsandbytes integration "
+                   "leaves unquantized")
+    if train.optimizer.startswith("paged"):
+        out.append("paged optimizer states live in CUDA managed memory: counted on the GPU, evictable to host RAM")
+    if any(layer.mlp == "moe" for _, layer in model.layers):
+        out.append("MoE activations assume balanced routing (b*s*top_k token-slots)")
+    return out

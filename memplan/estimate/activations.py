@@ -1,0 +1,275 @@
+"""Activation memory: the tensors autograd saves for backward, layer by layer, for the code path that runs.
+
+Instead of a closed-form "bytes per token" constant (Korthikanti et al. 2022, "Reducing Activation Recomputation
+in Large Transformer Models", Table 2: 34·s·b·h + 5·a·s²·b for a GPT layer in 16-bit), this module walks one
+decoder layer the way transformers 5 + PEFT + bitsandbytes run it and lists every tensor some backward
+function keeps, once per storage (a tensor saved by two consumers counts once). That is what makes the QLoRA
+recipe visible: after prepare_model_for_kbit_training the residual stream is fp32, every Linear4bit returns its
+output cast back to fp32, and each LoRA dropout keeps its own copy of the layer input.
+
+Rules, from the source of each op's backward (torch/csrc/autograd/FunctionsManual.cpp, derivatives.yaml):
+- a frozen linear (bitsandbytes MatMul4Bit/MatMul8bitLt, or a 16-bit nn.Linear without grad) saves no input;
+  a trainable one (full fine-tuning) saves its input;
+- a PEFT LoRA branch (peft/tuners/lora/layer.py, bnb.py) casts x to the adapter dtype (a copy if it differs),
+  applies its own nn.Dropout (p > 0: a new output + a bool mask, both per adapted linear), saves the dropout
+  output (lora_A's input) and lora_A's r-wide output (lora_B's input);
+- RMSNorm (LlamaRMSNorm) upcasts to fp32 (a copy when the input is 16-bit) and saves that and rsqrt (T x 1);
+  LayerNorm saves its input plus fp32 mean and rstd per token;
+- SiLU/GELU save their input, ReLU its output, a product x*y both factors, rotary embedding cos/sin only;
+- SDPA's fused kernels (flash / memory-efficient) save q, k, v, the output and a fp32 logsumexp per head and
+  token: O(s), and GQA runs natively on the kv heads when there is no mask (integrations/sdpa_attention.py,
+  use_gqa_in_sdpa). Eager attention repeats k/v to all heads and saves the fp32 softmax (b·a·s² · 4 B) and, in
+  16-bit, its cast back.
+- MoE (transformers 5 eager experts loop): per routed token-slot the expert's gate_up output, act output and
+  down output (weighted by the router) are saved; routing is taken balanced (tokens·top_k slots in all).
+
+All sizes below are bytes per token (multiply by b·s); eager scores are per token too (a·s elements each).
+Backward working sets use the few coefficients in coefficients.json, fitted against the exact meta trace.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from memplan.estimate.lora import is_target
+from memplan.spec import DTYPES, LayerSpec, Linear, ModelSpec, TrainSpec
+
+
+@lru_cache(maxsize=None)
+def coefficients() -> dict:
+    return json.loads((Path(__file__).parent / "coefficients.json").read_text())
+
+
+@dataclass(frozen=True)
+class Ctx:
+    """Element sizes and switches for one configuration."""
+
+    e: int  # residual stream / activation element bytes (fp32 after prepare_model_for_kbit_training)
+    c: int  # compute dtype bytes (what bitsandbytes dequantizes to and multiplies in)
+    lb: int  # LoRA adapter dtype bytes
+    r: int
+    dropout: bool
+    method: str
+    train: TrainSpec
+    s: int  # sequence length (eager scores are s wide)
+
+    @staticmethod
+    def of(train: TrainSpec) -> "Ctx":
+        from memplan.estimate.weights import unquantized_dtype_bytes
+
+        return Ctx(e=unquantized_dtype_bytes(train), c=DTYPES[train.compute_dtype], lb=DTYPES[train.lora_dtype],
+                   r=train.lora_r, dropout=train.lora_dropout > 0, method=train.method, train=train, s=train.seq_len)
+
+
+class Saved:
+    """Tensors kept for backward, by name, each counted once. `tensor()` declares a tensor (and its size);
+    `keep()` marks it saved; `new()` declares and keeps."""
+
+    def __init__(self):
+        self.size: dict[str, int] = {}
+        self.kept: dict[str, str] = {}  # name -> group ("attn" | "mlp")
+
+    def tensor(self, name: str, nbytes: int) -> str:
+        self.size[name] = nbytes
+        return name
+
+    def keep(self, name: str, group: str) -> None:
+        self.kept.setdefault(name, group)
+
+    def new(self, name: str, nbytes: int, group: str) -> str:
+        self.tensor(name, nbytes)
+        self.keep(name, group)
+        return name
+
+    def total(self, group: str | None = None) -> int:
+        return sum(self.size[n] for n, g in self.kept.items() if group is None or g == group)
+
+
+def _linear(sv: Saved, ctx: Ctx, lin: Linear, x: str, in_bytes: int, group: str) -> str:
+    """Run one (possibly LoRA-adapted) linear on tensor x; returns its output's name."""
+    if ctx.method == "full":
+        sv.keep(x, group)
+    elif is_target(lin, ctx.train):
+        if ctx.dropout:
+            sv.new(f"{lin.name}.drop", lin.in_features * ctx.lb, group)
+            sv.new(f"{lin.name}.mask", lin.in_features, group)
+        elif ctx.lb != in_bytes:
+            sv.new(f"{lin.name}.cast", lin.in_features * ctx.lb, group)
+        else:
+            sv.keep(x, group)
+        sv.new(f"{lin.name}.A", ctx.r * ctx.lb, group)
+        if ctx.train.dora:  # DoRA keeps the adapted output to rescale by the magnitude
+            sv.new(f"{lin.name}.dora", lin.out_features * ctx.lb, group)
+    return sv.tensor(f"{lin.name}.out", lin.out_features * ctx.e)
+
+
+def _norm(sv: Saved, ctx: Ctx, x: str, h: int, kind: str, group: str, name: str) -> str:
+    if kind == "layer":  # LayerNorm saves input, fp32 mean and rstd
+        sv.keep(x, group)
+        sv.new(f"{name}.stats", 8, group)
+    else:  # RMSNorm: fp32 view of the input (a copy if 16-bit) and rsqrt
+        if ctx.e == 4:
+            sv.keep(x, group)
+        else:
+            sv.new(f"{name}.x32", 4 * h, group)
+        sv.new(f"{name}.rstd", 4, group)
+    return sv.tensor(f"{name}.out", h * ctx.e)
+
+
+def _attention(sv: Saved, ctx: Ctx, model: ModelSpec, layer: LayerSpec, x_norm: str) -> None:
+    a, kv, d, h, e = model.num_heads, model.num_kv_heads, model.head_dim, model.hidden_size, ctx.e
+    lins = {lin.name: lin for lin in layer.linears}
+    fused = lins.get("qkv_proj") or lins.get("query_key_value")
+    if fused:  # q, k, v are views of one output
+        out = _linear(sv, ctx, fused, x_norm, e, "attn")
+        q = k = v = out
+    else:
+        q = _linear(sv, ctx, lins["q_proj"], x_norm, e, "attn")
+        k = _linear(sv, ctx, lins["k_proj"], x_norm, e, "attn")
+        v = _linear(sv, ctx, lins["v_proj"], x_norm, e, "attn")
+    if layer.qk_norm:  # Qwen3 q_norm / k_norm: RMSNorm over head_dim
+        q = _norm(sv, ctx, q, a * d, "rms", "attn", "q_norm")
+        k = _norm(sv, ctx, k, kv * d, "rms", "attn", "k_norm")
+        sv.size["q_norm.rstd"], sv.size["k_norm.rstd"] = 4 * a, 4 * kv
+    if model.model_type != "opt":  # rotary: q*cos + rotate_half(q)*sin makes new q and k
+        q = sv.tensor("q.rot", a * d * e)
+        k = sv.tensor("k.rot", kv * d * e)
+    if ctx.train.attention == "sdpa":
+        for t in (q, k, v):
+            sv.keep(t, "attn")
+        sv.new("attn.out", a * d * e, "attn")
+        sv.new("attn.lse", a * 4, "attn")
+    else:
+        if kv != a:  # repeat_kv copies k and v to every head
+            sv.new("k.rep", a * d * e, "attn")
+            sv.new("v.rep", a * d * e, "attn")
+        else:
+            sv.keep(k, "attn")
+            sv.keep(v, "attn")
+        sv.keep(q, "attn")
+        sv.new("probs.fp32", a * ctx.s * 4, "attn")  # softmax(dtype=float32) saves its result
+        if e != 4:
+            sv.new("probs", a * ctx.s * e, "attn")  # .to(q.dtype), saved by probs @ v
+    ctx_t = sv.tensor("attn.ctx", a * d * e)  # transpose(1, 2).contiguous(): o_proj's input
+    o = lins.get("o_proj") or lins.get("out_proj") or lins.get("dense")
+    _linear(sv, ctx, o, ctx_t, e, "attn")
+    if model.hf_config.get("dropout") and model.model_type == "opt":  # OPT residual dropout keeps a bool mask
+        sv.new("attn.resid_mask", h, "attn")
+
+
+def _dense_mlp(sv: Saved, ctx: Ctx, layer: LayerSpec, x_norm: str, hidden_act: str, group="mlp") -> str:
+    lins = {lin.name: lin for lin in layer.linears}
+    e = ctx.e
+    if layer.mlp == "plain":
+        up = lins.get("dense_h_to_4h") or lins.get("fc1")
+        down = lins.get("dense_4h_to_h") or lins.get("fc2")
+        f = _linear(sv, ctx, up, x_norm, e, group)
+        if hidden_act == "relu":  # ReLU saves its output
+            act = sv.new("mlp.act", up.out_features * e, group)
+        else:
+            sv.keep(f, group)
+            act = sv.tensor("mlp.act", up.out_features * e)
+        return _linear(sv, ctx, down, act, e, group)
+    fused = lins.get("gate_up_proj")
+    if fused:  # Phi-3: gate and up are views of one output; act saves the view (the whole storage)
+        gu = _linear(sv, ctx, fused, x_norm, e, group)
+        i = fused.out_features // 2
+        sv.keep(gu, group)
+    else:
+        gate, up = lins["gate_proj"], lins["up_proj"]
+        i = gate.out_features
+        g = _linear(sv, ctx, gate, x_norm, e, group)
+        u = _linear(sv, ctx, up, x_norm, e, group)
+        sv.keep(g, group)
+        sv.keep(u, group)
+    sv.new("mlp.act", i * e, group)  # act(gate), saved by the product
+    m = sv.tensor("mlp.prod", i * e)
+    return _linear(sv, ctx, lins["down_proj"], m, e, group)
+
+
+def _moe(sv: Saved, ctx: Ctx, model: ModelSpec, layer: LayerSpec, x_norm: str) -> None:
+    e, k, mi, E = ctx.e, layer.experts_per_token, layer.expert_intermediate, layer.num_experts
+    h = model.hidden_size
+    sv.new("router.probs", E * 4 + k * (8 + 4), "mlp")  # fp32 softmax, top-k indices and weights
+    # per token-slot: gate_up output (act saves the gate view), act output, the expert output scaled by its
+    # routing weight (mul saves it), token / slot indices (int64) and the gathered routing weight
+    sv.new("experts", k * (2 * mi * e + mi * e + h * e + 8 + 8 + e), "mlp")
+    lins = {lin.name: lin for lin in layer.linears}
+    if "shared_expert_gate" in lins:  # Qwen2-MoE: a dense shared expert scaled by sigmoid(shared_expert_gate(x))
+        out = _dense_mlp(sv, ctx, layer, x_norm, "silu")
+        _linear(sv, ctx, lins["shared_expert_gate"], x_norm, e, "mlp")
+        sv.keep(out, "mlp")  # the product with the sigmoid saves both factors
+        sv.new("shared.sig", e, "mlp")
+
+
+def layer_saved(model: ModelSpec, layer: LayerSpec, ctx: Ctx) -> Saved:
+    """Everything one decoder layer keeps for backward, per token, excluding its own input (which is the
+    previous layer's output, or the checkpoint's stored input)."""
+    sv = Saved()
+    h = model.hidden_size
+    norm_kind = "layer" if model.model_type in ("falcon", "gpt_neox", "opt") else "rms"
+    x = sv.tensor("x", h * ctx.e)
+    n1 = _norm(sv, ctx, x, h, norm_kind, "attn", "norm1")
+    _attention(sv, ctx, model, layer, n1)
+    if layer.parallel_attn:  # Falcon-7B: one norm feeds both; GPT-NeoX / Falcon-40B: a second norm of x
+        n_ln = 2 if model.model_type == "gpt_neox" or model.hf_config.get("new_decoder_architecture") else 1
+        n2 = _norm(sv, ctx, x, h, norm_kind, "mlp", "norm2") if n_ln == 2 else n1
+    else:
+        h1 = sv.tensor("h1", h * ctx.e)  # x + attention output
+        n2 = _norm(sv, ctx, h1, h, norm_kind, "mlp", "norm2")
+    if layer.mlp == "moe":
+        _moe(sv, ctx, model, layer, n2)
+    else:
+        _dense_mlp(sv, ctx, layer, n2, model.hf_config.get("hidden_act") or model.hf_config.get("activation_function")
+                   or "silu")
+    if model.model_type == "opt" and model.hf_config.get("dropout"):
+        sv.new("mlp.resid_mask", h, "mlp")
+    if model.model_type == "gemma2":  # post-attention / post-feedforward norms save their inputs too
+        sv.new("norm.post", 2 * (4 if ctx.e != 4 else 0) * h + 2 * 4, "mlp")
+    sv.kept.pop("x", None)  # the layer input is accounted by the caller
+    return sv
+
+
+# ------------------------------------------------------------------------------------------ whole-model view
+
+
+@dataclass(frozen=True)
+class Activations:
+    """Per-token byte figures (multiply by tokens) and absolute transients, for one configuration."""
+
+    stored_per_layer: list[int]  # kept for backward by each layer (input included), forward order
+    layer_saved: list[int]  # the layer's own saved set (what recompute rebuilds under checkpointing)
+    layer_saved_attn: list[int]
+    layer_input: int  # the residual stream, bytes per token
+    fixed: int  # embeddings' saved indices, batch ids and labels, rotary cos/sin, final norm state
+    fwd_transient: int  # live intermediates inside the largest layer's forward (not saved)
+    bwd_work_mlp: int  # gradient working set at the start of a layer's backward
+    bwd_work_attn: int  # ... at its attention backward
+    dequant_bytes: int  # absolute: bitsandbytes' dequantized copy of the largest linear
+
+
+def activations(model: ModelSpec, train: TrainSpec) -> Activations:
+    ctx = Ctx.of(train)
+    k = coefficients()["backward"]
+    h, e = model.hidden_size, ctx.e
+    stored, saved, saved_attn = [], [], []
+    widest = 0
+    for n, layer in model.layers:
+        sv = layer_saved(model, layer, ctx)
+        for _ in range(n):
+            saved.append(sv.total())
+            saved_attn.append(sv.total("attn"))
+            stored.append(h * e if train.gradient_checkpointing else sv.total() + h * e)
+        i = max((lin.out_features for lin in layer.linears), default=h)
+        i = max(i, layer.expert_intermediate * 2 * layer.experts_per_token)
+        widest = max(widest, i)
+    fixed = 8 * 3 + 2 * model.head_dim * e + h * e + (8 if model.model_type in ("falcon", "gpt_neox", "opt") else 4)
+    eager = model.num_heads * train.seq_len * (2 * e + 4) if train.attention == "eager" else 0
+    fwd_transient = widest * (e + ctx.c) + h * ctx.c + eager
+    bwd_mlp = int(k["mlp_h"] * h * e + k["mlp_i"] * widest * e)
+    bwd_attn = int(k["attn_h"] * h * e + k["attn_qkv"] * (model.num_heads + 2 * model.num_kv_heads) * model.head_dim * e
+                   + (model.num_heads * train.seq_len * (e + 4 + 4) if train.attention == "eager" else 0))
+    dequant = model.max_linear.weight_numel * ctx.c if train.quantized else 0
+    return Activations(stored, saved, saved_attn, h * e, fixed, fwd_transient, bwd_mlp, bwd_attn, dequant)

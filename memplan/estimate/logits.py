@@ -1,0 +1,23 @@
+"""Logits and loss, often the single largest spike: b*s*V elements for a vocabulary V of 32k-256k.
+
+transformers 5 (loss/loss_utils.py, ForCausalLMLoss) casts the logits to fp32 (`logits.float()`, a copy when
+they are 16-bit; after prepare_model_for_kbit_training lm_head is fp32 and so are they), then
+cross_entropy = log_softmax (saves its fp32 output) + nll_loss. The Trainer keeps only the loss, so the logits
+die with the forward; backward holds the saved log_softmax, nll_loss's gradient and log_softmax_backward's
+output at once. Per token, bytes; the copy counts are in coefficients.json.
+"""
+from __future__ import annotations
+
+from memplan.estimate.activations import Ctx, coefficients
+from memplan.spec import ModelSpec, TrainSpec
+
+
+def loss_forward(model: ModelSpec, train: TrainSpec) -> int:
+    e = Ctx.of(train).e
+    k = coefficients()["loss"]["forward_fp32_copies"]
+    upcast_copy = 4 if e != 4 else 0
+    return int(model.vocab_size * (e + upcast_copy + 4 * k))
+
+
+def loss_backward(model: ModelSpec, train: TrainSpec) -> int:
+    return int(model.vocab_size * 4 * coefficients()["loss"]["backward_fp32_copies"])

@@ -1,0 +1,75 @@
+"""Trainable parameters: LoRA adapters (Hu et al. 2021), DoRA magnitudes (Liu et al. 2024), modules_to_save
+copies, or every parameter for full fine-tuning.
+
+A LoRA adapter on a linear of shape (in, out) adds A: r x in and B: out x r (peft/tuners/lora/layer.py,
+update_layer). PEFT's get_peft_model(autocast_adapter_dtype=True) keeps adapters in fp32 even on a bf16 base.
+DoRA adds one magnitude vector of `out` elements per adapted linear. modules_to_save wraps the module in a
+ModulesToSaveWrapper holding a trainable deep copy: the original stays, the copy is extra.
+"""
+from __future__ import annotations
+
+from memplan.errors import MemplanError
+from memplan.spec import DTYPES, Linear, ModelSpec, TrainSpec
+
+# Which linear names each target set means, by the names transformers gives them. "qv" on a fused-attention
+# model (Phi-3 qkv_proj, Falcon / GPT-NeoX query_key_value) adapts the fused projection: PEFT's default targets
+# for those model types (peft/utils/constants.py TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
+QV = {"q_proj", "v_proj", "qkv_proj", "query_key_value"}
+ATTN = QV | {"k_proj", "o_proj", "out_proj", "dense"}
+
+
+def is_target(lin: Linear, train: TrainSpec) -> bool:
+    t = train.lora_targets
+    if t == "all-linear":  # every nn.Linear but the output layer (peft INCLUDE_LINEAR_LAYERS_SHORTHAND)
+        return True
+    if t == "qv":
+        return lin.name in QV
+    if t == "attn":
+        return lin.name in ATTN
+    return lin.name in t
+
+
+def targeted(model: ModelSpec, train: TrainSpec) -> list[tuple[int, Linear]]:
+    """(count, linear) for every adapted linear in the model."""
+    if train.method != "lora":
+        return []
+    found = [(n, lin) for n, layer in model.layers for lin in layer.linears if is_target(lin, train)]
+    found += [(1, lin) for lin in model.other_linears if is_target(lin, train)]
+    if not found:
+        names = sorted({lin.name for _, layer in model.layers for lin in layer.linears})
+        raise MemplanError(f"lora-targets {train.lora_targets!r} match no linear of {model.name}; "
+                           f"its linears: {', '.join(names)}")
+    return found
+
+
+def adapter_params(model: ModelSpec, train: TrainSpec) -> int:
+    total = 0
+    for n, lin in targeted(model, train):
+        total += n * (train.lora_r * (lin.in_features + lin.out_features) + (lin.out_features if train.dora else 0))
+    return total
+
+
+def modules_to_save_params(model: ModelSpec, train: TrainSpec) -> int:
+    sizes = {"lm_head": model.lm_head_params or model.embedding_params, "embed_tokens": model.embedding_params,
+             "embed_in": model.embedding_params, "embed_out": model.lm_head_params,
+             "word_embeddings": model.embedding_params}
+    total = 0
+    for name in train.modules_to_save:
+        if name not in sizes:
+            raise MemplanError(f"modules-to-save {name!r} is not supported; choose from: {', '.join(sizes)}")
+        total += sizes[name]
+    return total
+
+
+def trainable(model: ModelSpec, train: TrainSpec) -> dict:
+    """Trainable parameter count and bytes, and the element size of those parameters (their grads match)."""
+    if train.method == "full":
+        b = 4 if train.bits == 32 else DTYPES[train.compute_dtype]
+        return {"params": model.total_params, "bytes": model.total_params * b, "extra_bytes": 0}
+    from memplan.estimate.weights import unquantized_dtype_bytes
+
+    adapters = adapter_params(model, train)
+    saved = modules_to_save_params(model, train)
+    saved_bytes = saved * unquantized_dtype_bytes(train)
+    return {"params": adapters + saved, "bytes": adapters * DTYPES[train.lora_dtype] + saved_bytes,
+            "extra_bytes": adapters * DTYPES[train.lora_dtype] + saved_bytes}

@@ -1,0 +1,70 @@
+"""Optimizer states (created lazily by the first `step()`) and the optimizer step's temporaries.
+
+  adamw            torch.optim.AdamW: exp_avg and exp_avg_sq, zeros_like(param): 2 x param bytes (Kingma & Ba 2015;
+                   the `step` counter is a CPU scalar). On CUDA torch picks the foreach implementation, whose
+                   _foreach_sqrt(exp_avg_sq) makes one param-sized temporary for the whole group
+                   (torch/optim/adamw.py -> adam.py _multi_tensor_adam).
+  adamw-8bit       bitsandbytes AdamW8bit (Dettmers et al. 2022, "8-bit optimizers via block-wise quantization"):
+                   two uint8 states + one fp32 absmax per 256-element block each; tensors under min_8bit_size
+                   (4096 elements) keep 32-bit states (bitsandbytes/optim/optimizer.py, Optimizer8bit.init_state).
+  paged-*          the same bytes, allocated in CUDA managed (unified) memory that the driver can evict to host
+                   RAM under pressure; they still count towards the GPU when resident.
+  sgd              torch.optim.SGD with momentum 0 keeps no state.
+  adafactor        transformers Adafactor (Shazeer & Stern 2018), beta1=None: factored second moment, one row and
+                   one column vector per >=2-D tensor (in the grad dtype), the full moment for 1-D tensors.
+"""
+from __future__ import annotations
+
+from memplan.estimate.lora import targeted
+from memplan.spec import DTYPES, ModelSpec, TrainSpec
+
+BNB_BLOCK = 256
+BNB_MIN_8BIT = 4096
+
+
+def _param_shapes(model: ModelSpec, train: TrainSpec) -> list[tuple[int, int, int]]:
+    """(count, rows, cols) of every trainable tensor (cols = 0 for 1-D), for optimizers whose state depends on
+    shapes. LoRA: A (r x in), B (out x r), DoRA magnitude (out)."""
+    if train.method == "full":
+        shapes = [(1, model.vocab_size, model.hidden_size)] * (1 + (model.lm_head_params > 0))
+        for n, layer in model.layers:
+            shapes += [(n, lin.out_features, lin.in_features) for lin in layer.linears]
+            shapes += [(n, lin.out_features, 0) for lin in layer.linears if lin.bias]
+            if layer.expert_params:
+                shapes.append((n, layer.expert_params, 1))
+            shapes.append((n, layer.norm_params + layer.router_params, 0))
+        return shapes
+    shapes = []
+    for n, lin in targeted(model, train):
+        shapes += [(n, train.lora_r, lin.in_features), (n, lin.out_features, train.lora_r)]
+        if train.dora:
+            shapes.append((n, lin.out_features, 0))
+    if train.modules_to_save:
+        shapes.append((len(train.modules_to_save), model.vocab_size, model.hidden_size))
+    return shapes
+
+
+def states(model: ModelSpec, train: TrainSpec, trainable_params: int, trainable_bytes: int) -> int:
+    opt = train.optimizer
+    if opt in ("adamw", "paged-adamw"):
+        return 2 * trainable_bytes
+    if opt == "sgd":
+        return 0
+    shapes = _param_shapes(model, train)
+    elem = trainable_bytes // max(trainable_params, 1)
+    if opt == "adafactor":
+        return sum(n * (r + c if c else r) for n, r, c in shapes) * elem
+    total = 0  # 8-bit AdamW
+    for n, r, c in shapes:
+        numel = r * max(c, 1)
+        if numel < BNB_MIN_8BIT:
+            total += n * 2 * numel * 4
+        else:
+            total += n * 2 * (numel + -(-numel // BNB_BLOCK) * 4)
+    return total + 2 * 256 * 4  # the two shared quantization maps (qmap1, qmap2)
+
+
+def step_temporaries(train: TrainSpec, trainable_bytes: int) -> int:
+    """Transient bytes inside optimizer.step(): foreach AdamW's sqrt(exp_avg_sq) copy of the whole group; the
+    bitsandbytes and SGD kernels update in place."""
+    return trainable_bytes if train.optimizer in ("adamw", "paged-adamw") else 0

@@ -1,0 +1,31 @@
+"""Device-level memory that no tensor accounts for: the CUDA context, the cuBLAS workspace, and the caching
+allocator's reserved-but-unallocated bytes. Figures come from overhead.json (each with its source) until a
+calibration fitted from measured profiles replaces them."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Overheads:
+    cuda_context: int
+    cublas_workspace: int
+    allocator_fraction: float  # reserved - allocated, as a fraction of the tensor peak
+    source: str
+
+    def device_bytes(self, tensor_peak: int) -> dict[str, int]:
+        return {
+            "cuda_context": self.cuda_context,
+            "cublas_workspace": self.cublas_workspace,
+            "allocator_overhead": int(self.allocator_fraction * tensor_peak),
+        }
+
+
+@lru_cache(maxsize=None)
+def default_overheads() -> Overheads:
+    d = json.loads((Path(__file__).parent / "overhead.json").read_text())
+    return Overheads(d["cuda_context_bytes"], d["cublas_workspace_bytes"], d["allocator_fraction"],
+                     "default, not calibrated (overhead.json)")
