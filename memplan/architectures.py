@@ -258,6 +258,11 @@ def from_hf_config(cfg: dict, name: str, source: str) -> ModelSpec:
         raise MemplanError(f"{source}: config is missing the field 'model_type'")
     if model_type not in BUILDERS:
         raise MemplanError(f"{source}: unsupported model_type {model_type!r}; supported: {', '.join(sorted(BUILDERS))}")
-    for key in _REQUIRED.get(model_type, _REQUIRED["default"]):
-        _int(cfg, key)
-    return BUILDERS[model_type](cfg, name, source)
+    try:
+        for key in _REQUIRED.get(model_type, _REQUIRED["default"]):
+            _int(cfg, key)
+        return BUILDERS[model_type](cfg, name, source)
+    except MemplanError as e:
+        raise MemplanError(f"{source}: {e}") from None
+    except (TypeError, ValueError, KeyError, ZeroDivisionError) as e:  # a field of the wrong type or shape
+        raise MemplanError(f"{source}: malformed {model_type} config ({e.__class__.__name__}: {e})") from None
