@@ -7,7 +7,7 @@ changes memory. Both are plain frozen dataclasses: no torch, cheap to build by t
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 from memplan.errors import MemplanError
 
@@ -193,7 +193,7 @@ class TrainSpec:
         return self.upcast and self.quantized
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = {name: getattr(self, name) for name in TRAIN_FIELDS}  # asdict() deep-copies: 10x slower
         d["lora_targets"] = self.lora_targets if isinstance(self.lora_targets, str) else list(self.lora_targets)
         d["modules_to_save"] = list(self.modules_to_save)
         return d

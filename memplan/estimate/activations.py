@@ -232,6 +232,12 @@ def layer_saved(model: ModelSpec, layer: LayerSpec, ctx: Ctx) -> Saved:
     return sv
 
 
+@lru_cache(maxsize=4096)
+def _layer_totals(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> tuple[int, int]:
+    sv = layer_saved(model, layer, Ctx.of(train))
+    return sv.total(), sv.total("attn")
+
+
 # ------------------------------------------------------------------------------------------ whole-model view
 
 
@@ -255,13 +261,14 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     k = coefficients()["backward"]
     h, e = model.hidden_size, ctx.e
     stored, saved, saved_attn = [], [], []
+    # per-token layer figures do not depend on batch, optimizer or (for fused attention) sequence length
+    layer_key = train.with_(batch_size=1, optimizer="adamw", seq_len=train.seq_len if train.attention == "eager" else 1)
     widest = 0
     for n, layer in model.layers:
-        sv = layer_saved(model, layer, ctx)
-        for _ in range(n):
-            saved.append(sv.total())
-            saved_attn.append(sv.total("attn"))
-            stored.append(h * e if train.gradient_checkpointing else sv.total() + h * e)
+        total, attn = _layer_totals(model, layer, layer_key)
+        saved += [total] * n
+        saved_attn += [attn] * n
+        stored += [h * e if train.gradient_checkpointing else total + h * e] * n
         i = max((lin.out_features for lin in layer.linears), default=h)
         i = max(i, layer.expert_intermediate * 2 * layer.experts_per_token)
         widest = max(widest, i)
