@@ -87,9 +87,10 @@ class ModelSpec:
         return sum(n for n, _ in self.layers)
 
     @property
-    def max_linear(self) -> Linear:
-        """The largest quantized linear: its dequantized copy is the biggest bitsandbytes temporary."""
-        return max((lin for _, layer in self.layers for lin in layer.linears), key=lambda lin: lin.weight_numel)
+    def max_quantized_numel(self) -> int:
+        """Elements of the largest quantizable linear weight: its dequantized copy is the biggest bitsandbytes
+        temporary (0 when bitsandbytes quantizes nothing, as for Falcon)."""
+        return max((lin.weight_numel for _, layer in self.layers for lin in layer.linears if lin.quantizable), default=0)
 
     @property
     def total_params(self) -> int:

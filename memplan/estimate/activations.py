@@ -54,13 +54,26 @@ class Ctx:
     method: str
     train: TrainSpec
     s: int  # sequence length (eager scores are s wide)
+    attention: str  # the attention that runs (see effective_attention)
 
     @staticmethod
-    def of(train: TrainSpec) -> "Ctx":
+    def of(train: TrainSpec, model: ModelSpec | None = None) -> "Ctx":
         from memplan.estimate.weights import unquantized_dtype_bytes
 
         return Ctx(e=unquantized_dtype_bytes(train), c=DTYPES[train.compute_dtype], lb=DTYPES[train.lora_dtype],
-                   r=train.lora_r, dropout=train.lora_dropout > 0, method=train.method, train=train, s=train.seq_len)
+                   r=train.lora_r, dropout=train.lora_dropout > 0, method=train.method, train=train, s=train.seq_len,
+                   attention=effective_attention(model, train) if model else train.attention)
+
+
+def softcapped(model: ModelSpec) -> bool:
+    """Gemma-2 caps attention logits (attn_logit_softcapping, default 50.0): tanh(scores / cap) * cap."""
+    return model.model_type == "gemma2" and bool(model.hf_config.get("attn_logit_softcapping", 50.0))
+
+
+def effective_attention(model: ModelSpec, train: TrainSpec) -> str:
+    """transformers implements logit soft-capping only in its eager attention: training runs eager whatever
+    was asked."""
+    return "eager" if softcapped(model) else train.attention
 
 
 class Saved:
@@ -125,6 +138,11 @@ def _attention(sv: Saved, ctx: Ctx, model: ModelSpec, layer: LayerSpec, x_norm: 
     if fused:  # q, k, v are views of one output
         out = _linear(sv, ctx, fused, x_norm, e, "attn")
         q = k = v = out
+        if model.model_type == "falcon" and model.hf_config.get("new_decoder_architecture"):
+            # FalconAttention._split_heads copies k and v out of the fused output (fused_qkv[..., [-2], :]) and
+            # broadcasts them to every query head; the reshape for attention materializes a·d each
+            kv = a
+            v = sv.tensor("v.bcast", a * d * e)
     else:
         q = _linear(sv, ctx, lins["q_proj"], x_norm, e, "attn")
         k = _linear(sv, ctx, lins["k_proj"], x_norm, e, "attn")
@@ -136,7 +154,7 @@ def _attention(sv: Saved, ctx: Ctx, model: ModelSpec, layer: LayerSpec, x_norm: 
     if model.model_type != "opt":  # rotary: q*cos + rotate_half(q)*sin makes new q and k
         q = sv.tensor("q.rot", a * d * e)
         k = sv.tensor("k.rot", kv * d * e)
-    if ctx.train.attention == "sdpa":
+    if ctx.attention == "sdpa":
         for t in (q, k, v):
             sv.keep(t, "attn")
         sv.new("attn.out", a * d * e, "attn")
@@ -149,10 +167,14 @@ def _attention(sv: Saved, ctx: Ctx, model: ModelSpec, layer: LayerSpec, x_norm: 
             sv.keep(k, "attn")
             sv.keep(v, "attn")
         sv.keep(q, "attn")
+        if softcapped(model):  # tanh(scores / cap) saves its output
+            sv.new("scores.tanh", a * ctx.s * e, "attn")
         sv.new("probs.fp32", a * ctx.s * 4, "attn")  # softmax(dtype=float32) saves its result
         if e != 4:
             sv.new("probs", a * ctx.s * e, "attn")  # .to(q.dtype), saved by probs @ v
-    ctx_t = sv.tensor("attn.ctx", a * d * e)  # transpose(1, 2).contiguous(): o_proj's input
+    # o_proj's input: transpose(1, 2).contiguous(). The fused kernels already write their output in the
+    # (b, s, heads, d) layout, so the copy is a no-op there; eager's matmul output needs a real copy.
+    ctx_t = "attn.out" if ctx.attention == "sdpa" else sv.tensor("attn.ctx", a * d * e)
     o = lins.get("o_proj") or lins.get("out_proj") or lins.get("dense")
     _linear(sv, ctx, o, ctx_t, e, "attn")
     if model.hf_config.get("dropout") and model.model_type == "opt":  # OPT residual dropout keeps a bool mask
@@ -205,8 +227,9 @@ def _moe(sv: Saved, ctx: Ctx, model: ModelSpec, layer: LayerSpec, x_norm: str) -
 
 
 def layer_saved(model: ModelSpec, layer: LayerSpec, ctx: Ctx) -> Saved:
-    """Everything one decoder layer keeps for backward, per token, excluding its own input (which is the
-    previous layer's output, or the checkpoint's stored input)."""
+    """Everything one decoder layer keeps for backward, per token. Its input "x" (the previous layer's output)
+    is kept only if an op here saves it: an fp32 RMSNorm or a LayerNorm does, a 16-bit RMSNorm saves its own
+    fp32 copy instead."""
     sv = Saved()
     h = model.hidden_size
     norm_kind = "layer" if model.model_type in ("falcon", "gpt_neox", "opt") else "rms"
@@ -226,16 +249,17 @@ def layer_saved(model: ModelSpec, layer: LayerSpec, ctx: Ctx) -> Saved:
                    or "silu")
     if model.model_type == "opt" and model.hf_config.get("dropout"):
         sv.new("mlp.resid_mask", h, "mlp")
-    if model.model_type == "gemma2":  # post-attention / post-feedforward norms save their inputs too
-        sv.new("norm.post", 2 * (4 if ctx.e != 4 else 0) * h + 2 * 4, "mlp")
-    sv.kept.pop("x", None)  # the layer input is accounted by the caller
+    if model.model_type == "gemma2":  # post-attention / post-feedforward RMSNorms on the o_proj and down_proj
+        sv.new("norm.post", 2 * (4 * h + 4), "mlp")  # outputs: each keeps an fp32 input (or copy) and rsqrt
     return sv
 
 
 @lru_cache(maxsize=4096)
-def _layer_totals(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> tuple[int, int]:
-    sv = layer_saved(model, layer, Ctx.of(train))
-    return sv.total(), sv.total("attn")
+def _layer_totals(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> tuple[int, int, int]:
+    """(saved bytes per token without the layer input, of which attention, the layer input if it is kept)."""
+    sv = layer_saved(model, layer, Ctx.of(train, model))
+    x = sv.size["x"] if "x" in sv.kept else 0
+    return sv.total() - x, sv.total("attn") - (x if sv.kept.get("x") == "attn" else 0), x
 
 
 # ------------------------------------------------------------------------------------------ whole-model view
@@ -257,26 +281,26 @@ class Activations:
 
 
 def activations(model: ModelSpec, train: TrainSpec) -> Activations:
-    ctx = Ctx.of(train)
+    ctx = Ctx.of(train, model)
     k = coefficients()["backward"]
     h, e = model.hidden_size, ctx.e
     stored, saved, saved_attn = [], [], []
     # per-token layer figures do not depend on batch, optimizer or (for fused attention) sequence length
-    layer_key = train.with_(batch_size=1, optimizer="adamw", seq_len=train.seq_len if train.attention == "eager" else 1)
+    layer_key = train.with_(batch_size=1, optimizer="adamw", seq_len=train.seq_len if ctx.attention == "eager" else 1)
     widest = 0
     for n, layer in model.layers:
-        total, attn = _layer_totals(model, layer, layer_key)
+        total, attn, x_kept = _layer_totals(model, layer, layer_key)
         saved += [total] * n
         saved_attn += [attn] * n
-        stored += [h * e if train.gradient_checkpointing else total + h * e] * n
+        stored += [h * e if train.gradient_checkpointing else total + x_kept] * n
         i = max((lin.out_features for lin in layer.linears), default=h)
         i = max(i, layer.expert_intermediate * 2 * layer.experts_per_token)
         widest = max(widest, i)
     fixed = 8 * 3 + 2 * model.head_dim * e + h * e + (8 if model.model_type in ("falcon", "gpt_neox", "opt") else 4)
-    eager = model.num_heads * train.seq_len * (2 * e + 4) if train.attention == "eager" else 0
+    eager = model.num_heads * train.seq_len * (2 * e + 4) if ctx.attention == "eager" else 0
     fwd_transient = widest * (e + ctx.c) + h * ctx.c + eager
     bwd_mlp = int(k["mlp_h"] * h * e + k["mlp_i"] * widest * e)
     bwd_attn = int(k["attn_h"] * h * e + k["attn_qkv"] * (model.num_heads + 2 * model.num_kv_heads) * model.head_dim * e
-                   + (model.num_heads * train.seq_len * (e + 4 + 4) if train.attention == "eager" else 0))
-    dequant = model.max_linear.weight_numel * ctx.c if train.quantized else 0
+                   + (model.num_heads * train.seq_len * (e + 4 + 4) if ctx.attention == "eager" else 0))
+    dequant = model.max_quantized_numel * ctx.c if train.quantized else 0
     return Activations(stored, saved, saved_attn, h * e, fixed, fwd_transient, bwd_mlp, bwd_attn, dequant)

@@ -74,7 +74,7 @@ def load_transient(model: ModelSpec, train: TrainSpec) -> int:
     before bitsandbytes quantizes it, or a parameter's 16-bit original while prepare_model_for_kbit_training
     writes its fp32 copy."""
     load_bytes = 4 if train.bits == 32 else DTYPES[train.compute_dtype]
-    biggest = model.max_linear.weight_numel if train.quantized else 0
+    biggest = model.max_quantized_numel if train.quantized else 0
     if train.upcast_applies:
         biggest = max(biggest, model.embedding_params, model.lm_head_params,
                       max(layer.expert_params for _, layer in model.layers) // 2)

@@ -1,0 +1,86 @@
+"""`memplan gpus MODEL [training flags]`: every catalog GPU with its headroom or shortfall for one configuration,
+sorted by headroom, and the longest sequence each one fits (with the safety margin). Imports no torch."""
+from __future__ import annotations
+
+import json
+import sys
+
+from memplan.options import add_train_flags
+
+GIB = 2**30
+
+
+def register(sub) -> None:
+    from memplan.commands.fit import add_budget_flags
+
+    p = sub.add_parser("gpus", help="every catalog GPU with its headroom or shortfall for a configuration",
+                       description="Headroom (GPU memory − estimated device total) of every catalog GPU for one "
+                                   "configuration, sorted. Sizes are GiB (2^30 bytes).")
+    p.add_argument("model", help="catalog name or alias, config.json path or folder, or a hub id in the local cache")
+    add_budget_flags(p, gpu_required=False)
+    add_train_flags(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=run)
+
+
+def verdicts(model, spec, margin: str | None = None) -> dict:
+    """The estimate and, per GPU (headroom ascending), headroom, margin, verdict and the longest sequence that fits
+    within the margin at the configuration's batch."""
+    from memplan.commands.estimate import gpu_verdicts
+    from memplan.plan import DEFAULT_MARGIN, Searcher, max_seq_len, parse_margin
+
+    shared: dict = {}  # one memo for every GPU: only the budget differs
+    rows = []
+    for gpu, room in sorted(gpu_verdicts(_device_total(model, spec)), key=lambda x: (x[1], x[0].name)):
+        m = parse_margin(margin if margin is not None else DEFAULT_MARGIN, gpu.memory_bytes)
+        s = Searcher(model, gpu.memory_bytes - m)
+        s.cache = shared
+        seq = max_seq_len(s, spec)
+        verdict = "fits" if room >= m else "tight" if room >= 0 else "short"
+        rows.append({"gpu": gpu.name, "kind": gpu.kind, "memory_bytes": gpu.memory_bytes, "headroom_bytes": room,
+                     "margin_bytes": m, "verdict": verdict, "max_seq_len": seq})
+    return {"rows": rows}
+
+
+def _device_total(model, spec) -> int:
+    from memplan.estimate import estimate
+
+    return estimate(model, spec).device_total_bytes
+
+
+def run(args) -> int:
+    from memplan.catalog import resolve_model
+    from memplan.commands.fit import one_spec
+    from memplan.estimate import estimate
+
+    model = resolve_model(args.model)
+    spec = one_spec(args, "gpus")
+    est = estimate(model, spec)
+    rows = verdicts(model, spec, args.margin)["rows"]
+    if args.json:
+        json.dump({"model": model.name, "config": est.config, "device_total_bytes": est.device_total_bytes,
+                   "peak_bytes": est.peak_bytes, "units": "bytes", "gpus": rows}, sys.stdout, indent=2)
+        print()
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    from memplan.commands.estimate import describe
+
+    console = Console(highlight=False)
+    console.print(f"[bold]{model.name}[/] · {describe(est.config)}")
+    console.print(f"device total {est.device_total_bytes / GIB:,.2f} GiB (tensor peak {est.peak_bytes / GIB:,.2f}); "
+                  "GiB = 2^30 bytes")
+    table = Table(title_justify="left", title="catalog GPUs by headroom (fits: headroom ≥ margin; tight: within it)")
+    for c, j in (("GPU", "left"), ("kind", "left"), ("memory GiB", "right"), ("headroom GiB", "right"),
+                 ("verdict", "left"), (f"max seq at batch {spec.batch_size}", "right")):
+        table.add_column(c, justify=j)
+    first_fit = next((r["gpu"] for r in rows if r["verdict"] == "fits"), None)
+    for r in rows:
+        color = {"fits": "green", "tight": "yellow", "short": "red"}[r["verdict"]]
+        name = f"[bold]{r['gpu']}[/] ←smallest" if r["gpu"] == first_fit else r["gpu"]
+        table.add_row(name, r["kind"], f"{r['memory_bytes'] / GIB:,.2f}",
+                      f"[{color}]{r['headroom_bytes'] / GIB:+,.2f}[/]", f"[{color}]{r['verdict']}[/]",
+                      f"{r['max_seq_len']:,}" if r["max_seq_len"] else "—")
+    console.print(table)
+    return 0

@@ -1,0 +1,219 @@
+"""The user's fine-tuning recipe, as plain functions. Shared by the meta trace (memplan/trace/) and the real
+profiler (memplan/profile/), so both measure the same code path as a QLoRA / LoRA training script:
+
+    bnb_config(train)                      transformers.BitsAndBytesConfig for from_pretrained (None for 16/32-bit)
+    torch_dtype(train)                     the dtype the base model is loaded in
+    lora_targets(model_spec, train)        PEFT target_modules for a TrainSpec's target set
+    lora_config(model_spec, train)         peft.LoraConfig
+    apply_recipe(model, model_spec, train) prepare_model_for_kbit_training (TrainSpec.upcast), gradient
+                                           checkpointing (HF, non-reentrant), LoRA via PEFT (or full fine-tuning),
+                                           model.train(); returns the model to train
+    make_optimizer(params, train, paged=True)  the optimizer (created empty: states appear at the first step())
+    train_step(model, optimizer, input_ids, on_phase)  one step: forward with labels=input_ids, backward,
+                                           optimizer.step(), zero_grad(set_to_none=True)
+
+Choices that change memory, stated once here:
+- adamw is torch.optim.AdamW(foreach=True): the multi-tensor implementation PyTorch picks by default on CUDA.
+- adamw-8bit is bitsandbytes.optim.AdamW8bit (block-wise 8-bit states; tensors under 4096 elements keep 32-bit
+  states, bitsandbytes' min_8bit_size). paged-adamw / paged-adamw-8bit are bitsandbytes' PagedAdamW /
+  PagedAdamW8bit; with paged=False (the meta trace: bitsandbytes' paged buffers need CUDA managed memory) they are
+  accounted as their non-paged equivalents AdamW(optim_bits=32) / AdamW8bit: the same bytes, which on a GPU live
+  in managed memory the driver may evict to the host under pressure.
+- sgd is torch.optim.SGD(momentum=0.9, foreach=True): one momentum buffer per trainable parameter.
+- adafactor is transformers.optimization.Adafactor with its defaults (relative_step, scale_parameter): factored
+  fp32 second moments for matrices.
+- LoRA adapts nn.Linear modules only (bitsandbytes' Linear4bit/8bitLt included); MoE experts, which transformers 5
+  stores as fused 3-D parameters, stay frozen. PEFT 0.21 would remap transformers-4 expert names (gate_proj, w1,
+  ...) onto those fused parameters for mixtral / qwen2_moe (peft/utils/transformers_weight_conversion.py) --
+  even for "all-linear" -- and its ParamWrapper then refuses lora_dropout != 0; the recipe skips that remap
+  (`_no_moe_remap`) so the targets mean the same thing for every architecture.
+- Gradient checkpointing is HF's, non-reentrant (use_reentrant=False, the transformers default).
+- The loss is computed inside the model (labels=input_ids) and only the loss is kept, as HF Trainer does:
+  the logits are freed as soon as the loss no longer needs them.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+from memplan.errors import MemplanError
+from memplan.spec import ModelSpec, TrainSpec
+
+# Attention projections by attribute name, for every architecture in memplan.architectures.
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "qkv_proj", "query_key_value", "dense")
+QV_MODULES = {"q_proj", "v_proj"}
+FUSED_QKV = ("qkv_proj", "query_key_value")
+
+_TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def torch_dtype(train: TrainSpec):
+    import torch
+
+    return torch.float32 if train.bits == 32 else getattr(torch, _TORCH_DTYPES[train.compute_dtype])
+
+
+def bnb_config(train: TrainSpec):
+    """The BitsAndBytesConfig a QLoRA script passes to from_pretrained (None when not quantized)."""
+    if not train.quantized:
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if train.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=train.quant_type, bnb_4bit_use_double_quant=train.double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, _TORCH_DTYPES[train.compute_dtype]),
+    )
+
+
+def _layer_linear_names(model: ModelSpec) -> list[str]:
+    names = []
+    for _, layer in model.layers:
+        for lin in layer.linears:
+            if lin.name not in names:
+                names.append(lin.name)
+    return names
+
+
+def lora_targets(model: ModelSpec, train: TrainSpec) -> str | list[str]:
+    """PEFT target_modules: "qv" -> q/v (or the fused qkv), "attn" -> every attention projection, "all-linear"
+    -> PEFT's "all-linear" (every linear but the output layer), or the given module names."""
+    names = _layer_linear_names(model)
+    targets = train.lora_targets
+    if targets == "all-linear":
+        return "all-linear"
+    if targets == "qv":
+        picked = [n for n in names if n in QV_MODULES] or [n for n in names if n in FUSED_QKV]
+    elif targets == "attn":
+        picked = [n for n in names if n in ATTENTION_MODULES]
+    else:
+        known = set(names) | {"lm_head", "embed_tokens", "gate"}
+        unknown = [t for t in targets if t not in known]
+        if unknown:
+            raise MemplanError(f"lora-targets: {model.name} has no module named {', '.join(unknown)}; "
+                               f"its layer linears are {', '.join(names)}")
+        picked = list(targets)
+    if not picked:
+        raise MemplanError(f"lora-targets {targets!r} matches no linear of {model.name} ({', '.join(names)})")
+    return picked
+
+
+def lora_config(model: ModelSpec, train: TrainSpec):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=train.lora_r, lora_alpha=train.lora_alpha, lora_dropout=train.lora_dropout,
+        target_modules=lora_targets(model, train), use_dora=train.dora, bias="none", task_type="CAUSAL_LM",
+        modules_to_save=list(train.modules_to_save) or None,
+    )
+
+
+def enable_checkpointing(model) -> None:
+    kwargs = {"use_reentrant": False}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def apply_recipe(model, model_spec: ModelSpec, train: TrainSpec):
+    """Turn a loaded (possibly bitsandbytes-quantized) transformers model into the model a script trains."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if train.method == "full":
+            for p in model.parameters():
+                p.requires_grad_(True)
+            if train.gradient_checkpointing:
+                enable_checkpointing(model)
+            model.train()
+            return model
+        from peft import get_peft_model, prepare_model_for_kbit_training
+
+        if train.upcast_applies:
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=train.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif train.gradient_checkpointing:
+            enable_checkpointing(model)
+        dtype_name = _TORCH_DTYPES[train.lora_dtype]
+        autocast = train.lora_dtype == "fp32"
+        with _no_moe_remap():
+            peft_model = get_peft_model(model, lora_config(model_spec, train), autocast_adapter_dtype=autocast)
+        if not autocast:
+            dtype = getattr(torch, dtype_name)
+            for name, p in peft_model.named_parameters():
+                if p.requires_grad and "lora_" in name:
+                    p.data = p.data.to(dtype)
+        peft_model.train()
+        return peft_model
+
+
+@contextlib.contextmanager
+def _no_moe_remap():
+    """Skip PEFT's transformers-4 -> 5 MoE target remap (see the module docstring)."""
+    try:
+        import peft.tuners.tuners_utils as tu
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    saved = getattr(tu, "is_transformers_ge_v5", None)
+    if saved is None:
+        yield
+        return
+    tu.is_transformers_ge_v5 = False
+    try:
+        yield
+    finally:
+        tu.is_transformers_ge_v5 = saved
+
+
+def trainable_parameters(model) -> list:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def make_optimizer(params, train: TrainSpec, *, paged: bool = True):
+    """The optimizer for `train.optimizer`. paged=False accounts paged optimizers as their non-paged twins."""
+    import torch
+
+    params = list(params)
+    name = train.optimizer
+    lr = 2e-4
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, foreach=True)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, foreach=True)
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=None, scale_parameter=True, relative_step=True, warmup_init=False)
+    import bitsandbytes as bnb
+
+    if name == "adamw-8bit":
+        return bnb.optim.AdamW8bit(params, lr=lr)
+    if name == "paged-adamw":
+        return bnb.optim.PagedAdamW(params, lr=lr) if paged else bnb.optim.AdamW(params, lr=lr, optim_bits=32)
+    if name == "paged-adamw-8bit":
+        return bnb.optim.PagedAdamW8bit(params, lr=lr) if paged else bnb.optim.AdamW8bit(params, lr=lr)
+    raise MemplanError(f"unsupported optimizer {name!r}")
+
+
+def _noop(_phase: str) -> None:
+    pass
+
+
+def train_step(model, optimizer, input_ids, on_phase=_noop):
+    """One training step as a script runs it; returns the loss as a Python-free (detached) tensor."""
+    on_phase("forward")
+    loss = model(input_ids=input_ids, labels=input_ids).loss
+    on_phase("backward")
+    loss.backward()
+    on_phase("optimizer")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()

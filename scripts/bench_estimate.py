@@ -1,0 +1,69 @@
+#!/usr/bin/env python
+"""estimate() throughput: distinct configurations per second (no memo), per model, best of several repeats.
+
+    python scripts/bench_estimate.py [--n 2000] [--repeat 3] [--profile]
+
+The bar (the estimate issue): >= 10,000 configurations/s. --profile prints where the time goes (cProfile).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from memplan.catalog import resolve_model  # noqa: E402
+from memplan.estimate import estimate  # noqa: E402
+from memplan.spec import TrainSpec  # noqa: E402
+
+MODELS = ["qwen2.5-0.5b", "llama-3-8b", "llama-2-70b", "mixtral-8x7b", "llama-3.1-405b", "gemma-2-9b"]
+
+
+def specs(n: int) -> list[TrainSpec]:
+    """n distinct configurations: sequence length, batch, bits, checkpointing and optimizer all vary."""
+    out = []
+    for i in range(n):
+        out.append(TrainSpec(seq_len=64 * (1 + i % 256), batch_size=1 + (i // 256) % 4, bits=(4, 8, 16)[i % 3],
+                             gradient_checkpointing=bool(i % 2), optimizer=("adamw", "adamw-8bit")[(i // 7) % 2]))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args()
+    grid = specs(args.n)
+    rates = {}
+    for name in MODELS:
+        model = resolve_model(name)
+        estimate(model, grid[0])
+        best = float("inf")
+        for _ in range(args.repeat):
+            t0 = time.perf_counter()
+            for spec in grid:
+                estimate(model, spec)
+            best = min(best, time.perf_counter() - t0)
+        rates[name] = args.n / best
+        print(f"{name:<16} {model.num_layers:>4} layers  {rates[name]:>9,.0f} configurations/s")
+    print(f"slowest {min(rates.values()):,.0f}/s, median {sorted(rates.values())[len(rates) // 2]:,.0f}/s "
+          f"(bar: 10,000/s)")
+    if args.profile:
+        import cProfile
+        import pstats
+
+        model = resolve_model("llama-3-8b")
+        prof = cProfile.Profile()
+        prof.enable()
+        for spec in grid:
+            estimate(model, spec)
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(12)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
