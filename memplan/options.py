@@ -77,6 +77,17 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
             shown = "+".join(shown) or "none"
         group.add_argument(flag, *_ALIASES.get(flag, []), dest=field_name, default=None, metavar="V",
                            help=f"{text} (default: {shown})")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="accept a config.json that asks for remote code (auto_map); memplan reads its fields "
+                             "and passes trust_remote_code=True to transformers only when you give this flag")
+
+
+def model_from_args(args: argparse.Namespace, ref: str | None = None):
+    """The ModelSpec the command's MODEL argument (or `ref`) names, honouring --trust-remote-code."""
+    from memplan.catalog import resolve_model
+
+    return resolve_model(ref if ref is not None else args.model,
+                         trust_remote_code=getattr(args, "trust_remote_code", False))
 
 
 def grid_from_args(args: argparse.Namespace, **fixed) -> list[TrainSpec]:

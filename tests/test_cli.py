@@ -103,3 +103,13 @@ def test_params_and_models(capsys):
     assert main(["models", "--json"]) == 0
     names = {m["name"] for m in json.loads(capsys.readouterr().out)}
     assert {"llama-2-70b", "mixtral-8x7b", "qwen2.5-72b", "gemma-2-27b", "falcon-40b", "opt-6.7b"} <= names
+
+
+def test_remote_code_config_needs_the_flag(tmp_path, capsys):
+    cfg = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "vocab_size": 1000, "auto_map": {"AutoModelForCausalLM": "modeling_x.XForCausalLM"}}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    out = run("estimate", str(tmp_path))
+    assert out.returncode == 2 and "remote code" in out.stderr and "--trust-remote-code" in out.stderr
+    assert main(["estimate", str(tmp_path), "--trust-remote-code", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["params"]["total"] > 0

@@ -36,9 +36,11 @@ def _model_aliases() -> dict[str, str]:
     return table
 
 
-def resolve_model(ref: str) -> ModelSpec:
+def resolve_model(ref: str, trust_remote_code: bool = False) -> ModelSpec:
     """A catalog name or alias (case-insensitive), a config.json path or a folder holding one, or a hub id in the
-    local Hugging Face cache, in that order."""
+    local Hugging Face cache, in that order. A config that asks for remote code (`auto_map`) is refused unless
+    trust_remote_code: memplan never runs it, but such a config describes an architecture its model_type's
+    builder may not match."""
     key = _model_aliases().get(_key(ref))
     if key is not None:
         entry = models()[key]
@@ -50,11 +52,12 @@ def resolve_model(ref: str) -> ModelSpec:
         if not path.is_file():
             raise MemplanError(f"{ref}: folder has no config.json")
     if path.is_file():
-        return from_hf_config(_read_json(path), path.parent.name if path.name == "config.json" else path.stem, str(path))
+        name = path.parent.name if path.name == "config.json" else path.stem
+        return from_hf_config(_untrusted_check(_read_json(path), path, trust_remote_code), name, str(path))
     if "/" in ref and not ref.startswith((".", "/", "~")):
         cached = _hub_cache_config(ref)
         if cached is not None:
-            return from_hf_config(_read_json(cached), ref, str(cached))
+            return from_hf_config(_untrusted_check(_read_json(cached), cached, trust_remote_code), ref, str(cached))
         raise MemplanError(
             f"unknown model {ref!r}: not in the catalog and not in the local Hugging Face cache "
             f"(memplan never downloads; pass a config.json path){_suggest(ref)}"
@@ -88,6 +91,13 @@ def _read_json(path: Path) -> dict:
     if "text_config" in data and "hidden_size" not in data and isinstance(data["text_config"], dict):
         return data["text_config"]  # multimodal wrappers keep the language model under text_config
     return data
+
+
+def _untrusted_check(cfg: dict, path: Path, trust_remote_code: bool) -> dict:
+    if cfg.get("auto_map") and not trust_remote_code:
+        raise MemplanError(f"{path}: the config asks for remote code (auto_map); memplan never runs it and will only "
+                           "read this config with --trust-remote-code")
+    return cfg
 
 
 def _hub_cache_config(repo_id: str) -> Path | None:

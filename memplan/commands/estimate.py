@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sys
 
-from memplan.options import add_train_flags, grid_from_args, varying_fields
+from memplan.options import add_train_flags, grid_from_args, model_from_args, varying_fields
 
 GIB = 2**30
 
@@ -26,10 +26,10 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from memplan.catalog import resolve_gpu, resolve_model
+    from memplan.catalog import resolve_gpu
     from memplan.estimate import estimate
 
-    model = resolve_model(args.model)
+    model = model_from_args(args)
     specs = grid_from_args(args)
     gpu = resolve_gpu(args.gpu) if args.gpu else None
     results = [estimate(model, spec) for spec in specs]

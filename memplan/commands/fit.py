@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import sys
 
-from memplan.options import add_train_flags, grid_from_args
+from memplan.options import add_train_flags, grid_from_args, model_from_args
 
 GIB = 2**30
 
@@ -46,11 +46,10 @@ def one_spec(args, command: str):
 
 
 def run(args) -> int:
-    from memplan.catalog import resolve_model
     from memplan.plan import fit, make_budget
 
     budget = make_budget(args.gpu, args.budget, args.margin)
-    model = resolve_model(args.model)
+    model = model_from_args(args)
     spec = one_spec(args, "fit")
     result = fit(model, spec, budget)
     if args.json:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from memplan.options import add_train_flags
+from memplan.options import add_train_flags, model_from_args
 
 GIB = 2**30
 
@@ -49,11 +49,10 @@ def _device_total(model, spec) -> int:
 
 
 def run(args) -> int:
-    from memplan.catalog import resolve_model
     from memplan.commands.fit import one_spec
     from memplan.estimate import estimate
 
-    model = resolve_model(args.model)
+    model = model_from_args(args)
     spec = one_spec(args, "gpus")
     est = estimate(model, spec)
     rows = verdicts(model, spec, args.margin)["rows"]

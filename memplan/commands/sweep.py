@@ -4,7 +4,7 @@ a figure (memplan/report/plots.py): peak vs sequence length per bit width with G
 of components per configuration. Imports no torch; matplotlib only when plotting."""
 from __future__ import annotations
 
-from memplan.options import add_train_flags, grid_from_args
+from memplan.options import add_train_flags, grid_from_args, model_from_args
 
 DEFAULT_GPUS = "rtx-4090,rtx-a6000,a100-80gb,h200"
 
@@ -26,14 +26,13 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def sweep(model_refs: list[str], specs) -> list:
+def sweep(args, specs) -> list:
     """(model, spec, estimate) for every model × spec, in that order."""
-    from memplan.catalog import resolve_model
     from memplan.estimate import estimate
 
     out = []
-    for ref in model_refs:
-        model = resolve_model(ref)
+    for ref in args.models:
+        model = model_from_args(args, ref)
         out.extend((model, spec, estimate(model, spec)) for spec in specs)
     return out
 
@@ -44,7 +43,7 @@ def run(args) -> int:
 
     specs = grid_from_args(args)
     gpus = [] if args.gpus.strip().lower() == "none" else [resolve_gpu(g) for g in args.gpus.split(",") if g.strip()]
-    results = sweep(args.models, specs)
+    results = sweep(args, specs)
     rows = [row(est) for _, _, est in results]
     write_csv(args.out, rows)
     print(f"wrote {len(rows)} row(s) to {args.out}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sys
 
-from memplan.options import add_train_flags, grid_from_args
+from memplan.options import add_train_flags, grid_from_args, model_from_args
 
 
 def register(sub) -> None:
@@ -36,10 +36,9 @@ def _suffixed(path: str, index: int, count: int) -> str:
 def run(args) -> int:
     import logging
 
-    from memplan.catalog import resolve_model
     from memplan.errors import MemplanError
 
-    model = resolve_model(args.model)
+    model = model_from_args(args)
     specs = grid_from_args(args)
     if args.real and model.total_params > 2_000_000_000:
         raise MemplanError(f"--real allocates every byte on the CPU: {model.name} is too large "

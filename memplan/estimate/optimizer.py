@@ -16,7 +16,7 @@
 from __future__ import annotations
 
 from memplan.estimate.lora import targeted
-from memplan.spec import DTYPES, ModelSpec, TrainSpec
+from memplan.spec import ModelSpec, TrainSpec
 
 BNB_BLOCK = 256
 BNB_MIN_8BIT = 4096

@@ -3,9 +3,10 @@
 Storage per quantized linear weight of n elements (bitsandbytes 0.50, functional.quantize_4bit / Int8Params):
   nf4/fp4: packed uint8, two values per byte: ceil(n/2) B; one absmax per 64-element block (Linear4bit's
            blocksize=64): fp32 4 B each, or with double quantization (compress_statistics=True) a uint8 per
-           block + the nested state: one fp32 absmax per 256 blocks, plus a fp32 offset scalar. The 16-entry fp32
-           code of the 4-bit type is made per QuantState (get_4bit_type); the 256-entry dynamic map of the nested
-           state is one shared tensor (name2qmap["dynamic"]).
+           block + the nested state: one fp32 absmax per 256 blocks, plus a fp32 offset scalar. Each QuantState
+           holds its own 16-entry fp32 code of the 4-bit type (get_4bit_type) and, nested, its own copy of the
+           256-entry fp32 dynamic map (quantize_blockwise moves name2qmap["dynamic"] to the weight's device: a
+           copy per weight; the meta trace counts one per weight).
   int8:    LLM.int8 (Dettmers et al. 2022), Linear8bitLt with has_fp16_weights=False: int8 weight, n B, plus one
            fp32 scale per output row (SCB).
 Everything not quantized — embeddings, lm_head (transformers' get_keys_to_not_convert keeps the output embedding),
@@ -33,7 +34,7 @@ def quantized_bytes(n: int, out_features: int, train: TrainSpec) -> tuple[int, i
     blocks = _ceil_div(n, NF4_BLOCK)
     code = 16 * FP32
     if train.double_quant:
-        state = blocks + _ceil_div(blocks, NESTED_BLOCK) * FP32 + FP32 + code
+        state = blocks + _ceil_div(blocks, NESTED_BLOCK) * FP32 + FP32 + code + 256 * FP32
     else:
         state = blocks * FP32 + code
     return _ceil_div(n, 2), state
@@ -64,8 +65,6 @@ def weights(model: ModelSpec, train: TrainSpec) -> dict[str, int]:
             plain_params += n * lin.numel
     for n, layer in model.layers:
         plain_params += n * (layer.norm_params + layer.expert_params + layer.router_params)
-    if train.quantized and train.double_quant and train.bits == 4 and q_bytes:
-        state_bytes += 256 * FP32  # the shared dynamic map of the nested quantization
     return {"weights_quantized": q_bytes, "quant_state": state_bytes, "weights_unquantized": plain_params * ub}
 
 
