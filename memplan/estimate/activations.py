@@ -297,6 +297,8 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
         i = max(i, layer.expert_intermediate * 2 * layer.experts_per_token)
         widest = max(widest, i)
     fixed = 8 * 3 + 2 * model.head_dim * e + h * e + (8 if model.model_type in ("falcon", "gpt_neox", "opt") else 4)
+    if ctx.attention == "eager":  # the 4-D causal mask (b, 1, s, s) in the activation dtype; Gemma-2 builds a
+        fixed += (2 if model.model_type == "gemma2" else 1) * train.seq_len * e  # second for sliding windows
     eager = model.num_heads * train.seq_len * (2 * e + 4) if ctx.attention == "eager" else 0
     fwd_transient = widest * (e + ctx.c) + h * ctx.c + eager
     bwd_mlp = int(k["mlp_h"] * h * e + k["mlp_i"] * widest * e)

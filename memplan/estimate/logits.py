@@ -12,12 +12,20 @@ from memplan.estimate.activations import Ctx, coefficients
 from memplan.spec import ModelSpec, TrainSpec
 
 
+def _softcap(model: ModelSpec) -> bool:
+    """Gemma-2 caps the final logits: tanh(logits / cap) * cap (final_logit_softcapping, default 30.0); tanh
+    saves its b*s*V output for backward."""
+    return model.model_type == "gemma2" and bool(model.hf_config.get("final_logit_softcapping", 30.0))
+
+
 def loss_forward(model: ModelSpec, train: TrainSpec) -> int:
     e = Ctx.of(train).e
     k = coefficients()["loss"]["forward_fp32_copies"]
     upcast_copy = 4 if e != 4 else 0
-    return int(model.vocab_size * (e + upcast_copy + 4 * k))
+    tanh_saved = e if _softcap(model) else 0
+    return int(model.vocab_size * (e + tanh_saved + upcast_copy + 4 * k))
 
 
 def loss_backward(model: ModelSpec, train: TrainSpec) -> int:
-    return int(model.vocab_size * 4 * coefficients()["loss"]["backward_fp32_copies"])
+    tanh_saved = Ctx.of(train).e if _softcap(model) else 0
+    return int(model.vocab_size * (4 * coefficients()["loss"]["backward_fp32_copies"] + tanh_saved))
