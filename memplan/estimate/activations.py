@@ -177,8 +177,13 @@ def _attention(sv: Saved, ctx: Ctx, model: ModelSpec, layer: LayerSpec, x_norm: 
     ctx_t = "attn.out" if ctx.attention == "sdpa" else sv.tensor("attn.ctx", a * d * e)
     o = lins.get("o_proj") or lins.get("out_proj") or lins.get("dense")
     _linear(sv, ctx, o, ctx_t, e, "attn")
-    if model.hf_config.get("dropout") and model.model_type == "opt":  # OPT residual dropout keeps a bool mask
+    if _opt_dropout(model):  # OPT's residual dropout keeps a bool mask
         sv.new("attn.resid_mask", h, "attn")
+
+
+def _opt_dropout(model: ModelSpec) -> bool:
+    """OPT drops out the attention and MLP outputs in training (OPTConfig.dropout, default 0.1)."""
+    return model.model_type == "opt" and bool(model.hf_config.get("dropout", 0.1))
 
 
 def _dense_mlp(sv: Saved, ctx: Ctx, layer: LayerSpec, x_norm: str, hidden_act: str, group="mlp") -> str:
@@ -247,7 +252,7 @@ def layer_saved(model: ModelSpec, layer: LayerSpec, ctx: Ctx) -> Saved:
     else:
         _dense_mlp(sv, ctx, layer, n2, model.hf_config.get("hidden_act") or model.hf_config.get("activation_function")
                    or "silu")
-    if model.model_type == "opt" and model.hf_config.get("dropout"):
+    if _opt_dropout(model):
         sv.new("mlp.resid_mask", h, "mlp")
     if model.model_type == "gemma2":  # post-attention / post-feedforward RMSNorms on the o_proj and down_proj
         sv.new("norm.post", 2 * (4 * h + 4), "mlp")  # outputs: each keeps an fp32 input (or copy) and rsqrt
