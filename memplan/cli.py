@@ -12,18 +12,25 @@ import sys
 from memplan.errors import MemplanError
 
 # Sub-command modules, in the order `memplan --help` lists them.
-COMMANDS = ["estimate", "models", "params"]
+COMMANDS = ["estimate", "models", "trace", "validate", "profile", "env", "fit", "gpus", "sweep"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (and exit 2), like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="memplan",
         description="GPU-memory planner and profiler for QLoRA / LoRA fine-tuning. Sizes are GiB (2^30 bytes).",
     )
     from memplan import __version__
 
     parser.add_argument("--version", action="version", version=f"memplan {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMANDS:
         importlib.import_module(f"memplan.commands.{name}").register(sub)
     return parser

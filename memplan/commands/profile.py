@@ -1,0 +1,364 @@
+"""`memplan profile`: real training steps, measured per phase, side by side with the estimate and the trace."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+from memplan.errors import MemplanError
+from memplan.options import add_train_flags, grid_from_args, varying_fields
+
+GiB = 2**30
+_SIZE = re.compile(r"^\s*([0-9.]+)\s*([kmgt]i?b?|b)?\s*$", re.I)
+_MULT = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "ki": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
+         "mi": 2**20, "g": 2**30, "gb": 2**30, "gib": 2**30, "gi": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40,
+         "ti": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """"123", "512MiB", "2GiB", "1.5g" -> bytes (binary units: GB and GiB both mean 2^30 here)."""
+    m = _SIZE.match(str(text))
+    if not m:
+        raise MemplanError(f"expected a size in bytes (e.g. 2GiB, 512MiB, 1000000), got {text!r}")
+    value = int(float(m.group(1)) * _MULT[(m.group(2) or "").lower()])
+    if value <= 0:
+        raise MemplanError(f"a size must be positive, got {text!r}")
+    return value
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "profile", help="run real training steps (CUDA or CPU) and measure memory per phase",
+        description="Run N real QLoRA/LoRA training steps the way users train (from_pretrained with "
+                    "BitsAndBytesConfig, PEFT LoRA, the chosen optimizer, random tokens) in a child process per "
+                    "configuration, measure every phase, and print measured vs estimate (and trace). "
+                    "Weights are random, written from the config (memory does not depend on weight values), "
+                    "or your own safetensors checkpoint with --weights. Sizes are GiB (2^30 bytes).")
+    p.add_argument("model", nargs="*", metavar="MODEL",
+                   help="catalog name, config.json path or model folder (comma-separated or several: a grid); "
+                        "optional with --weights")
+    add_train_flags(p)
+    g = p.add_argument_group("profile run")
+    g.add_argument("--steps", type=int, default=3, help="training steps per configuration (default: 3; the "
+                   "steps after the first are the steady state)")
+    g.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"),
+                   help="cuda (GPU measurements) | cpu (live tensor bytes + RSS) | auto (cuda if present)")
+    g.add_argument("--weights", metavar="DIR", help="your own checkpoint folder (config.json + *.safetensors; "
+                   "pickle checkpoints are refused) instead of random weights")
+    # --trust-remote-code comes with the shared training flags (memplan/options.py)
+    g.add_argument("--load", dest="load_path", default="pretrained", choices=("pretrained", "direct"),
+                   help="pretrained: from_pretrained on a safetensors folder (the user's path, default) | "
+                        "direct: meta-init, then random weights created and quantized on the device layer by "
+                        "layer (no disk; same tensors; used by scripts/gpu_validate.sh)")
+    g.add_argument("--weights-cache", metavar="DIR",
+                   help="where random-weight checkpoints are cached, by config hash (default: "
+                        "$MEMPLAN_WEIGHTS_CACHE or ~/.cache/memplan/random-weights)")
+    g.add_argument("--clean-cache", action="store_true",
+                   help="remove cached random-weight checkpoints (with --older-than DAYS: only older ones) and exit "
+                        "if no MODEL is given")
+    g.add_argument("--older-than", type=float, metavar="DAYS", help="with --clean-cache")
+    g.add_argument("--list-cache", action="store_true", help="list cached random-weight checkpoints and exit")
+    g.add_argument("--cpu-budget", metavar="BYTES", help="CPU: simulate a device of this many bytes; the "
+                   "tracker raises an out-of-memory error where a GPU would (e.g. 2GiB)")
+    g.add_argument("--memory-fraction", type=float, metavar="F",
+                   help="CUDA: torch.cuda.set_per_process_memory_fraction(F) before loading (simulate a smaller GPU)")
+    g.add_argument("--kernels", default="native", choices=("native", "gpu"),
+                   help="CPU only: native (what really runs on the CPU) | gpu (the trace's models of the CUDA "
+                        "kernels' memory: fused attention, fused dropout, bitsandbytes' CUDA 4-bit matmul path; "
+                        "makes the CPU profile byte-comparable with the trace)")
+    g.add_argument("--profiles", default="profiles", metavar="DIR", help="where profiles are kept (default: "
+                   "profiles/)")
+    g.add_argument("--csv", default=os.path.join("reports", "profiles.csv"), metavar="PATH",
+                   help="CSV log, one row per run (default: reports/profiles.csv; 'none' to skip)")
+    g.add_argument("--force", action="store_true", help="run configurations already in the profiles folder again")
+    g.add_argument("--timeout", type=float, metavar="S", help="per configuration: stop a child after S seconds")
+    g.add_argument("--time-budget", type=float, metavar="S",
+                   help="whole grid: start no configuration that would not finish within S seconds")
+    g.add_argument("--no-trace", action="store_true", help="do not run the meta trace for comparison")
+    g.add_argument("--threads", type=int, help="torch threads in the child (CPU)")
+    g.add_argument("--log-dir", metavar="DIR", help="keep each child's full output here")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--show", nargs="+", metavar="PROFILE",
+                   help="print stored profiles (JSON files or folders) instead of running; with --recompare, "
+                        "compute the estimate and trace comparison again (e.g. for GPU profiles measured with "
+                        "--no-trace) and rewrite the files atomically")
+    g.add_argument("--recompare", action="store_true", help="with --show")
+    g.add_argument("--json", action="store_true", help="print the profiles as JSON (one per line)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _device(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    from memplan.profile.env import detect_gpus
+
+    gpus, _, _ = detect_gpus()
+    return "cuda" if gpus else "cpu"
+
+
+def build_configs(args) -> list:
+    from memplan.catalog import resolve_model
+    from memplan.profile.grid import Config
+
+    refs = [r for ref in (args.model or []) for r in ref.split(",") if r.strip()]
+    weights = None
+    if args.weights:
+        from memplan.profile.loading import check_weights_dir
+
+        weights = str(check_weights_dir(args.weights).resolve())
+        if not refs:
+            refs = [weights]
+    if not refs:
+        raise MemplanError("name a MODEL (catalog name, config.json or folder), or give --weights DIR")
+    if weights and len(refs) > 1:
+        raise MemplanError("--weights profiles one model: give at most one MODEL with it")
+    device = _device(args.device)
+    if device == "cpu" and args.memory_fraction:
+        raise MemplanError("--memory-fraction is for --device cuda; on the CPU use --cpu-budget")
+    if device == "cuda" and args.cpu_budget:
+        raise MemplanError("--cpu-budget is for --device cpu; on CUDA use --memory-fraction")
+    if args.steps < 1:
+        raise MemplanError("--steps must be at least 1")
+    specs = grid_from_args(args)
+    if not specs:
+        from memplan.spec import TrainSpec
+
+        specs = [TrainSpec()]
+    varying = varying_fields(specs)
+    configs = []
+    for ref in refs:
+        model = resolve_model(weights if weights else ref.strip())
+        name = model.name if not weights or ref == weights else ref.strip()
+        for train in specs:
+            run = {"steps": args.steps, "load_path": args.load_path, "seed": args.seed,
+                   "weights_dir": weights, "weights_cache": args.weights_cache,
+                   "cpu_budget_bytes": parse_bytes(args.cpu_budget) if args.cpu_budget else None,
+                   "memory_fraction": args.memory_fraction,
+                   "kernels": args.kernels if device == "cpu" else None}
+            label = name + "".join(f" {k}={v}" for k, v in train.to_dict().items() if k in varying)
+            configs.append(Config(name, dict(model.hf_config), model.source, train.to_dict(), device, run,
+                                  label=label))
+    return configs
+
+
+def run(args) -> int:
+    from memplan.profile import weights as rw
+
+    if args.list_cache:
+        for e in rw.list_cache(args.weights_cache):
+            print(f"{e['bytes'] / GiB:9.2f} GiB  {'complete' if e['complete'] else 'PARTIAL '}  {e['path']}")
+        return 0
+    if args.clean_cache:
+        removed = rw.clean_cache(args.weights_cache, older_than_days=args.older_than)
+        print(f"removed {len(removed)} cached checkpoint(s) from {args.weights_cache or rw.default_cache_dir()}")
+        if not args.model and not args.weights:
+            return 0
+    if args.show:
+        return show_profiles(args)
+    configs = build_configs(args)
+    from memplan.profile.grid import run_grid
+
+    csv_path = None if str(args.csv).lower() == "none" else args.csv
+    printed = []
+
+    def show(outcome):
+        printed.append(outcome)
+        if args.json:
+            if outcome.profile is not None:
+                print(json.dumps({k: v for k, v in outcome.profile.items() if k != "_path"}))
+        elif len(configs) == 1:
+            print_outcome(outcome)
+
+    try:
+        outcomes = run_grid(configs, args.profiles, csv_path, force=args.force, timeout_s=args.timeout,
+                            time_budget_s=args.time_budget, progress=not (args.no_progress or args.json),
+                            on_outcome=show, log_dir=args.log_dir, trace=not args.no_trace,
+                            trust_remote_code=args.trust_remote_code, threads=args.threads)
+    except KeyboardInterrupt:
+        print("memplan profile: interrupted; measured profiles were kept", file=sys.stderr)
+        if len(configs) > 1 and not args.json:
+            print_summary(printed)
+        return 130
+    skipped = [o for o in outcomes if o.status == "skipped"]
+    if skipped and not args.json:
+        print(f"skipped {len(skipped)} configuration(s) already profiled in {args.profiles} (--force runs them "
+              "again)", file=sys.stderr)
+        if len(configs) == 1:
+            print_outcome(skipped[0])
+    if len(configs) > 1 and not args.json:
+        print_summary(outcomes)
+    bad = [o for o in outcomes if o.status in ("error", "crashed")]
+    return 1 if bad else 0
+
+
+def show_profiles(args) -> int:
+    from pathlib import Path
+
+    from memplan.profile.grid import Config, Outcome
+    from memplan.profile.schema import read_profile, read_profiles, write_json_atomic
+
+    profiles = []
+    for ref in args.show:
+        path = Path(ref)
+        if path.is_dir():
+            profiles += read_profiles(path)
+        else:
+            p = read_profile(path)
+            if p is not None:
+                profiles.append(p)
+    if not profiles:
+        raise MemplanError("no valid profile among " + ", ".join(args.show))
+    outcomes = []
+    for prof in profiles:
+        if args.recompare and prof["status"] in ("ok", "oom"):
+            from memplan.profile.compare import compare
+
+            job = {"model": prof["model"], "train": prof["train"], "trace": not args.no_trace}
+            prof["comparison"] = compare(job, prof)
+            path = prof.pop("_path")
+            write_json_atomic(path, prof)
+            prof["_path"] = path
+        cfg = Config(prof["model"]["name"], prof["model"]["hf_config"], prof["model"].get("source") or "",
+                     prof["train"], prof["run"].get("device", "cpu"), {k: v for k, v in prof["run"].items()
+                                                                      if k != "device"}, key=prof["key"],
+                     label=prof["model"]["name"])
+        outcomes.append(Outcome(cfg, prof["status"], prof, prof.get("_path")))
+    if args.json:
+        for o in outcomes:
+            print(json.dumps({k: v for k, v in o.profile.items() if k != "_path"}))
+    elif len(outcomes) == 1:
+        print_outcome(outcomes[0])
+    else:
+        print_summary(outcomes)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ printing
+
+_UNIT = [GiB, "GiB (2^30 bytes)"]
+
+
+def _set_unit(max_bytes) -> str:
+    """GiB, or MiB for small (CPU test) models, so that the figures keep their digits."""
+    _UNIT[:] = [GiB, "GiB (2^30 bytes)"] if (max_bytes or 0) >= GiB / 4 else [2**20, "MiB (2^20 bytes)"]
+    return _UNIT[1]
+
+
+def _g(b) -> str:
+    return "" if b is None else f"{b / _UNIT[0]:.3f}"
+
+
+def _pct(x) -> str:
+    return "" if x is None else f"{x:+.1f}%"
+
+
+def print_outcome(outcome) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    cfg, prof = outcome.config, outcome.profile
+    if prof is None:
+        console.print(f"[bold red]{cfg.label or cfg.model_name}: {outcome.status}[/] (child exit status "
+                      f"{outcome.returncode}); last output:")
+        for line in outcome.log_tail[-15:]:
+            console.print("  " + line, markup=False, highlight=False)
+        return
+    meas, cmp_ = prof["measurements"], prof.get("comparison") or {}
+    cuda = prof["run"]["device"] == "cuda"
+    est, tr = cmp_.get("estimate") or {}, cmp_.get("trace") or {}
+    title = f"{prof['model']['name']} on {prof['run']['device']}: {prof['status']}"
+    unit = _set_unit((meas.get("peak") or {}).get("bytes"))
+    t = Table(title=title + f" — {unit}; err = (predicted - measured) / measured")
+    t.add_column("phase")
+    if cuda:
+        for c in ("allocated peak", "reserved peak", "NVML used peak"):
+            t.add_column(c, justify="right")
+    else:
+        for c in ("tensor peak", "RSS peak"):
+            t.add_column(c, justify="right")
+    for c in ("estimate", "err", "trace", "err", "seconds"):
+        t.add_column(c, justify="right")
+    est_ph, tr_ph = est.get("phases") or {}, tr.get("phases") or {}
+    measured_ph = (cmp_.get("measured") or {}).get("phases") or {}
+    for name, rec in meas["phases"].items():
+        if name.startswith("steady_"):
+            continue  # the steady state's sub-phases stay in the JSON; one row for the steady state here
+        if cuda:
+            cells = [_g(rec.get("allocated_peak_bytes")), _g(rec.get("reserved_peak_bytes")),
+                     _g(rec.get("nvml_process_peak_bytes"))]
+        else:
+            cells = [_g(rec.get("tracker_peak_bytes")), _g(rec.get("rss_peak_bytes"))]
+        m = measured_ph.get(name)
+        e, r = est_ph.get(name), tr_ph.get(name)
+        from memplan.profile.compare import pct
+
+        t.add_row(name, *cells, _g(e), _pct(pct(e, m)) if m is not None else "", _g(r),
+                  _pct(pct(r, m)) if m is not None else "", f"{rec.get('seconds') or 0:.2f}")
+    peak = meas.get("peak") or {}
+    t.add_section()
+    if cuda:
+        cells = [_g(peak.get("allocated_bytes")), _g(peak.get("reserved_bytes")), _g(peak.get("nvml_process_bytes"))]
+    else:
+        cells = [_g(peak.get("tracker_bytes")), _g(peak.get("rss_bytes"))]
+    t.add_row(f"peak ({peak.get('phase', '-')})", *cells, _g(est.get("peak_bytes")), _pct(est.get("error_pct")),
+              _g(tr.get("peak_bytes")), _pct(tr.get("error_pct")), "")
+    if cuda and est.get("device_total_bytes") is not None:
+        t.add_row("device total (NVML)", "", "", _g(peak.get("nvml_process_bytes")), _g(est.get("device_total_bytes")),
+                  _pct(est.get("device_total_error_pct")), "", "", "")
+    console.print(t)
+    lines = []
+    if cuda and meas.get("cuda_context_bytes") is not None:
+        lines.append(f"CUDA context {_g(meas['cuda_context_bytes'])} GiB (NVML before/after CUDA init)")
+    if meas.get("steady_step_time_s"):
+        lines.append(f"step {meas['steady_step_time_s']:.3f} s, {meas.get('tokens_per_s') or 0:,.0f} tokens/s "
+                     f"({'steady state' if len(meas.get('step_times_s', [])) > 1 else 'first step'})")
+    if prof.get("oom"):
+        o = prof["oom"]
+        lines.append(f"[bold red]out of memory[/] in {o.get('phase')}: asked for {_g(o.get('requested_bytes'))} GiB"
+                     + (f" with {_g(o.get('live_bytes'))} GiB live of a {_g(o.get('budget_bytes'))} GiB budget"
+                        if o.get("budget_bytes") else ""))
+    if prof.get("error"):
+        lines.append(f"[bold red]error[/] in {prof['error'].get('phase')}: {prof['error']['type']}: "
+                     f"{prof['error']['message'][:300]}")
+    for k in ("estimate", "trace"):
+        if (cmp_.get(k) or {}).get("note"):
+            lines.append(f"{k}: {cmp_[k]['note']}")
+    if (cmp_.get("trace") or {}).get("peak_bytes") is not None and not cuda and prof["run"].get("kernels") != "gpu":
+        lines.append("the trace models the CUDA kernels (fused attention, 1-byte dropout masks); this CPU run used "
+                     "the CPU's own: --kernels gpu measures the trace's kernel models on real tensors")
+    if not cuda:
+        lines.append("CPU: tensor peak = live tensor bytes (the trace's tracker on real tensors); RSS includes the "
+                     "interpreter and libraries" + (" ; kernels: the trace's GPU-kernel models"
+                                                     if prof["run"].get("kernels") == "gpu" else ""))
+    path = outcome.path or prof.get("_path")
+    if path:
+        lines.append(f"profile: {path}")
+    for line in lines:
+        console.print(line, highlight=False)
+
+
+def print_summary(outcomes) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    peaks = [((o.profile or {}).get("measurements") or {}).get("peak", {}).get("bytes") or 0 for o in outcomes]
+    unit = _set_unit(max(peaks, default=0))
+    t = Table(title=f"profiles — {unit}; err = (predicted - measured) / measured")
+    for c in ("configuration", "status", "measured peak", "phase", "estimate", "err", "trace", "err", "tokens/s"):
+        t.add_column(c, justify="left" if c in ("configuration", "status", "phase") else "right")
+    for o in outcomes:
+        prof = o.profile or {}
+        peak = (prof.get("measurements") or {}).get("peak") or {}
+        cmp_ = prof.get("comparison") or {}
+        est, tr = cmp_.get("estimate") or {}, cmp_.get("trace") or {}
+        status = o.status if o.status != "skipped" else f"skipped ({prof.get('status')})"
+        if prof.get("oom"):
+            status += f" in {prof['oom'].get('phase')}"
+        tps = (prof.get("measurements") or {}).get("tokens_per_s")
+        t.add_row(o.config.label or o.config.model_name, status, _g(peak.get("bytes")), peak.get("phase") or "",
+                  _g(est.get("peak_bytes")), _pct(est.get("error_pct")), _g(tr.get("peak_bytes")),
+                  _pct(tr.get("error_pct")), f"{tps:,.0f}" if tps else "")
+    Console().print(t)

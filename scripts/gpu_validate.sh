@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# GPU validation: real QLoRA profiles on one GPU, sized to finish in <= 10 minutes on one H200.
+#
+#   scripts/gpu_validate.sh OUTDIR
+#
+# Profiles Llama-2-7B, Llama-3-8B, Mistral-7B, Llama-2-13B, Qwen2.5-14B and one Llama-2-70B configuration,
+# seq 512/2048/4096, checkpointing on/off, LoRA r 16/64, most valuable first (scripts/gpu_grid.py has the order),
+# built from the catalog configs (no downloads: random weights created and quantized on the GPU layer by layer,
+# `memplan profile --load direct`). It stops starting configurations when the next would not finish in the budget,
+# and keeps OUTDIR complete after every configuration:
+#   OUTDIR/gpu_validate.log   everything printed
+#   OUTDIR/env.json           `memplan env --json` (GPU, driver, versions)
+#   OUTDIR/profiles.tar.gz    the memplan.profile/1 JSON files (unpack into profiles/)
+#   OUTDIR/profiles.csv       one row per run (docs/profile.md)
+#   OUTDIR/summary.json       one line per configuration: status, peaks, estimate error
+#
+# Environment:
+#   DEVICE=cuda|cpu   cpu = dry run of the same logic with tiny stand-in models (a few minutes on a laptop CPU)
+#   BUDGET_S=480      seconds for the grid itself (setup and bundling come on top)
+#   TIMEOUT_S=240     seconds per configuration at most
+#   WHEELS=.whl       folder with the bitsandbytes wheel (the device has no bitsandbytes and no internet)
+#   PYTHON=python3    the interpreter that has torch
+#   LIMIT=N           only the first N configurations of the plan
+#   TRACE=1           also run the meta trace in each child (CPU seconds per configuration)
+#
+# The bitsandbytes wheel, fetched once on a machine with internet, in the repo root:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_24_x86_64 --platform manylinux_2_28_x86_64 -d .whl bitsandbytes==0.50.2
+# (43 MB; carry `.whl` with the run.) peft, transformers, accelerate, safetensors, rich and nvidia-ml-py are
+# in the device image; anything missing is reported by the import check below.
+set -uo pipefail
+
+OUTDIR=${1:?usage: scripts/gpu_validate.sh OUTDIR}
+DEVICE=${DEVICE:-cuda}
+BUDGET_S=${BUDGET_S:-480}
+TIMEOUT_S=${TIMEOUT_S:-240}
+WHEELS=${WHEELS:-.whl}
+PYTHON=${PYTHON:-python3}
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+START=$(date +%s)
+
+mkdir -p "$OUTDIR"
+OUTDIR=$(cd "$OUTDIR" && pwd)
+LOG="$OUTDIR/gpu_validate.log"
+exec > >(tee -a "$LOG") 2>&1
+echo "gpu_validate: $(date -u +%FT%TZ) device=$DEVICE budget=${BUDGET_S}s"
+
+cd "$HERE"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"
+
+# bitsandbytes from the carried wheel (only if the interpreter lacks it)
+if ! "$PYTHON" -c "import bitsandbytes" 2>/dev/null; then
+  whl=$(ls "$WHEELS"/bitsandbytes-*.whl 2>/dev/null | head -1)
+  if [ -z "$whl" ]; then
+    echo "gpu_validate: bitsandbytes is not installed and no wheel in $WHEELS/ (see this script's header)"; exit 3
+  fi
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/memplan-site "$whl" \
+    || { echo "gpu_validate: installing $whl failed"; exit 3; }
+  export PYTHONPATH="$PYTHONPATH:/tmp/memplan-site"
+fi
+"$PYTHON" - <<'PY' || exit 3
+import importlib
+missing = []
+for m in ("torch", "transformers", "peft", "bitsandbytes", "safetensors", "rich", "pynvml"):
+    try:
+        mod = importlib.import_module(m)
+        print(f"  {m} {getattr(mod, '__version__', '')}")
+    except Exception as e:
+        missing.append(f"{m} ({e.__class__.__name__}: {e})")
+if missing:
+    raise SystemExit("gpu_validate: missing: " + ", ".join(missing))
+PY
+"$PYTHON" -m memplan env --json > "$OUTDIR/env.json" 2>>"$LOG"; "$PYTHON" -m memplan env
+if [ "$DEVICE" = cuda ]; then
+  "$PYTHON" -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
+    || { echo "gpu_validate: torch sees no CUDA device"; exit 4; }
+  nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv || true
+fi
+
+# the grid gets what is left of the budget after setup
+SETUP=$(( $(date +%s) - START ))
+GRID_S=$(( BUDGET_S - SETUP ))
+echo "gpu_validate: setup took ${SETUP}s; grid budget ${GRID_S}s"
+args=("$OUTDIR" --device "$DEVICE" --budget "$GRID_S" --timeout "$TIMEOUT_S")
+[ -n "${LIMIT:-}" ] && args+=(--limit "$LIMIT")
+[ "${TRACE:-0}" = 1 ] && args+=(--trace)
+"$PYTHON" scripts/gpu_grid.py "${args[@]}"
+rc=$?
+echo "gpu_validate: grid exit status $rc after $(( $(date +%s) - START ))s"
+ls -la "$OUTDIR"
+exit $rc
