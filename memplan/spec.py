@@ -185,11 +185,6 @@ class TrainSpec:
         return self.bits in (4, 8)
 
     @property
-    def weight_dtype(self) -> str:
-        """dtype of the unquantized weights as loaded (torch_dtype)."""
-        return "fp32" if self.bits == 32 else self.compute_dtype if self.bits == 16 else self.compute_dtype
-
-    @property
     def upcast_applies(self) -> bool:
         return self.upcast and self.quantized
 

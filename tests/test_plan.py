@@ -165,17 +165,14 @@ def test_budget_too_small_even_for_the_weights():
         fit(resolve_model("llama-2-70b"), TrainSpec(), make_budget(budget="16GiB"))
 
 
-def test_fit_is_fast():
-    import time
-
+def test_fit_searches_many_configurations_with_few_estimates():
+    """What makes fit fast (timed in scripts/bench_fit.py, not here): monotone bisection decides >= 10,000
+    configurations with a few dozen estimates."""
     model = resolve_model("llama-3-8b")
-    budget = make_budget(gpu="rtx-4090")
-    fit(model, TrainSpec(), budget)
-    t0 = time.perf_counter()
-    r = fit(model, TrainSpec(bits=16, batch_size=8, seq_len=8192, gradient_checkpointing=False), budget)
-    # the bar is 100 ms on an idle core (scripts/bench_fit.py); a loaded CI machine gets slack
-    assert time.perf_counter() - t0 < 1.0
+    r = fit(model, TrainSpec(bits=16, batch_size=8, seq_len=8192, gradient_checkpointing=False),
+            make_budget(gpu="rtx-4090"))
     assert r.configurations_searched >= 10_000
+    assert r.estimates <= 200
 
 
 # ------------------------------------------------------------------------------------------------- the CLI

@@ -34,6 +34,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from memplan.estimate.lora import is_target
+from memplan.estimate.weights import unquantized_dtype_bytes
 from memplan.spec import DTYPES, LayerSpec, Linear, ModelSpec, TrainSpec
 
 
@@ -58,8 +59,6 @@ class Ctx:
 
     @staticmethod
     def of(train: TrainSpec, model: ModelSpec | None = None) -> "Ctx":
-        from memplan.estimate.weights import unquantized_dtype_bytes
-
         return Ctx(e=unquantized_dtype_bytes(train), c=DTYPES[train.compute_dtype], lb=DTYPES[train.lora_dtype],
                    r=train.lora_r, dropout=train.lora_dropout > 0, method=train.method, train=train, s=train.seq_len,
                    attention=effective_attention(model, train) if model else train.attention)
@@ -274,10 +273,9 @@ def _layer_totals(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> tuple
 class Activations:
     """Per-token byte figures (multiply by tokens) and absolute transients, for one configuration."""
 
-    stored_per_layer: list[int]  # kept for backward by each layer (input included), forward order
+    stored_per_layer: list[int]  # kept per layer: its input under checkpointing, else its saved set; in order
     layer_saved: list[int]  # the layer's own saved set (what recompute rebuilds under checkpointing)
     layer_saved_attn: list[int]
-    layer_input: int  # the residual stream, bytes per token
     fixed: int  # embeddings' saved indices, batch ids and labels, rotary cos/sin, final norm state
     fwd_transient: int  # live intermediates inside the largest layer's forward (not saved)
     bwd_work_mlp: int  # gradient working set at the start of a layer's backward
@@ -310,4 +308,4 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     bwd_attn = int(k["attn_h"] * h * e + k["attn_qkv"] * (model.num_heads + 2 * model.num_kv_heads) * model.head_dim * e
                    + (model.num_heads * train.seq_len * (e + 4 + 4) if ctx.attention == "eager" else 0))
     dequant = model.max_quantized_numel * ctx.c if train.quantized else 0
-    return Activations(stored, saved, saved_attn, h * e, fixed, fwd_transient, bwd_mlp, bwd_attn, dequant)
+    return Activations(stored, saved, saved_attn, fixed, fwd_transient, bwd_mlp, bwd_attn, dequant)

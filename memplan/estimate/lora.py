@@ -9,6 +9,7 @@ ModulesToSaveWrapper holding a trainable deep copy: the original stays, the copy
 from __future__ import annotations
 
 from memplan.errors import MemplanError
+from memplan.estimate.weights import unquantized_dtype_bytes
 from memplan.spec import DTYPES, Linear, ModelSpec, TrainSpec
 
 # Which linear names each target set means, by the names transformers gives them. "qv" on a fused-attention
@@ -66,8 +67,6 @@ def trainable(model: ModelSpec, train: TrainSpec) -> dict:
     if train.method == "full":
         b = 4 if train.bits == 32 else DTYPES[train.compute_dtype]
         return {"params": model.total_params, "bytes": model.total_params * b, "extra_bytes": 0}
-    from memplan.estimate.weights import unquantized_dtype_bytes
-
     adapters = adapter_params(model, train)
     saved = modules_to_save_params(model, train)
     saved_bytes = saved * unquantized_dtype_bytes(train)
