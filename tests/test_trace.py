@@ -51,6 +51,38 @@ def test_meta_equals_real_cpu_byte_for_byte(cfg, train):
     assert meta.peak_phase == real.peak_phase
 
 
+TINY_FALCON_MQA = {"model_type": "falcon", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                   "vocab_size": 500, "alibi": False, "bias": False, "multi_query": True,
+                   "new_decoder_architecture": False, "parallel_attn": True}  # Falcon-7B's layout: 1 K/V head
+
+
+def test_falcon_multi_query_runs_sdpa_math_fallback():
+    # transformers calls SDPA with 1 K/V head and no enable_gqa: PyTorch's fused kernels reject it and SDPA runs
+    # its math kernel on CUDA too, so the trace must keep b·a·s² fp32 attention probabilities per layer.
+    m = spec(TINY_FALCON_MQA)
+    s, a, layers = 128, 4, 2
+    train = TrainSpec(seq_len=s, bits=32, gradient_checkpointing=False)
+    meta = run_trace(m, train)
+    assert any("math kernel" in n for n in meta.notes)
+    assert meta.components["activations"] >= layers * a * s * s * 4
+    real = run_trace(m, train, real=True)
+    # same bytes but for Falcon's list indexing (fused_qkv[..., [-2], :]): CPU builds an 8-byte int64 index
+    # tensor per index per layer that meta does not
+    assert 0 <= real.peak_bytes - meta.peak_bytes <= 16 * layers
+    assert real.phases.keys() == meta.phases.keys()
+    qlora = run_trace(m, TrainSpec(seq_len=64))
+    assert qlora.peak_bytes > 0
+
+
+def test_dora_4bit_meta_equals_real_cpu():
+    train = TrainSpec(seq_len=32, dora=True)
+    meta = run_trace(spec(TINY_LLAMA), train)
+    real = run_trace(spec(TINY_LLAMA), train, real=True)
+    assert meta.peak_bytes == real.peak_bytes
+    assert meta.components == real.components
+    assert meta.phases == real.phases
+
+
 def test_components_sum_to_peak_and_phases():
     r = run_trace(spec(TINY_LLAMA), TrainSpec(seq_len=64))
     assert set(r.components) == set(CATEGORIES)

@@ -16,6 +16,9 @@ What the trace changes so that the step models a CUDA GPU and runs on meta (each
   which allocates what PyTorch's flash-attention kernel allocates on CUDA (FlashAttention-2, flash_api.cpp):
   forward output + fp32 log-sum-exp, backward dq/dk/dv (+ the fp32 dq accumulator, softmax_d, and expanded dk/dv
   for GQA, freed when the kernel returns). No b·a·s² scores. --attention eager runs transformers' eager code.
+  K/V with fewer heads than Q and no enable_gqa (Falcon-7B's multi-query) is refused by every fused kernel in
+  torch 2.13, so CUDA runs SDPA's math kernel: the trace runs it too (b·a·s² fp32 scores) and notes it. An explicit
+  mask (Falcon) means CUDA's memory-efficient kernel: the additive b·s² bias SDPA makes is kept for the backward.
 - dropout: F.dropout in training is run as aten.native_dropout (the fused CUDA kernel: a 1-byte bool mask) instead
   of the CPU/meta decomposition (a mask in the input's dtype).
 - bitsandbytes gemm_4bit: on meta its fake kernel allocates only the output; the trace runs what bitsandbytes'
@@ -101,6 +104,8 @@ def _math_attention(q, k, v, attn_mask, scale, causal):
     sdpa = getattr(torch.nn.functional.scaled_dot_product_attention, "original", None) or \
         torch.nn.functional.scaled_dot_product_attention
 
+    if attn_mask is not None and attn_mask.is_floating_point():
+        attn_mask = attn_mask.float()
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)
@@ -119,20 +124,21 @@ def _make_fused_attention():
         """FlashAttention-2's memory signature (flash_api.cpp mha_fwd / mha_bwd, as in PyTorch's flash SDPA)."""
 
         @staticmethod
-        def forward(ctx, q, k, v, attn_mask, scale, causal):
+        def forward(ctx, q, k, v, bias, scale, causal):
             b, a, s, d = q.shape
             out = torch.empty((b, s, a, d), dtype=q.dtype, device=q.device).transpose(1, 2)
             lse = torch.empty((b, a, s), dtype=torch.float32, device=q.device)
             if not _is_meta(q):
                 with _untracked(), torch.no_grad():
-                    out.copy_(_math_attention(q, k, v, attn_mask, scale, causal))
-            ctx.save_for_backward(q, k, v, out, lse)
-            ctx.attn_mask, ctx.scale, ctx.causal = attn_mask, scale, causal
+                    out.copy_(_math_attention(q, k, v, bias, scale, causal))
+            # the kernel keeps its (additive) mask for the backward; save_for_backward lets checkpointing drop it
+            ctx.save_for_backward(q, k, v, out, lse, bias)
+            ctx.scale, ctx.causal = scale, causal
             return out
 
         @staticmethod
         def backward(ctx, dout):
-            q, k, v, out, lse = ctx.saved_tensors
+            q, k, v, out, lse, bias = ctx.saved_tensors
             b, a, s, d = q.shape
             kv = k.shape[1]
             dq = torch.empty((b, s, a, d), dtype=q.dtype, device=q.device).transpose(1, 2)
@@ -148,7 +154,7 @@ def _make_fused_attention():
             if not _is_meta(q):
                 with _untracked(), torch.enable_grad():
                     qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
-                    o = _math_attention(qq, kk, vv, ctx.attn_mask, ctx.scale, ctx.causal)
+                    o = _math_attention(qq, kk, vv, bias, ctx.scale, ctx.causal)
                     gq, gk, gv = torch.autograd.grad(o, (qq, kk, vv), dout)
                 with _untracked(), torch.no_grad():
                     dq.copy_(gq), dk.copy_(gk), dv.copy_(gv)
@@ -157,13 +163,39 @@ def _make_fused_attention():
 
     def fused_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                         enable_gqa=False):
+        if key.shape[1] != query.shape[1] and not enable_gqa:
+            # K/V with fewer heads than Q (Falcon-7B's multi-query: 1 head) and no enable_gqa: torch 2.13's
+            # check_batch_size_and_num_heads_dense (sdp_utils_cpp.h) rejects flash, memory-efficient and cuDNN,
+            # so on CUDA SDPA falls back to its math kernel (_scaled_dot_product_attention_math, composite, the
+            # same ops on every device): q/k/v upcast to fp32, b·a·s² fp32 scores and softmax kept for backward.
+            # The original SDPA takes that path on meta and CPU too, so it runs as is.
+            fused_attention.math_fallbacks.add((tuple(query.shape[1:2]), tuple(key.shape[1:2])))
+            return fused_attention.original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                            is_causal=is_causal, scale=scale)
         if scale is None:
             scale = 1.0 / math.sqrt(query.shape[-1])
-        if key.shape[1] != query.shape[1] and not enable_gqa:
-            raise RuntimeError("fused_attention: key/value heads differ from query heads without enable_gqa")
-        return FusedAttention.apply(query, key, value, attn_mask, scale, bool(is_causal))
+        bias = None
+        if attn_mask is not None:
+            # With a mask flash attention is out (check_for_attn_mask) and CUDA runs the memory-efficient kernel.
+            # SDPA first turns a boolean mask into an additive one in the query dtype (convert_boolean_attn_mask:
+            # where(mask.logical_not(), -inf, 0)) and pads its last dim to a multiple of 16 (preprocess_mask);
+            # the kernel keeps that bias for its backward.
+            fused_attention.masked += 1
+            if attn_mask.dtype == torch.bool:
+                bias = torch.where(attn_mask.logical_not(), float("-inf"),
+                                   torch.scalar_tensor(0.0, dtype=query.dtype, device=query.device))
+            else:
+                bias = attn_mask
+            kv = bias.shape[-1]
+            if kv % 16:
+                padded = torch.empty((*bias.shape[:-1], r(kv, 16)), dtype=bias.dtype, device=bias.device)
+                padded[..., :kv].copy_(bias)
+                bias = padded[..., :kv]
+        return FusedAttention.apply(query, key, value, bias, scale, bool(is_causal))
 
     fused_attention.original = torch.nn.functional.scaled_dot_product_attention
+    fused_attention.math_fallbacks = set()
+    fused_attention.masked = 0
     return fused_attention
 
 
@@ -264,19 +296,59 @@ def _patched(train: TrainSpec):
     except ImportError:  # pragma: no cover
         moe = None
     saved_gmm = getattr(moe, "_grouped_mm", None)
+    fused = None
     try:
         if saved_gmm is not None:
             moe._grouped_mm = _make_grouped_mm()
         if train.attention == "sdpa":
-            F.scaled_dot_product_attention = _make_fused_attention()
+            fused = F.scaled_dot_product_attention = _make_fused_attention()
         F.dropout = _native_dropout(saved[1])
         mu.find_packed_sequence_indices = lambda *a, **k: None
-        yield
+        yield fused
     finally:
         F.scaled_dot_product_attention, F.dropout, mu.find_packed_sequence_indices = saved
         if saved_gmm is not None:
             moe._grouped_mm = saved_gmm
         del torch
+
+
+@contextlib.contextmanager
+def _meta_params4bit_deepcopy(enabled: bool):
+    """Let bitsandbytes' Params4bit.__deepcopy__ copy a meta weight.
+
+    PEFT's DoRA (peft/tuners/lora/dora.py DoraLinearLayer.update_layer) deep-copies a Linear4bit before
+    dequantizing it to initialize the magnitude vector. Params4bit.__deepcopy__ starts from a bare
+    `Params4bit.__new__` (an empty CPU tensor) and then sets `.data` to the copied weight: CPU -> CUDA is allowed
+    (that is the GPU run), CPU -> meta is not ("incompatible tensor type"). The patch starts the copy from an empty
+    tensor on the weight's own device and then runs bitsandbytes' own __deepcopy__ steps unchanged. Setup only: the
+    copy is dropped before the tracker starts, as on the GPU where it is freed before training.
+    """
+    if not enabled:
+        yield
+        return
+    import copy
+
+    import bitsandbytes as bnb
+    import torch
+
+    cls = bnb.nn.Params4bit
+    original = cls.__deepcopy__
+
+    def deepcopy(self, memo):
+        if self.device.type != "meta":
+            return original(self, memo)
+        new = cls.__new__(type(self), data=torch.empty(0, dtype=self.dtype, device=self.device))
+        state = self.__getstate__()
+        new.__setstate__(state)
+        new.quant_state = copy.deepcopy(state["quant_state"])
+        new.data = copy.deepcopy(state["data"])
+        return new
+
+    cls.__deepcopy__ = deepcopy
+    try:
+        yield
+    finally:
+        cls.__deepcopy__ = original
 
 
 # --------------------------------------------------------------------------------------------- the model
@@ -536,7 +608,8 @@ def run_trace(model: ModelSpec, train: TrainSpec, *, real: bool = False, steps: 
     try:
         with torch.no_grad():
             hf = build_model(model, train, real=real, notes=notes)
-        peft_model = recipe.apply_recipe(hf, model, train)
+        with _meta_params4bit_deepcopy(enabled=not real and train.dora and train.bits == 4):
+            peft_model = recipe.apply_recipe(hf, model, train)
     except MemplanError:
         raise
     except Exception as e:
@@ -571,12 +644,13 @@ def run_trace(model: ModelSpec, train: TrainSpec, *, real: bool = False, steps: 
 
     gemm_mode = _gemm_4bit_cuda_semantics() if train.bits == 4 else contextlib.nullcontext()
     try:
-        with _patched(train), warnings.catch_warnings():
+        with _patched(train) as fused, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with tracker, gemm_mode:
                 for _ in range(steps):
                     recipe.train_step(peft_model, optimizer, input_ids, on_phase)
                     _finish_phase(tracker, "optimizer", phase_marks["optimizer"], peft_model, optimizer)
+        notes.extend(_attention_notes(model, fused))
     except MemplanError:
         raise
     except Exception as e:
@@ -607,6 +681,23 @@ def run_trace(model: ModelSpec, train: TrainSpec, *, real: bool = False, steps: 
     gc.collect()
     result.wall_s = time.perf_counter() - t0
     return result
+
+
+def _attention_notes(model: ModelSpec, fused) -> list[str]:
+    if fused is None:
+        return []
+    notes = []
+    for (qh,), (kh,) in sorted(fused.math_fallbacks):
+        notes.append(
+            f"{model.name}: transformers calls SDPA with {kh} key/value head(s) for {qh} query heads and no "
+            "enable_gqa (multi-query); PyTorch's flash, memory-efficient and cuDNN kernels reject that, so on CUDA "
+            "SDPA falls back to its math kernel: the trace runs it too (fp32 b·a·s² scores and softmax per layer)")
+    if fused.masked and not fused.math_fallbacks:
+        notes.append(
+            f"{model.name}: transformers passes an explicit attention mask to SDPA, so CUDA runs the memory-efficient "
+            "kernel (flash takes no mask); the trace keeps the additive b·s² mask it saves for backward and "
+            "otherwise counts flash attention's O(s) buffers")
+    return notes
 
 
 def _unique_named_params(model):
