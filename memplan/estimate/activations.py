@@ -70,9 +70,17 @@ def softcapped(model: ModelSpec) -> bool:
 
 
 def effective_attention(model: ModelSpec, train: TrainSpec) -> str:
-    """transformers implements logit soft-capping only in its eager attention: training runs eager whatever
-    was asked."""
-    return "eager" if softcapped(model) else train.attention
+    """The attention that runs. transformers implements Gemma-2's soft-capping only in its eager attention.
+    Falcon-7B's multi-query SDPA call passes one k/v head without enable_gqa, which torch 2.13's flash,
+    memory-efficient and cuDNN kernels all reject (sdp_utils check_batch_size_and_num_heads_dense): CUDA runs
+    the math kernel, which upcasts q, k, v to fp32 and keeps the fp32 softmax (b·a·s²·4 B)."""
+    if softcapped(model):
+        return "eager"
+    cfg = model.hf_config
+    if (train.attention == "sdpa" and model.model_type == "falcon" and cfg.get("multi_query", True)
+            and not cfg.get("new_decoder_architecture")):
+        return "math"
+    return train.attention
 
 
 class Saved:
@@ -158,6 +166,12 @@ def _attention(sv: Saved, ctx: Ctx, model: ModelSpec, layer: LayerSpec, x_norm: 
             sv.keep(t, "attn")
         sv.new("attn.out", a * d * e, "attn")
         sv.new("attn.lse", a * 4, "attn")
+        if model.model_type == "falcon":  # Falcon always passes its causal mask (allow_is_causal_skip=False): the
+            # memory-efficient kernel gets it as an additive (b, 1, s, s padded to 16) tensor, kept for backward
+            sv.new("attn.mask", -(-ctx.s // 16) * 16 * e, "attn")
+    elif ctx.attention == "math":  # fp32 copies of q, k, v and the fp32 softmax
+        sv.new("math.qkv", (a + 2 * kv) * d * 4, "attn")
+        sv.new("probs.fp32", a * ctx.s * 4, "attn")
     else:
         if kv != a:  # repeat_kv copies k and v to every head
             sv.new("k.rep", a * d * e, "attn")
@@ -289,7 +303,7 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     h, e = model.hidden_size, ctx.e
     stored, saved, saved_attn = [], [], []
     # per-token layer figures do not depend on batch, optimizer or (for fused attention) sequence length
-    layer_key = train.with_(batch_size=1, optimizer="adamw", seq_len=train.seq_len if ctx.attention == "eager" else 1)
+    layer_key = train.with_(batch_size=1, optimizer="adamw", seq_len=1 if ctx.attention == "sdpa" and model.model_type != "falcon" else train.seq_len)
     widest = 0
     for n, layer in model.layers:
         total, attn, x_kept = _layer_totals(model, layer, layer_key)
@@ -300,12 +314,12 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
         i = max(i, layer.expert_intermediate * 2 * layer.experts_per_token)
         widest = max(widest, i)
     fixed = 8 * 3 + 2 * model.head_dim * e + h * e + (8 if model.model_type in ("falcon", "gpt_neox", "opt") else 4)
-    if ctx.attention == "eager":  # the 4-D causal mask (b, 1, s, s) in the activation dtype; Gemma-2 builds a
-        fixed += (2 if model.model_type == "gemma2" else 1) * train.seq_len * e  # second for sliding windows
-    eager = model.num_heads * train.seq_len * (2 * e + 4) if ctx.attention == "eager" else 0
+    if ctx.attention in ("eager", "math"):  # the 4-D causal mask (b, 1, s, s) in the activation dtype; Gemma-2
+        fixed += (2 if model.model_type == "gemma2" else 1) * train.seq_len * e  # builds a second, sliding
+    eager = model.num_heads * train.seq_len * (2 * e + 4) if ctx.attention != "sdpa" else 0
     fwd_transient = widest * (e + ctx.c) + h * ctx.c + eager
     bwd_mlp = int(k["mlp_h"] * h * e + k["mlp_i"] * widest * e)
     bwd_attn = int(k["attn_h"] * h * e + k["attn_qkv"] * (model.num_heads + 2 * model.num_kv_heads) * model.head_dim * e
-                   + (model.num_heads * train.seq_len * (e + 4 + 4) if ctx.attention == "eager" else 0))
+                   + (model.num_heads * train.seq_len * (e + 4 + 4) if ctx.attention != "sdpa" else 0))
     dequant = model.max_quantized_numel * ctx.c if train.quantized else 0
     return Activations(stored, saved, saved_attn, fixed, fwd_transient, bwd_mlp, bwd_attn, dequant)
