@@ -127,10 +127,12 @@ def make_budget(gpu: str | None = None, budget: str | None = None, margin: str |
 class Searcher:
     """The estimate's device total for one model, memoized, with counts of what the searches covered."""
 
-    def __init__(self, model: ModelSpec, usable_bytes: int):
+    def __init__(self, model: ModelSpec, usable_bytes: int, overheads=None):
+        from functools import partial
+
         from memplan.estimate import estimate
 
-        self._estimate = estimate
+        self._estimate = partial(estimate, overheads=overheads)  # a calibration, or None for the defaults
         self.model = model
         self.usable = usable_bytes
         self.cache: dict[TrainSpec, object] = {}
@@ -432,9 +434,9 @@ def max_batch(s: Searcher, spec: TrainSpec) -> int | None:
     return s.largest(spec, "batch_size", 1, BATCH_CAP)
 
 
-def fit(model: ModelSpec, train: TrainSpec, budget: Budget) -> Fit:
+def fit(model: ModelSpec, train: TrainSpec, budget: Budget, overheads=None) -> Fit:
     t0 = time.perf_counter()
-    s = Searcher(model, budget.usable_bytes)
+    s = Searcher(model, budget.usable_bytes, overheads)
     base = s.est(train)
     fits = base.device_total_bytes <= budget.usable_bytes
     seq = max_seq_len(s, train)

@@ -19,20 +19,31 @@ def register(sub) -> None:
                                    "Sizes are GiB (2^30 bytes).")
     p.add_argument("model", help="catalog name or alias, config.json path or folder, or a hub id in the local cache")
     add_train_flags(p)
-    p.add_argument("--gpu", help="judge fit against this GPU only (see `memplan gpus`)")
+    p.add_argument("--gpu", help="judge fit against this GPU only (see `memplan gpus`); also picks that GPU's "
+                   "calibration")
+    c = p.add_mutually_exclusive_group()
+    c.add_argument("--calibration", metavar="NAME|PATH", help="use this calibration file (default: the newest "
+                   "calibration of --gpu, else the newest one; docs/calibration.md)")
+    c.add_argument("--no-calibration", action="store_true", help="use the uncalibrated default overheads")
     p.add_argument("--json", action="store_true", help="print JSON (a list for a grid)")
     p.add_argument("--csv", metavar="PATH", help="write one row per configuration (columns: docs/csv.md)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from memplan.calibrate import overheads_for, warn
     from memplan.catalog import resolve_gpu
     from memplan.estimate import estimate
 
     model = model_from_args(args)
     specs = grid_from_args(args)
     gpu = resolve_gpu(args.gpu) if args.gpu else None
-    results = [estimate(model, spec) for spec in specs]
+    overheads, cal_notes = overheads_for(gpu.name if gpu else None, args.calibration, args.no_calibration)
+    results = [estimate(model, spec, overheads) for spec in specs]
+    if args.json or len(results) > 1:  # a single table prints the notes itself
+        warn(cal_notes)
+    for r in results:
+        r.notes.extend(n for n in cal_notes if n.startswith("ignoring"))
     if args.csv:
         from memplan.report.rows import row, write_csv
 
@@ -49,9 +60,18 @@ def run(args) -> int:
         print_one(console, model, results[0], gpu)
     else:
         print_grid(console, model, results, specs, gpu)
+    console.print(f"[dim]device overheads: {_which(overheads, cal_notes)}[/]", highlight=False)
     if args.csv:
         console.print(f"[dim]wrote {len(results)} row(s) to {args.csv}[/]")
     return 0
+
+
+def _which(overheads, notes) -> str:
+    """Which calibration this estimate used, in words."""
+    if overheads.calibration:
+        return overheads.source
+    why = [n for n in notes if not n.startswith("ignoring")]
+    return why[0] if why else "uncalibrated defaults (overhead.json)"
 
 
 def describe(cfg: dict) -> str:

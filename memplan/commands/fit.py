@@ -46,12 +46,15 @@ def one_spec(args, command: str):
 
 
 def run(args) -> int:
+    from memplan.calibrate import overheads_for, warn
     from memplan.plan import fit, make_budget
 
     budget = make_budget(args.gpu, args.budget, args.margin)
     model = model_from_args(args)
     spec = one_spec(args, "fit")
-    result = fit(model, spec, budget)
+    overheads, notes = overheads_for(args.gpu)  # the GPU's calibration when there is one (docs/calibration.md)
+    warn(notes)
+    result = fit(model, spec, budget, overheads)
     if args.json:
         json.dump(result.to_dict(), sys.stdout, indent=2)
         print()

@@ -23,7 +23,7 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def verdicts(model, spec, margin: str | None = None) -> dict:
+def verdicts(model, spec, margin: str | None = None, overheads=None) -> dict:
     """The estimate and, per GPU (headroom ascending), headroom, margin, verdict and the longest sequence that fits
     within the margin at the configuration's batch."""
     from memplan.commands.estimate import gpu_verdicts
@@ -31,9 +31,9 @@ def verdicts(model, spec, margin: str | None = None) -> dict:
 
     shared: dict = {}  # one memo for every GPU: only the budget differs
     rows = []
-    for gpu, room in sorted(gpu_verdicts(_device_total(model, spec)), key=lambda x: (x[1], x[0].name)):
+    for gpu, room in sorted(gpu_verdicts(_device_total(model, spec, overheads)), key=lambda x: (x[1], x[0].name)):
         m = parse_margin(margin if margin is not None else DEFAULT_MARGIN, gpu.memory_bytes)
-        s = Searcher(model, gpu.memory_bytes - m)
+        s = Searcher(model, gpu.memory_bytes - m, overheads)
         s.cache = shared
         seq = max_seq_len(s, spec)
         verdict = "fits" if room >= m else "tight" if room >= 0 else "short"
@@ -42,20 +42,24 @@ def verdicts(model, spec, margin: str | None = None) -> dict:
     return {"rows": rows}
 
 
-def _device_total(model, spec) -> int:
+def _device_total(model, spec, overheads=None) -> int:
     from memplan.estimate import estimate
 
-    return estimate(model, spec).device_total_bytes
+    return estimate(model, spec, overheads).device_total_bytes
 
 
 def run(args) -> int:
     from memplan.commands.fit import one_spec
     from memplan.estimate import estimate
 
+    from memplan.calibrate import overheads_for, warn
+
     model = model_from_args(args)
     spec = one_spec(args, "gpus")
-    est = estimate(model, spec)
-    rows = verdicts(model, spec, args.margin)["rows"]
+    overheads, notes = overheads_for()  # one calibration (the newest) for every GPU, else the defaults
+    warn(notes)
+    est = estimate(model, spec, overheads)
+    rows = verdicts(model, spec, args.margin, overheads)["rows"]
     if args.json:
         json.dump({"model": model.name, "config": est.config, "device_total_bytes": est.device_total_bytes,
                    "peak_bytes": est.peak_bytes, "units": "bytes", "gpus": rows}, sys.stdout, indent=2)

@@ -28,12 +28,15 @@ def register(sub) -> None:
 
 def sweep(args, specs) -> list:
     """(model, spec, estimate) for every model × spec, in that order."""
+    from memplan.calibrate import overheads_for, warn
     from memplan.estimate import estimate
 
+    overheads, notes = overheads_for()  # the newest calibration, named in each row's `calibration` column
+    warn(notes)
     out = []
     for ref in args.models:
         model = model_from_args(args, ref)
-        out.extend((model, spec, estimate(model, spec)) for spec in specs)
+        out.extend((model, spec, estimate(model, spec, overheads)) for spec in specs)
     return out
 
 

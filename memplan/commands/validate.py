@@ -5,6 +5,13 @@ the other settings at their defaults. Each trace is cached as JSON under reports
 and the full TrainSpec, so reruns are incremental. Writes reports/estimate_vs_trace.csv: per row, each component's
 trace and estimate bytes and their error as a share of the traced peak ((estimate - trace) / trace peak), and the
 peak's relative error ((estimate - trace) / trace). The bar: |peak error| <= 3% on every row, <= 1% at the median.
+
+`memplan validate --against profiles [PROFILES...]` compares the estimate and the trace with every measured profile
+(default: profiles/; OOM and unfinished runs are left out) and writes reports/validation.csv (columns:
+docs/calibration.md) and reports/validation.png (predicted vs measured, one point per configuration, +-5% band).
+Bars, reported, not asserted: estimate vs max_memory_allocated |error| median <= 3%, worst <= 7%; device total vs
+NVML process peak median <= 5%; trace vs max_memory_allocated median <= 2%. CPU profiles compare tensor bytes only
+(the live-bytes tracker's peak); the device-level bars need GPU profiles.
 """
 from __future__ import annotations
 
@@ -21,14 +28,27 @@ COMPONENTS = ("weights_quantized", "quant_state", "weights_unquantized", "lora",
 def register(sub) -> None:
     p = sub.add_parser("validate", help="compare the estimate with the meta trace over a grid of models and settings",
                        description=__doc__.split("\n\n")[1])
-    p.add_argument("--against", choices=["trace"], default="trace", help="what to validate against (trace)")
+    p.add_argument("--against", choices=["trace", "profiles"], default="trace",
+                   help="trace: the meta trace over a grid | profiles: measured profiles (PROFILES, default profiles/)")
+    p.add_argument("profiles", nargs="*", metavar="PROFILES",
+                   help="with --against profiles: profile files or folders (default: profiles/)")
     p.add_argument("--models", help="comma-separated catalog names (default: the whole catalog)")
     p.add_argument("--seq", help="comma-separated sequence lengths (default: 512,2048,8192)")
     p.add_argument("--bits", help="comma-separated bits (default: 4,16)")
     p.add_argument("--r", help="comma-separated LoRA ranks (default: 16,64)")
     p.add_argument("--checkpointing", help="on,off (default: both)")
     p.add_argument("--jobs", type=int, default=1, help="parallel trace processes (default 1)")
-    p.add_argument("--csv", default="reports/estimate_vs_trace.csv", help="output CSV path")
+    p.add_argument("--csv", help="output CSV path (default: reports/estimate_vs_trace.csv; with --against profiles "
+                   "reports/validation.csv)")
+    p.add_argument("--figure", default="reports/validation.png",
+                   help="with --against profiles: predicted vs measured figure (default: reports/validation.png; "
+                        "'none' to skip)")
+    c = p.add_mutually_exclusive_group()
+    c.add_argument("--calibration", metavar="NAME|PATH", help="with --against profiles: this calibration for every "
+                   "profile (default: the newest calibration of each profile's GPU)")
+    c.add_argument("--no-calibration", action="store_true", help="with --against profiles: uncalibrated overheads")
+    p.add_argument("--retrace", action="store_true", help="with --against profiles: run the trace again even when "
+                   "the profile holds one")
     p.add_argument("--cache", default=str(CACHE), help="trace cache folder (JSON per configuration)")
     p.add_argument("--no-cache", action="store_true", help="retrace even when a cached trace exists")
     p.set_defaults(func=run)
@@ -92,6 +112,13 @@ def compare(est: dict, tr: dict) -> dict:
 
 
 def run(args) -> int:
+    if args.against == "profiles":
+        return run_profiles(args)
+    if args.profiles:
+        from memplan.errors import MemplanError
+
+        raise MemplanError("PROFILES are only read with --against profiles")
+    args.csv = args.csv or "reports/estimate_vs_trace.csv"
     import statistics
 
     from memplan.catalog import models, resolve_model
@@ -159,3 +186,165 @@ def run(args) -> int:
     for f in failures:
         out.print(f"trace failed: {f['model']} {f['config']['seq_len']}: {f['error'][:200]}")
     return 0 if errs and not failures and statistics.median(errs) <= 0.01 and max(errs) <= 0.03 else 1
+
+
+# ----------------------------------------------------------------------------------- --against profiles
+
+PROFILE_COLUMNS = [
+    "config", "profile", "device", "gpu", "model", "bits", "lora_r", "seq_len", "batch_size",
+    "gradient_checkpointing", "peak_phase", "measured_allocated_peak_bytes", "measured_reserved_peak_bytes",
+    "measured_nvml_used_peak_bytes", "measured_nvml_process_peak_bytes", "measured_tracker_peak_bytes",
+    "measured_tensor_peak_bytes", "estimate_tensor_peak_bytes", "estimate_device_total_bytes", "trace_peak_bytes",
+    "estimate_error_pct", "device_total_error_pct", "trace_error_pct", "calibration", "trace_source",
+]
+BARS = {"estimate_median": 3.0, "estimate_worst": 7.0, "device_total_median": 5.0, "trace_median": 2.0}
+
+
+def config_label(profile: dict) -> str:
+    t = profile["train"]
+    parts = [profile["model"]["name"], f"{t.get('bits')}-bit", f"r{t.get('lora_r')}",
+             f"b{t.get('batch_size')}×s{t.get('seq_len')}", "ckpt" if t.get("gradient_checkpointing") else "no-ckpt"]
+    return " ".join(str(p) for p in parts)
+
+
+def _trace_peak(profile: dict, spec, train, retrace: bool, cache: Path) -> tuple[int | None, str]:
+    stored = (profile.get("comparison") or {}).get("trace") or {}
+    if not retrace and isinstance(stored.get("peak_bytes"), int):
+        return stored["peak_bytes"], "stored"
+    blob = json.dumps({"model": profile["model"]["name"], "hf_config": profile["model"]["hf_config"],
+                       "train": train.to_dict(), "v": 1}, sort_keys=True, default=str)
+    path = cache / "profiles" / f"{hashlib.sha1(blob.encode()).hexdigest()[:16]}.json"
+    if not retrace and path.is_file():
+        return json.loads(path.read_text())["peak_bytes"], "cached"
+    try:
+        from memplan.trace import run_trace
+
+        peak = int(run_trace(spec, train, real=False, keep_timeline=False).peak_bytes)
+    except Exception as e:  # noqa: BLE001 - one failing trace must not stop the report
+        return None, f"failed: {e.__class__.__name__}: {str(e)[:120]}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"peak_bytes": peak}))
+    return peak, "run"
+
+
+def profile_row(profile: dict, overheads, retrace: bool, cache: Path) -> dict:
+    from memplan.estimate import estimate
+    from memplan.profile.compare import measured, pct
+    from memplan.profile.runner import _model_spec, _train_spec
+
+    spec, train = _model_spec({"model": profile["model"]}), _train_spec(profile["train"])
+    cuda = profile["run"].get("device") == "cuda"
+    tensor_peak, device_total, _ = measured(profile)
+    peak = profile["measurements"].get("peak") or {}
+    est = estimate(spec, train, overheads)
+    trace_peak, trace_source = _trace_peak(profile, spec, train, retrace, cache)
+    g = ((profile.get("environment") or {}).get("gpus") or [{}])[0] or {}
+    t = profile["train"]
+    return {
+        "config": config_label(profile), "profile": Path(profile.get("_path", "")).name,
+        "device": profile["run"].get("device"), "gpu": (g.get("catalog") or g.get("name") or "") if cuda else "",
+        "model": profile["model"]["name"], "bits": t.get("bits"), "lora_r": t.get("lora_r"),
+        "seq_len": t.get("seq_len"), "batch_size": t.get("batch_size"),
+        "gradient_checkpointing": t.get("gradient_checkpointing"), "peak_phase": peak.get("phase"),
+        "measured_allocated_peak_bytes": peak.get("allocated_bytes") if cuda else None,
+        "measured_reserved_peak_bytes": peak.get("reserved_bytes") if cuda else None,
+        "measured_nvml_used_peak_bytes": peak.get("nvml_used_bytes") if cuda else None,
+        "measured_nvml_process_peak_bytes": device_total,
+        "measured_tracker_peak_bytes": None if cuda else peak.get("tracker_bytes"),
+        "measured_tensor_peak_bytes": tensor_peak,
+        "estimate_tensor_peak_bytes": est.peak_bytes,
+        "estimate_device_total_bytes": est.device_total_bytes if cuda else None,
+        "trace_peak_bytes": trace_peak,
+        "estimate_error_pct": pct(est.peak_bytes, tensor_peak),
+        "device_total_error_pct": pct(est.device_total_bytes, device_total) if cuda else None,
+        "trace_error_pct": pct(trace_peak, tensor_peak),
+        "calibration": (overheads.calibration or "default") if cuda else "n/a (CPU)",
+        "trace_source": trace_source,
+    }
+
+
+def bars(rows: list[dict]) -> list[str]:
+    """The validation bars, in words (reported, not asserted)."""
+    import statistics
+
+    def stats(key, subset):
+        vals = [abs(r[key]) for r in subset if r.get(key) is not None]
+        return (statistics.median(vals), max(vals), len(vals)) if vals else None
+
+    out = []
+    for device, label in (("cuda", "GPU"), ("cpu", "CPU")):
+        subset = [r for r in rows if r["device"] == device]
+        if not subset:
+            continue
+        measure = "max_memory_allocated" if device == "cuda" else "the tracker's live tensor bytes"
+        e = stats("estimate_error_pct", subset)
+        if e:
+            verdict = "PASS" if e[0] <= BARS["estimate_median"] and e[1] <= BARS["estimate_worst"] else "FAIL"
+            out.append(f"{label} ({e[2]}): estimate vs {measure}: |error| median {e[0]:.2f}%, worst {e[1]:.2f}% "
+                       f"(bar: median <= 3%, worst <= 7%: {verdict})")
+        t = stats("trace_error_pct", subset)
+        if t:
+            out.append(f"{label} ({t[2]}): trace vs {measure}: |error| median {t[0]:.2f}%, worst {t[1]:.2f}% "
+                       f"(bar: median <= 2%: {'PASS' if t[0] <= BARS['trace_median'] else 'FAIL'})")
+        if device == "cuda":
+            d = stats("device_total_error_pct", subset)
+            if d:
+                out.append(f"{label} ({d[2]}): device total vs NVML process peak: |error| median {d[0]:.2f}%, "
+                           f"worst {d[1]:.2f}% (bar: median <= 5%: "
+                           f"{'PASS' if d[0] <= BARS['device_total_median'] else 'FAIL'})")
+            else:
+                out.append(f"{label}: no NVML figures in these profiles: device total not compared")
+        else:
+            out.append("CPU profiles compare tensor bytes only: the device-level bars (reserved, NVML, device "
+                       "total) need GPU profiles (memplan profile --device cuda)")
+    return out
+
+
+def run_profiles(args) -> int:
+    import csv
+
+    from rich.console import Console
+
+    from memplan.calibrate import overheads_for, read_profile_args, warn
+    from memplan.errors import MemplanError
+
+    profiles, seen = read_profile_args(args.profiles)
+    usable = [p for p in profiles if p["status"] == "ok" and (p["measurements"].get("peak") or {}).get("bytes")]
+    left_out = len(profiles) - len(usable)
+    if not usable:
+        raise MemplanError(f"validate: no finished profile to compare ({seen} file(s) read, {len(profiles)} valid; "
+                           "OOM and unfinished runs are left out)")
+    cache = Path(args.cache)
+    rows = []
+    console = Console(stderr=True)
+    for i, p in enumerate(usable):
+        gpu = None
+        if p["run"].get("device") == "cuda":
+            g = ((p.get("environment") or {}).get("gpus") or [{}])[0] or {}
+            gpu = g.get("catalog") or g.get("name")
+        overheads, notes = overheads_for(gpu, args.calibration, args.no_calibration)
+        warn(notes)
+        rows.append(profile_row(p, overheads, args.retrace, cache))
+        console.print(f"[dim]{i + 1}/{len(usable)} {rows[-1]['config']}[/]", highlight=False)
+    path = Path(args.csv or "reports/validation.csv")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=PROFILE_COLUMNS, lineterminator="\n")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: "" if r[k] is None else r[k] for k in PROFILE_COLUMNS})
+    out = Console()
+    out.print(f"{len(rows)} profile(s) compared" + (f", {left_out} left out (OOM or unfinished)" if left_out else ""),
+              highlight=False)
+    for line in bars(rows):
+        out.print(line, highlight=False)
+    out.print(f"wrote {path}", highlight=False)
+    if str(args.figure).lower() != "none":
+        from memplan.report.plots import predicted_vs_measured
+
+        predicted_vs_measured(rows, args.figure)
+        out.print(f"wrote {args.figure}", highlight=False)
+    for r in rows:
+        if r["trace_source"].startswith("failed"):
+            out.print(f"trace {r['trace_source']} for {r['config']}", highlight=False)
+    return 0

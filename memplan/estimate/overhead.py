@@ -1,6 +1,7 @@
 """Device-level memory that no tensor accounts for: the CUDA context, the cuBLAS workspace, and the caching
 allocator's reserved-but-unallocated bytes. Figures come from overhead.json (each with its source) until a
-calibration fitted from measured profiles replaces them."""
+calibration fitted from measured GPU profiles replaces them (`memplan calibrate`; memplan/calibrate.py builds
+an Overheads from a calibration file, docs/calibration.md)."""
 from __future__ import annotations
 
 import json
@@ -15,12 +16,15 @@ class Overheads:
     cublas_workspace: int
     allocator_fraction: float  # reserved - allocated, as a fraction of the tensor peak
     source: str
+    # a calibration's allocator model is reserved = (1 + allocator_fraction) * allocated + allocator_intercept
+    allocator_intercept: int = 0
+    calibration: str | None = None  # the calibration's name (None: the defaults below)
 
     def device_bytes(self, tensor_peak: int) -> dict[str, int]:
         return {
             "cuda_context": self.cuda_context,
             "cublas_workspace": self.cublas_workspace,
-            "allocator_overhead": int(self.allocator_fraction * tensor_peak),
+            "allocator_overhead": max(0, int(self.allocator_fraction * tensor_peak + self.allocator_intercept)),
         }
 
 

@@ -5,6 +5,9 @@ inside the functions, so nothing else in memplan pays for it.
                      other varying setting), GPU capacities as dashed horizontal lines
   stacked_components one horizontal bar per configuration, stacked by component (tensor bytes at the peak) plus
                      the device overheads (CUDA context, cuBLAS workspace, allocator), in GiB
+  predicted_vs_measured  predicted vs measured bytes, one point per profiled configuration and predictor
+                     (estimate, trace, device total), log-log, with y = x and the +-5% band
+                     (rows: memplan validate --against profiles, memplan/commands/validate.py)
 """
 from __future__ import annotations
 
@@ -148,6 +151,50 @@ def stacked_components(rows: list[dict], path: str, title: str | None = None) ->
     ax.set_title(title or "memplan: memory at the peak, by component", fontsize=11)
     fig.text(0.5, -0.01, _fixed_text(rows, exclude=tuple(label_fields)), ha="center", va="top", fontsize=7.5,
              color="0.35")
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def predicted_vs_measured(rows: list[dict], path: str, title: str | None = None, band: float = 0.05) -> None:
+    """x: measured, y: predicted (GiB, log-log); one point per configuration and predictor: the estimate's tensor
+    peak and the trace's peak against the measured tensor peak (CUDA max_memory_allocated, CPU tracker), the
+    estimate's device total against the NVML process peak (CUDA only). The shaded band is y = x within +-band."""
+    plt = _pyplot()
+    series = [("estimate tensor peak", "measured_tensor_peak_bytes", "estimate_tensor_peak_bytes", "o", "tab:blue"),
+              ("trace peak", "measured_tensor_peak_bytes", "trace_peak_bytes", "x", "tab:orange"),
+              ("estimate device total vs NVML", "measured_nvml_process_peak_bytes", "estimate_device_total_bytes",
+               "s", "tab:green")]
+    fig, ax = plt.subplots(figsize=(5.6, 5.0))
+    lo, hi = None, None
+    for label, mkey, pkey, marker, color in series:
+        pts = [(r[mkey] / GIB, r[pkey] / GIB) for r in rows if r.get(mkey) and r.get(pkey)]
+        if not pts:
+            continue
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, s=28, color=color, label=label,
+                   zorder=3, facecolors="none" if marker == "s" else None)
+        vals = [v for p in pts for v in p]
+        lo = min(vals) if lo is None else min(lo, min(vals))
+        hi = max(vals) if hi is None else max(hi, max(vals))
+    lo, hi = (lo or 1e-3) / 1.5, (hi or 1.0) * 1.5
+    xs = [lo, hi]
+    ax.plot(xs, xs, color="0.3", lw=0.9, label="predicted = measured")
+    ax.fill_between(xs, [x * (1 - band) for x in xs], [x * (1 + band) for x in xs], color="0.6", alpha=0.25,
+                    label=f"±{band:.0%}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_xlabel("measured (GiB = 2^30 B): max_memory_allocated / CPU tracker, or NVML process peak")
+    ax.set_ylabel("predicted (GiB)")
+    devices = sorted({str(r.get("device")) for r in rows})
+    ax.set_title(title or f"memplan: predicted vs measured, {len(rows)} configuration(s) ({', '.join(devices)})",
+                 fontsize=10)
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=8, loc="upper left", frameon=False)
+    if "cuda" not in devices:
+        fig.text(0.5, -0.01, "CPU profiles: tensor bytes only; device-level figures need GPU profiles",
+                 ha="center", va="top", fontsize=7.5, color="0.35")
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)
