@@ -122,8 +122,8 @@ def print_one(console, model, est, gpu) -> None:
     table.add_section()
     table.add_row("[bold]tensor peak[/]", f"[bold]{_gib(est.peak_bytes)}[/]", "",
                   "compare with torch.cuda.max_memory_allocated")
-    for name, value in est.device_overheads.items():
-        table.add_row(name, _gib(value), "", est.overhead_source)
+    for i, (name, value) in enumerate(est.device_overheads.items()):
+        table.add_row(name, _gib(value), "", "see 'device overheads' below" if i == 0 else "")
     table.add_row("[bold]device total[/]", f"[bold]{_gib(est.device_total_bytes)}[/]", "",
                   "compare with nvidia-smi / NVML used memory")
     console.print(table)
