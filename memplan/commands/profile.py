@@ -105,9 +105,13 @@ def build_configs(args) -> list:
     refs = [r for ref in (args.model or []) for r in ref.split(",") if r.strip()]
     weights = None
     if args.weights:
-        from memplan.profile.loading import check_weights_dir
+        from memplan.profile.loading import check_weights_dir, pickle_files
 
         weights = str(check_weights_dir(args.weights).resolve())
+        ignored = pickle_files(weights)
+        if ignored:
+            print(f"memplan profile: --weights {args.weights}: loading the safetensors weights only; pickle files "
+                  f"never read: {', '.join(ignored[:5])}{' ...' if len(ignored) > 5 else ''}", file=sys.stderr)
         if not refs:
             refs = [weights]
     if not refs:
@@ -129,7 +133,8 @@ def build_configs(args) -> list:
     varying = varying_fields(specs)
     configs = []
     for ref in refs:
-        model = resolve_model(weights if weights else ref.strip())
+        # a config asking for remote code (auto_map) is refused here unless --trust-remote-code
+        model = resolve_model(weights if weights else ref.strip(), trust_remote_code=args.trust_remote_code)
         name = model.name if not weights or ref == weights else ref.strip()
         for train in specs:
             run = {"steps": args.steps, "load_path": args.load_path, "seed": args.seed,
@@ -203,7 +208,7 @@ def show_profiles(args) -> int:
     for ref in args.show:
         path = Path(ref)
         if path.is_dir():
-            profiles += read_profiles(path)
+            profiles += read_profiles(path)  # a bad file: one line naming it on stderr, then skipped
         else:
             p = read_profile(path)
             if p is not None:
@@ -215,11 +220,20 @@ def show_profiles(args) -> int:
         if args.recompare and prof["status"] in ("ok", "oom"):
             from memplan.profile.compare import compare
 
-            job = {"model": prof["model"], "train": prof["train"], "trace": not args.no_trace}
-            prof["comparison"] = compare(job, prof)
-            path = prof.pop("_path")
-            write_json_atomic(path, prof)
-            prof["_path"] = path
+            if prof["model"]["hf_config"].get("auto_map") and not args.trust_remote_code:
+                print(f"memplan: not recomparing {prof['_path']}: its config asks for remote code (auto_map); "
+                      "give --trust-remote-code", file=sys.stderr)
+            else:
+                job = {"model": prof["model"], "train": prof["train"], "trace": not args.no_trace}
+                try:
+                    prof["comparison"] = compare(job, prof)
+                except Exception as e:  # noqa: BLE001 - one profile must not stop the report
+                    print(f"memplan: not recomparing {prof['_path']}: {e.__class__.__name__}: "
+                          f"{' '.join(str(e).split())}"[:400], file=sys.stderr)
+                else:
+                    path = prof.pop("_path")
+                    write_json_atomic(path, prof)
+                    prof["_path"] = path
         cfg = Config(prof["model"]["name"], prof["model"]["hf_config"], prof["model"].get("source") or "",
                      prof["train"], prof["run"].get("device", "cpu"), {k: v for k, v in prof["run"].items()
                                                                       if k != "device"}, key=prof["key"],

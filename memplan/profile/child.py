@@ -3,7 +3,12 @@
 Each configuration runs in its own process so that an out-of-memory error, a CUDA fault or a leaked allocation
 cannot poison the next one. The job file is written by memplan.profile.grid; the child writes the profile to
 job["output"] atomically (runner.run_job) and prints progress lines starting with '@memplan '.
-Exit status: 0 for ok/oom, 3 for error, 130 for interrupted.
+Exit status: 0 for ok/oom, 3 for error, 130 for interrupted, 4 when the parent is gone (nothing written).
+
+The child dies with its parent: on Linux it asks the kernel for SIGKILL when the parent exits
+(prctl PR_SET_PDEATHSIG), then checks that the parent named in the job (job["parent_pid"]) is still its parent
+(it may have died before the prctl); runner.run_job checks again before writing. A grid killed outright therefore
+leaves no orphan that would write a profile (or a half-written one) behind the resumed grid's back.
 """
 from __future__ import annotations
 
@@ -20,6 +25,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with open(argv[0]) as f:
         job = json.load(f)
+    die_with_parent()
+    if orphaned(job):
+        print("memplan: the parent grid is gone; not running", file=sys.stderr)
+        return 4
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach the hub from a profile
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -40,6 +49,27 @@ def main(argv: list[str] | None = None) -> int:
 
     profile = run_job(job)
     return {"ok": 0, "oom": 0, "interrupted": 130}.get(profile["status"], 3)
+
+
+def die_with_parent() -> bool:
+    """SIGKILL this process when its parent exits (Linux prctl PR_SET_PDEATHSIG); False where unavailable."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        return libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def orphaned(job: dict) -> bool:
+    """True if the grid process that started this child is no longer its parent."""
+    parent = job.get("parent_pid")
+    return parent is not None and os.getppid() != int(parent)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,16 @@ folder (same key: model, settings, device, run options) are skipped unless force
 to the running child, which writes what it measured (status "interrupted"); the grid then stops.
 A child that dies without writing (killed, segfault, host OOM killer) leaves no profile: the grid reports it as
 "crashed" (and logs a CSV row saying so) and goes on with the next configuration.
+
+Robustness (docs/profile.md, "Interrupted and concurrent runs"):
+* the child dies with the parent (prctl PR_SET_PDEATHSIG on Linux, and a parent-pid check before it writes), so
+  a grid killed outright (SIGKILL, a closed terminal, a job scheduler) leaves no orphan that would later write a
+  profile the resumed grid also writes;
+* each configuration runs under an exclusive lock on its key (schema.key_lock), and whether it is done is checked
+  again once the lock is held: two grids started at once over the same profiles folder never run (or log) the
+  same configuration twice; a configuration another grid is running is put off to the end, then waited for;
+* the CSV row of every profile a grid finds already done is (re)logged, deduplicated by run: a grid killed
+  between its child writing a profile and its logging the row leaves the row to the next call, never twice.
 """
 from __future__ import annotations
 
@@ -22,8 +32,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from memplan.profile.schema import (CSV_COLUMNS, append_csv, csv_row, done_keys, profile_filename, profile_key,
-                                    read_profile)
+from memplan.profile.schema import (CSV_COLUMNS, append_csv, clean_stale_tmp, csv_row, done_keys, done_profile,
+                                    key_lock, profile_filename, profile_key, read_profile)
 
 
 @dataclass
@@ -72,7 +82,8 @@ def run_one(cfg: Config, profiles_dir: Path, *, timeout_s: float | None = None, 
     job = {"key": cfg.key, "created": created, "device": cfg.device,
            "model": {"name": cfg.model_name, "hf_config": cfg.hf_config, "source": cfg.source},
            "train": cfg.train, "run": cfg.run, "output": str(out_path), "trace": trace,
-           "trace_kwargs": trace_kwargs or {}, "trust_remote_code": trust_remote_code, "threads": threads}
+           "trace_kwargs": trace_kwargs or {}, "trust_remote_code": trust_remote_code, "threads": threads,
+           "parent_pid": os.getpid()}  # the child exits without writing once this process is gone
     profiles_dir.mkdir(parents=True, exist_ok=True)
     fd, job_path = tempfile.mkstemp(prefix="memplan-job-", suffix=".json")
     with os.fdopen(fd, "w") as f:
@@ -170,18 +181,24 @@ def run_grid(configs: list[Config], profiles_dir: str | Path, csv_path: str | Pa
              on_outcome=None, log_dir: str | Path | None = None, **child_kwargs) -> list[Outcome]:
     """Run every configuration not already measured; returns the outcomes in order (skipped ones included)."""
     profiles_dir = Path(profiles_dir)
+    clean_stale_tmp(profiles_dir)  # temporary files of writers killed mid-write
     done = {} if force else done_keys(profiles_dir)
     todo, outcomes = [], []
     for cfg in configs:
         if cfg.key in done:
             outcomes.append(Outcome(cfg, "skipped", done[cfg.key], done[cfg.key].get("_path")))
+            _record(outcomes[-1], csv_path)  # a no-op unless an earlier grid died before logging it
         else:
             todo.append(cfg)
     bar = _Progress(len(todo), enabled=progress and bool(todo))
     start = time.perf_counter()
     durations: list[tuple[str, float]] = []
+    results: dict[int, Outcome] = {}
+    queue = [(i, cfg, False) for i, cfg in enumerate(todo)]  # (position, config, wait for its lock)
+    stop = False
     try:
-        for i, cfg in enumerate(todo):
+        while queue and not stop:
+            i, cfg, wait = queue.pop(0)
             if time_budget_s is not None:
                 elapsed = time.perf_counter() - start
                 same = [d for c, d in durations if c == cfg.model_name]
@@ -189,36 +206,53 @@ def run_grid(configs: list[Config], profiles_dir: str | Path, csv_path: str | Pa
                 expect = same[-1] if same else max((d for _, d in durations), default=0.0)
                 if elapsed + expect > time_budget_s:
                     bar.log(f"time budget: {elapsed:.0f} s used of {time_budget_s:.0f} s; "
-                            f"not starting the {len(todo) - i} remaining configuration(s)")
-                    for rest in todo[i:]:
-                        outcomes.append(Outcome(rest, "not-run"))
+                            f"not starting the {len(queue) + 1} remaining configuration(s)")
+                    for j, rest, _ in [(i, cfg, wait)] + queue:
+                        results[j] = Outcome(rest, "not-run")
+                    queue = []
                     break
-            bar.start(cfg.label or cfg.model_name)
-            limit = timeout_s
-            if time_budget_s is not None:
-                left = time_budget_s - (time.perf_counter() - start)
-                limit = left if limit is None else min(limit, left)
-            try:
-                outcome = run_one(cfg, profiles_dir, timeout_s=limit, on_event=bar.event,
-                                  log_dir=Path(log_dir) if log_dir else None, **child_kwargs)
-            except GridInterrupted as gi:
-                outcome = gi.args[0]
-                _record(outcome, csv_path)
-                outcomes.append(outcome)
-                if on_outcome:
-                    on_outcome(outcome)
-                bar.log("interrupted: kept what was measured; the rest of the grid is not run")
-                for rest in todo[i + 1:]:
-                    outcomes.append(Outcome(rest, "not-run"))
-                raise KeyboardInterrupt from None
-            durations.append((cfg.model_name, outcome.seconds))
-            _record(outcome, csv_path)
-            outcomes.append(outcome)
+            if wait:
+                bar.start(f"{cfg.label or cfg.model_name}: waiting for the other grid running it")
+            with key_lock(profiles_dir, cfg.key, blocking=wait) as held:
+                if not held:  # another grid is running this configuration: do the others first, then wait
+                    queue.append((i, cfg, True))
+                    continue
+                prev = None if force else done_profile(profiles_dir, cfg.key)
+                if prev is not None:  # another grid finished it meanwhile
+                    outcome = Outcome(cfg, "skipped", prev, prev.get("_path"))
+                    _record(outcome, csv_path)
+                    results[i] = outcome
+                    bar.done(outcome)
+                    continue
+                bar.start(cfg.label or cfg.model_name)
+                limit = timeout_s
+                if time_budget_s is not None:
+                    left = time_budget_s - (time.perf_counter() - start)
+                    limit = left if limit is None else min(limit, left)
+                try:
+                    outcome = run_one(cfg, profiles_dir, timeout_s=limit, on_event=bar.event,
+                                      log_dir=Path(log_dir) if log_dir else None, **child_kwargs)
+                except GridInterrupted as gi:
+                    outcome = gi.args[0]
+                    _record(outcome, csv_path)
+                    results[i] = outcome
+                    stop = True
+                else:
+                    durations.append((cfg.model_name, outcome.seconds))
+                    _record(outcome, csv_path)  # under the key's lock: a concurrent grid sees the row with the file
+                    results[i] = outcome
             if on_outcome:
                 on_outcome(outcome)
+            if stop:
+                bar.log("interrupted: kept what was measured; the rest of the grid is not run")
+                for j, rest, _ in queue:
+                    results[j] = Outcome(rest, "not-run")
+                outcomes += [results[j] for j in sorted(results)]
+                raise KeyboardInterrupt from None
             bar.done(outcome)
     finally:
         bar.close()
+    outcomes += [results[j] for j in sorted(results)]
     return outcomes
 
 

@@ -14,6 +14,7 @@ transformers/integrations/bitsandbytes.py Bnb4bitQuantize). Same resulting tenso
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from memplan.errors import MemplanError
@@ -25,16 +26,70 @@ def load_dtype(train) -> str:
     return "fp32" if train.bits == 32 else train.compute_dtype
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")  # torch.save / pickle formats: never loaded
+
+
+def pickle_files(folder: str | Path) -> list[str]:
+    """The pickle-format files in a checkpoint folder (model weights or trainer state): memplan never loads them."""
+    folder = Path(folder)
+    return sorted(p.name for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(PICKLE_SUFFIXES))
+
+
+def _safetensors_header_ok(path: Path) -> bool:
+    """A safetensors file starts with an 8-byte little-endian header length and that many bytes of a JSON object."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) != 8:
+                return False
+            n = int.from_bytes(head, "little")
+            if n <= 1 or n > 100 * 2**20 or n + 8 > path.stat().st_size:
+                return False
+            header = json.loads(f.read(n))
+        return isinstance(header, dict)
+    except (OSError, ValueError, RecursionError):
+        return False
+
+
 def check_weights_dir(path: str | Path) -> Path:
-    """A user checkpoint folder: must hold config.json and safetensors files (never pickle .bin files)."""
+    """A user checkpoint folder: config.json and safetensors weights, complete and well-formed. Errors are one line.
+
+    The weights are loaded only from safetensors (from_pretrained(..., use_safetensors=True)); a folder without
+    them is refused, pickle checkpoints (.bin/.pt/...) included. Pickle files next to complete safetensors weights
+    (a trainer's training_args.bin, optimizer.pt, or an old pytorch_model.bin) are allowed and never read:
+    `pickle_files` names them so the command can say so. The safetensors set must be complete (every shard of
+    model.safetensors.index.json present, each a .safetensors file with a valid header), so that nothing can
+    make transformers look for another format."""
     folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise MemplanError(f"--weights {path}: not a folder")
     if not (folder / "config.json").is_file():
         raise MemplanError(f"--weights {path}: no config.json in that folder")
-    if not any(folder.glob("*.safetensors")):
-        bins = any(folder.glob("*.bin")) or any(folder.glob("*.pt"))
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        pickles = pickle_files(folder)
         raise MemplanError(f"--weights {path}: no .safetensors files"
-                           + (" (pickle .bin/.pt checkpoints are not loaded: convert them to safetensors)"
-                              if bins else ""))
+                           + (f" (pickle checkpoints such as {pickles[0]} are never loaded: convert them to "
+                              "safetensors)" if pickles else ""))
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map")
+            names = sorted(set(weight_map.values()))
+        except (OSError, ValueError, AttributeError, TypeError):
+            raise MemplanError(f"--weights {path}: {index.name} is not a valid safetensors index") from None
+        bad = [n for n in names if not isinstance(n, str) or not n.endswith(".safetensors") or "/" in n
+               or "\\" in n]
+        if bad:
+            raise MemplanError(f"--weights {path}: {index.name} names a shard that is not a .safetensors file in "
+                               f"the folder: {bad[0]!r}")
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise MemplanError(f"--weights {path}: {index.name} lists {len(missing)} missing shard(s), e.g. "
+                               f"{missing[0]}")
+    for shard in shards:
+        if not _safetensors_header_ok(shard):
+            raise MemplanError(f"--weights {path}: {shard.name} is not a valid safetensors file")
     return folder
 
 

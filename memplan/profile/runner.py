@@ -234,6 +234,11 @@ def run_job(job: dict) -> dict:
             profile["comparison"] = {"note": f"comparison failed: {e.__class__.__name__}: {e}"[:500]}
     profile["finished"] = _now()
     if job.get("output"):
+        from memplan.profile.child import orphaned
+
+        if orphaned(job):  # the grid is gone: a resumed grid runs this configuration itself; write nothing
+            emit("orphaned", path=job["output"])
+            return profile
         write_json_atomic(job["output"], profile)
         emit("written", path=job["output"], status=profile["status"])
     return profile
@@ -247,6 +252,11 @@ def _measure(job: dict, profile: dict, meas: dict, state: dict) -> None:
     from memplan.profile.weights import write_random_checkpoint
 
     device, run = job["device"], profile["run"]
+    if (job["model"]["hf_config"] or {}).get("auto_map") and not job.get("trust_remote_code"):
+        # the parent refuses such configs (memplan.catalog.resolve_model); a job file is checked again here
+        from memplan.errors import MemplanError
+
+        raise MemplanError("the config asks for remote code (auto_map); not run without --trust-remote-code")
     train = _train_spec(job["train"])
     spec = _model_spec(job)
     steps = int(run.get("steps", 3))
