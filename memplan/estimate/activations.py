@@ -69,6 +69,19 @@ def softcapped(model: ModelSpec) -> bool:
     return model.model_type == "gemma2" and bool(model.hf_config.get("attn_logit_softcapping", 50.0))
 
 
+def sdpa_gets_a_mask(model: ModelSpec, seq_len: int) -> bool:
+    """SDPA runs causal without a mask unless the model passes one: Falcon always does
+    (allow_is_causal_skip=False); sliding-window models (Mistral v0.1, Phi-3 mini-4k; Qwen with
+    use_sliding_window) do once the sequence is longer than the window (transformers masking_utils)."""
+    cfg = model.hf_config
+    if model.model_type == "falcon":
+        return True
+    window = cfg.get("sliding_window")
+    if model.model_type in ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe") and not cfg.get("use_sliding_window"):
+        return False
+    return bool(window) and seq_len > window
+
+
 def effective_attention(model: ModelSpec, train: TrainSpec) -> str:
     """The attention that runs. transformers implements Gemma-2's soft-capping only in its eager attention.
     Falcon-7B's multi-query SDPA call passes one k/v head without enable_gqa, which torch 2.13's flash,
@@ -162,13 +175,16 @@ def _attention(sv: Saved, ctx: Ctx, model: ModelSpec, layer: LayerSpec, x_norm: 
         q = sv.tensor("q.rot", a * d * e)
         k = sv.tensor("k.rot", kv * d * e)
     if ctx.attention == "sdpa":
+        masked = sdpa_gets_a_mask(model, ctx.s)
+        if masked and kv != a:  # with a mask transformers does not use SDPA's native GQA: repeat_kv copies
+            k = sv.tensor("k.rep", a * d * e)
+            v = sv.tensor("v.rep", a * d * e)
         for t in (q, k, v):
             sv.keep(t, "attn")
         sv.new("attn.out", a * d * e, "attn")
         sv.new("attn.lse", a * 4, "attn")
-        if model.model_type == "falcon":  # Falcon always passes its causal mask (allow_is_causal_skip=False): the
-            # memory-efficient kernel gets it as an additive (b, 1, s, s padded to 16) tensor, kept for backward
-            sv.new("attn.mask", -(-ctx.s // 16) * 16 * e, "attn")
+        if masked:  # the memory-efficient kernel gets the mask as an additive (b, 1, s, s padded to 16) tensor
+            sv.new("attn.mask", -(-ctx.s // 16) * 16 * e, "attn")  # in the query dtype, kept for backward
     elif ctx.attention == "math":  # fp32 copies of q, k, v and the fp32 softmax
         sv.new("math.qkv", (a + 2 * kv) * d * 4, "attn")
         sv.new("probs.fp32", a * ctx.s * 4, "attn")
@@ -303,7 +319,7 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     h, e = model.hidden_size, ctx.e
     stored, saved, saved_attn = [], [], []
     # per-token layer figures do not depend on batch, optimizer or (for fused attention) sequence length
-    layer_key = train.with_(batch_size=1, optimizer="adamw", seq_len=1 if ctx.attention == "sdpa" and model.model_type != "falcon" else train.seq_len)
+    layer_key = train.with_(batch_size=1, optimizer="adamw", seq_len=train.seq_len if ctx.attention != "sdpa" or sdpa_gets_a_mask(model, train.seq_len) else 1)
     widest = 0
     for n, layer in model.layers:
         total, attn, x_kept = _layer_totals(model, layer, layer_key)
