@@ -79,7 +79,7 @@ def sdpa_gets_a_mask(model: ModelSpec, seq_len: int) -> bool:
     window = cfg.get("sliding_window")
     if model.model_type in ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe") and not cfg.get("use_sliding_window"):
         return False
-    return bool(window) and seq_len > window
+    return bool(window) and seq_len >= window  # masking_utils: kv_length >= local_attention_size
 
 
 def effective_attention(model: ModelSpec, train: TrainSpec) -> str:
