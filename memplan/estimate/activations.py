@@ -319,8 +319,9 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     h, e = model.hidden_size, ctx.e
     stored, saved, saved_attn = [], [], []
     # per-token layer figures do not depend on batch, optimizer or (for fused attention) sequence length
-    layer_key = train.with_(batch_size=1, optimizer="adamw", seq_len=train.seq_len if ctx.attention != "sdpa" or sdpa_gets_a_mask(model, train.seq_len) else 1)
-    widest = 0
+    per_seq = ctx.attention != "sdpa" or sdpa_gets_a_mask(model, train.seq_len)
+    layer_key = train.with_(batch_size=1, optimizer="adamw", seq_len=train.seq_len if per_seq else 1)
+    widest = cast = 0
     for n, layer in model.layers:
         total, attn, x_kept = _layer_totals(model, layer, layer_key)
         saved += [total] * n
@@ -329,12 +330,14 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
         i = max((lin.out_features for lin in layer.linears), default=h)
         i = max(i, layer.expert_intermediate * 2 * layer.experts_per_token)
         widest = max(widest, i)
+        if train.method == "lora" and ctx.lb != e:  # PEFT casts an adapted linear's input to the adapter dtype:
+            cast = max([cast] + [lin.in_features * ctx.lb for lin in layer.linears if is_target(lin, train)])
     fixed = 8 * 3 + 2 * model.head_dim * e + h * e + (8 if model.model_type in ("falcon", "gpt_neox", "opt") else 4)
     if ctx.attention in ("eager", "math"):  # the 4-D causal mask (b, 1, s, s) in the activation dtype; Gemma-2
         fixed += (2 if model.model_type == "gemma2" else 1) * train.seq_len * e  # builds a second, sliding
     eager = model.num_heads * train.seq_len * (2 * e + 4) if ctx.attention != "sdpa" else 0
     fwd_transient = widest * (e + ctx.c) + h * ctx.c + eager
-    bwd_mlp = int(k["mlp_h"] * h * e + k["mlp_i"] * widest * e)
+    bwd_mlp = int(k["mlp_h"] * h * e + k["mlp_i"] * widest * e) + cast  # a copy alive beside the recompute
     bwd_attn = int(k["attn_h"] * h * e + k["attn_qkv"] * (model.num_heads + 2 * model.num_kv_heads) * model.head_dim * e
                    + (model.num_heads * train.seq_len * (e + 4 + 4) if ctx.attention != "sdpa" else 0))
     dequant = model.max_quantized_numel * ctx.c if train.quantized else 0
