@@ -140,6 +140,11 @@ def notes(model: ModelSpec, train: TrainSpec) -> list[str]:
     if train.quantized and any(not lin.quantizable for _, layer in model.layers for lin in layer.linears):
         out.append(f"{model.model_type}'s linears subclass nn.Linear, which transformers' bitsandbytes integration "
                    "leaves unquantized")
+    ran = act_mod.effective_attention(model, train)
+    if ran != train.attention:
+        why = ("transformers implements its logit soft-capping only in eager attention" if ran == "eager" else
+               "its one-head multi-query k/v make torch's fused SDPA kernels fall back to the math kernel")
+        out.append(f"{model.model_type}: {why}, so attention keeps b·a·s² scores (O(s²) memory)")
     if train.optimizer.startswith("paged"):
         out.append("paged optimizer states live in CUDA managed memory: counted on the GPU, evictable to host RAM")
     if any(layer.mlp == "moe" for _, layer in model.layers):
