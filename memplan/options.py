@@ -78,8 +78,8 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
         group.add_argument(flag, *_ALIASES.get(flag, []), dest=field_name, default=None, metavar="V",
                            help=f"{text} (default: {shown})")
     parser.add_argument("--trust-remote-code", action="store_true",
-                        help="accept a config.json that asks for remote code (auto_map); memplan reads its fields "
-                             "and passes trust_remote_code=True to transformers only when you give this flag")
+                        help="accept a config.json that asks for remote code (auto_map): memplan reads its fields, and "
+                             "only with this flag lets transformers (profile) run the model's own code")
 
 
 def model_from_args(args: argparse.Namespace, ref: str | None = None):

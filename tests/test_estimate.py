@@ -58,7 +58,7 @@ def test_lora_params_by_target_set():
 def test_optimizer_states():
     p = 39_976_960
     assert states(L7, TrainSpec(), p, 4 * p) == 8 * p  # AdamW: exp_avg + exp_avg_sq, fp32
-    assert states(L7, TrainSpec(optimizer="sgd"), p, 4 * p) == 0
+    assert states(L7, TrainSpec(optimizer="sgd"), p, 4 * p) == 4 * p  # one momentum buffer
     # 8-bit AdamW: every LoRA tensor has >= 4096 elements: 2 uint8 states + 2 fp32 absmax per 256 elements
     blocks = sum(-(-n // 256) for n in [16 * 4096] * 8 + [16 * 4096, 16 * 11008] * 3 for _ in range(1))
     expected = 32 * (2 * (p // 32) + 2 * 4 * blocks) + 2 * 1024

@@ -9,7 +9,7 @@
                    (4096 elements) keep 32-bit states (bitsandbytes/optim/optimizer.py, Optimizer8bit.init_state).
   paged-*          the same bytes, allocated in CUDA managed (unified) memory that the driver can evict to host
                    RAM under pressure; they still count towards the GPU when resident.
-  sgd              torch.optim.SGD with momentum 0 keeps no state.
+  sgd              torch.optim.SGD with momentum (0.9, as memplan/recipe.py runs it): one buffer per parameter.
   adafactor        transformers Adafactor (Shazeer & Stern 2018), beta1=None: factored second moment, one row and
                    one column vector per >=2-D tensor (in the grad dtype), the full moment for 1-D tensors.
 """
@@ -49,19 +49,20 @@ def states(model: ModelSpec, train: TrainSpec, trainable_params: int, trainable_
     if opt in ("adamw", "paged-adamw"):
         return 2 * trainable_bytes
     if opt == "sgd":
-        return 0
+        return trainable_bytes
     shapes = _param_shapes(model, train)
     elem = trainable_bytes // max(trainable_params, 1)
     if opt == "adafactor":
         return sum(n * (r + c if c else r) for n, r, c in shapes) * elem
-    total = 0  # 8-bit AdamW
+    total = qmaps = 0  # 8-bit AdamW
     for n, r, c in shapes:
         numel = r * max(c, 1)
         if numel < BNB_MIN_8BIT:
             total += n * 2 * numel * 4
         else:
             total += n * 2 * (numel + -(-numel // BNB_BLOCK) * 4)
-    return total + 2 * 256 * 4  # the two shared quantization maps (qmap1, qmap2)
+            qmaps = 2 * 256 * 4  # the two quantization maps (qmap1, qmap2), shared by every 8-bit state
+    return total + qmaps
 
 
 def step_temporaries(train: TrainSpec, trainable_bytes: int) -> int:
