@@ -92,7 +92,7 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
     grads = tr["bytes"]
     a = act_mod.activations(model, train)
 
-    static = {**w, "lora": tr["extra_bytes"]}
+    static = {**w, "lora": 0 if train.method == "full" else tr["bytes"]}  # full: the weights are the trainables
     steady = _candidate(static, optimizer_states=states)
     stored = sum(a.stored_per_layer) + a.fixed
 

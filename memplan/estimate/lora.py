@@ -63,12 +63,11 @@ def modules_to_save_params(model: ModelSpec, train: TrainSpec) -> int:
 
 
 def trainable(model: ModelSpec, train: TrainSpec) -> dict:
-    """Trainable parameter count and bytes, and the element size of those parameters (their grads match)."""
+    """Trainable parameter count and bytes (their gradients match)."""
     if train.method == "full":
         b = 4 if train.bits == 32 else DTYPES[train.compute_dtype]
-        return {"params": model.total_params, "bytes": model.total_params * b, "extra_bytes": 0}
+        return {"params": model.total_params, "bytes": model.total_params * b}
     adapters = adapter_params(model, train)
     saved = modules_to_save_params(model, train)
     saved_bytes = saved * unquantized_dtype_bytes(train)
-    return {"params": adapters + saved, "bytes": adapters * DTYPES[train.lora_dtype] + saved_bytes,
-            "extra_bytes": adapters * DTYPES[train.lora_dtype] + saved_bytes}
+    return {"params": adapters + saved, "bytes": adapters * DTYPES[train.lora_dtype] + saved_bytes}
