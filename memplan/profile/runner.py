@@ -398,7 +398,7 @@ def _kernel_models(run: dict, train, device: str):
 
     if device != "cpu" or run.get("kernels", "native") != "gpu":
         return contextlib.nullcontext()
-    from memplan.trace.runner import _gemm_4bit_cuda_semantics, _patched
+    from memplan.trace.kernels import gemm_4bit_cuda_semantics as _gemm_4bit_cuda_semantics, patched as _patched
 
     stack = contextlib.ExitStack()
     stack.enter_context(_patched(train))

@@ -1,0 +1,108 @@
+"""Build the transformers model from a ModelSpec on meta (or CPU) and quantize it as from_pretrained would."""
+from __future__ import annotations
+
+import warnings
+
+from memplan.errors import MemplanError
+from memplan.spec import ModelSpec, TrainSpec
+
+
+_BNB_READY = False
+
+
+def _bnb_warmup():
+    """Build bitsandbytes' quantization maps on the CPU once, outside meta (DESIGN.md, known facts)."""
+    global _BNB_READY
+    if _BNB_READY:
+        return
+    import bitsandbytes.functional as bf
+    import torch
+
+    for qt in ("nf4", "fp4"):
+        bf.quantize_4bit(torch.zeros(128, dtype=torch.float32), blocksize=64, compress_statistics=True, quant_type=qt)
+    _BNB_READY = True
+
+
+def hf_config(model: ModelSpec, train: TrainSpec):
+    from transformers import AutoConfig
+
+    cfg = {k: v for k, v in model.hf_config.items() if k != "model_type"}
+    try:
+        config = AutoConfig.for_model(model.model_type, **cfg)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad config
+        raise MemplanError(f"{model.name}: transformers cannot build a {model.model_type} config: {e}") from None
+    config.use_cache = False
+    return config
+
+
+def build_model(model: ModelSpec, train: TrainSpec, *, real: bool, notes: list):
+    """The transformers model for `model`, quantized as from_pretrained(quantization_config=...) would."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from memplan import recipe
+
+    config = hf_config(model, train)
+    attn = train.attention
+    if attn == "sdpa" and getattr(config, "attn_logit_softcapping", None):
+        attn = "eager"
+        notes.append(f"{model.model_type} caps attention logits (attn_logit_softcapping): transformers runs it "
+                     "only with eager attention, so the trace uses eager")
+    dtype = recipe.torch_dtype(train)
+    device = "cpu" if real else "meta"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.device(device):
+            if real:
+                torch.manual_seed(0)
+            hf = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
+    hf.config.use_cache = False
+    if train.quantized:
+        _quantize(hf, train, real=real)
+    return hf
+
+
+def _quantize(hf, train: TrainSpec, *, real: bool) -> None:
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bf
+    import torch
+    from transformers.integrations.bitsandbytes import replace_with_bnb_linear
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    from memplan import recipe
+
+    _bnb_warmup()
+    qconfig = recipe.bnb_config(train)
+    keep = get_keys_to_not_convert(hf)
+    originals = {name: m for name, m in hf.named_modules() if type(m) is torch.nn.Linear}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = replace_with_bnb_linear(hf, modules_to_not_convert=keep, quantization_config=qconfig)
+    dtype = recipe.torch_dtype(train)
+    for name, module in hf.named_modules():
+        if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+            old = originals[name]
+            w = old.weight.data.to(dtype)
+            bias = old.bias
+            if isinstance(module, bnb.nn.Linear4bit):
+                packed, qs = bf.quantize_4bit(w, blocksize=64, compress_statistics=train.double_quant,
+                                              quant_type=train.quant_type, quant_storage=torch.uint8)
+                module.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=qs, blocksize=64,
+                                                  compress_statistics=train.double_quant,
+                                                  quant_type=train.quant_type, quant_storage=torch.uint8,
+                                                  module=module, bnb_quantized=True)
+            else:
+                cb, scb, _ = bf.int8_vectorwise_quant(w.to(torch.float16))
+                param = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False)
+                param.CB, param.SCB = cb, scb
+                module.weight = param
+            module.bias = None if bias is None else torch.nn.Parameter(bias.data.to(dtype), requires_grad=False)
+            del w
+    originals.clear()
+    if train.bits == 4:
+        hf.is_loaded_in_4bit = True
+    else:
+        hf.is_loaded_in_8bit = True
+    hf.is_quantized = True
+    hf.quantization_method = "bitsandbytes"
+    hf.config.quantization_config = qconfig

@@ -1,0 +1,296 @@
+"""What the CUDA kernels allocate, modelled so that the meta/CPU step has the GPU's memory signature.
+
+Each function here patches or replaces one kernel for the duration of a trace (the list is in runner.py's
+docstring and docs/trace.md): fused SDPA (FlashAttention-2 / memory-efficient), the fused dropout mask,
+bitsandbytes' CUDA gemm_4bit path, transformers' grouped_mm for MoE experts, and the Params4bit deepcopy that DoRA
+needs on meta. With real CPU tensors the values come from untracked reference computations.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+from memplan.spec import ModelSpec, TrainSpec
+
+
+def _is_meta(t) -> bool:
+    return t.device.type == "meta"
+
+
+@contextlib.contextmanager
+def _untracked():
+    """Run real computations that a fused GPU kernel does in registers / its own workspace, unseen."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes():
+        yield
+
+
+def _math_attention(q, k, v, attn_mask, scale, causal):
+    import torch
+
+    sdpa = getattr(torch.nn.functional.scaled_dot_product_attention, "original", None) or \
+        torch.nn.functional.scaled_dot_product_attention
+
+    if attn_mask is not None and attn_mask.is_floating_point():
+        attn_mask = attn_mask.float()
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    return sdpa(
+        q.float(), k.float(), v.float(), attn_mask=attn_mask, is_causal=causal, scale=scale).to(q.dtype)
+
+
+def _make_fused_attention():
+    import torch
+
+    def r(x, m):
+        return (x + m - 1) // m * m
+
+    class FusedAttention(torch.autograd.Function):
+        """FlashAttention-2's memory signature (flash_api.cpp mha_fwd / mha_bwd, as in PyTorch's flash SDPA)."""
+
+        @staticmethod
+        def forward(ctx, q, k, v, bias, scale, causal):
+            b, a, s, d = q.shape
+            out = torch.empty((b, s, a, d), dtype=q.dtype, device=q.device).transpose(1, 2)
+            lse = torch.empty((b, a, s), dtype=torch.float32, device=q.device)
+            if not _is_meta(q):
+                with _untracked(), torch.no_grad():
+                    out.copy_(_math_attention(q, k, v, bias, scale, causal))
+            # the kernel keeps its (additive) mask for the backward; save_for_backward lets checkpointing drop it
+            ctx.save_for_backward(q, k, v, out, lse, bias)
+            ctx.scale, ctx.causal = scale, causal
+            return out
+
+        @staticmethod
+        def backward(ctx, dout):
+            q, k, v, out, lse, bias = ctx.saved_tensors
+            b, a, s, d = q.shape
+            kv = k.shape[1]
+            dq = torch.empty((b, s, a, d), dtype=q.dtype, device=q.device).transpose(1, 2)
+            dk = torch.empty((b, s, kv, d), dtype=k.dtype, device=k.device).transpose(1, 2)
+            dv = torch.empty((b, s, kv, d), dtype=v.dtype, device=v.device).transpose(1, 2)
+            d_r = r(d, 32) if d <= 192 else 256
+            dq_accum = torch.empty((b, r(s, 128), a, d_r), dtype=torch.float32, device=q.device)
+            softmax_d = torch.empty((b, a, r(s, 128)), dtype=torch.float32, device=q.device)
+            expanded = None
+            if kv != a:  # GQA: the kernel writes per-query-head dk/dv, then sums them per kv head
+                expanded = (torch.empty((b, s, a, d), dtype=k.dtype, device=k.device),
+                            torch.empty((b, s, a, d), dtype=v.dtype, device=v.device))
+            if not _is_meta(q):
+                with _untracked(), torch.enable_grad():
+                    qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
+                    o = _math_attention(qq, kk, vv, bias, ctx.scale, ctx.causal)
+                    gq, gk, gv = torch.autograd.grad(o, (qq, kk, vv), dout)
+                with _untracked(), torch.no_grad():
+                    dq.copy_(gq), dk.copy_(gk), dv.copy_(gv)
+            del dq_accum, softmax_d, expanded
+            return dq, dk, dv, None, None, None
+
+    def fused_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                        enable_gqa=False):
+        if key.shape[1] != query.shape[1] and not enable_gqa:
+            # K/V with fewer heads than Q (Falcon-7B's multi-query: 1 head) and no enable_gqa: torch 2.13's
+            # check_batch_size_and_num_heads_dense (sdp_utils_cpp.h) rejects flash, memory-efficient and cuDNN,
+            # so on CUDA SDPA falls back to its math kernel (_scaled_dot_product_attention_math, composite, the
+            # same ops on every device): q/k/v upcast to fp32, b·a·s² fp32 scores and softmax kept for backward.
+            # The original SDPA takes that path on meta and CPU too, so it runs as is.
+            fused_attention.math_fallbacks.add((tuple(query.shape[1:2]), tuple(key.shape[1:2])))
+            return fused_attention.original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                            is_causal=is_causal, scale=scale)
+        if scale is None:
+            scale = 1.0 / math.sqrt(query.shape[-1])
+        bias = None
+        if attn_mask is not None:
+            # With a mask flash attention is out (check_for_attn_mask) and CUDA runs the memory-efficient kernel.
+            # SDPA first turns a boolean mask into an additive one in the query dtype (convert_boolean_attn_mask:
+            # where(mask.logical_not(), -inf, 0)) and pads its last dim to a multiple of 16 (preprocess_mask);
+            # the kernel keeps that bias for its backward.
+            fused_attention.masked += 1
+            if attn_mask.dtype == torch.bool:
+                bias = torch.where(attn_mask.logical_not(), float("-inf"),
+                                   torch.scalar_tensor(0.0, dtype=query.dtype, device=query.device))
+            else:
+                bias = attn_mask
+            kv = bias.shape[-1]
+            if kv % 16:
+                padded = torch.empty((*bias.shape[:-1], r(kv, 16)), dtype=bias.dtype, device=bias.device)
+                padded[..., :kv].copy_(bias)
+                bias = padded[..., :kv]
+        return FusedAttention.apply(query, key, value, bias, scale, bool(is_causal))
+
+    fused_attention.original = torch.nn.functional.scaled_dot_product_attention
+    fused_attention.math_fallbacks = set()
+    fused_attention.masked = 0
+    return fused_attention
+
+
+def _native_dropout(original):
+    import torch
+
+    def dropout(input, p=0.5, training=True, inplace=False):
+        if not training or p <= 0.0 or p >= 1.0 or inplace:
+            return original(input, p, training, inplace)
+        return torch.native_dropout(input, p, True)[0]
+
+    return dropout
+
+
+def gemm_4bit_cuda_semantics():
+    """A dispatch mode that runs bitsandbytes::gemm_4bit as bitsandbytes' CUDA backend does for training batches."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    gemm = torch.ops.bitsandbytes.gemm_4bit.default
+
+    class Gemm4bitAsCuda(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is not gemm:
+                return func(*args, **kwargs)
+            names = ("A", "B", "shapeB", "absmax", "blocksize", "quant_type", "bias", "absmax_8bit",
+                     "absmax_code", "absmax_offset")
+            a = dict(zip(names, args))
+            a.update(kwargs)
+            absmax = a["absmax"]
+            if a.get("absmax_8bit") is not None:
+                absmax_dq = torch.ops.bitsandbytes.dequantize_blockwise.default(
+                    a["absmax_8bit"], absmax, a["absmax_code"], 256, torch.float32)
+                absmax = absmax_dq + a["absmax_offset"]
+                del absmax_dq
+            w = torch.ops.bitsandbytes.dequantize_4bit.default(
+                a["B"], absmax, a["blocksize"], a["quant_type"], a["shapeB"], a["A"].dtype)
+            return torch.nn.functional.linear(a["A"], w, a.get("bias"))
+
+    return Gemm4bitAsCuda()
+
+
+def _make_grouped_mm():
+    """transformers' MoE grouped matmul with grouped_mm's memory signature, for any dtype and on meta.
+
+    torch's grouped_mm kernels take bf16 only; prepare_model_for_kbit_training leaves the experts in fp32, and
+    transformers' loop fallback allocates a full-size weight gradient even for frozen experts. The trace
+    allocates what the fused grouped GEMM does: the output; in backward the input gradient, and the weight
+    gradient only if the experts are trained. With real tensors the values come from an untracked matmul loop.
+    """
+    import torch
+
+    def compute(x, w, offs):
+        out = torch.zeros(x.size(0), w.size(2), dtype=x.dtype)
+        start = 0
+        for i, end in enumerate(offs.tolist()):
+            if end > start:
+                out[start:end] = x[start:end] @ w[i].to(x.dtype)
+            start = end
+        return out
+
+    class GroupedMM(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, w, offs):
+            out = torch.empty((x.size(0), w.size(2)), dtype=x.dtype, device=x.device)
+            if not _is_meta(x):
+                with _untracked(), torch.no_grad():
+                    out.copy_(compute(x, w, offs))
+            ctx.save_for_backward(x if w.requires_grad else None, w, offs)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            x, w, offs = ctx.saved_tensors
+            gx = torch.empty((grad.size(0), w.size(1)), dtype=grad.dtype, device=grad.device)
+            gw = torch.empty_like(w) if ctx.needs_input_grad[1] else None
+            if not _is_meta(grad):
+                with _untracked(), torch.no_grad():
+                    gx.copy_(compute(grad, w.transpose(1, 2), offs))
+            return gx, gw, None
+
+    def grouped_mm(input, weight, offs):
+        return GroupedMM.apply(input.to(weight.dtype), weight, offs)
+
+    return grouped_mm
+
+
+@contextlib.contextmanager
+def patched(train: TrainSpec):
+    import torch
+    import torch.nn.functional as F
+    import transformers.masking_utils as mu
+
+    saved = (F.scaled_dot_product_attention, F.dropout, mu.find_packed_sequence_indices)
+    try:
+        import transformers.integrations.moe as moe
+    except ImportError:  # pragma: no cover
+        moe = None
+    saved_gmm = getattr(moe, "_grouped_mm", None)
+    fused = None
+    try:
+        if saved_gmm is not None:
+            moe._grouped_mm = _make_grouped_mm()
+        if train.attention == "sdpa":
+            fused = F.scaled_dot_product_attention = _make_fused_attention()
+        F.dropout = _native_dropout(saved[1])
+        mu.find_packed_sequence_indices = lambda *a, **k: None
+        yield fused
+    finally:
+        F.scaled_dot_product_attention, F.dropout, mu.find_packed_sequence_indices = saved
+        if saved_gmm is not None:
+            moe._grouped_mm = saved_gmm
+        del torch
+
+
+@contextlib.contextmanager
+def meta_params4bit_deepcopy(enabled: bool):
+    """Let bitsandbytes' Params4bit.__deepcopy__ copy a meta weight.
+
+    PEFT's DoRA (peft/tuners/lora/dora.py DoraLinearLayer.update_layer) deep-copies a Linear4bit before
+    dequantizing it to initialize the magnitude vector. Params4bit.__deepcopy__ starts from a bare
+    `Params4bit.__new__` (an empty CPU tensor) and then sets `.data` to the copied weight: CPU -> CUDA is allowed
+    (that is the GPU run), CPU -> meta is not ("incompatible tensor type"). The patch starts the copy from an empty
+    tensor on the weight's own device and then runs bitsandbytes' own __deepcopy__ steps unchanged. Setup only: the
+    copy is dropped before the tracker starts, as on the GPU where it is freed before training.
+    """
+    if not enabled:
+        yield
+        return
+    import copy
+
+    import bitsandbytes as bnb
+    import torch
+
+    cls = bnb.nn.Params4bit
+    original = cls.__deepcopy__
+
+    def deepcopy(self, memo):
+        if self.device.type != "meta":
+            return original(self, memo)
+        new = cls.__new__(type(self), data=torch.empty(0, dtype=self.dtype, device=self.device))
+        state = self.__getstate__()
+        new.__setstate__(state)
+        new.quant_state = copy.deepcopy(state["quant_state"])
+        new.data = copy.deepcopy(state["data"])
+        return new
+
+    cls.__deepcopy__ = deepcopy
+    try:
+        yield
+    finally:
+        cls.__deepcopy__ = original
+
+
+def attention_notes(model: ModelSpec, fused) -> list[str]:
+    if fused is None:
+        return []
+    notes = []
+    for (qh,), (kh,) in sorted(fused.math_fallbacks):
+        notes.append(
+            f"{model.name}: transformers calls SDPA with {kh} key/value head(s) for {qh} query heads and no "
+            "enable_gqa (multi-query); PyTorch's flash, memory-efficient and cuDNN kernels reject that, so on CUDA "
+            "SDPA falls back to its math kernel: the trace runs it too (fp32 b·a·s² scores and softmax per layer)")
+    if fused.masked and not fused.math_fallbacks:
+        notes.append(
+            f"{model.name}: transformers passes an explicit attention mask to SDPA, so CUDA runs the memory-efficient "
+            "kernel (flash takes no mask); the trace keeps the additive b·s² mask it saves for backward and "
+            "otherwise counts flash attention's O(s) buffers")
+    return notes
