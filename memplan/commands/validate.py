@@ -41,6 +41,9 @@ def register(sub) -> None:
                    "sample of N traced configurations over every training flag and the catalog's model types "
                    "(memplan/validation/sample.py); writes reports/estimate_vs_trace_random.csv and .png")
     p.add_argument("--seed", type=int, default=0, help="with --random: the sample's seed (default 0)")
+    p.add_argument("--layers", type=int, metavar="K", help="with --random: cap every model's decoder at K layers "
+                   "(the same architecture, shallower; estimate and trace both see it): a trace costs time in "
+                   "proportion to the layers (default: full depth)")
     p.add_argument("--jobs", type=int, default=1, help="parallel trace processes (default 1)")
     p.add_argument("--csv", help="output CSV path (default: reports/estimate_vs_trace.csv; with --against profiles "
                    "reports/validation.csv)")
@@ -69,8 +72,8 @@ def _trace_one(job):
 
     logging.disable(logging.WARNING)
     model_name, train_dict, cache_dir, use_cache = job
-    from memplan.catalog import resolve_model
     from memplan.spec import TrainSpec
+    from memplan.validation.sample import resolve_sampled as resolve_model  # a catalog name, or one capped in depth
 
     train = TrainSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in train_dict.items()})
     path = Path(cache_dir) / model_name / f"{_key(model_name, train)}.json"

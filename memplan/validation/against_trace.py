@@ -21,7 +21,7 @@ from pathlib import Path
 from memplan.errors import MemplanError
 
 BAR_WORST, BAR_MEDIAN = 0.03, 0.005
-PROBE_MODEL = "qwen2.5-0.5b"  # the smallest catalog model: a probe trace costs seconds
+PROBE_MODEL = "qwen2.5-0.5b"  # the smallest catalog model, capped at 2 layers: a probe trace costs seconds
 # Flag values the trace could not run when this table was written (issue #11): each is probed before the sample.
 SUSPECTS = [("bits", 8), ("optimizer", "adafactor")]
 STACK = ("torch", "transformers", "peft", "bitsandbytes")
@@ -47,6 +47,7 @@ def probe_untraceable(args, console) -> dict[tuple[str, object], str]:
     """{(field, value): why} for each suspect value whose probe trace fails in this build."""
     from memplan.commands.validate import _trace_one
     from memplan.spec import TRAIN_FIELDS, TrainSpec
+    from memplan.validation.sample import capped_name
 
     out = {}
     for field, value in SUSPECTS:
@@ -57,7 +58,7 @@ def probe_untraceable(args, console) -> dict[tuple[str, object], str]:
         except MemplanError as e:
             out[(field, value)] = str(e)
             continue
-        res = _trace_one(_job(PROBE_MODEL, train, args))
+        res = _trace_one(_job(capped_name(PROBE_MODEL, 2), train, args))
         if "error" in res:
             out[(field, value)] = res["error"].splitlines()[0][:300]
             console.print(f"[dim]probe {field}={value}: the trace cannot run it ({out[(field, value)][:120]})[/]",
@@ -83,10 +84,12 @@ def run_random(args) -> int:
     from memplan.estimate import estimate
     from memplan.outputs import output_path
     from memplan.spec import TRAIN_FIELDS, TrainSpec
-    from memplan.validation.sample import draw_configs, skipped_rows
+    from memplan.validation.sample import capped_name, draw_configs, resolve_sampled, skipped_rows
 
     if args.random < 1:
         raise MemplanError("--random needs a positive number of configurations")
+    if args.layers is not None and args.layers < 1:
+        raise MemplanError("--layers needs a positive number of layers")
     csv_path = output_path(args.csv or "reports/estimate_vs_trace_random.csv", "--csv", make_parents=args.csv is None)
     figure = None if str(args.figure).lower() == "none" else \
         output_path(args.figure or "reports/estimate_vs_trace_random.png", "--figure", make_parents=args.figure is None)
@@ -100,16 +103,16 @@ def run_random(args) -> int:
         why = next((w for (f, v), w in untraceable.items() if getattr(train, f) == v), None)
         draws.append((index, name, train, why))
         if why is None:
-            jobs.append(_job(name, train, args))
+            jobs.append(_job(capped_name(name, args.layers), train, args))
             if len(jobs) == args.random:
                 break
     results = _trace_all(jobs, args.jobs, console)
 
     rows, by_draw = [], iter(results)
     for index, name, train, why in draws:
-        model = resolve_model(name)
+        model = resolve_sampled(capped_name(name, args.layers))
         row = {"draw": index, "status": "ok", "reason": "", "model": name, "model_type": model.model_type,
-               **{f: _fmt_value(v) for f, v in train.to_dict().items()}}
+               "layers": model.num_layers, **{f: _fmt_value(v) for f, v in train.to_dict().items()}}
         if why is not None:
             rows.append({**row, "status": "skipped", "reason": why})
             continue
@@ -124,7 +127,7 @@ def run_random(args) -> int:
     _write_csv(csv_path, rows, COMPONENTS)
     ok = [r for r in rows if r["status"] == "ok"]
     out = Console()
-    lines = summary(rows, args.seed, args.random, skipped_rows())
+    lines = summary(rows, args.seed, args.random, skipped_rows(), args.layers)
     for line in lines:
         out.print(line, highlight=False)
     out.print(f"wrote {csv_path}", highlight=False)
@@ -170,7 +173,7 @@ def _write_csv(path: Path, rows: list[dict], components) -> None:
             w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
 
 
-def summary(rows: list[dict], seed: int, n: int, not_in_build: list[str]) -> list[str]:
+def summary(rows: list[dict], seed: int, n: int, not_in_build: list[str], layers: int | None = None) -> list[str]:
     """The summary line, then the worst rows, the spread by model type, skips and failures."""
     from memplan.spec import TRAIN_FIELDS
 
@@ -184,7 +187,8 @@ def summary(rows: list[dict], seed: int, n: int, not_in_build: list[str]) -> lis
     med, worst = statistics.median(errs), max(errs)
     verdict = "PASS" if worst <= BAR_WORST and med <= BAR_MEDIAN and not failed else "FAIL"
     over = sum(e > BAR_WORST for e in errs)
-    lines = [f"seed {seed}, N {n}: {len(ok)} configurations traced over {len({r['model_type'] for r in ok})} model "
+    depth = f" (decoders capped at {layers} layers)" if layers else ""
+    lines = [f"seed {seed}, N {n}: {len(ok)} configurations traced{depth} over {len({r['model_type'] for r in ok})} model "
              f"types ({len(skipped)} drawn and skipped, {len(failed)} failed); |peak error| median {med:.2%}, "
              f"worst {worst:.2%}, {over} beyond 3%; bar: worst <= 3%, median <= 0.5%: {verdict}; {stack}"]
     varying = [f for f in TRAIN_FIELDS if len({r[f] for r in ok}) > 1]

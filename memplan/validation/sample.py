@@ -131,6 +131,36 @@ def skipped_rows() -> list[str]:
     return [c.field for c in CHOICES if c.field not in TRAIN_FIELDS]
 
 
+DEPTH_MARK = "@layers="
+
+
+def capped_name(name: str, layers: int | None) -> str:
+    """The name validate's trace cache and workers use for `name` with its decoder capped at `layers` layers."""
+    return f"{name}{DEPTH_MARK}{layers}" if layers else name
+
+
+def resolve_sampled(ref: str) -> ModelSpec:
+    """A catalog model, or one named by capped_name(): the same architecture (every field of its config.json)
+    with num_hidden_layers = min(its own, the cap). The estimate and the trace then see the same model; a trace
+    costs time in proportion to the layers, and every layer of these architectures is alike (Gemma-2's
+    alternating sliding / global layers both appear from 2 layers on)."""
+    from dataclasses import replace
+
+    from memplan.architectures import from_hf_config
+    from memplan.catalog import resolve_model
+
+    name, _, layers = ref.partition(DEPTH_MARK)
+    model = resolve_model(name)
+    if not layers:
+        return model
+    cap = int(layers)
+    if cap >= model.num_layers:
+        return model
+    cfg = {**model.hf_config, "num_hidden_layers": cap}
+    return replace(from_hf_config(cfg, ref, f"{model.source} (num_hidden_layers {model.num_layers} -> {cap})"),
+                   stated_params=None)
+
+
 def model_names_by_type(names: list[str]) -> dict[str, list[str]]:
     from memplan.catalog import resolve_model
 
