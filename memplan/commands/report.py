@@ -161,7 +161,12 @@ def run(args) -> int:
     if js_path is None:
         print("memplan report: warning: plotly is not installed, the report has tables only "
               "(pip install 'memplan[web]')", file=sys.stderr)
-    text = render(doc, js_path.read_text(encoding="utf-8") if js_path else None)
+    js = js_path.read_text(encoding="utf-8") if js_path else None
+    if js:
+        from memplan.report.figures import plotly_js_version
+
+        lines.append(f"figures: plotly.js {plotly_js_version(js)}, inlined from {js_path} (no network needed)")
+    text = render(doc, js)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, out)

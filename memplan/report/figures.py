@@ -104,3 +104,11 @@ def plotly_js() -> Path | None:
         return None
     path = Path(list(spec.submodule_search_locations)[0]) / "package_data" / "plotly.min.js"
     return path if path.is_file() else None
+
+
+def plotly_js_version(text: str) -> str:
+    """The version in plotly.min.js's banner ('* plotly.js v4.1.1'), or 'unknown'."""
+    import re
+
+    m = re.search(r"plotly\.js v([0-9][^\s*]*)", text[:500])
+    return m.group(1) if m else "unknown"

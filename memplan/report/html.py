@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 
 from memplan.report import figures
 
@@ -38,7 +39,8 @@ def gib(n) -> str:
 
 
 def _table(head: list[str], rows: list[list], cls: str = "", ident: str = "") -> str:
-    out = [f'<table{f" id={_e(ident)!r}" if ident else ""}{f" class={_e(cls)!r}" if cls else ""}><thead><tr>']
+    attrs = (f' id="{_e(ident)}"' if ident else "") + (f' class="{_e(cls)}"' if cls else "")
+    out = [f"<table{attrs}><thead><tr>"]
     out += [f'<th class="{"num" if h.endswith("GiB") or h.endswith("%") else ""}">{_e(h)}</th>' for h in head]
     out.append("</tr></thead><tbody>")
     for r in rows:
@@ -66,8 +68,8 @@ class Figures:
             return ""
         ident = f"fig{len(self.calls) + 1}"
         blob = json.dumps(fig, separators=(",", ":")).replace("</", "<\\/")
-        self.calls.append(f'Plotly.newPlot("{ident}",{blob}.data,{blob}.layout,'
-                          '{"displaylogo":false,"responsive":true});')
+        self.calls.append(f'(f=>Plotly.newPlot("{ident}",f.data,f.layout,{{"displaylogo":false,"responsive":true}}))'
+                          f'({blob});')
         return f'<div class="fig" id="{ident}"></div>'
 
 
@@ -243,9 +245,12 @@ def render(doc: dict, plotly_js: str | None) -> str:
     body.append('<p class="dim">Sizes are GiB (2^30 bytes). Every figure is a memplan result object '
                 "(<code>--json</code> prints the same); this file computes none and loads nothing from the network."
                 "</p>")
-    script = ""
+    # the result objects themselves, machine-readable (what --json prints), for whoever receives the file
+    data = json.dumps(doc, separators=(",", ":"), default=str).replace("</", "<\\/")
+    script = f'<script type="application/json" id="memplan-results">{data}</script>\n'
     if figs.enabled:
-        script = (f"<script>{plotly_js}</script>\n<script>\n" + "\n".join(figs.calls) + "\n</script>")
+        js = re.sub(r"</(script)", r"<\\/\1", plotly_js, flags=re.IGNORECASE)  # cannot end its own <script>
+        script += f"<script>{js}</script>\n<script>\n" + "\n".join(figs.calls) + "\n</script>"
     return ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{_e(meta['title'])}</title>"
             f"<style>{CSS}</style></head><body>\n" + "\n".join(body) + f"\n{script}\n</body></html>\n")

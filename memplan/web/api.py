@@ -22,13 +22,15 @@ from memplan.errors import MemplanError
 from memplan.options import FLAGS
 from memplan.report import provenance
 from memplan.report.figures import components_by_phase
-from memplan.spec import TrainSpec
+from memplan.spec import TRAIN_FIELDS, TrainSpec
 
 DEFAULT_MODEL = "llama-3.1-8b"
 DEFAULT_GPU = "rtx-4090"
 # Query keys that are not training flags: the model, the GPU that `fit` plans against, fit's safety margin.
 PAGE_KEYS = ("model", "gpu", "margin")
-FLAG_KEYS = {flag.lstrip("-"): field_name for flag, field_name, _, _ in FLAGS}
+# Training flags are TrainSpec fields; an options-level flag that names a file (--from, --dataset) never reaches
+# the page: the server reads no path a request names.
+FLAG_KEYS = {flag.lstrip("-"): field_name for flag, field_name, _, _ in FLAGS if field_name in TRAIN_FIELDS}
 MAX_VALUE = 200  # characters per query value: a model name or a '+'-list of module names is far shorter
 
 
@@ -69,6 +71,8 @@ def form_fields() -> list[dict]:
     defaults = TrainSpec()
     out = []
     for flag, field_name, _, text in FLAGS:
+        if field_name not in TRAIN_FIELDS:
+            continue
         default = getattr(defaults, field_name)
         choices = _choices(field_name, default)
         kind = "select" if choices else "number" if isinstance(default, (int, float)) else "text"
@@ -135,8 +139,7 @@ def parse(params) -> tuple[str, str, str | None, TrainSpec]:
         if repeated:
             raise MemplanError(f"{repeated[0]} given more than once; comma-separated values make a grid, which "
                                "`memplan sweep` and `memplan report --html` take")
-    ns = argparse.Namespace(**{f: (params.get(k) if params.get(k, "").strip() else "") if k in params else None
-                               for k, f in FLAG_KEYS.items()})
+    ns = argparse.Namespace(**{f: params[k] if k in params else None for k, f in FLAG_KEYS.items()})
     from memplan.options import grid_from_args
 
     specs = grid_from_args(ns)
