@@ -27,7 +27,8 @@ pytest.importorskip("starlette", reason="memplan serve needs the web extra: pip 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (dev extra) is not installed")
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = os.environ.get("MEMPLAN_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM = (os.environ.get("MEMPLAN_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+            or "/usr/bin/chromium")
 if not os.access(CHROMIUM, os.X_OK):
     pytest.skip(f"no Chromium at {CHROMIUM} (Debian: apt-get install chromium; or set MEMPLAN_CHROMIUM)",
                 allow_module_level=True)
@@ -126,6 +127,14 @@ def settled(page, state: str = "ok", query: str | None = None) -> None:
         arg=[state, query], timeout=30000)
 
 
+def screenshot(page, name: str, env) -> Path:
+    """Into $MEMPLAN_SCREENSHOT_DIR (scripts/screenshots.sh: reports/, for the README), else a temporary folder."""
+    folder = Path(os.environ.get("MEMPLAN_SCREENSHOT_DIR") or env["MEMPLAN_CALIBRATIONS"])
+    path = folder / name
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
 def expected(*argv, env):
     r = cli("estimate", *argv, "--json", env=env)
     assert r.returncode == 0, r.stderr
@@ -156,9 +165,7 @@ def test_change_model_and_seq_len_shows_the_cli_figures(server, page, env):
     assert page.locator("#gpus tbody tr").count() == len(gpu_list())
     assert "qwen2.5-7b" in page.url and "seq-len=8192" in page.url
     assert page.errors == []
-    folder = Path(os.environ.get("MEMPLAN_SCREENSHOT_DIR") or env["MEMPLAN_CALIBRATIONS"])
-    shot = folder / "serve.png"
-    page.screenshot(path=str(shot), full_page=True)
+    shot = screenshot(page, "serve_changed.png", env)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 50_000
 
 
@@ -212,6 +219,7 @@ def test_a_plan_that_does_not_fit_lists_fits_changes(server, page, env):
     assert rows.count() == len(fit["options"])
     for i, option in enumerate(fit["options"]):
         assert option["label"] in rows.nth(i).inner_text()
+    screenshot(page, "serve.png", env)
 
 
 def test_html_report_opens_offline_and_shows_its_figures(browser, tmp_path, env):
@@ -233,6 +241,8 @@ def test_html_report_opens_offline_and_shows_its_figures(browser, tmp_path, env)
     assert "weights_quantized" in legend and "activations" in legend
     gpus = page.locator("#gpus tbody tr")
     assert gpus.count() == len(gpu_list())
+    page.set_viewport_size({"width": 1200, "height": 1000})
+    page.screenshot(path=str(Path(os.environ.get("MEMPLAN_SCREENSHOT_DIR") or tmp_path) / "report.png"))
     page.close()
 
 
