@@ -60,6 +60,7 @@ def test_one_configuration(tmp_path, capsys):
     for name, b in want["components"].items():  # the component table: every non-zero component with its GiB
         if b:
             assert re.search(rf"<td[^>]*>{name}</td><td[^>]*>{b / GIB:,.2f}</td>", text), name
+    assert "memplan report llama-3.1-8b --seq-len 8192 --gpu rtx-4090 --html" in text  # how to write it again
     for line in ("memplan 0.1.0", "device overheads: ", "transformers 5.24", "architecture from https://",
                  "figures: plotly.js"):
         assert line in html.unescape(text)

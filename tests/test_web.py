@@ -222,3 +222,13 @@ def test_serve_port_in_use_is_one_line():
                            text=True, timeout=60)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert f"cannot listen on 127.0.0.1:{port}" in r.stderr
+
+
+def test_a_config_asking_for_remote_code_needs_the_flag(tmp_path):
+    from memplan.errors import MemplanError
+
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({**TINY, "auto_map": {"AutoModelForCausalLM": "modeling_x.X"}}))
+    with pytest.raises(MemplanError, match="asks for remote code"):
+        api.Models([str(cfg)])
+    assert api.Models([str(cfg)], trust_remote_code=True).names()[0]["name"] == tmp_path.name

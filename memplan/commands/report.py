@@ -91,6 +91,24 @@ def _profiles(paths: list[str]) -> dict:
     return {"rows": rows, "bars": bars(rows)}
 
 
+def command_line(args) -> str:
+    """The command that writes this report again (from the parsed arguments, however main() was called)."""
+    from memplan.options import FLAGS
+
+    parts = ["memplan", "report", *args.models]
+    for flag, field_name, _, _ in FLAGS:
+        if getattr(args, field_name, None) is not None:
+            parts += [flag, str(getattr(args, field_name))]
+    if args.gpu:
+        parts += ["--gpu", args.gpu]
+    if args.trace:
+        parts.append("--trace")
+    if args.profiles:
+        parts += ["--profiles", *args.profiles]
+    parts += ["--html", args.html]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
 def run(args) -> int:
     from memplan import __version__
     from memplan.calibrate import overheads_for, warn
@@ -152,8 +170,7 @@ def run(args) -> int:
     doc["meta"] = {
         "title": title, "memplan_version": __version__,
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": " ".join(shlex.quote(a) for a in ["memplan", *sys.argv[1:]]) if sys.argv[1:2] == ["report"]
-        else "memplan report " + " ".join(shlex.quote(a) for a in args.models),
+        "command": command_line(args),
         "sources": SOURCES, "varying": varying_fields(specs), "provenance": lines,
         "describe": [describe(e["config"]) for e in estimates],
     }
