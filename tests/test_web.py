@@ -232,3 +232,18 @@ def test_a_config_asking_for_remote_code_needs_the_flag(tmp_path):
     with pytest.raises(MemplanError, match="asks for remote code"):
         api.Models([str(cfg)])
     assert api.Models([str(cfg)], trust_remote_code=True).names()[0]["name"] == tmp_path.name
+
+
+@pytest.mark.skipif("gpus" not in TRAIN_FIELDS, reason="multi-GPU estimates (TrainSpec.gpus, issue #13) not merged")
+def test_gpu_counts_are_the_cli_per_rank_estimates(client, capsys):
+    rng = random.Random(SEED)
+    for model in rng.sample(MODELS, 3):
+        view = client.get("/api/plan", params={"model": model, "seq-len": "8192", "bits": "16"}).json()
+        totals = {}
+        for n in (1, 2, 4, 8):
+            code, est = cli_json(capsys, ["estimate", model, "--seq-len", "8192", "--bits", "16", "--gpus", str(n),
+                                          "--gpu", "rtx-4090", "--json"])
+            if code == 0:
+                totals[n] = est["device_total_bytes"]
+        for g in view["gpus"]:
+            assert g["min_gpus"] == next((n for n, t in totals.items() if t <= g["memory_bytes"]), None)

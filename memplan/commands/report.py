@@ -12,7 +12,12 @@ import shlex
 import sys
 from datetime import datetime, timezone
 
-from memplan.options import add_train_flags, grid_from_args, model_from_args, varying_fields
+from memplan.options import (
+    add_train_flags,
+    grid_from_args,
+    model_from_args,
+    varying_fields,
+)
 
 MAX_TRACES = 24  # a trace takes seconds to tens of seconds each: a larger grid is a job for `memplan validate`
 
@@ -113,12 +118,13 @@ def run(args) -> int:
     from memplan import __version__
     from memplan.calibrate import overheads_for, warn
     from memplan.catalog import resolve_gpu
-    from memplan.commands.estimate import _which, describe, gpu_verdicts
+    from memplan.commands.estimate import _which, describe
     from memplan.estimate import SOURCES, estimate
     from memplan.outputs import output_path
     from memplan.report import provenance
-    from memplan.report.html import render
     from memplan.report.figures import plotly_js
+    from memplan.report.html import render
+    from memplan.report.verdicts import gpu_verdicts
 
     out = output_path(args.html, "--html")
     specs = grid_from_args(args)
@@ -132,8 +138,7 @@ def run(args) -> int:
     for (m, _), r in zip(pairs, results):
         r.notes.extend(n for n in cal_notes if n.startswith("ignoring"))
         estimates.append(r.to_dict())
-    gpus = [[{"name": g.name, "kind": g.kind, "memory_bytes": g.memory_bytes, "headroom_bytes": room, "fits": room >= 0,
-              "source": g.source} for g, room in gpu_verdicts(r.device_total_bytes)] for r in results]
+    gpus = [gpu_verdicts(m, s, r, overheads) for (m, s), r in zip(pairs, results)]
     doc = {"estimates": estimates, "gpus": gpus}
     if gpu and len(pairs) == 1:
         from memplan.errors import MemplanError

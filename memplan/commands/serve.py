@@ -48,12 +48,12 @@ def run(args) -> int:
         raise MemplanError(f"--host {args.host} is not a loopback address: the planner has no authentication, so "
                            "binding it needs --allow-remote")
     try:
-        import uvicorn  # noqa: F401
         import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
     except ImportError as e:
         raise MemplanError(f"memplan serve needs the web extra ({e.name} is missing): pip install 'memplan[web]'") from None
-    from memplan.web.api import Models
     from memplan.report.figures import plotly_js
+    from memplan.web.api import Models
     from memplan.web.app import create_app
 
     models = Models(args.config, trust_remote_code=args.trust_remote_code)

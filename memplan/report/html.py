@@ -115,10 +115,13 @@ def _phases(est: dict, trace: dict | None = None) -> str:
 
 
 def _gpus(gpus: list[dict]) -> str:
-    return _table(["GPU", "memory GiB", "headroom GiB", "fits", "source"], [
+    counts = bool(gpus) and "min_gpus" in gpus[0]  # once memplan models multi-GPU runs (web/api.py gpu_verdicts)
+    return _table(["GPU", "memory GiB", "headroom GiB", "fits"] + (["GPUs needed"] if counts else []) + ["source"], [
         [g["name"], (gib(g["memory_bytes"]), "num"),
          (("+" if g["headroom_bytes"] >= 0 else "−") + gib(abs(g["headroom_bytes"])), "num"),
-         ("yes" if g["fits"] else "no", "yes" if g["fits"] else "no"), (g["source"], "dim")] for g in gpus], ident="gpus")
+         ("yes" if g["fits"] else "no", "yes" if g["fits"] else "no")]
+        + ([("> 8" if g["min_gpus"] is None else str(g["min_gpus"]), "num")] if counts else [])
+        + [(g["source"], "dim")] for g in gpus], ident="gpus")
 
 
 def _fit(f: dict) -> str:

@@ -22,6 +22,7 @@ from memplan.errors import MemplanError
 from memplan.options import FLAGS
 from memplan.report import provenance
 from memplan.report.figures import components_by_phase
+from memplan.report.verdicts import gpu_verdicts
 from memplan.spec import TRAIN_FIELDS, TrainSpec
 
 DEFAULT_MODEL = "llama-3.1-8b"
@@ -166,7 +167,7 @@ def plan_view(params, models: Models) -> dict:
     """Everything the page shows for one configuration (raises MemplanError for bad input)."""
     from memplan.calibrate import overheads_for
     from memplan.catalog import resolve_gpu
-    from memplan.commands.estimate import _which, describe, gpu_verdicts
+    from memplan.commands.estimate import _which, describe
     from memplan.estimate import SOURCES, estimate
 
     model_ref, gpu_name, margin, spec = parse(params)
@@ -177,8 +178,7 @@ def plan_view(params, models: Models) -> dict:
     est = estimate(model, spec, overheads)
     est.notes.extend(n for n in cal_notes if n.startswith("ignoring"))
     est_dict = est.to_dict()
-    verdicts = [{"name": g.name, "kind": g.kind, "memory_bytes": g.memory_bytes, "headroom_bytes": room,
-                 "fits": room >= 0, "source": g.source} for g, room in gpu_verdicts(est.device_total_bytes)]
+    verdicts = gpu_verdicts(model, spec, est, overheads)
     view = {
         "memplan_version": __version__,
         "model": model.name,

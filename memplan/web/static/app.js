@@ -186,8 +186,10 @@ function render(v) {
   table($("phases"), ["phase", "tensor peak GiB"], Object.entries(e.phases).map(([p, b]) =>
     row([p === e.peak_phase ? p + " ◀ peak" : p, [gib(b), "num"]], p === e.peak_phase ? "peak" : "")));
 
-  table($("gpus"), ["GPU", "memory GiB", "headroom GiB", "fits"], v.gpus.map((g) =>
-    row([g.name, [gib(g.memory_bytes), "num"], [signed(g.headroom_bytes), "num"], [g.fits ? "yes" : "no", g.fits ? "yes" : "no"]],
+  const counts = v.gpus.length && "min_gpus" in v.gpus[0];  // once memplan models multi-GPU runs
+  table($("gpus"), ["GPU", "memory GiB", "headroom GiB", "fits", ...(counts ? ["GPUs needed"] : [])], v.gpus.map((g) =>
+    row([g.name, [gib(g.memory_bytes), "num"], [signed(g.headroom_bytes), "num"], [g.fits ? "yes" : "no", g.fits ? "yes" : "no"],
+         ...(counts ? [[g.min_gpus === null ? "> 8" : String(g.min_gpus), "num"]] : [])],
         g.name === input("gpu").value ? "selected" : "")));
 
   renderFit(v);
