@@ -67,7 +67,7 @@ def create_app(models: api.Models | None = None, allow_remote: bool = False) -> 
                       "gpus": [{"name": g.name, "memory_bytes": g.memory_bytes, "kind": g.kind} for g in gpu_list()],
                       "defaults": {"model": api.DEFAULT_MODEL, "gpu": api.DEFAULT_GPU, "margin": ""}})
 
-    async def plan(request: Request) -> Response:
+    def plan(request: Request) -> Response:  # sync: Starlette runs it in its thread pool, off the event loop
         try:
             return _json(api.plan_view(request.query_params, models))
         except MemplanError as e:
