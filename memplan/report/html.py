@@ -155,7 +155,7 @@ def _trace(tr: dict, figs: Figures) -> str:
     if tr.get("top_tensors"):
         out.append("<h3>largest live tensors at the trace's peak</h3>" + _table(
             ["GiB", "category", "shape", "dtype", "made by (module)", "phase"],
-            [[(gib(t["bytes"]), "num"), t["category"], "×".join(map(str, t["shape"])) or "scalar", t["dtype"],
+            [[(f"{t['bytes'] / GIB:.3f}", "num"), t["category"], "×".join(map(str, t["shape"])) or "scalar", t["dtype"],
               t["module"] or "-", t["phase"]] for t in tr["top_tensors"][:10]]))
     if tr.get("notes"):
         out.append("<ul>" + "".join(f"<li>{_e(n)}</li>" for n in tr["notes"]) + "</ul>")
