@@ -34,8 +34,8 @@ def register(sub) -> None:
     p.add_argument("--trace", action="store_true",
                    help=f"also run the exact meta trace of each configuration (at most {MAX_TRACES}; needs the "
                         "profile extra: torch, transformers, peft, bitsandbytes)")
-    p.add_argument("--profiles", nargs="+", metavar="PATH",
-                   help="measured profiles (files or folders) to compare with the estimate and trace")
+    p.add_argument("--profiles", action="append", metavar="PATH",
+                   help="measured profiles (a file or a folder) to compare with the estimate and trace; repeatable")
     p.add_argument("--title", help="report title")
     p.set_defaults(func=run)
 

@@ -90,7 +90,10 @@ class Models:
 
         self.local: dict[str, object] = {}
         for path in config_paths:
-            spec = resolve_model(path, trust_remote_code=trust_remote_code)  # read once, at start-up
+            try:
+                spec = resolve_model(path, trust_remote_code=trust_remote_code)  # read once, at start-up
+            except MemplanError as e:
+                raise MemplanError(f"--config {path}: {e}") from None
             label = spec.name
             if label in self.local or self._catalog_key(label):
                 label = f"{label} ({path})"
