@@ -160,3 +160,31 @@ def test_profiles_are_validates_rows(tmp_path, capsys, monkeypatch):
         for key in ("estimate_tensor_peak_bytes", "trace_peak_bytes", "measured_tensor_peak_bytes"):
             assert str(g[key]) == r[key]
     assert 'id="profiles"' in out.read_text()
+
+
+def figures_of(path) -> dict:
+    """Each figure's JSON, by its div id, from the report's Plotly.newPlot calls."""
+    out = {}
+    for m in re.finditer(r'^\(f=>Plotly\.newPlot\("(fig\d+)".*?\)\)\((\{.*\})\);$', path.read_text(), re.M):
+        out[m.group(1)] = json.loads(m.group(2).replace("<\\/", "</"))
+    return out
+
+
+def test_sequence_sweep_draws_device_total_lines(tmp_path, capsys):
+    out = tmp_path / "sweep.html"
+    assert main(["report", "llama-3.2-1b", "--seq-len", "1024,4096,16384", "--bits", "4,16", "--gpu", "rtx-4090",
+                 "--html", str(out)]) == 0
+    capsys.readouterr()
+    want = cli_json(capsys, "estimate", "llama-3.2-1b", "--seq-len", "1024,4096,16384", "--bits", "4,16",
+                    "--gpu", "rtx-4090", "--json")
+    figs = figures_of(out)
+    assert set(figs) == {"fig1", "fig2"}
+    lines = {t["name"]: t for t in figs["fig2"]["data"]}
+    assert set(lines) == {"bits=4", "bits=16"}
+    for bits in (4, 16):
+        rows = sorted((w["config"]["seq_len"], w["device_total_bytes"]) for w in want if w["config"]["bits"] == bits)
+        assert lines[f"bits={bits}"]["x"] == [s for s, _ in rows]
+        assert lines[f"bits={bits}"]["y"] == [round(b / GIB, 4) for _, b in rows]
+    assert [a["text"] for a in figs["fig2"]["layout"]["annotations"]] == ["rtx-4090 24 GiB"]
+    stacked = {t["name"]: t["y"] for t in figs["fig1"]["data"]}  # components at each configuration's peak
+    assert stacked["activations"] == [round(w["components"]["activations"] / GIB, 4) for w in want]

@@ -12,6 +12,7 @@ import shlex
 import sys
 from datetime import datetime, timezone
 
+from memplan.commands.sweep import DEFAULT_GPUS
 from memplan.options import (
     add_train_flags,
     grid_from_args,
@@ -178,6 +179,7 @@ def run(args) -> int:
         "command": command_line(args),
         "sources": SOURCES, "varying": varying_fields(specs), "provenance": lines,
         "describe": [describe(e["config"]) for e in estimates],
+        "line_gpus": [gpu.name] if gpu else DEFAULT_GPUS.split(","),  # drawn on a sequence-length sweep's lines
     }
     js_path = plotly_js()
     if js_path is None:

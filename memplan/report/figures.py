@@ -112,3 +112,29 @@ def plotly_js_version(text: str) -> str:
 
     m = re.search(r"plotly\.js v([0-9][^\s*]*)", text[:500])
     return m.group(1) if m else "unknown"
+
+
+def device_total_vs_seq(ests: list[dict], series: list[str], gpus: list[dict]) -> dict:
+    """Lines: device total vs sequence length (log 2 axis), one line per model × the other varying settings
+    (`series`: labels, one per estimate), with the memory of the given catalog GPUs as dashed lines."""
+    lines: dict[str, list] = {}
+    for e, label in zip(ests, series):
+        lines.setdefault(label, []).append((e["config"]["seq_len"], e["device_total_bytes"]))
+    data = [{"type": "scatter", "mode": "lines+markers", "name": label,
+             "x": [s for s, _ in sorted(pts)], "y": [_gib(b) for _, b in sorted(pts)],
+             "hovertemplate": f"{label}<br>seq %{{x}}: %{{y:.2f}} GiB<extra></extra>"} for label, pts in lines.items()]
+    top = max(e["device_total_bytes"] for e in ests)
+    shapes, notes = [], []
+    for g in gpus:
+        if g["memory_bytes"] <= top * 1.6:  # capacities in or just above the data's range
+            y = _gib(g["memory_bytes"])
+            shapes.append({"type": "line", "xref": "paper", "x0": 0, "x1": 1, "y0": y, "y1": y,
+                           "line": {"dash": "dash", "color": "#777", "width": 1}})
+            notes.append({"xref": "paper", "x": 0.01, "y": y, "yanchor": "bottom", "showarrow": False,
+                          "text": f"{g['name']} {y:.0f} GiB", "font": {"size": 10, "color": "#555"}})
+    seqs = sorted({e["config"]["seq_len"] for e in ests})
+    return {"data": data, "layout": _layout(
+        "estimated device total vs sequence length (GiB = 2^30 bytes)", shapes=shapes, annotations=notes,
+        xaxis={"type": "log", "title": {"text": "sequence length (tokens)"}, "tickvals": seqs,
+               "ticktext": [f"{s // 1024}k" if s >= 1024 and s % 1024 == 0 else str(s) for s in seqs]},
+        yaxis={"title": {"text": "device total GiB"}, "rangemode": "tozero", "gridcolor": "#eee"})}

@@ -218,6 +218,12 @@ def render(doc: dict, plotly_js: str | None) -> str:
         labels = [_label(e, varying, many_models) for e in ests]
         body.append(f"<h2>{len(ests)} configurations</h2>" + figs.add(figures.components_by_config(
             ests, labels, "components at the peak, device overheads on top (GiB = 2^30 bytes)")))
+        if len({e["config"]["seq_len"] for e in ests}) >= 3:  # a sequence-length sweep: one line per series
+            others = [k for k in varying if k != "seq_len"]
+            series = [_label(e, others, many_models) if (others or many_models) else "device total" for e in ests]
+            wanted = {n.strip() for n in meta.get("line_gpus", [])}
+            body.append(figs.add(figures.device_total_vs_seq(
+                ests, series, [g for g in doc["gpus"][0] if g["name"] in wanted])))
         head = ["configuration", "trainable M", "peak phase", "tensor peak GiB", "device total GiB"]
         head += ["trace peak GiB", "estimate vs trace %"] if traces else []
         head += ["fits on"]
