@@ -180,6 +180,7 @@ def test_local_config_given_on_the_command_line(tmp_path, capsys):
     view = c.get("/api/plan", params={"model": "my-model", "seq-len": "256"}).json()
     code, expected = cli_json(capsys, ["estimate", str(folder), "--seq-len", "256", "--gpu", "rtx-4090", "--json"])
     assert code == 0 and view["estimate"] == expected
+    assert view["command"] == f"memplan estimate {folder} --seq-len 256 --gpu rtx-4090"
 
 
 def test_http_errors_are_one_line_json(client):

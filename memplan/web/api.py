@@ -89,6 +89,7 @@ class Models:
         from memplan.catalog import resolve_model
 
         self.local: dict[str, object] = {}
+        self.paths: dict[str, str] = {}  # label -> the path given on the command line (for the equivalent command)
         for path in config_paths:
             try:
                 spec = resolve_model(path, trust_remote_code=trust_remote_code)  # read once, at start-up
@@ -98,6 +99,7 @@ class Models:
             if label in self.local or self._catalog_key(label):
                 label = f"{label} ({path})"
             self.local[label] = spec
+            self.paths[label] = path
 
     @staticmethod
     def _catalog_key(ref: str):
@@ -186,7 +188,8 @@ def plan_view(params, models: Models) -> dict:
         "memplan_version": __version__,
         "model": model.name,
         "model_source": model.source,
-        "command": command_line(model_ref.strip(), gpu.name if gpu else "", params),
+        "command": command_line(models.paths.get(model_ref.strip(), model_ref.strip()), gpu.name if gpu else "",
+                                params),
         "describe": describe(est.config),
         "estimate": est_dict,
         "sources": SOURCES,
