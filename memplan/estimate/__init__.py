@@ -96,18 +96,21 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
     steady = _candidate(static, optimizer_states=states)
     stored = sum(a.stored_per_layer) + a.fixed
     # DoRA with dropout saves each adapted weight (absolute bytes per layer; see activations.dora_saved)
-    dora = [0] * len(a.stored_per_layer) if train.gradient_checkpointing or not a.dora_saved else list(a.dora_saved)
+    dora = () if train.gradient_checkpointing else a.dora_saved
+    dora_all, dora_but_last = (sum(dora), sum(dora[:-1])) if dora else (0, 0)
 
-    fwd_loss = _candidate(steady, activations=T * stored + sum(dora),
-                          logits_loss=T * loss_forward(model, train))
-    fwd_layer = _candidate(steady, activations=T * (stored - a.stored_per_layer[-1]) + sum(dora[:-1]),
+    fwd_loss = _candidate(steady, activations=T * stored + dora_all, logits_loss=T * loss_forward(model, train))
+    fwd_layer = _candidate(steady, activations=T * (stored - a.stored_per_layer[-1]) + dora_but_last,
                            temporaries=T * a.fwd_transient + a.dequant_bytes)
-    fwd_dora = _candidate(steady, activations=T * (stored - a.stored_per_layer[-1]) + sum(dora[:-1]),
-                          temporaries=a.dora_bytes)
-    bwd_loss = _candidate(steady, activations=T * stored + sum(dora), logits_loss=T * loss_backward(model, train))
+    bwd_loss = _candidate(steady, activations=T * stored + dora_all, logits_loss=T * loss_backward(model, train))
+    forward = [fwd_loss, fwd_layer]
+    if a.dora_bytes:
+        forward.append(_candidate(steady, activations=T * (stored - a.stored_per_layer[-1]) + dora_but_last,
+                                  temporaries=a.dora_bytes))
 
     def layer_bwd(idx: int, done_grads: int) -> dict[str, int]:
-        kept = T * (sum(a.stored_per_layer[: idx + 1]) + a.fixed - a.final_norm) + sum(dora[: idx + 1])
+        kept = T * (sum(a.stored_per_layer[: idx + 1]) + a.fixed - a.final_norm)
+        kept += sum(dora[: idx + 1]) if dora else 0
         recompute = a.layer_saved[idx] if train.gradient_checkpointing else 0
         recompute = T * recompute + (a.dora_saved[idx] if train.gradient_checkpointing and a.dora_saved else 0)
         work = max(a.bwd_work_mlp, a.bwd_work_attn - (a.layer_saved[idx] - a.layer_saved_attn[idx]))
@@ -127,7 +130,7 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
     opt_step = _candidate(steady, gradients=grads, temporaries=optimizer.step_temporaries(train, tr["bytes"]))
     load = _candidate(static, temporaries=weights.load_transient(model, train))
 
-    candidates = {"load": [load], "forward": [fwd_loss, fwd_layer, fwd_dora], "backward": [bwd_loss, bwd_last, bwd_first],
+    candidates = {"load": [load], "forward": forward, "backward": [bwd_loss, bwd_last, bwd_first],
                   "optimizer": [opt_step]}
     phase_components = {p: max(cs, key=lambda c: sum(c.values())) for p, cs in candidates.items()}
     phase_components = {p: {k: c.get(k, 0) for k in COMPONENTS} for p, c in phase_components.items()}

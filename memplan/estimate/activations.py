@@ -376,10 +376,10 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     fwd_transient = widest * (e + ctx.c) + h * ctx.c + eager
     bwd_mlp = int(k["mlp_h"] * h * e + k["mlp_i"] * widest * e) + cast  # a copy alive beside the recompute
     bwd_attn = int(k["attn_h"] * h * e + k["attn_qkv"] * (model.num_heads + 2 * model.num_kv_heads) * model.head_dim * e
-                   + (model.num_heads * train.seq_len * (e + 4 + 4) if ctx.attention != "sdpa" else 0))
+                   + (eager_softmax_backward(model, train, e) if ctx.attention != "sdpa" else 0))
     dequant = model.max_quantized_numel * ctx.c if train.quantized else 0
-    return Activations(stored, saved, saved_attn, fixed, final_norm, fwd_transient, bwd_mlp, bwd_attn, mul_freed, mul_work,
-                       dequant, dora_transient(model, train), dora_saved(model, train))
+    return Activations(stored, saved, saved_attn, fixed, final_norm, fwd_transient, bwd_mlp, bwd_attn, mul_freed,
+                       mul_work, dequant, dora_transient(model, train), dora_saved(model, train))
 
 
 def dora_saved(model: ModelSpec, train: TrainSpec) -> tuple[int, ...]:
@@ -389,12 +389,22 @@ def dora_saved(model: ModelSpec, train: TrainSpec) -> tuple[int, ...]:
     variants.py DoraLinearVariant.forward: base_result = None unless dropout is nn.Identity). Absolute bytes per
     layer, kept like any saved activation (per layer without checkpointing, one layer's under it)."""
     if train.method != "lora" or not train.dora or train.lora_dropout == 0:
-        return tuple(0 for _ in range(model.num_layers))
+        return ()
     lb = DTYPES[train.lora_dtype]
     out: list[int] = []
     for n, layer in model.layers:
         out += [sum(lin.weight_numel * lb for lin in layer.linears if is_target(lin, train))] * n
     return tuple(out)
+
+
+def eager_softmax_backward(model: ModelSpec, train: TrainSpec, e: int) -> int:
+    """Eager attention's backward peaks in softmax's backward (per token): the fp32 gradient of the
+    probabilities (ToCopyBackward of the .to(q.dtype) cast, or the matmul's own gradient when the activations
+    are fp32) and _softmax_backward_data's fp32 output, a*s*4 bytes each. By then probs @ v's backward has run,
+    so the 16-bit copy of the probabilities it saved (a*s*e, counted in the saved set) is released: torch
+    derivatives.yaml (_softmax: result; mm/bmm: self, mat2), checked on the meta trace's live tensors."""
+    a, s = model.num_heads, train.seq_len
+    return a * s * (4 + 4) - (a * s * e if e != 4 else 0)
 
 
 def dora_transient(model: ModelSpec, train: TrainSpec) -> int:

@@ -188,7 +188,8 @@ def summary(rows: list[dict], seed: int, n: int, not_in_build: list[str], layers
     verdict = "PASS" if worst <= BAR_WORST and med <= BAR_MEDIAN and not failed else "FAIL"
     over = sum(e > BAR_WORST for e in errs)
     depth = f" (decoders capped at {layers} layers)" if layers else ""
-    lines = [f"seed {seed}, N {n}: {len(ok)} configurations traced{depth} over {len({r['model_type'] for r in ok})} model "
+    n_types = len({r["model_type"] for r in ok})
+    lines = [f"seed {seed}, N {n}: {len(ok)} configurations traced{depth} over {n_types} model "
              f"types ({len(skipped)} drawn and skipped, {len(failed)} failed); |peak error| median {med:.2%}, "
              f"worst {worst:.2%}, {over} beyond 3%; bar: worst <= 3%, median <= 0.5%: {verdict}; {stack}"]
     varying = [f for f in TRAIN_FIELDS if len({r[f] for r in ok}) > 1]
