@@ -91,7 +91,7 @@ def run_random(args) -> int:
     if args.layers is not None and args.layers < 1:
         raise MemplanError("--layers needs a positive number of layers")
     csv_path = output_path(args.csv or "reports/estimate_vs_trace_random.csv", "--csv", make_parents=args.csv is None)
-    figure = None if str(args.figure).lower() == "none" else \
+    figure = None if args.figure is not None and str(args.figure).lower() == "none" else \
         output_path(args.figure or "reports/estimate_vs_trace_random.png", "--figure", make_parents=args.figure is None)
     names = [m["name"] for m in models().values()] if not args.models else \
         [resolve_model(n.strip()).name for n in args.models.split(",") if n.strip()]
