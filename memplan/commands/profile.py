@@ -130,6 +130,10 @@ def build_configs(args) -> list:
         from memplan.spec import TrainSpec
 
         specs = [TrainSpec()]
+    from memplan.stack import check_runs_installed
+
+    for train in specs:  # a profile measures the installed stack (its versions are recorded in the profile)
+        check_runs_installed(train.transformers, "profile")
     varying = varying_fields(specs)
     configs = []
     for ref in refs:

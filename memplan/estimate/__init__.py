@@ -23,6 +23,7 @@ from memplan.estimate import lora, optimizer, weights
 from memplan.estimate.logits import loss_backward, loss_forward
 from memplan.estimate.overhead import Overheads, default_overheads
 from memplan.spec import ModelSpec, TrainSpec
+from memplan.stack import stack
 
 PHASES = ("load", "forward", "backward", "optimizer")
 COMPONENTS = ("weights_quantized", "quant_state", "weights_unquantized", "lora", "gradients", "optimizer_states",
@@ -57,6 +58,7 @@ class Estimate:
     device_total_bytes: int  # comparable to nvidia-smi / NVML used memory
     overhead_source: str
     notes: list[str] = field(default_factory=list)
+    stack: dict = field(default_factory=dict)  # the library versions the figures describe (memplan/stack.py)
 
     def to_dict(self) -> dict:
         return {
@@ -73,6 +75,7 @@ class Estimate:
             "overhead_source": self.overhead_source,
             "units": "bytes",
             "notes": list(self.notes),
+            "stack": {**self.stack, "source": dict(self.stack.get("source", {}))},
         }
 
 
@@ -125,7 +128,7 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
         model=model.name, params_total=model.total_params, params_trainable=tr["params"], config=train.to_dict(),
         components=phase_components[peak_phase], phases=phases, phase_components=phase_components, peak_bytes=peak,
         peak_phase=peak_phase, device_overheads=device, device_total_bytes=peak + sum(device.values()),
-        overhead_source=overheads.source, notes=notes(model, train),
+        overhead_source=overheads.source, notes=notes(model, train), stack=stack(train.transformers),
     )
 
 

@@ -45,6 +45,8 @@ from dataclasses import dataclass, field
 
 from memplan.errors import MemplanError
 from memplan.spec import ModelSpec, TrainSpec
+from memplan.stack import check_runs_installed, stack
+from memplan.stack import describe as describe_stack
 from memplan.trace.attribution import Attribution, finish_phase, register_model
 from memplan.trace.build import build_model
 from memplan.trace.kernels import attention_notes, gemm_4bit_cuda_semantics, meta_params4bit_deepcopy, patched
@@ -70,6 +72,11 @@ class TraceResult:
     wall_s: float = 0.0
     steps: int = 2
     phase_components: dict = field(default_factory=dict)
+    stack: dict = field(default_factory=lambda: stack(0))  # the installed versions the trace ran
+
+    @property
+    def stack_line(self) -> str:
+        return "stack: " + describe_stack(self.stack)
 
     def to_dict(self, timeline_csv: str | None = None) -> dict:
         return {
@@ -86,6 +93,7 @@ class TraceResult:
             "notes": list(self.notes),
             "device": "cpu" if self.real else "meta",
             "wall_s": round(self.wall_s, 3),
+            "stack": {**self.stack, "source": dict(self.stack.get("source", {}))},
         }
 
 
@@ -98,6 +106,7 @@ def run_trace(model: ModelSpec, train: TrainSpec, *, real: bool = False, steps: 
 
     if steps < 1:
         raise MemplanError("steps must be at least 1")
+    check_runs_installed(train.transformers, "the trace")
     t0 = time.perf_counter()
     notes: list[str] = []
     if train.optimizer.startswith("paged"):
