@@ -361,7 +361,10 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
         saved_attn += [attn] * n
         stored += [h * e if train.gradient_checkpointing else total + x_kept] * n
         i = max((lin.out_features for lin in layer.linears), default=h)
-        i = max(i, layer.expert_intermediate * 2 * layer.experts_per_token)
+        moe_slots = layer.experts_per_token  # 5.x grouped_mm: every token-slot's gate_up output at once;
+        if linear_experts(train) and layer.num_experts:  # 4.x loop: one expert's share of the slots at a time
+            moe_slots /= layer.num_experts
+        i = max(i, int(layer.expert_intermediate * 2 * moe_slots))
         widest = max(widest, i)
         if train.method == "lora" and ctx.lb != e:  # PEFT casts an adapted linear's input to the adapter dtype:
             cast = max([cast] + [lin.in_features * ctx.lb for lin in layer.linears if is_target(lin, train)])
