@@ -41,7 +41,8 @@ def targeted(model: ModelSpec, train: TrainSpec) -> list[tuple[int, Linear]]:
     found += [(n * k, lin) for n, layer in model.layers for k, lin in experts.layer_linears(model, layer, train)
               if is_target(lin, train)]
     if not found:
-        names = sorted({lin.name for _, layer in model.layers for lin in layer.linears})
+        names = sorted({lin.name for _, layer in model.layers for lin in layer.linears}
+                       | {lin.name for _, layer in model.layers for _, lin in experts.layer_linears(model, layer, train)})
         raise MemplanError(f"lora-targets {train.lora_targets!r} match no linear of {model.name}; "
                            f"its linears: {', '.join(names)}")
     return found
