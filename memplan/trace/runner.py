@@ -26,7 +26,13 @@ What the trace changes so that the step models a CUDA GPU and runs on meta (each
   dequantization, the dequantized weight in the compute dtype, then F.linear (backends/cuda/ops.py,
   _dequant_linear_fallback).
 - transformers.masking_utils.find_packed_sequence_indices (data-dependent) returns None: the batch is one
-  unpadded, unpacked sequence per row, as the GPU run would conclude from position_ids = arange.
+  unpadded, unpacked sequence per row, as the GPU run would conclude from position_ids = arange. Under
+  transformers 4 it is left alone: 4.57 always returns a tensor (no .item()), so the causal mask is built, as on
+  a GPU under 4.57.
+- transformers 4 (the installed major, memplan/stack.py): its sparse-MoE loop over nn.Linear experts needs
+  routing values, so on meta it runs with balanced routing (kernels._balanced_moe_forward); 4.x rotary
+  embeddings open torch.autocast on the tensor's device type, run as the CPU's on meta. The trace refuses a
+  --transformers that is not the installed major.
 - MoE: transformers 5 routes with its default "grouped_mm" experts: its memory depends only on
   tokens × top-k, not on which experts are hit. On meta the router's top-k indices are whatever the meta kernel
   says (no values), so routing is data-free; with real tensors the routing is the random model's, and the bytes
