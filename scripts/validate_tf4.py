@@ -22,7 +22,7 @@ from pathlib import Path
 # Small dense models of each masking path, and MoE models of both 4.x block types (Mixtral, Qwen2-MoE).
 MODELS = ["qwen2.5-0.5b", "llama-3.2-1b", "mistral-7b", "qwen1.5-moe-a2.7b", "mixtral-8x7b"]
 FLAGS = {
-    "bits": [4, 4, 16],  # 8-bit: bitsandbytes' int8_vectorwise_quant has no meta kernel (the trace refuses it)
+    "bits": [4, 4, 16],  # 8-bit: bitsandbytes' int8_vectorwise_quant has no meta kernel (the meta trace fails, under 5.x too)
     "gradient_checkpointing": [True, False],
     "seq_len": [256, 512, 1024, 2048, 4096],
     "batch_size": [1, 2],
