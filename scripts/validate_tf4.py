@@ -17,7 +17,6 @@ import random
 import statistics
 import sys
 import time
-from pathlib import Path
 
 # Small dense models of each masking path, and MoE models of both 4.x block types (Mixtral, Qwen2-MoE).
 MODELS = ["qwen2.5-0.5b", "llama-3.2-1b", "mistral-7b", "qwen1.5-moe-a2.7b", "mixtral-8x7b"]
@@ -62,8 +61,16 @@ def main() -> int:
     from memplan.stack import describe, installed_major, stack
     from memplan.trace import run_trace
 
+    from memplan.errors import MemplanError
+    from memplan.outputs import output_path
+
     if installed_major() != 4:
         print("run this in the transformers-4 environment (scripts/setup_tf4_env.sh)", file=sys.stderr)
+        return 2
+    try:
+        out_path = output_path(args.out, "--out", make_parents=True)
+    except MemplanError as e:
+        print(f"validate_tf4: error: {e}", file=sys.stderr)
         return 2
     rows = []
     for model_name, flags in sample(random.Random(args.seed), args.n):
@@ -81,8 +88,7 @@ def main() -> int:
               f"b{train.batch_size}×{train.seq_len:<5} {train.lora_targets:10} {train.attention:5} "
               f"trace {tr['peak_bytes'] / 2**30:8.3f} GiB  estimate {est['peak_bytes'] / 2**30:8.3f} GiB  "
               f"{row['peak_error']:+.2%}", flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", newline="") as f:
+    with open(out_path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
         w.writeheader()
         w.writerows(rows)
