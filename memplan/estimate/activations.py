@@ -278,7 +278,10 @@ def _moe(sv: Saved, ctx: Ctx, model: ModelSpec, layer: LayerSpec, x_norm: str) -
         slot.keep(u, "mlp")
         slot.new("act", mi * e, "mlp")
         _linear(slot, ctx, down, slot.tensor("prod", mi * e), e, "mlp")
-        slot.new("out", h * e + 8 + 8 + e, "mlp")  # scaled output + top_x / idx (int64) + routing weight
+        slot.new("out", h * e + 8 + 8 + e, "mlp")  # down's output, top_x / idx (int64), the routing weight
+        # index_add_'s backward formula expands the gradient to `source` (derivatives.yaml), so autograd keeps
+        # the scaled output too
+        slot.new("scaled", h * e, "mlp")
         sv.new("experts", k * slot.total(), "mlp")
     else:
         # per token-slot: gate_up output (act saves the gate view), act output, the expert output scaled by its
