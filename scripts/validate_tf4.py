@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
+import json
 import logging
 import random
 import statistics
 import sys
 import time
+from pathlib import Path
 
 # Small dense models of each masking path, and MoE models of both 4.x block types (Mixtral, Qwen2-MoE).
+CACHE = Path.home() / ".cache" / "memplan" / "validate_tf4"  # trace results, keyed by model, settings and stack
 MODELS = ["qwen2.5-0.5b", "llama-3.2-1b", "mistral-7b", "qwen1.5-moe-a2.7b", "mixtral-8x7b"]
 FLAGS = {
     "bits": [4, 4, 16],  # 8-bit: bitsandbytes' int8_vectorwise_quant has no meta kernel (the meta trace fails, under 5.x too)
@@ -77,7 +81,15 @@ def main() -> int:
         model = resolve_model(model_name)
         train = TrainSpec(**flags)
         t0 = time.perf_counter()
-        tr = run_trace(model, train, keep_timeline=False).to_dict()
+        key = hashlib.sha256(json.dumps([model_name, train.to_dict(), stack(0)], sort_keys=True,
+                                        default=str).encode()).hexdigest()[:20]
+        cached = CACHE / f"{key}.json"
+        if cached.exists():  # the trace does not depend on the estimate: rerunning after an estimator change is fast
+            tr = json.loads(cached.read_text())
+        else:
+            tr = run_trace(model, train, keep_timeline=False).to_dict()
+            CACHE.mkdir(parents=True, exist_ok=True)
+            cached.write_text(json.dumps(tr))
         est = estimate(model, train).to_dict()
         row = compare(est, tr)
         row.update({k: v for k, v in train.to_dict().items() if k not in row})
