@@ -140,7 +140,8 @@ def replay(stream, config: AllocatorConfig | None = None, *, capacity: int | Non
         peak_allocated_bytes=peak_alloc, peak_requested_bytes=peak_req, reserved_peak_event=res_event,
         reserved_peak_phase=res_phase, allocated_at_reserved_peak=alloc_at_res,
         largest_free_at_reserved_peak=largest_at_res, reserved_at_allocated_peak=res_at_alloc,
-        segments_at_reserved_peak=segs_at_res, num_alloc_retries=alloc.num_alloc_retries,
+        largest_free_at_allocated_peak=alloc.largest_free_block() if largest_at_alloc < 0 else largest_at_alloc,
+        allocated_peak_event=alloc_event, allocated_peak_phase=alloc_phase, segments_at_reserved_peak=segs_at_res, num_alloc_retries=alloc.num_alloc_retries,
         num_device_alloc=alloc.num_device_alloc, num_device_free=alloc.num_device_free, capacity_bytes=capacity,
         oom=oom, phase_reserved=phase_reserved, timeline=timeline,
     )
