@@ -62,6 +62,7 @@ def run(args) -> int:
     rows = verdicts(model, spec, args.margin, overheads)["rows"]
     if args.json:
         json.dump({"model": model.name, "config": est.config, "device_total_bytes": est.device_total_bytes,
+                   "overhead_source": est.overhead_source,
                    "peak_bytes": est.peak_bytes, "units": "bytes", "gpus": rows}, sys.stdout, indent=2)
         print()
         return 0
@@ -86,4 +87,5 @@ def run(args) -> int:
                       f"[{color}]{r['headroom_bytes'] / GIB:+,.2f}[/]", f"[{color}]{r['verdict']}[/]",
                       f"{r['max_seq_len']:,}" if r["max_seq_len"] else "—")
     console.print(table)
+    console.print(f"[dim]device overheads: {est.overhead_source}[/]")
     return 0
