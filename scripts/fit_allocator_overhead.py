@@ -58,8 +58,13 @@ def sample(seed: int, per_arch: int, max_params: float):
         if not small:
             skipped[mtype] = min(m.total_params for m in by_type[mtype])
             continue
-        for _ in range(per_arch):
-            plan.append((rng.choice(small), {k: rng.choice(v) for k, v in AXES.items()}))
+        drawn = 0
+        while drawn < per_arch:  # distinct configurations (a repeat would count one point twice)
+            item = (rng.choice(small), {k: rng.choice(v) for k, v in AXES.items()})
+            if any(item[0].name == m.name and item[1] == c for m, c in plan):
+                continue
+            plan.append(item)
+            drawn += 1
     return plan, skipped
 
 

@@ -54,11 +54,9 @@ def replay_overheads(model_type: str) -> Overheads:
     if not fit:
         return base
     arch = fit.get("architectures", {}).get(model_type)
-    which = f"{model_type} (n={arch['default']['n']})" if arch else f"all model types (n={fit['all']['default']['n']}; " \
-        f"{model_type} not fitted)"
+    which = f"{model_type} (n={arch['default']['n']}" if arch else \
+        f"all model types ({model_type} not fitted; n={fit['all']['default']['n']}"
     fraction = (arch or fit["all"])["default"]["fraction"]
     return Overheads(base.cuda_context, base.cublas_workspace, fraction,
-                     f"default, not calibrated: allocator overhead {fraction:.1%} of the tensor peak fitted on "
-                     f"caching-allocator replays of traced steps of {which}, seed {fit.get('seed')}, torch "
-                     f"{fit.get('stack', {}).get('torch', '?')} defaults (allocator_replay.json); CUDA context and "
-                     "cuBLAS workspace from overhead.json")
+                     f"default, not calibrated: allocator overhead {fraction:.1%} of the tensor peak, fitted on "
+                     f"caching-allocator replays of traced {which}, seed {fit.get('seed')}; allocator_replay.json)")
