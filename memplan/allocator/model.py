@@ -173,22 +173,6 @@ class CachingAllocator:
                     best = lst[-1][0]
         return best
 
-    def segments_view(self) -> list[dict]:
-        """A snapshot() view: one entry per segment (expandable: per mapped range) with its blocks."""
-        out = []
-        heads = [b for b in self.blocks.values() if b.prev is None or (b.mapped and not b.prev.mapped)]
-        for head in sorted(heads, key=lambda b: b.addr):
-            if not head.mapped:
-                continue
-            blocks, b = [], head
-            while b is not None and b.mapped:
-                blocks.append({"size": b.size, "allocated": b.allocated, "requested_size": b.requested})
-                b = b.next
-            out.append({"address": head.addr, "stream": head.stream, "is_large": not head.small,
-                        "is_expandable": head.seg is not None, "total_size": sum(x["size"] for x in blocks),
-                        "blocks": blocks})
-        return out
-
     # ----------------------------------------------------------------------------------------- free lists
     def _pool_of(self, block: Block) -> _Pool:
         return self.small_pool if block.small else self.large_pool
