@@ -60,17 +60,20 @@ def run(args) -> int:
         print_one(console, model, results[0], gpu)
     else:
         print_grid(console, model, results, specs, gpu)
-    console.print(f"[dim]device overheads: {_which(overheads, cal_notes)}[/]", highlight=False)
+    console.print(f"[dim]device overheads: {_which(overheads, cal_notes, results[0].overhead_source)}[/]",
+                  highlight=False)
     if args.csv:
         console.print(f"[dim]wrote {len(results)} row(s) to {args.csv}[/]")
     return 0
 
 
-def _which(overheads, notes) -> str:
-    """Which calibration this estimate used, in words."""
+def _which(overheads, notes, used: str = "") -> str:
+    """Which calibration this estimate used, in words (`used`: the estimate's overhead_source)."""
     if overheads.calibration:
         return overheads.source
     why = [n for n in notes if not n.startswith("ignoring")]
+    if used and "replay" in used:
+        return "; ".join([*why[:1], used])
     return why[0] if why else "uncalibrated defaults (overhead.json)"
 
 

@@ -117,5 +117,6 @@ def print_fit(console, r) -> None:
         for st in r.combination:
             console.print(f"  + {st.label}: device total {_gib(st.device_total_bytes)} GiB"
                           f"{' [green]fits[/]' if st.fits else ''}")
+    console.print(f"[dim]device overheads: {r.overhead_source}[/]")
     console.print(f"[dim]searched {r.configurations_searched:,} configurations ({r.estimates} estimated, the rest "
                   f"decided by monotonicity) in {r.seconds * 1000:.0f} ms[/]")

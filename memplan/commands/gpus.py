@@ -62,7 +62,9 @@ def run(args) -> int:
     rows = verdicts(model, spec, args.margin, overheads)["rows"]
     if args.json:
         json.dump({"model": model.name, "config": est.config, "device_total_bytes": est.device_total_bytes,
-                   "peak_bytes": est.peak_bytes, "units": "bytes", "stack": est.to_dict()["stack"], "gpus": rows}, sys.stdout, indent=2)
+                   "overhead_source": est.overhead_source,
+                   "peak_bytes": est.peak_bytes, "units": "bytes", "stack": est.to_dict()["stack"], "gpus": rows},
+                  sys.stdout, indent=2)
         print()
         return 0
     from rich.console import Console
@@ -87,4 +89,5 @@ def run(args) -> int:
                       f"[{color}]{r['headroom_bytes'] / GIB:+,.2f}[/]", f"[{color}]{r['verdict']}[/]",
                       f"{r['max_seq_len']:,}" if r["max_seq_len"] else "—")
     console.print(table)
+    console.print(f"[dim]device overheads: {est.overhead_source}[/]")
     return 0

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from memplan.estimate import activations as act_mod
 from memplan.estimate import lora, optimizer, weights
 from memplan.estimate.logits import loss_backward, loss_forward
-from memplan.estimate.overhead import Overheads, default_overheads
+from memplan.estimate.overhead import Overheads, default_overheads, replay_overheads
 from memplan.spec import ModelSpec, TrainSpec
 from memplan.stack import stack
 
@@ -87,7 +87,8 @@ def _candidate(base: dict[str, int], **extra: int) -> dict[str, int]:
 
 
 def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = None) -> Estimate:
-    overheads = overheads or default_overheads()
+    if overheads is None or overheads is default_overheads():  # uncalibrated: the replay-fitted allocator figure
+        overheads = replay_overheads(model.model_type)
     T = train.batch_size * train.seq_len
     w = weights.weights(model, train)
     tr = lora.trainable(model, train)

@@ -79,6 +79,7 @@ class TraceResult:
     steps: int = 2
     phase_components: dict = field(default_factory=dict)
     stack: dict = field(default_factory=lambda: stack(0))  # the installed versions the trace ran
+    allocations: list | None = field(repr=False, default=None)  # the allocation stream (record_allocations=True)
 
     @property
     def stack_line(self) -> str:
@@ -104,7 +105,8 @@ class TraceResult:
 
 
 def run_trace(model: ModelSpec, train: TrainSpec, *, real: bool = False, steps: int = 2,
-              budget_bytes: int | None = None, keep_timeline: bool = True) -> TraceResult:
+              budget_bytes: int | None = None, keep_timeline: bool = True,
+              record_allocations: bool = False) -> TraceResult:
     """Trace `steps` training steps of `model` with `train`; see the module docstring."""
     import torch
 
@@ -143,7 +145,8 @@ def run_trace(model: ModelSpec, train: TrainSpec, *, real: bool = False, steps: 
     else:
         input_ids = torch.empty((train.batch_size, train.seq_len), dtype=torch.long, device=device)
 
-    tracker = LiveBytesTracker(budget_bytes=budget_bytes, keep_timeline=keep_timeline)
+    tracker = LiveBytesTracker(budget_bytes=budget_bytes, keep_timeline=keep_timeline,
+                               record_allocations=record_allocations)
     register_model(tracker, peft_model)
     tracker.register(input_ids, "activations", "input_ids")
     tracker.phase_peaks["load"] = tracker.current
@@ -190,7 +193,7 @@ def run_trace(model: ModelSpec, train: TrainSpec, *, real: bool = False, steps: 
         model=model.name, params_total=total, params_trainable=trainable, config=train.to_dict(),
         components={c: components.get(c, 0) for c in CATEGORIES}, peak_bytes=tracker.peak,
         peak_phase=tracker.peak_phase, phases=phases, top_tensors=top,
-        timeline=list(tracker.timeline), notes=notes, real=real, steps=steps,
+        timeline=list(tracker.timeline), notes=notes, real=real, steps=steps, allocations=tracker.allocations,
     )
     tracker.stop()
     del optimizer, peft_model, hf, params, tracker, attribution
