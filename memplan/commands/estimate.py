@@ -17,7 +17,8 @@ def register(sub) -> None:
     p = sub.add_parser("estimate", help="analytic memory estimate (no torch; milliseconds)",
                        description="Estimate the GPU memory of one fine-tuning step from the architecture alone. "
                                    "Sizes are GiB (2^30 bytes).")
-    p.add_argument("model", help="catalog name or alias, config.json path or folder, or a hub id in the local cache")
+    p.add_argument("model", nargs="?", help="catalog name or alias, config.json path or folder, or a hub id in the "
+                   "local cache (optional with --from FILE: the model the config names)")
     add_train_flags(p)
     p.add_argument("--gpu", help="judge fit against this GPU only (see `memplan gpus`); also picks that GPU's "
                    "calibration")

@@ -28,7 +28,8 @@ def register(sub) -> None:
     p = sub.add_parser("fit", help="largest context / batch that fits a GPU or budget, and what to change if not",
                        description="Plan a fine-tune against a memory budget, judged on the estimated device total "
                                    "(what nvidia-smi shows). Sizes are GiB (2^30 bytes).")
-    p.add_argument("model", help="catalog name or alias, config.json path or folder, or a hub id in the local cache")
+    p.add_argument("model", nargs="?", help="catalog name or alias, config.json path or folder, or a hub id in the "
+                   "local cache (optional with --from FILE: the model the config names)")
     add_budget_flags(p)
     add_train_flags(p)
     p.add_argument("--json", action="store_true", help="print JSON")

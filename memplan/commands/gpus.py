@@ -16,7 +16,8 @@ def register(sub) -> None:
     p = sub.add_parser("gpus", help="every catalog GPU with its headroom or shortfall for a configuration",
                        description="Headroom (GPU memory − estimated device total) of every catalog GPU for one "
                                    "configuration, sorted. Sizes are GiB (2^30 bytes).")
-    p.add_argument("model", help="catalog name or alias, config.json path or folder, or a hub id in the local cache")
+    p.add_argument("model", nargs="?", help="catalog name or alias, config.json path or folder, or a hub id in the "
+                   "local cache (optional with --from FILE: the model the config names)")
     add_budget_flags(p, gpu_required=False)
     add_train_flags(p)
     p.add_argument("--json", action="store_true", help="print JSON")
