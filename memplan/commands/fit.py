@@ -33,6 +33,9 @@ def register(sub) -> None:
     add_budget_flags(p)
     add_train_flags(p)
     p.add_argument("--json", action="store_true", help="print JSON")
+    from memplan.integrations.dataset import add_flags
+
+    add_flags(p)
     p.set_defaults(func=run)
 
 
@@ -55,14 +58,30 @@ def run(args) -> int:
     spec = one_spec(args, "fit")
     overheads, notes = overheads_for(args.gpu)  # the GPU's calibration when there is one (docs/calibration.md)
     warn(notes)
-    result = fit(model, spec, budget, overheads)
+    from memplan.integrations.dataset import from_args, largest_cutoff, lengths_of
+
+    data, peak = from_args(args, model, spec, budget.usable_bytes, overheads)
+    result = fit(model, peak, budget, overheads)
+    cutoff = largest_cutoff(model, spec, lengths_of(data), budget.usable_bytes, overheads) if data else None
     if args.json:
-        json.dump(result.to_dict(), sys.stdout, indent=2)
+        out = result.to_dict()
+        if data is not None:
+            out["dataset"] = {**data.to_dict(), "largest_max_length": cutoff}
+        json.dump(out, sys.stdout, indent=2)
         print()
         return 0
     from rich.console import Console
 
-    print_fit(Console(highlight=False), result)
+    console = Console(highlight=False)
+    if data is not None:
+        console.print(f"[bold]planned for the dataset's peak step[/] ({data.peak_rows} × {data.peak_seq_len:,} "
+                      f"tokens, step {data.peak_step:,} of {data.steps:,})")
+    print_fit(console, result)
+    if data is not None:
+        from memplan.integrations.dataset import print_cutoff, print_plan
+
+        print_plan(data)
+        print_cutoff(cutoff, data)
     return 0
 
 

@@ -21,6 +21,9 @@ def register(sub) -> None:
     add_budget_flags(p, gpu_required=False)
     add_train_flags(p)
     p.add_argument("--json", action="store_true", help="print JSON")
+    from memplan.integrations.dataset import add_flags
+
+    add_flags(p)
     p.set_defaults(func=run)
 
 
@@ -59,11 +62,15 @@ def run(args) -> int:
     spec = one_spec(args, "gpus")
     overheads, notes = overheads_for()  # one calibration (the newest) for every GPU, else the defaults
     warn(notes)
+    from memplan.integrations.dataset import from_args
+
+    data, spec = from_args(args, model, spec, None, overheads)  # with --dataset: the dataset's peak step
     est = estimate(model, spec, overheads)
     rows = verdicts(model, spec, args.margin, overheads)["rows"]
     if args.json:
         json.dump({"model": model.name, "config": est.config, "device_total_bytes": est.device_total_bytes,
-                   "peak_bytes": est.peak_bytes, "units": "bytes", "gpus": rows}, sys.stdout, indent=2)
+                   "peak_bytes": est.peak_bytes, "units": "bytes", "gpus": rows,
+                   **({"dataset": data.to_dict()} if data else {})}, sys.stdout, indent=2)
         print()
         return 0
     from rich.console import Console
@@ -87,4 +94,8 @@ def run(args) -> int:
                       f"[{color}]{r['headroom_bytes'] / GIB:+,.2f}[/]", f"[{color}]{r['verdict']}[/]",
                       f"{r['max_seq_len']:,}" if r["max_seq_len"] else "—")
     console.print(table)
+    if data is not None:
+        from memplan.integrations.dataset import print_plan
+
+        print_plan(data)
     return 0
