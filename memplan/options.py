@@ -105,7 +105,18 @@ def model_from_args(args: argparse.Namespace, ref: str | None = None):
         from memplan.integrations.config import check_targets
 
         check_targets(mapping, model, _given(args))
+        print_mapping_once(args)
     return model
+
+
+def print_mapping_once(args: argparse.Namespace) -> None:
+    """The --from mapping, to stderr, once its settings have been checked against the model."""
+    mapping = getattr(args, "_from_mapping", None)
+    if mapping is not None and not getattr(args, "_from_printed", False) and not getattr(args, "quiet_mapping", False):
+        from memplan.integrations.config import print_mapping
+
+        print_mapping(mapping)
+        args._from_printed = True
 
 
 def _given(args: argparse.Namespace) -> dict:
@@ -114,18 +125,16 @@ def _given(args: argparse.Namespace) -> dict:
 
 
 def from_config(args: argparse.Namespace):
-    """The Mapping of --from FILE (read, printed to stderr and checked against the flags once), or None."""
+    """The Mapping of --from FILE (read and checked against the flags once), or None."""
     path = getattr(args, "from_file", None)
     if not path:
         return None
     cached = getattr(args, "_from_mapping", None)
     if cached is None:
-        from memplan.integrations.config import print_mapping, read_config, resolve
+        from memplan.integrations.config import read_config, resolve
 
         cached = read_config(path)
         resolve(cached, _given(args))
-        if not getattr(args, "quiet_mapping", False):
-            print_mapping(cached)
         args._from_mapping = cached
     return cached
 

@@ -142,9 +142,10 @@ def build_configs(args) -> list:
         model = resolve_model(weights if weights else ref.strip(), trust_remote_code=args.trust_remote_code)
         if mapping is not None:
             from memplan.integrations.config import check_targets
-            from memplan.options import _given
+            from memplan.options import _given, print_mapping_once
 
             check_targets(mapping, model, _given(args))
+            print_mapping_once(args)
         name = model.name if not weights or ref == weights else ref.strip()
         for train in specs:
             run = {"steps": args.steps, "load_path": args.load_path, "seed": args.seed,

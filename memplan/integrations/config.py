@@ -88,6 +88,7 @@ class Mapping:
     notes: list = field(default_factory=list)
     data: dict = field(default_factory=dict)  # dataset hints: text_field, packing, order, max_length, ...
     overridden: list = field(default_factory=list)  # (field, config value, command-line value)
+    read: list = field(default_factory=list)  # (key, value) read with no row of their own (dataset hints, off flags)
 
     def to_dict(self) -> dict:
         return {"path": self.path, "format": self.format, "model": self.model, "settings": self.spec_dict(),
@@ -95,6 +96,7 @@ class Mapping:
                 "not_modelled": [{"key": k, "value": v, "why": w} for k, v, w in self.pending],
                 "ignored": [{"key": k, "why": w} for k, w in self.ignored],
                 "overridden": [{"setting": f, "config": c, "command_line": v} for f, c, v in self.overridden],
+                "read": [{"key": k, "value": v} for k, v in self.read],
                 "notes": list(self.notes), "dataset": dict(self.data)}
 
     def spec_dict(self) -> dict:
@@ -146,7 +148,8 @@ class Reader:
         self.m.settings[setting] = value
         self.m.keys[setting] = key
         text = f"{setting} {_show(value if not isinstance(value, tuple) else '+'.join(value))}"
-        self.m.rows.append((key, _show(shown) if shown is not None else "", text + (f" ({note})" if note else "")))
+        self.m.rows.append((key, _show(shown) if shown is not None else "(not set)",
+                            text + (f" ({note})" if note else "")))
 
     def set_guarded(self, setting: str, value, key: str, shown=None, note: str = "", absent: str = "") -> bool:
         """A setting whose TrainSpec field (or value) belongs to another memplan feature: mapped when this
@@ -174,7 +177,13 @@ class Reader:
 
     def finish(self, reasons: dict[str, str], default_why: str) -> Mapping:
         """Every key not read yet goes to `ignored`, with the reason its table gives or `default_why`."""
+        shown = ({k.split(".")[0] for k, _, _ in self.m.rows} | {k.split(".")[0] for k, _, _ in self.m.pending}
+                 | {(self.m.model_key or "").split(".")[0]})
         for key in self.raw:
+            if key in self.used and key not in shown and self.raw[key] is not None:
+                self.m.read.append((key, _show(self.raw[key])))
+            elif key in self.used and key not in shown:
+                self.m.ignored.append((key, "null: the trainer's default applies"))
             if key not in self.used:
                 self.m.ignored.append((key, reasons.get(key) or _prefix_reason(key, reasons) or default_why))
         check_contradictions(self)
@@ -422,6 +431,8 @@ def print_mapping(mapping: Mapping, out=None) -> None:
         print("  recognized, not yet modelled by this memplan:", file=out)
         for key, value, why in mapping.pending:
             print(f"    {key}{' = ' + value if value else ''}: {why}", file=out)
+    if mapping.read:
+        print("  also read (dataset steps, or off): " + ", ".join(f"{k}={v}" for k, v in mapping.read), file=out)
     for note in mapping.notes:
         print(f"  note: {note}", file=out)
     if mapping.ignored:
