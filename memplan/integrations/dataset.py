@@ -482,6 +482,7 @@ def plan(model, spec, lengths: Lengths, *, path: str, tokenizer: str, packing: b
         peak_seq_len=int(st.seq[peak_i]), peak_bytes=peak.peak_bytes, peak_device_total_bytes=peak.device_total_bytes,
         seq_len_histogram=hist)
     p._lengths = lengths
+    p._steps_seq = st.seq
     if lengths.rows_skipped:
         p.notes.append(f"{lengths.rows_skipped} rows without text were skipped")
     if budget_bytes is not None:
