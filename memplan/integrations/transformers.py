@@ -107,6 +107,13 @@ def _torch_dtype(value):
     return getattr(torch, str(value).replace("torch.", ""), None) if value else None
 
 
+def _fused_lm_head(module) -> bool:
+    """TRL's add_fused_lm_head replaces the instance's forward with a functools.wraps'd `_fused_forward`."""
+    fwd = module.__dict__.get("forward")
+    code = getattr(getattr(fwd, "__func__", fwd), "__code__", None)
+    return code is not None and code.co_name == "_fused_forward"
+
+
 def dataset_lengths(dataloader, cap: int | None, limit: int = 2_000_000) -> list[int] | None:
     """input_ids lengths of the training set (capped at `cap`), read without iterating the dataloader (which
     would draw from torch's generator and change the training order). None when the set does not say."""
@@ -162,6 +169,7 @@ class MemplanCallback(TrainerCallback):
         self.in_step = False
         self.hooks = []
         self.model_spec = self.spec = None
+        self.notes: list[str] = []
         self.longest: tuple[int, int] | None = None
 
     # ------------------------------------------------------------------------------------------- events
@@ -209,6 +217,13 @@ class MemplanCallback(TrainerCallback):
             self.phases["load"] = {"tracker_peak_bytes": self.tracker.current, "tracker_end_bytes": self.tracker.current}
             self.tracker.phase = "idle"
             self.tracker.__enter__()
+        self.notes = []
+        if any(_fused_lm_head(m) for m in model.modules()):
+            self.notes.append("TRL's fused LM head computes the loss (trl/trainer/utils.py add_fused_lm_head: log-probs "
+                              "in tiles of 32768 vocabulary columns, no b·s·V logits); memplan models the standard "
+                              "loss, so forward/backward differ by the loss term (lower for a large vocabulary, "
+                              "higher for one under 32768 columns)")
+            log.warning("memplan: note: %s", self.notes[-1])
         total = self.estimate_longest.device_total_bytes if self.device == "cuda" else self.estimate_longest.peak_bytes
         if self.device_bytes and total > self.device_bytes:
             self._warn(f"memplan: the longest batch of the training set ({bs} × {longest} tokens) is estimated to "
@@ -310,7 +325,8 @@ class MemplanCallback(TrainerCallback):
                 measured[ph] = max(vals)
         peak = max(measured.values()) if measured else None
         errors = {ph: pct(est.phases.get(ph), v) for ph, v in measured.items()}
-        self.comparison = {"measured": {"peak_bytes": peak, "phases": measured, "shape": list(shape)},
+        self.comparison = {"notes": list(self.notes),
+                           "measured": {"peak_bytes": peak, "phases": measured, "shape": list(shape)},
                            "estimate": {"peak_bytes": est.peak_bytes, "device_total_bytes": est.device_total_bytes,
                                         "phases": dict(est.phases), "error_pct": pct(est.peak_bytes, peak),
                                         "phase_error_pct": errors}}
@@ -376,9 +392,12 @@ class MemplanCallback(TrainerCallback):
                                     {**run, "created": _now()})
             self._created = _now()
         key, created = self._key, self._created
+        from memplan.profile.runner import _steady_total
+
         phases = {k: dict(v) for k, v in self.phases.items()}
+        _steady_total(phases)  # "steady": the steps after the first as one phase, as `memplan profile` writes it
         pkey = "allocated_peak_bytes" if self.device == "cuda" else "tracker_peak_bytes"
-        best = max((k for k in phases if pkey in phases[k] and not k.startswith("steady")),
+        best = max((k for k in phases if pkey in phases[k] and not k.startswith("steady_")),
                    key=lambda k: phases[k][pkey], default=None)
         peak = {"phase": best, "bytes": phases[best][pkey], "measure": pkey} if best else None
         if peak and self.device == "cuda":
@@ -390,7 +409,7 @@ class MemplanCallback(TrainerCallback):
             "schema": "memplan.profile/1", "key": key, "created": created, "status": status,
             "model": {"name": self.model_spec.name, "source": SOURCE, "hf_config": self.model_spec.hf_config},
             "train": train, "run": run, "measurements": meas, "oom": None, "error": None,
-            "comparison": {k: v for k, v in (self.comparison or {}).items() if k in ("measured", "estimate")},
+            "comparison": {k: v for k, v in (self.comparison or {}).items() if k in ("measured", "estimate", "notes")},
             "environment": environment(self.device), "finished": _now(), "warnings": list(self.warnings),
             "projection": (self.comparison or {}).get("projection"),
         }

@@ -159,7 +159,14 @@ def read(r: Reader) -> Mapping:
     return r.finish(REASONS, "not a TrainingArguments / SFTConfig / ModelConfig key memplan knows")
 
 
+FUSED_LOSS = ("SFTTrainer (TRL 1.16) computes the loss through its fused LM head (trl/trainer/utils.py "
+              "add_fused_lm_head: log-probs in tiles of 32768 vocabulary columns, no b·s·V logits); memplan models "
+              "the standard loss, whose logits term is higher for a large vocabulary")
+
+
 def _shapes_and_rest(r: Reader, m: Mapping, sft: bool, kind: str, init: dict) -> None:
+    if sft:
+        m.notes.append(FUSED_LOSS)
     # ---- shapes
     r.set("batch_size", r.positive("per_device_train_batch_size", 8), "per_device_train_batch_size",
           r.raw.get("per_device_train_batch_size", "(transformers default 8)"))
