@@ -145,6 +145,8 @@ def bad(tmp_path, text, name="bad.yml"):
     ("base_model: llama-3-8b\nadapter: lora\nlora_target_linear: true\noptimizer: lion_8bit\n",
      ["optimizer", "not modelled", "--optimizer"]),
     ("base_model: !!python/object/apply:os.system ['touch pwned']\n", ["malformed YAML"]),
+    ("a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+     for p, c in zip("abcdefghijklm", "bcdefghijklmn")), ["YAML aliases"]),
 ])
 def test_bad_configs_one_line_exit_2(tmp_path, text, words):
     path = bad(tmp_path, text)

@@ -344,6 +344,9 @@ def load_file(path: str) -> dict:
         import yaml
 
         try:
+            aliases = sum(isinstance(t, yaml.AliasToken) for t in yaml.scan(text))
+            if aliases > 100:  # a config has a few; thousands are an alias bomb (exponential expansion)
+                raise MemplanError(f"{path}: {aliases} YAML aliases: not a training config")
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)

@@ -134,6 +134,31 @@ def dataset_lengths(dataloader, cap: int | None, limit: int = 2_000_000) -> list
     return [min(n, cap) for n in lengths] if cap else lengths
 
 
+def _guarded(event):
+    """A callback event that never stops the training run: an error of memplan's own (an optimizer it has no
+    formula for, an architecture it does not know) is logged once and turns the callback off. The tracker's
+    simulated out-of-memory (cpu_budget_bytes) is the one exception that propagates, as CUDA's would."""
+    import functools
+
+    @functools.wraps(event)
+    def run(self, *args, **kwargs):
+        if self.disabled:
+            return None
+        try:
+            return event(self, *args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - see the docstring
+            from memplan.trace.tracker import TrackerOutOfMemory
+
+            if isinstance(e, TrackerOutOfMemory):
+                raise
+            self.disabled = f"{e.__class__.__name__}: {e}"
+            log.warning("memplan: MemplanCallback is off for this run (%s)", self.disabled)
+            self._detach()
+            return None
+
+    return run
+
+
 class MemplanCallback(TrainerCallback):
     """Estimate, measure and compare a live run; warn before the longest batch; write a memplan profile.
 
@@ -156,6 +181,7 @@ class MemplanCallback(TrainerCallback):
         self.path: Path | None = None
         self.comparison: dict | None = None
         self.warnings: list[str] = []
+        self.disabled: str | bool = False
         self._reset()
 
     def _reset(self):
@@ -173,12 +199,14 @@ class MemplanCallback(TrainerCallback):
         self.longest: tuple[int, int] | None = None
 
     # ------------------------------------------------------------------------------------------- events
+    @_guarded
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         import torch
 
         from memplan.architectures import from_hf_config
 
         self._reset()
+        self.disabled = False
         self._key = None
         self.warnings = []
         self.args = args
@@ -217,6 +245,7 @@ class MemplanCallback(TrainerCallback):
             self.phases["load"] = {"tracker_peak_bytes": self.tracker.current, "tracker_end_bytes": self.tracker.current}
             self.tracker.phase = "idle"
             self.tracker.__enter__()
+            self._entered = True
         self.notes = []
         if any(_fused_lm_head(m) for m in model.modules()):
             self.notes.append("TRL's fused LM head computes the loss (trl/trainer/utils.py add_fused_lm_head: log-probs "
@@ -233,7 +262,7 @@ class MemplanCallback(TrainerCallback):
                       model.register_forward_hook(self._forward_end)]
 
     def _forward_begin(self, module, args, kwargs):
-        if not self.in_step:
+        if not self.in_step or self.disabled:
             return
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is not None and getattr(ids, "ndim", 0) == 2:
@@ -241,20 +270,24 @@ class MemplanCallback(TrainerCallback):
         self._enter("forward")
 
     def _forward_end(self, module, args, output):
-        if self.in_step:
+        if self.in_step and not self.disabled:
             self._enter("backward")
 
+    @_guarded
     def on_step_begin(self, args, state, control, **kwargs):
         self.in_step = True
         self.shapes.append((0, 0))
         self._t = time.perf_counter()
 
+    @_guarded
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self._enter("optimizer")
 
+    @_guarded
     def on_optimizer_step(self, args, state, control, **kwargs):
         self._enter(None)
 
+    @_guarded
     def on_step_end(self, args, state, control, **kwargs):
         self._enter(None)
         self.in_step = False
@@ -264,18 +297,28 @@ class MemplanCallback(TrainerCallback):
             self._compare()
             self._write("ok")
 
+    @_guarded
     def on_train_end(self, args, state, control, **kwargs):
         self._enter(None)
-        for h in self.hooks:
-            h.remove()
-        self.hooks = []
-        if self.tracker is not None:
-            self.tracker.__exit__(None, None, None)
-            self.tracker.stop()
+        self._detach()
         if self.steps and self.steps != self.compare_steps:
             self._compare()
         if self.steps:
             self._write("ok")
+
+    def close(self) -> None:
+        """Detach the hooks and leave the CPU tracker. on_train_end does it; call it yourself after a run that
+        stopped with an exception (a simulated out-of-memory), before running more torch code in the process."""
+        self._detach()
+
+    def _detach(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+        if self.tracker is not None and getattr(self, "_entered", False):
+            self._entered = False
+            self.tracker.__exit__(None, None, None)
+            self.tracker.stop()
 
     # ------------------------------------------------------------------------------------------ phases
     def _name(self, phase: str) -> str:
