@@ -164,6 +164,10 @@ def read(r: Reader) -> Mapping:
         r.set_guarded("activation_offload", "all", "activation_offloading", offload,
                       absent="activations go to host memory; the estimate keeps them on the GPU")
     impl = r.get("attn_implementation", str)
+    flags = [k for k in ("flash_attention", "sdp_attention", "eager_attention", "flex_attention", "xformers_attention")
+             if r.get(k, bool)]
+    if len(flags) > 1:
+        raise r.error("/".join(flags), "more than one attention implementation is on; choose one")
     if impl:
         attention_from_hf(r, "attn_implementation", impl)
     elif r.get("flash_attention", bool):

@@ -250,12 +250,13 @@ def attention_from_hf(r: Reader, key: str, impl: str) -> None:
         r.not_modelled(key, f"attention {impl!r}: not modelled; the estimate uses sdpa (O(s) fused kernels)", impl)
 
 
-def compute_dtype(r: Reader, bf16, fp16, bf16_key="bf16", fp16_key="fp16", default: str = "fp32") -> None:
-    """HF-style bf16 / fp16 flags (mixed precision) onto the compute dtype."""
+def compute_dtype(r: Reader, bf16, fp16, bf16_key="bf16", fp16_key="fp16", default: str = "fp32",
+                  shown=None) -> None:
+    """HF-style bf16 / fp16 flags (mixed precision) onto the compute dtype (`shown`: how the file says it)."""
     if bf16 is True and fp16 is True:
         raise r.error(f"{bf16_key}/{fp16_key}", "bf16 and fp16 are both on; choose one")
     if bf16 in (True, "auto"):
-        r.set("compute_dtype", "bf16", bf16_key, bf16,
+        r.set("compute_dtype", "bf16", bf16_key, shown if shown is not None else bf16,
               "'auto' means bf16 where the GPU supports it" if bf16 == "auto" else "")
     elif fp16 is True:
         r.set("compute_dtype", "fp16", fp16_key, fp16)

@@ -552,10 +552,14 @@ def from_args(args, model, spec, budget_bytes: int | None = None, overheads=None
         raise MemplanError("--dataset needs --tokenizer PATH (a tokenizer.json, its folder or a cached hub id)")
     try:
         tokenizer = load_tokenizer(ref)
-    except MemplanError:
-        if args.tokenizer or not _model_folder(model):
+    except MemplanError as e:
+        if args.tokenizer:
             raise
-        tokenizer = load_tokenizer(_model_folder(model))
+        if _model_folder(model):
+            tokenizer = load_tokenizer(_model_folder(model))
+        else:
+            raise MemplanError(f"--dataset needs a tokenizer: {ref!r} (from {mapping.path if mapping else 'the model'}) "
+                               f"is not usable ({str(e).split(': ', 1)[-1]}); give --tokenizer PATH") from None
     packing = _bool(args.packing) if args.packing is not None else bool(hints.get("packing"))
     fmt = None if args.text_field else hints.get("format")
     lengths = token_lengths(args.dataset, tokenizer, args.text_field or hints.get("text_field"), fmt,

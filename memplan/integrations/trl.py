@@ -81,10 +81,10 @@ def read(r: Reader) -> Mapping:
 
     # ---- precision and weights
     bf16, fp16 = r.get("bf16", bool), r.get("fp16", bool)
+    shown = None
     if bf16 is None and sft and not fp16:
-        bf16 = True  # SFTConfig.__post_init__: bf16 = not fp16 when unset
-        m.notes.append("bf16 unset: SFTConfig turns it on unless fp16 is on")
-    compute_dtype(r, bf16, fp16)
+        bf16, shown = True, "(SFTConfig default: on unless fp16)"  # SFTConfig.__post_init__: bf16 = not fp16
+    compute_dtype(r, bf16, fp16, shown=shown)
     four, eight = r.get("load_in_4bit", bool, False), r.get("load_in_8bit", bool, False)
     if four and eight:
         raise r.error("load_in_4bit/load_in_8bit", "4-bit and 8-bit are both on; choose one")
