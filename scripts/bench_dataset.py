@@ -76,13 +76,14 @@ def main() -> int:
     model = resolve_model("llama-3-8b")
     import importlib.metadata as md
 
+    print(f"load average before: {os.getloadavg()[0]:.1f}")
     print(f"python {platform.python_version()}, tokenizers {md.version('tokenizers')}, pyarrow {md.version('pyarrow')}, "
           f"jinja2 {md.version('jinja2')}, numpy {md.version('numpy')}; {os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.1f}")
     for name in ("chat.jsonl", "text.parquet"):
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         lengths = ds.token_lengths(str(folder / name), tok)
-        t_len = time.perf_counter() - t
+        t_len, cpu_len = time.perf_counter() - t, time.process_time() - cpu
         t = time.perf_counter()
         p, _ = ds.plan(model, TrainSpec(batch_size=4, seq_len=2048), lengths, path=name, tokenizer="bench",
                        budget_bytes=24 * 2**30)
@@ -92,8 +93,9 @@ def main() -> int:
         t_pack = time.perf_counter() - t
         n = len(lengths.lengths)
         print(f"{name}: {n:,} rows ({lengths.format}), p50 {p.percentiles['p50']} / max {p.percentiles['max']} tokens: "
-              f"tokenize {t_len:.1f} s ({n / t_len:,.0f} rows/s), steps + estimates {t_plan:.2f} s, "
-              f"packing {t_pack:.2f} s; total {t_len + t_plan:.1f} s")
+              f"tokenize {t_len:.1f} s wall, {cpu_len:.1f} s CPU over all threads ({n / t_len:,.0f} rows/s), "
+              f"steps + estimates {t_plan:.2f} s, packing {t_pack:.2f} s; total {t_len + t_plan:.1f} s; "
+              f"{os.path.getsize(folder / name) / 2**20:,.0f} MiB file")
     return 0
 
 
