@@ -167,7 +167,6 @@ def _model(r: Reader, comp: str, name: str) -> None:
 
 
 def _lora(r: Reader, model: dict) -> None:
-    m = r.m
     rank = r.positive("lora_rank", 8, where=model, prefix="model.")
     r.set("lora_r", rank, "model.lora_rank", model.get("lora_rank", "(default 8)"))
     r.set("lora_alpha", r.positive("lora_alpha", 16, where=model, prefix="model."), "model.lora_alpha",

@@ -128,7 +128,7 @@ def read(r: Reader) -> Mapping:
         bits = 16 if m.settings.get("compute_dtype") in ("bf16", "fp16") else 32
         r.set("bits", bits, "bf16/fp16", bf16 if bf16 is not None else fp16,
               "no dtype given: weights assumed in the mixed-precision dtype")
-    r.set("method", "lora" if use_peft else "full", "use_peft", r.raw.get("use_peft", f"(default false)"))
+    r.set("method", "lora" if use_peft else "full", "use_peft", r.raw.get("use_peft", "(default false)"))
     if four or eight:
         r.set("upcast", False, "load_in_4bit" if four else "load_in_8bit", True,
               "SFTTrainer does not call prepare_model_for_kbit_training")
