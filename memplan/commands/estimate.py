@@ -65,6 +65,10 @@ def run(args) -> int:
         payload = [r.to_dict() for r in results]
         if data is not None:
             payload[0]["dataset"] = data.to_dict()
+        mapping = getattr(args, "_from_mapping", None)
+        if mapping is not None:
+            for d in payload:
+                d["from"] = mapping.to_dict()  # the --from mapping, also printed to stderr
         json.dump(payload[0] if len(payload) == 1 else payload, sys.stdout, indent=2)
         print()
         return 0
