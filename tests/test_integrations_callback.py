@@ -150,3 +150,28 @@ def test_callback_warns_before_the_longest_batch(tmp_path_factory):
     warning = [w for w in cb.warnings if "projected to need" in w]
     assert len(warning) == 1 and "2 × 160 tokens" in warning[0] and "will run out of memory" in warning[0]
     assert warning[0] in text
+
+
+def test_spec_from_a_quantized_live_model_and_errors_never_stop_training(tmp_path):
+    """The TrainSpec read from a model's bitsandbytes config (as from_pretrained stores it) and PEFT config; and a
+    run memplan cannot model (an optimizer without a formula) turns the callback off instead of failing."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from memplan.integrations.transformers import MemplanCallback, spec_from_live
+
+    model = _model()
+    model.config.quantization_config = {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4",
+                                        "bnb_4bit_use_double_quant": False, "bnb_4bit_compute_dtype": "float16"}
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=3, optim="paged_adamw_8bit",
+                             use_cpu=True, report_to="none")
+    spec = spec_from_live(model, args, 700)
+    # the embeddings are fp32 while the base model is "4-bit": prepare_model_for_kbit_training's upcast
+    assert (spec.bits, spec.quant_type, spec.double_quant, spec.compute_dtype, spec.upcast, spec.optimizer,
+            spec.batch_size, spec.seq_len) == (4, "fp4", False, "fp16", True, "paged-adamw-8bit", 3, 700)
+    cb = MemplanCallback(output_dir=str(tmp_path / "p"))
+    bad = TrainingArguments(output_dir=str(tmp_path), optim="adagrad", use_cpu=True, report_to="none")
+    cb.on_train_begin(bad, TrainerState(), TrainerControl(), model=_model(), train_dataloader=None)
+    assert "adagrad" in str(cb.disabled) and cb.tracker is None and not cb.hooks
+    cb.on_step_begin(bad, TrainerState(), TrainerControl())  # off: does nothing, raises nothing
+    cb.on_train_end(bad, TrainerState(), TrainerControl())
+    assert cb.path is None

@@ -91,7 +91,10 @@ def spec_from_live(model, args, seq_len: int):
     s["optimizer"] = HF_OPTIMIZERS[optim]
     s["batch_size"] = int(args.per_device_train_batch_size)
     s["seq_len"] = int(seq_len)
-    s["gradient_checkpointing"] = bool(args.gradient_checkpointing or getattr(model, "is_gradient_checkpointing", False))
+    on = getattr(model, "is_activation_checkpointing", None)  # transformers 5's name; is_gradient_checkpointing before
+    if on is None:
+        on = getattr(model, "is_gradient_checkpointing", False)
+    s["gradient_checkpointing"] = bool(getattr(args, "gradient_checkpointing", False) or on)
     impl = getattr(cfg, "_attn_implementation", None) or "sdpa"
     from memplan.integrations.config import accepts
 
