@@ -184,3 +184,15 @@ def test_dataset_errors_one_line(data, args, words):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     line = r.stderr.strip().splitlines()
     assert len(line) == 1 and all(w in line[0] for w in words), r.stderr
+
+
+def test_dataset_path_imports_no_torch(data):
+    root = str(data["root"])
+    code = ("import sys, io, contextlib\nfrom memplan.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            f"    assert main(['estimate', 'llama-3.2-1b', '--dataset', {root + '/chat.jsonl'!r}, '--tokenizer', "
+            f"{root!r}]) == 0\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'peft', 'bitsandbytes') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
