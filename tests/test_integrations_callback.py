@@ -78,9 +78,12 @@ def _run(kind, tmp_path_factory):
         handler = _Capture()
         logging.getLogger("memplan").addHandler(handler)
         logging.getLogger("memplan").setLevel(logging.INFO)
+        disabled = logging.root.manager.disable  # `memplan trace` run in-process elsewhere disables logging
+        logging.disable(logging.NOTSET)
         try:
             _train(kind, tmp, cb)
         finally:
+            logging.disable(disabled)
             logging.getLogger("memplan").removeHandler(handler)
         _RUNS[kind] = (cb, tmp, "\n".join(handler.lines))
     return _RUNS[kind]
