@@ -16,7 +16,8 @@ def register(sub) -> None:
                        description="Run one real QLoRA/LoRA training step (transformers + PEFT + bitsandbytes) "
                                    "on meta tensors on the CPU and count every live tensor byte. "
                                    "Sizes are GiB (2^30 bytes). See docs/trace.md for what a trace cannot see.")
-    p.add_argument("model", help="catalog name or alias, config.json path or folder, or a hub id in the local cache")
+    p.add_argument("model", nargs="?", help="catalog name or alias, config.json path or folder, or a hub id in the "
+                   "local cache (optional with --from FILE: the model the config names)")
     add_train_flags(p)
     p.add_argument("--json", action="store_true", help="print JSON (a list for a grid)")
     p.add_argument("--timeline", metavar="PATH.csv", help="write live bytes through the step as CSV")
