@@ -106,8 +106,13 @@ class TraceResult:
 
 def run_trace(model: ModelSpec, train: TrainSpec, *, real: bool = False, steps: int = 2,
               budget_bytes: int | None = None, keep_timeline: bool = True,
-              record_allocations: bool = False) -> TraceResult:
-    """Trace `steps` training steps of `model` with `train`; see the module docstring."""
+              record_allocations: bool = False, warm_optimizer: bool = False) -> TraceResult:
+    """Trace `steps` training steps of `model` with `train`; see the module docstring.
+
+    warm_optimizer: before the traced steps, create the optimizer's states by one optimizer.step() on zero
+    gradients (under the tracker, as the "optimizer" phase), so a single traced step is already the steady state:
+    `steps=1, warm_optimizer=True` gives the peaks of `steps=2` at about half the cost
+    (tests/test_validate_random.py checks they are equal). memplan validate uses it."""
     import torch
 
     from memplan import recipe
@@ -166,6 +171,10 @@ def run_trace(model: ModelSpec, train: TrainSpec, *, real: bool = False, steps: 
         with patched(train) as fused, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with tracker, gemm_mode:
+                if warm_optimizer:
+                    on_phase("optimizer")
+                    recipe.warm_optimizer(optimizer, params)
+                    finish_phase(tracker, "optimizer", phase_marks["optimizer"], peft_model, optimizer)
                 for _ in range(steps):
                     recipe.train_step(peft_model, optimizer, input_ids, on_phase)
                     finish_phase(tracker, "optimizer", phase_marks["optimizer"], peft_model, optimizer)
