@@ -180,7 +180,11 @@ def run(args) -> int:
         outcomes = run_grid(configs, args.profiles, csv_path, force=args.force, timeout_s=args.timeout,
                             time_budget_s=args.time_budget, progress=not (args.no_progress or args.json),
                             on_outcome=show, log_dir=args.log_dir, trace=not args.no_trace,
-                            trust_remote_code=args.trust_remote_code, threads=args.threads)
+                            # a native model_type runs transformers' code (trust_remote_code=False) whatever the
+                            # flag: its auto_map was dropped when the config was read (catalog/hfconfig.py)
+                            trust_remote_code=args.trust_remote_code and any(c.hf_config.get("auto_map")
+                                                                             for c in configs),
+                            threads=args.threads)
     except KeyboardInterrupt:
         print("memplan profile: interrupted; measured profiles were kept", file=sys.stderr)
         if len(configs) > 1 and not args.json:

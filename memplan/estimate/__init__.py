@@ -130,7 +130,7 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
 
 
 def notes(model: ModelSpec, train: TrainSpec) -> list[str]:
-    out = []
+    out = list(model.notes)  # how the config was read (hfconfig.py) and which parts were derived
     if train.upcast_applies:
         out.append("prepare_model_for_kbit_training casts non-quantized weights to fp32, so the residual stream, "
                    "every layer output and the logits are fp32 (4 B/element); --upcast off keeps them 16-bit")
