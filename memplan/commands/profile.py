@@ -162,10 +162,17 @@ def run(args) -> int:
             return 0
     if args.show:
         return show_profiles(args)
-    configs = build_configs(args)
-    from memplan.profile.grid import run_grid
+    from memplan.outputs import output_dir, output_path
 
     csv_path = None if str(args.csv).lower() == "none" else args.csv
+    if csv_path:
+        output_path(csv_path, "--csv", make_parents=csv_path == os.path.join("reports", "profiles.csv"))
+    configs = build_configs(args)
+    output_dir(args.profiles, "--profiles")  # created only once the configurations are known to be valid
+    if args.log_dir:
+        output_dir(args.log_dir, "--log-dir")
+    from memplan.profile.grid import run_grid
+
     printed = []
 
     def show(outcome):

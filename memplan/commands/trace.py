@@ -38,8 +38,14 @@ def run(args) -> int:
 
     from memplan.errors import MemplanError
 
+    from memplan.outputs import output_path
+
     model = model_from_args(args)
     specs = grid_from_args(args)
+    for i in range(len(specs)):  # every file this grid will write, checked before minutes of tracing
+        for option, path in (("--timeline", args.timeline), ("--plot", args.plot)):
+            if path:
+                output_path(_suffixed(path, i, len(specs)), option)
     if args.real and model.total_params > 2_000_000_000:
         raise MemplanError(f"--real allocates every byte on the CPU: {model.name} is too large "
                            f"({model.total_params / 1e9:.1f} B params); drop --real")
