@@ -1,0 +1,71 @@
+"""Any architecture transformers can build: a ModelSpec read off its meta model (spec.py) and activation terms
+fitted to short meta traces (fit.py), cached as JSON per config and library versions (cache.py).
+
+    derived_spec(cfg, name, source)  -> ModelSpec   (torch only when the cache has no entry)
+    activation_terms(model, train)   -> dict        (torch only when the cache has no fit for these settings)
+
+Hand-written builders (memplan/architectures.py) stay where they exist: they are exact and explain more.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from memplan.derive import cache
+from memplan.errors import MemplanError
+from memplan.spec import ModelSpec, TrainSpec
+
+_DOCS: dict[str, dict] = {}  # this process's view of the cache, by file path
+
+
+def _doc(cfg: dict) -> dict | None:
+    key = str(cache.path_for(cfg))
+    if key not in _DOCS:
+        doc = cache.load(cfg)
+        if doc is None:
+            return None
+        _DOCS[key] = doc
+    return _DOCS[key]
+
+
+def _store(cfg: dict, doc: dict) -> None:
+    _DOCS[str(cache.path_for(cfg))] = doc
+    cache.save(cfg, doc)
+
+
+def _stack() -> str:
+    v = cache.versions()
+    return ", ".join(f"{k} {v[k]}" for k in cache.STACK if v.get(k))
+
+
+def derived_spec(cfg: dict, name: str, source: str) -> ModelSpec:
+    doc = _doc(cfg)
+    if doc is None:
+        try:
+            from memplan.derive.spec import build_meta, spec_from_model
+        except ImportError as e:  # pragma: no cover - torch is a dependency
+            raise MemplanError(f"{source}: model_type {cfg.get('model_type')!r} has no hand-written builder and "
+                               f"deriving it needs torch and transformers ({e})") from None
+        spec = spec_from_model(build_meta(cfg), cfg, name, source)
+        doc = {"spec": cache.spec_to_dict(spec), "activations": {}}
+        _store(cfg, doc)
+    spec = cache.spec_from_dict(doc["spec"], name, source, cfg)
+    note = (f"derived architecture: {cfg['model_type']} has no hand-written builder; parameters and linears read "
+            f"off the model transformers builds on meta, activations fitted to meta traces ({_stack()}); "
+            f"cached in {cache.path_for(cfg)}")
+    return replace(spec, notes=(note,))
+
+
+def activation_terms(model: ModelSpec, train: TrainSpec) -> dict:
+    from memplan.derive.fit import activation_key
+
+    cfg = model.hf_config
+    key = activation_key(model, train)
+    doc = _doc(cfg) or {"spec": cache.spec_to_dict(model), "activations": {}}
+    terms = doc.get("activations", {}).get(key)
+    if terms is None:
+        from memplan.derive.fit import fit
+
+        terms = fit(model, train)
+        doc = dict(doc, activations={**doc.get("activations", {}), key: terms})
+        _store(cfg, doc)
+    return terms
