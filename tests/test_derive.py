@@ -128,3 +128,27 @@ def test_an_unusable_cache_entry_is_ignored_with_a_warning_and_rebuilt(tmp_path,
     assert "warning: ignoring" in err and "rebuilding" in err and len(err.strip().splitlines()) == 1
     assert again.total_params == spec.total_params
     assert json.loads(entry.read_text())["schema"] == "memplan.derived/1"  # rebuilt
+
+
+def test_catalog_models_without_a_builder_are_torch_free_by_default():
+    """The catalog ships the derived specs and default-setting fits (memplan/catalog/derived.json): listing them and
+    estimating the default recipe imports no torch when the installed stack is the one they were made with."""
+    from memplan.architectures import BUILDERS
+    from memplan.catalog import models
+    from memplan.derive import _shipped_table
+    from memplan.derive.cache import versions
+
+    names = [e["name"] for e in models().values() if e["config"]["model_type"] not in BUILDERS]
+    assert {"gemma-3-1b", "olmo-2-7b", "deepseek-v2-lite", "starcoder2-7b"} <= set(names)
+    assert len(_shipped_table()["models"]) == len(names)
+    if _shipped_table()["versions"] != versions():
+        pytest.skip("derived.json was made under another stack: default fits are re-derived here")
+    code = ("import sys; from memplan.catalog import resolve_model; from memplan.estimate import estimate; "
+            "from memplan.spec import TrainSpec; "
+            f"peaks = [estimate(resolve_model(n), TrainSpec()).peak_bytes for n in {names!r}]; "
+            "assert all(p > 0 for p in peaks); "
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'imported torch'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, MEMPLAN_DERIVED_CACHE=os.environ["MEMPLAN_DERIVED_CACHE"]))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "deriving" not in r.stderr

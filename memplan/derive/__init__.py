@@ -8,13 +8,31 @@ Hand-written builders (memplan/architectures.py) stay where they exist: they are
 """
 from __future__ import annotations
 
+import json
 from dataclasses import replace
+from functools import lru_cache
+from pathlib import Path
 
 from memplan.derive import cache
 from memplan.errors import MemplanError
 from memplan.spec import ModelSpec, TrainSpec
 
 _DOCS: dict[str, dict] = {}  # this process's view of the cache, by file path
+SHIPPED_DISABLED = False  # scripts/gen_derived_catalog.py derives afresh
+
+
+@lru_cache(maxsize=None)
+def _shipped_table() -> dict:
+    path = Path(__file__).resolve().parent.parent / "catalog" / "derived.json"
+    return json.loads(path.read_text()) if path.is_file() else {"models": {}, "versions": {}}
+
+
+def _shipped(cfg: dict) -> tuple[dict | None, bool]:
+    """(the catalog's shipped derivation of this config, whether it was made under the installed versions)."""
+    if SHIPPED_DISABLED:
+        return None, False
+    table = _shipped_table()
+    return table["models"].get(cache.config_hash(cfg)), table.get("versions") == cache.versions()
 
 
 def _doc(cfg: dict) -> dict | None:
@@ -39,6 +57,8 @@ def _stack() -> str:
 
 def derived_spec(cfg: dict, name: str, source: str) -> ModelSpec:
     doc = _doc(cfg)
+    if doc is None:  # the catalog ships the specs of its derived models (scripts/gen_derived_catalog.py)
+        doc = _shipped(cfg)[0]
     if doc is None:
         try:
             from memplan.derive.spec import build_meta, spec_from_model
@@ -62,6 +82,9 @@ def activation_terms(model: ModelSpec, train: TrainSpec) -> dict:
     key = activation_key(model, train)
     doc = _doc(cfg) or {"spec": cache.spec_to_dict(model), "activations": {}}
     terms = doc.get("activations", {}).get(key)
+    shipped, same_stack = _shipped(cfg)
+    if terms is None and shipped and same_stack:  # fitted for the catalog under this very stack
+        terms = shipped["activations"].get(key)
     if terms is None:
         from memplan.derive.fit import fit
 
