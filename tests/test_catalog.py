@@ -141,7 +141,8 @@ def test_no_alias_points_at_two_models():
 def test_the_catalog_covers_every_supported_model_type():
     from memplan.architectures import BUILDERS
 
-    assert {e["config"]["model_type"] for e in CATALOG} == set(BUILDERS)
+    # every hand-written builder has a catalog model; the others are derived (memplan/derive)
+    assert {e["config"]["model_type"] for e in CATALOG} >= set(BUILDERS)
 
 
 # ------------------------------------------------------------------------------------------------ lookup
