@@ -46,6 +46,8 @@ def main() -> int:
     out = output_path(args.out, "--out", make_parents=True)
     rng = random.Random(args.seed)
     rows = []
+    f = open(out, "w", newline="")  # rows are written as they come: a long run can be stopped
+    w = None
     for name in args.models.split(","):
         model = resolve_model(name)
         for _ in range(args.n):
@@ -60,12 +62,14 @@ def main() -> int:
                          "trace_bytes": tr.peak_bytes, "error_pct": round(100 * err, 3),
                          "estimate_phase": est.peak_phase, "trace_phase": tr.peak_phase,
                          "estimate_s": round(t1 - t0, 2), "trace_s": round(tr.wall_s, 2)})
+            if w is None:
+                w = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+                w.writeheader()
+            w.writerow(rows[-1])
+            f.flush()
             print(f"{name:18s} {'derived' if model.derived else 'builder':8s} {err * 100:+7.3f}%  "
                   f"{', '.join(f'{k}={v}' for k, v in flags.items())}", flush=True)
-    with open(out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
-        w.writeheader()
-        w.writerows(rows)
+    f.close()
     errs = sorted(abs(r["error_pct"]) for r in rows)
     stack = ", ".join(f"{k} {v}" for k, v in versions().items() if v)
     print(f"{len(rows)} configurations, seed {args.seed}: |error| median {errs[len(errs) // 2]:.3f}%, worst "
