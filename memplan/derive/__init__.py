@@ -57,9 +57,12 @@ def _stack() -> str:
 
 def derived_spec(cfg: dict, name: str, source: str) -> ModelSpec:
     doc = _doc(cfg)
+    where = f"cached in {cache.path_for(cfg)}"
     if doc is None:  # the catalog ships the specs of its derived models (scripts/gen_derived_catalog.py)
         doc = _shipped(cfg)[0]
+        where = "shipped in memplan/catalog/derived.json"
     if doc is None:
+        where = f"cached in {cache.path_for(cfg)}"
         try:
             from memplan.derive.spec import build_meta, spec_from_model
         except ImportError as e:  # pragma: no cover - torch is a dependency
@@ -70,8 +73,7 @@ def derived_spec(cfg: dict, name: str, source: str) -> ModelSpec:
         _store(cfg, doc)
     spec = cache.spec_from_dict(doc["spec"], name, source, cfg)
     note = (f"derived architecture: {cfg['model_type']} has no hand-written builder; parameters and linears read "
-            f"off the model transformers builds on meta, activations fitted to meta traces ({_stack()}); "
-            f"cached in {cache.path_for(cfg)}")
+            f"off the model transformers builds on meta, activations fitted to meta traces ({_stack()}); {where}")
     return replace(spec, notes=(note,))
 
 
