@@ -99,6 +99,9 @@ def test_remote_only_model_type_needs_the_flag(tmp_path):
     with pytest.raises(MemplanError, match="only by remote code .*pass --trust-remote-code"):
         resolve_model(str(path))
     assert read_config(cfg, "x", trust_remote_code=True)[0]["model_type"] == "internlm2"
+    # with the flag, memplan still runs no remote code: one line saying it cannot model this type
+    with pytest.raises(MemplanError, match="exists only as the model's remote code, which memplan never runs"):
+        resolve_model(str(path), trust_remote_code=True)
 
 
 def test_a_native_model_type_without_a_causal_lm_is_named():

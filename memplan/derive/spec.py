@@ -30,7 +30,7 @@ def build_meta(cfg: dict, num_layers: int | None = None):
             warnings.simplefilter("ignore")
             return transformers.AutoModelForCausalLM.from_config(config)
     except Exception as e:  # noqa: BLE001 - transformers raises many types for a config it cannot build
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        first = (str(e).strip().splitlines() or [""])[0][:200]
         raise MemplanError(f"transformers cannot build model_type {cfg['model_type']!r} from this config "
                            f"({e.__class__.__name__}: {first})") from None
 
