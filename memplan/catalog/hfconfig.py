@@ -96,7 +96,7 @@ def read_config(cfg: dict, source: str, *, trust_remote_code: bool = False) -> t
         if "tie_word_embeddings" in cfg:  # multimodal wrappers carry the tying flag at the top level
             text.setdefault("tie_word_embeddings", cfg["tie_word_embeddings"])
         notes.append(f"{model_type} is a multimodal model ({entry['causal_lm']}); memplan models its language "
-                     f"model ({text['model_type']}), not the vision/audio towers")
+                     f"model ({text.get('model_type')}), not the vision/audio towers")
         inner, inner_notes = read_config(text, f"{source} text_config", trust_remote_code=trust_remote_code)
         return inner, notes + inner_notes
     return _apply_class(cfg, entry, model_type, source, version), notes
@@ -122,7 +122,7 @@ def _apply_class(cfg: dict, entry: dict, model_type: str, source: str, version: 
             continue
         kind = _KIND.get(type(value))
         if kind not in spec[1]:
-            want = " or ".join(k.replace("null", "null") for k in spec[1])
+            want = " or ".join(spec[1])
             raise MemplanError(f"{source}: config field {key!r} must be {want}, got {value!r} "
                                f"(transformers {version} {entry['config_class']} rejects it)")
     for key, (default, _) in fields.items():
