@@ -20,7 +20,8 @@ NEW = ("phi-4,mistral-nemo-12b,mistral-small-24b,gemma-3-1b,gemma-3-4b,gemma-3-1
 
 
 def sample(rng: random.Random) -> dict:
-    return dict(bits=rng.choice([4, 4, 8, 16]), lora_r=rng.choice([8, 16, 64]),
+    # 8-bit is left out: bitsandbytes' int8_vectorwise_quant has a data-dependent output, so no meta trace runs it
+    return dict(bits=rng.choice([4, 4, 16]), lora_r=rng.choice([8, 16, 64]),
                 lora_targets=rng.choice(["all-linear", "attn", "qv"]), gradient_checkpointing=rng.choice([True, False]),
                 seq_len=rng.choice([512, 1024, 2048, 4096, 8192]), batch_size=rng.choice([1, 2, 4]),
                 lora_dropout=rng.choice([0.0, 0.05]), optimizer=rng.choice(["adamw", "adamw-8bit"]))
