@@ -23,6 +23,7 @@ CASES = [
     (["validate", "--against", "profiles", "--csv", "{ok}"], "--figure", []),
     (["profile", "llama-3.2-1b", "--device", "cpu", *TINY], "--csv", []),
     (["calibrate"], "--out", []),
+    (["report", "llama-2-7b"], "--html", []),
 ]
 
 
