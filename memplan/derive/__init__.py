@@ -87,6 +87,10 @@ def activation_terms(model: ModelSpec, train: TrainSpec) -> dict:
     shipped, same_stack = _shipped(cfg)
     if terms is None and shipped and same_stack:  # fitted for the catalog under this very stack
         terms = shipped["activations"].get(key)
+    if terms is None and train.bits == 8:
+        raise MemplanError(f"{model.name}: a derived architecture's activations come from meta traces, and no meta "
+                           "trace runs bitsandbytes' 8-bit matmul (its int8 quantization of activations has a "
+                           "data-dependent shape); use --bits 4 or 16")
     if terms is None:
         from memplan.derive.fit import fit
 
