@@ -39,6 +39,10 @@ def run(args) -> int:
     from memplan.catalog import resolve_gpu
     from memplan.estimate import estimate
 
+    if args.csv:
+        from memplan.outputs import output_path
+
+        output_path(args.csv, "--csv")
     model = model_from_args(args)
     specs = grid_from_args(args)
     gpu = resolve_gpu(args.gpu) if args.gpu else None

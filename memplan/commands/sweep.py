@@ -42,8 +42,12 @@ def sweep(args, specs) -> list:
 
 def run(args) -> int:
     from memplan.catalog import resolve_gpu
+    from memplan.outputs import output_path
     from memplan.report.rows import row, write_csv
 
+    output_path(args.out, "--out")
+    if args.plot:
+        output_path(args.plot, "--plot")
     specs = grid_from_args(args)
     gpus = [] if args.gpus.strip().lower() == "none" else [resolve_gpu(g) for g in args.gpus.split(",") if g.strip()]
     results = sweep(args, specs)
