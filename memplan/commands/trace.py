@@ -16,7 +16,8 @@ def register(sub) -> None:
                        description="Run one real QLoRA/LoRA training step (transformers + PEFT + bitsandbytes) "
                                    "on meta tensors on the CPU and count every live tensor byte. "
                                    "Sizes are GiB (2^30 bytes). See docs/trace.md for what a trace cannot see.")
-    p.add_argument("model", help="catalog name or alias, config.json path or folder, or a hub id in the local cache")
+    p.add_argument("model", nargs="?", help="catalog name or alias, config.json path or folder, or a hub id in the "
+                   "local cache (optional with --from FILE: the model the config names)")
     add_train_flags(p)
     p.add_argument("--json", action="store_true", help="print JSON (a list for a grid)")
     p.add_argument("--timeline", metavar="PATH.csv", help="write live bytes through the step as CSV")
@@ -77,6 +78,8 @@ def run(args) -> int:
 
     from memplan.errors import MemplanError
 
+    from memplan.outputs import output_path
+
     model = model_from_args(args)
     specs = grid_from_args(args)
     if not args.allocator and (args.alloc_conf is not None or args.gpu or args.budget or args.alloc_csv):
@@ -85,11 +88,11 @@ def run(args) -> int:
     gpu_bytes = gpu_bytes_from(args) if args.allocator else None
     if conf is not None and conf.per_process_memory_fraction is not None and gpu_bytes is None:
         raise MemplanError("per_process_memory_fraction is a fraction of the GPU's memory: give --gpu or --budget")
-    if args.alloc_csv:
-        from memplan.outputs import output_path
-
-        for i in range(len(specs)):
-            output_path(_suffixed(args.alloc_csv, i, len(specs)), "--alloc-csv")
+    for i in range(len(specs)):  # every file this grid will write, checked before minutes of tracing
+        for option, path in (("--timeline", args.timeline), ("--plot", args.plot),
+                             ("--alloc-csv", args.alloc_csv)):
+            if path:
+                output_path(_suffixed(path, i, len(specs)), option)
     if args.real and model.total_params > 2_000_000_000:
         raise MemplanError(f"--real allocates every byte on the CPU: {model.name} is too large "
                            f"({model.total_params / 1e9:.1f} B params); drop --real")

@@ -121,6 +121,12 @@ def compare(est: dict, tr: dict) -> dict:
 
 
 def run(args) -> int:
+    from memplan.outputs import output_path
+
+    default_csv = "reports/validation.csv" if args.against == "profiles" else "reports/estimate_vs_trace.csv"
+    output_path(args.csv or default_csv, "--csv", make_parents=args.csv is None)
+    if args.against == "profiles" and str(args.figure).lower() != "none":
+        output_path(args.figure, "--figure", make_parents=args.figure == "reports/validation.png")
     if args.against == "profiles":
         return run_profiles(args)
     if args.profiles:

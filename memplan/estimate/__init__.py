@@ -94,6 +94,11 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
     tr = lora.trainable(model, train)
     states = optimizer.states(model, train, tr["params"], tr["bytes"])
     grads = tr["bytes"]
+    if model.derived:  # no hand-written activation formulas: terms fitted to meta traces (derived.py)
+        from memplan.estimate import derived
+
+        chosen, extra = derived.phase_components(model, train)
+        return _finish(model, train, overheads, tr, chosen, extra)
     a = act_mod.activations(model, train)
 
     static = {**w, "lora": 0 if train.method == "full" else tr["bytes"]}  # full: the weights are the trainables
@@ -136,8 +141,13 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
 
     candidates = {"load": [load], "forward": forward, "backward": [bwd_loss, bwd_last, bwd_first],
                   "optimizer": [opt_step]}
-    phase_components = {p: max(cs, key=lambda c: sum(c.values())) for p, cs in candidates.items()}
-    phase_components = {p: {k: c.get(k, 0) for k in COMPONENTS} for p, c in phase_components.items()}
+    chosen = {p: max(cs, key=lambda c: sum(c.values())) for p, cs in candidates.items()}
+    return _finish(model, train, overheads, tr, chosen, [])
+
+
+def _finish(model, train, overheads, tr, chosen: dict, extra_notes: list) -> Estimate:
+    """The Estimate of the chosen candidate per phase: the peak is the largest phase."""
+    phase_components = {p: {k: c.get(k, 0) for k in COMPONENTS} for p, c in chosen.items()}
     phases = {p: sum(c.values()) for p, c in phase_components.items()}
     peak_phase = max(PHASES, key=lambda p: phases[p])
     peak = phases[peak_phase]
@@ -146,12 +156,12 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
         model=model.name, params_total=model.total_params, params_trainable=tr["params"], config=train.to_dict(),
         components=phase_components[peak_phase], phases=phases, phase_components=phase_components, peak_bytes=peak,
         peak_phase=peak_phase, device_overheads=device, device_total_bytes=peak + sum(device.values()),
-        overhead_source=overheads.source, notes=notes(model, train), stack=stack(train.transformers),
+        overhead_source=overheads.source, notes=notes(model, train) + extra_notes, stack=stack(train.transformers),
     )
 
 
 def notes(model: ModelSpec, train: TrainSpec) -> list[str]:
-    out = []
+    out = list(model.notes)  # how the config was read (hfconfig.py) and which parts were derived
     if train.upcast_applies:
         out.append("prepare_model_for_kbit_training casts non-quantized weights to fp32, so the residual stream, "
                    "every layer output and the logits are fp32 (4 B/element); --upcast off keeps them 16-bit")

@@ -121,7 +121,7 @@ def run_trace(model: ModelSpec, train: TrainSpec, *, real: bool = False, steps: 
         raise MemplanError("steps must be at least 1")
     check_runs_installed(train.transformers, "the trace")
     t0 = time.perf_counter()
-    notes: list[str] = []
+    notes: list[str] = list(model.notes)  # how the config was read (auto_map, aliases, derived spec)
     if train.optimizer.startswith("paged"):
         notes.append(f"{train.optimizer}: traced as its non-paged twin (bitsandbytes' paged buffers need CUDA "
                      "managed memory); same bytes, evictable to host memory on a GPU")
