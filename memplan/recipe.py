@@ -210,6 +210,16 @@ def _noop(_phase: str) -> None:
     pass
 
 
+def warm_optimizer(optimizer, params) -> None:
+    """Create the optimizer's lazily made states as its first step() would: one step on zero gradients."""
+    import torch
+
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def train_step(model, optimizer, input_ids, on_phase=_noop):
     """One training step as a script runs it; returns the loss as a Python-free (detached) tensor."""
     on_phase("forward")

@@ -114,8 +114,13 @@ def build_configs(args) -> list:
                   f"never read: {', '.join(ignored[:5])}{' ...' if len(ignored) > 5 else ''}", file=sys.stderr)
         if not refs:
             refs = [weights]
+    from memplan.options import from_config
+
+    mapping = from_config(args)
+    if not refs and mapping is not None and mapping.model:
+        refs = [mapping.model]
     if not refs:
-        raise MemplanError("name a MODEL (catalog name, config.json or folder), or give --weights DIR")
+        raise MemplanError("name a MODEL (catalog name, config.json or folder), or give --weights DIR or --from FILE")
     if weights and len(refs) > 1:
         raise MemplanError("--weights profiles one model: give at most one MODEL with it")
     device = _device(args.device)
@@ -139,6 +144,12 @@ def build_configs(args) -> list:
     for ref in refs:
         # a config asking for remote code (auto_map) is refused here unless --trust-remote-code
         model = resolve_model(weights if weights else ref.strip(), trust_remote_code=args.trust_remote_code)
+        if mapping is not None:
+            from memplan.integrations.config import check_targets
+            from memplan.options import _given, print_mapping_once
+
+            check_targets(mapping, model, _given(args))
+            print_mapping_once(args)
         name = model.name if not weights or ref == weights else ref.strip()
         for train in specs:
             run = {"steps": args.steps, "load_path": args.load_path, "seed": args.seed,

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from memplan.estimate import activations as act_mod
 from memplan.estimate import lora, optimizer, weights
 from memplan.estimate.logits import loss_backward, loss_forward
-from memplan.estimate.overhead import Overheads, default_overheads
+from memplan.estimate.overhead import Overheads, default_overheads, replay_overheads
 from memplan.spec import ModelSpec, TrainSpec
 from memplan.stack import stack
 
@@ -87,7 +87,8 @@ def _candidate(base: dict[str, int], **extra: int) -> dict[str, int]:
 
 
 def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = None) -> Estimate:
-    overheads = overheads or default_overheads()
+    if overheads is None or overheads is default_overheads():  # uncalibrated: the replay-fitted allocator figure
+        overheads = replay_overheads(model.model_type)
     T = train.batch_size * train.seq_len
     w = weights.weights(model, train)
     tr = lora.trainable(model, train)
@@ -103,25 +104,42 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
     static = {**w, "lora": 0 if train.method == "full" else tr["bytes"]}  # full: the weights are the trainables
     steady = _candidate(static, optimizer_states=states)
     stored = sum(a.stored_per_layer) + a.fixed
+    # DoRA with dropout saves each adapted weight (absolute bytes per layer; see activations.dora_saved)
+    dora = () if train.gradient_checkpointing else a.dora_saved
+    dora_all, dora_but_last = (sum(dora), sum(dora[:-1])) if dora else (0, 0)
 
-    fwd_loss = _candidate(steady, activations=T * stored, logits_loss=T * loss_forward(model, train))
-    fwd_layer = _candidate(steady, activations=T * (stored - a.stored_per_layer[-1]),
+    fwd_loss = _candidate(steady, activations=T * stored + dora_all, logits_loss=T * loss_forward(model, train))
+    fwd_layer = _candidate(steady, activations=T * (stored - a.stored_per_layer[-1]) + dora_but_last,
                            temporaries=T * a.fwd_transient + a.dequant_bytes)
-    bwd_loss = _candidate(steady, activations=T * stored, logits_loss=T * loss_backward(model, train))
+    bwd_loss = _candidate(steady, activations=T * stored + dora_all, logits_loss=T * loss_backward(model, train))
+    forward = [fwd_loss, fwd_layer]
+    if a.dora_bytes:
+        forward.append(_candidate(steady, activations=T * (stored - a.stored_per_layer[-1]) + dora_but_last,
+                                  temporaries=a.dora_bytes))
 
     def layer_bwd(idx: int, done_grads: int) -> dict[str, int]:
-        kept = sum(a.stored_per_layer[: idx + 1]) + a.fixed
+        kept = T * (sum(a.stored_per_layer[: idx + 1]) + a.fixed - a.final_norm)
+        kept += sum(dora[: idx + 1]) if dora else 0
         recompute = a.layer_saved[idx] if train.gradient_checkpointing else 0
+        recompute = T * recompute + (a.dora_saved[idx] if train.gradient_checkpointing and a.dora_saved else 0)
         work = max(a.bwd_work_mlp, a.bwd_work_attn - (a.layer_saved[idx] - a.layer_saved_attn[idx]))
-        return _candidate(steady, gradients=done_grads, activations=T * (kept + recompute),
-                          temporaries=T * work + a.dequant_bytes)
+        start = _candidate(steady, gradients=done_grads, activations=kept + recompute,
+                           temporaries=T * work + a.dequant_bytes)
+        if train.gradient_checkpointing and a.dora_bytes:  # the recompute runs DoRA's forward again
+            start = max(start, _candidate(steady, gradients=done_grads, activations=kept + recompute,
+                                          temporaries=a.dora_bytes), key=lambda c: sum(c.values()))
+        if not a.mlp_mul_work[idx]:
+            return start
+        mul = _candidate(steady, gradients=done_grads, activations=kept + recompute - T * a.mlp_mul_freed[idx],
+                         temporaries=T * a.mlp_mul_work[idx])
+        return max(start, mul, key=lambda c: sum(c.values()))
 
     bwd_last = layer_bwd(len(a.stored_per_layer) - 1, 0)
     bwd_first = layer_bwd(0, grads)
     opt_step = _candidate(steady, gradients=grads, temporaries=optimizer.step_temporaries(train, tr["bytes"]))
     load = _candidate(static, temporaries=weights.load_transient(model, train))
 
-    candidates = {"load": [load], "forward": [fwd_loss, fwd_layer], "backward": [bwd_loss, bwd_last, bwd_first],
+    candidates = {"load": [load], "forward": forward, "backward": [bwd_loss, bwd_last, bwd_first],
                   "optimizer": [opt_step]}
     chosen = {p: max(cs, key=lambda c: sum(c.values())) for p, cs in candidates.items()}
     return _finish(model, train, overheads, tr, chosen, [])

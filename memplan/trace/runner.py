@@ -79,6 +79,7 @@ class TraceResult:
     steps: int = 2
     phase_components: dict = field(default_factory=dict)
     stack: dict = field(default_factory=lambda: stack(0))  # the installed versions the trace ran
+    allocations: list | None = field(repr=False, default=None)  # the allocation stream (record_allocations=True)
 
     @property
     def stack_line(self) -> str:
@@ -104,8 +105,14 @@ class TraceResult:
 
 
 def run_trace(model: ModelSpec, train: TrainSpec, *, real: bool = False, steps: int = 2,
-              budget_bytes: int | None = None, keep_timeline: bool = True) -> TraceResult:
-    """Trace `steps` training steps of `model` with `train`; see the module docstring."""
+              budget_bytes: int | None = None, keep_timeline: bool = True,
+              record_allocations: bool = False, warm_optimizer: bool = False) -> TraceResult:
+    """Trace `steps` training steps of `model` with `train`; see the module docstring.
+
+    warm_optimizer: before the traced steps, create the optimizer's states by one optimizer.step() on zero
+    gradients (under the tracker, as the "optimizer" phase), so a single traced step is already the steady state:
+    `steps=1, warm_optimizer=True` gives the peaks of `steps=2` at about half the cost
+    (tests/test_validate_random.py checks they are equal). memplan validate uses it."""
     import torch
 
     from memplan import recipe
@@ -143,7 +150,8 @@ def run_trace(model: ModelSpec, train: TrainSpec, *, real: bool = False, steps: 
     else:
         input_ids = torch.empty((train.batch_size, train.seq_len), dtype=torch.long, device=device)
 
-    tracker = LiveBytesTracker(budget_bytes=budget_bytes, keep_timeline=keep_timeline)
+    tracker = LiveBytesTracker(budget_bytes=budget_bytes, keep_timeline=keep_timeline,
+                               record_allocations=record_allocations)
     register_model(tracker, peft_model)
     tracker.register(input_ids, "activations", "input_ids")
     tracker.phase_peaks["load"] = tracker.current
@@ -163,6 +171,10 @@ def run_trace(model: ModelSpec, train: TrainSpec, *, real: bool = False, steps: 
         with patched(train) as fused, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with tracker, gemm_mode:
+                if warm_optimizer:
+                    on_phase("optimizer")
+                    recipe.warm_optimizer(optimizer, params)
+                    finish_phase(tracker, "optimizer", phase_marks["optimizer"], peft_model, optimizer)
                 for _ in range(steps):
                     recipe.train_step(peft_model, optimizer, input_ids, on_phase)
                     finish_phase(tracker, "optimizer", phase_marks["optimizer"], peft_model, optimizer)
@@ -190,7 +202,7 @@ def run_trace(model: ModelSpec, train: TrainSpec, *, real: bool = False, steps: 
         model=model.name, params_total=total, params_trainable=trainable, config=train.to_dict(),
         components={c: components.get(c, 0) for c in CATEGORIES}, peak_bytes=tracker.peak,
         peak_phase=tracker.peak_phase, phases=phases, top_tensors=top,
-        timeline=list(tracker.timeline), notes=notes, real=real, steps=steps,
+        timeline=list(tracker.timeline), notes=notes, real=real, steps=steps, allocations=tracker.allocations,
     )
     tracker.stop()
     del optimizer, peft_model, hf, params, tracker, attribution
