@@ -129,7 +129,11 @@ DTYPES = {"fp32": 4, "bf16": 2, "fp16": 2}
 METHODS = ("lora", "full")
 LORA_TARGET_SETS = ("qv", "attn", "all-linear")
 OPTIMIZERS = ("adamw", "adamw-8bit", "paged-adamw", "paged-adamw-8bit", "sgd", "adafactor")
-ATTENTIONS = ("sdpa", "eager")
+ATTENTIONS = ("sdpa", "eager", "flash_attention_2")
+ATTENTION_ALIASES = {"fa2": "flash_attention_2", "flash-attention-2": "flash_attention_2", "flash": "flash_attention_2"}
+ACTIVATION_OFFLOADS = ("off", "all", "checkpoints")
+LOSSES = ("standard", "liger", "cce")
+LOSS_ALIASES = {"fused": "liger"}  # the issue's --loss fused: Liger's fused linear cross-entropy
 
 
 @dataclass(frozen=True)
@@ -156,6 +160,12 @@ class TrainSpec:
     gradient_checkpointing: bool = True
     attention: str = "sdpa"
     modules_to_save: tuple[str, ...] = ()  # e.g. ("lm_head", "embed_tokens"): fully trained copies
+    # #11: activation offloading to pinned host memory: "all" = every saved tensor (TRL/torchtune
+    # OffloadActivations), "checkpoints" = only the checkpointed layer inputs (transformers
+    # gradient_checkpointing_enable(offload=True)); memplan/offload.py holds the model
+    activation_offload: str = "off"
+    loss: str = "standard"  # standard (logits + cross_entropy) | liger | cce: fused linear cross-entropy (losses.py)
+    liger: bool = False  # Liger Kernel's RMSNorm / SwiGLU / RoPE (apply_liger_kernel_to_*); liger.py
 
     def __post_init__(self):
         _check_choice("bits", self.bits, BITS)
@@ -163,8 +173,20 @@ class TrainSpec:
         _check_choice("compute-dtype", self.compute_dtype, DTYPES)
         _check_choice("method", self.method, METHODS)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        if self.attention in ATTENTION_ALIASES:
+            object.__setattr__(self, "attention", ATTENTION_ALIASES[self.attention])
         _check_choice("attention", self.attention, ATTENTIONS)
         _check_choice("lora-dtype", self.lora_dtype, DTYPES)
+        if self.loss in LOSS_ALIASES:
+            object.__setattr__(self, "loss", LOSS_ALIASES[self.loss])
+        _check_choice("activation-offload", self.activation_offload, ACTIVATION_OFFLOADS)
+        _check_choice("loss", self.loss, LOSSES)
+        if self.attention == "flash_attention_2" and (self.bits == 32 or self.compute_dtype == "fp32"):
+            raise MemplanError("flash_attention_2 runs in fp16/bf16 only (flash-attn's kernels); use --compute-dtype "
+                               "bf16 and 4/8/16-bit weights, or --attention sdpa")
+        if self.activation_offload == "checkpoints" and not self.gradient_checkpointing:
+            raise MemplanError("activation-offload checkpoints offloads the checkpointed layer inputs: it needs "
+                               "--checkpointing on (or use --activation-offload all)")
         for name in ("batch_size", "seq_len", "lora_r", "lora_alpha"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

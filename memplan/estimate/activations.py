@@ -83,10 +83,13 @@ def sdpa_gets_a_mask(model: ModelSpec, seq_len: int) -> bool:
 
 
 def effective_attention(model: ModelSpec, train: TrainSpec) -> str:
-    """The attention that runs. transformers implements Gemma-2's soft-capping only in its eager attention.
+    """The attention that runs. transformers implements Gemma-2's soft-capping only in its eager attention
+    (flash-attn takes a softcap argument, so flash_attention_2 keeps it in the kernel).
     Falcon-7B's multi-query SDPA call passes one k/v head without enable_gqa, which torch 2.13's flash,
     memory-efficient and cuDNN kernels all reject (sdp_utils check_batch_size_and_num_heads_dense): CUDA runs
     the math kernel, which upcasts q, k, v to fp32 and keeps the fp32 softmax (b·a·s²·4 B)."""
+    if train.attention == FA2:
+        return FA2
     if softcapped(model):
         return "eager"
     cfg = model.hf_config
@@ -94,6 +97,10 @@ def effective_attention(model: ModelSpec, train: TrainSpec) -> str:
             and not cfg.get("new_decoder_architecture")):
         return "math"
     return train.attention
+
+
+FA2 = "flash_attention_2"
+FUSED = ("sdpa", FA2)  # O(s) attention kernels: no b·a·s² scores
 
 
 class Saved:
@@ -174,7 +181,21 @@ def _attention(sv: Saved, ctx: Ctx, model: ModelSpec, layer: LayerSpec, x_norm: 
     if model.model_type != "opt":  # rotary: q*cos + rotate_half(q)*sin makes new q and k
         q = sv.tensor("q.rot", a * d * e)
         k = sv.tensor("k.rot", kv * d * e)
-    if ctx.attention == "sdpa":
+    if ctx.attention == FA2:
+        # transformers' flash_attention_forward (integrations/flash_attention.py) -> _flash_attention_forward:
+        # no mask (flash_attention_mask returns None for unpadded batches), sliding windows and soft-capping
+        # inside the kernel, GQA native (k/v keep their kv heads). fa_peft_integration_check casts fp32 q/k/v
+        # (prepare_model_for_kbit_training's fp32 stream) to the model dtype: new tensors, the ones saved.
+        # flash_attn_interface.py FlashAttnFunc.forward saves q, k, v, out and the fp32 softmax_lse (b, a, s).
+        if e != ctx.c:
+            q = sv.tensor("q.fa", a * d * ctx.c)
+            k = sv.tensor("k.fa", kv * d * ctx.c)
+            v = sv.tensor("v.fa", kv * d * ctx.c)
+        for t in (q, k, v):
+            sv.keep(t, "attn")
+        sv.new("attn.out", a * d * ctx.c, "attn")
+        sv.new("attn.lse", a * 4, "attn")
+    elif ctx.attention == "sdpa":
         masked = sdpa_gets_a_mask(model, ctx.s)
         if masked and kv != a:  # with a mask transformers does not use SDPA's native GQA: repeat_kv copies
             k = sv.tensor("k.rep", a * d * e)
@@ -203,9 +224,9 @@ def _attention(sv: Saved, ctx: Ctx, model: ModelSpec, layer: LayerSpec, x_norm: 
             sv.new("probs", a * ctx.s * e, "attn")  # .to(q.dtype), saved by probs @ v
     # o_proj's input: transpose(1, 2).contiguous(). The fused kernels already write their output in the
     # (b, s, heads, d) layout, so the copy is a no-op there; eager's matmul output needs a real copy.
-    ctx_t = "attn.out" if ctx.attention == "sdpa" else sv.tensor("attn.ctx", a * d * e)
+    ctx_t = "attn.out" if ctx.attention in FUSED else sv.tensor("attn.ctx", a * d * e)
     o = lins.get("o_proj") or lins.get("out_proj") or lins.get("dense")
-    _linear(sv, ctx, o, ctx_t, e, "attn")
+    _linear(sv, ctx, o, ctx_t, ctx.c if ctx.attention == FA2 else e, "attn")
     if _opt_dropout(model):  # OPT's residual dropout keeps a bool mask
         sv.new("attn.resid_mask", h, "attn")
 
@@ -319,7 +340,7 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     h, e = model.hidden_size, ctx.e
     stored, saved, saved_attn = [], [], []
     # per-token layer figures do not depend on batch, optimizer or (for fused attention) sequence length
-    per_seq = ctx.attention != "sdpa" or sdpa_gets_a_mask(model, train.seq_len)
+    per_seq = ctx.attention not in FUSED or (ctx.attention == "sdpa" and sdpa_gets_a_mask(model, train.seq_len))
     layer_key = train.with_(batch_size=1, optimizer="adamw", seq_len=train.seq_len if per_seq else 1)
     widest = cast = 0
     for n, layer in model.layers:
@@ -335,10 +356,10 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     fixed = 8 * 3 + 2 * model.head_dim * e + h * e + (8 if model.model_type in ("falcon", "gpt_neox", "opt") else 4)
     if ctx.attention in ("eager", "math"):  # the 4-D causal mask (b, 1, s, s) in the activation dtype; Gemma-2
         fixed += (2 if model.model_type == "gemma2" else 1) * train.seq_len * e  # builds a second, sliding
-    eager = model.num_heads * train.seq_len * (2 * e + 4) if ctx.attention != "sdpa" else 0
+    eager = model.num_heads * train.seq_len * (2 * e + 4) if ctx.attention not in FUSED else 0
     fwd_transient = widest * (e + ctx.c) + h * ctx.c + eager
     bwd_mlp = int(k["mlp_h"] * h * e + k["mlp_i"] * widest * e) + cast  # a copy alive beside the recompute
     bwd_attn = int(k["attn_h"] * h * e + k["attn_qkv"] * (model.num_heads + 2 * model.num_kv_heads) * model.head_dim * e
-                   + (model.num_heads * train.seq_len * (e + 4 + 4) if ctx.attention != "sdpa" else 0))
+                   + (model.num_heads * train.seq_len * (e + 4 + 4) if ctx.attention not in FUSED else 0))
     dequant = model.max_quantized_numel * ctx.c if train.quantized else 0
     return Activations(stored, saved, saved_attn, fixed, fwd_transient, bwd_mlp, bwd_attn, dequant)

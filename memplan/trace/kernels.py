@@ -122,9 +122,63 @@ def _make_fused_attention():
         return FusedAttention.apply(query, key, value, bias, scale, bool(is_causal))
 
     fused_attention.original = torch.nn.functional.scaled_dot_product_attention
+    fused_attention.apply_kernel = FusedAttention.apply
     fused_attention.math_fallbacks = set()
     fused_attention.masked = 0
     return fused_attention
+
+
+class _MetaAutocastTorch:
+    """torch, as seen by transformers' flash_attention integration, but for is_autocast_enabled("meta") (torch
+    has no autocast for meta and raises): False, as for a step without autocast on the GPU."""
+
+    def __getattr__(self, name):
+        import torch
+
+        return getattr(torch, name)
+
+    @staticmethod
+    def is_autocast_enabled(device_type=None):
+        import torch
+
+        if device_type == "meta":
+            return False
+        return torch.is_autocast_enabled(device_type) if device_type else torch.is_autocast_enabled()
+
+
+def _make_flash_attn(fused_apply):
+    """flash-attn 2's Python entry points (flash_attn_interface.py flash_attn_func / flash_attn_varlen_func), with
+    their memory signature, for transformers' flash_attention_2 integration. flash-attn does not build on a
+    CPU-only machine, so the trace models it from its source: FlashAttnFunc.forward pads a head_dim that is not a
+    multiple of 8 (a copy of q, k and v), and mha_fwd (csrc/flash_attn/flash_api.cpp) allocates the output
+    (b, s, a, d), the fp32 softmax_lse (b, a, s) and a 2 x int64 rng_state, all saved with q, k, v for the
+    backward; mha_bwd's dq/dk/dv, fp32 dq_accum, softmax_d and expanded GQA dk/dv are FusedAttention's. GQA is
+    native (k/v keep their kv heads); the causal window and soft-capping run inside the kernel (no mask, no
+    b·a·s² tensor). With real tensors the values come from an untracked math attention that ignores the window
+    and the soft-cap: the bytes, not the numbers, are what the trace is for."""
+    import torch
+
+    def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                        softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+        d = q.shape[-1]
+        if d % 8:
+            pad = 8 - d % 8
+            q, k, v = (torch.nn.functional.pad(t, [0, pad]) for t in (q, k, v))
+        if softmax_scale is None:
+            softmax_scale = d ** -0.5
+        flash_attn_func.calls += 1
+        out = fused_apply(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, softmax_scale,
+                          bool(causal)).transpose(1, 2)
+        return out[..., :d] if d % 8 else out
+
+    def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                               softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                               alibi_slopes=None, deterministic=False, return_attn_probs=False, block_table=None):
+        raise RuntimeError("padded or packed batches (flash_attn_varlen_func) are not traced: memplan's batch is "
+                           "unpadded, one sequence per row")
+
+    flash_attn_func.calls = 0
+    return flash_attn_func, flash_attn_varlen_func
 
 
 def _native_dropout(original):
@@ -214,11 +268,14 @@ def _make_grouped_mm():
 
 @contextlib.contextmanager
 def patched(train: TrainSpec):
-    import torch
     import torch.nn.functional as F
     import transformers.masking_utils as mu
+    import transformers.modeling_flash_attention_utils as mfu
 
     saved = (F.scaled_dot_product_attention, F.dropout, mu.find_packed_sequence_indices)
+    import transformers.integrations.flash_attention as fa_int
+
+    saved_fa = (mfu.lazy_import_flash_attention, mfu._is_packed_sequence, fa_int.torch)
     try:
         import transformers.integrations.moe as moe
     except ImportError:  # pragma: no cover
@@ -230,14 +287,23 @@ def patched(train: TrainSpec):
             moe._grouped_mm = _make_grouped_mm()
         if train.attention == "sdpa":
             fused = F.scaled_dot_product_attention = _make_fused_attention()
+        elif train.attention == "flash_attention_2":
+            flash_fn, varlen_fn = _make_flash_attn(_make_fused_attention().apply_kernel)
+            loaded = ((flash_fn, varlen_fn, None, mfu._pad_input, mfu._unpad_input),
+                      (mfu._lazy_define_process_function(varlen_fn), None))
+            mfu.lazy_import_flash_attention = lambda *a, **k: loaded
+            # data-dependent (reads position_ids): memplan's batch is one unpacked sequence per row
+            mfu._is_packed_sequence = lambda *a, **k: False
+            fa_int.torch = _MetaAutocastTorch()  # get_target_dtype asks torch.is_autocast_enabled("meta")
+            fused = flash_fn
         F.dropout = _native_dropout(saved[1])
         mu.find_packed_sequence_indices = lambda *a, **k: None
         yield fused
     finally:
         F.scaled_dot_product_attention, F.dropout, mu.find_packed_sequence_indices = saved
+        mfu.lazy_import_flash_attention, mfu._is_packed_sequence, fa_int.torch = saved_fa
         if saved_gmm is not None:
             moe._grouped_mm = saved_gmm
-        del torch
 
 
 @contextlib.contextmanager
@@ -282,6 +348,10 @@ def meta_params4bit_deepcopy(enabled: bool):
 def attention_notes(model: ModelSpec, fused) -> list[str]:
     if fused is None:
         return []
+    if hasattr(fused, "calls"):  # flash_attention_2
+        return [f"flash_attention_2: flash-attn does not install on this machine; its kernel's allocations are "
+                f"modelled from its source (flash_attn_interface.py, flash_api.cpp mha_fwd/mha_bwd) and run "
+                f"{fused.calls} time(s) under transformers' real flash_attention_2 integration"]
     notes = []
     for (qh,), (kh,) in sorted(fused.math_fallbacks):
         notes.append(
