@@ -27,7 +27,9 @@ Choices that change memory, stated once here:
   ...) onto those fused parameters for mixtral / qwen2_moe (peft/utils/transformers_weight_conversion.py) --
   even for "all-linear" -- and its ParamWrapper then refuses lora_dropout != 0; the recipe skips that remap
   (`_no_moe_remap`) so the targets mean the same thing for every architecture.
-- Gradient checkpointing is HF's, non-reentrant (use_reentrant=False, the transformers default).
+- Gradient checkpointing is HF's, non-reentrant (use_reentrant=False, the transformers default);
+  --activation-offload checkpoints is transformers' own offload=True; --activation-offload all is TRL's
+  OffloadActivations around forward and backward (SFTTrainer(activation_offloading=True)).
 - The loss is computed inside the model (labels=input_ids) and only the loss is kept, as HF Trainer does:
   the logits are freed as soon as the loss no longer needs them.
 """
@@ -110,12 +112,17 @@ def lora_config(model: ModelSpec, train: TrainSpec):
     )
 
 
-def enable_checkpointing(model) -> None:
+def enable_checkpointing(model, offload: bool = False) -> None:
+    """HF gradient checkpointing, non-reentrant; offload=True is transformers' offloaded checkpointing
+    (activation_checkpointing_enable(offload=True): save_on_cpu(pin_memory=True) around each checkpointed layer)."""
     kwargs = {"use_reentrant": False}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, offload=offload)
+        elif offload:
+            raise MemplanError("--activation-offload checkpoints needs transformers' activation_checkpointing_enable"
+                               "(offload=True) (transformers >= 5)")
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
@@ -126,11 +133,12 @@ def apply_recipe(model, model_spec: ModelSpec, train: TrainSpec):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        offload = train.activation_offload == "checkpoints"
         if train.method == "full":
             for p in model.parameters():
                 p.requires_grad_(True)
             if train.gradient_checkpointing:
-                enable_checkpointing(model)
+                enable_checkpointing(model, offload)
             model.train()
             return model
         from peft import get_peft_model, prepare_model_for_kbit_training
@@ -139,8 +147,10 @@ def apply_recipe(model, model_spec: ModelSpec, train: TrainSpec):
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=train.gradient_checkpointing,
                 gradient_checkpointing_kwargs={"use_reentrant": False})
+            if offload:  # PEFT enables plain checkpointing; the offloaded variant replaces its checkpoint function
+                enable_checkpointing(model, offload)
         elif train.gradient_checkpointing:
-            enable_checkpointing(model)
+            enable_checkpointing(model, offload)
         dtype_name = _TORCH_DTYPES[train.lora_dtype]
         autocast = train.lora_dtype == "fp32"
         with _no_moe_remap():
@@ -207,12 +217,26 @@ def _noop(_phase: str) -> None:
     pass
 
 
-def train_step(model, optimizer, input_ids, on_phase=_noop):
-    """One training step as a script runs it; returns the loss as a Python-free (detached) tensor."""
-    on_phase("forward")
-    loss = model(input_ids=input_ids, labels=input_ids).loss
-    on_phase("backward")
-    loss.backward()
+def activation_offload_context(model, train: TrainSpec):
+    """--activation-offload all on a GPU: TRL's OffloadActivations (trl.models.get_act_offloading_ctx_manager, its
+    defaults), entered around forward and backward as SFTTrainer.training_step does. None otherwise."""
+    if train.activation_offload != "all":
+        return None
+    try:
+        from trl.models import get_act_offloading_ctx_manager
+    except ImportError as e:
+        raise MemplanError(f"--activation-offload all runs TRL's OffloadActivations: pip install trl ({e})") from None
+    return get_act_offloading_ctx_manager(model, warn_if_no_head=False)
+
+
+def train_step(model, optimizer, input_ids, on_phase=_noop, step_context=None):
+    """One training step as a script runs it; returns the loss as a Python-free (detached) tensor. step_context
+    (activation offloading) wraps forward and backward."""
+    with step_context if step_context is not None else contextlib.nullcontext():
+        on_phase("forward")
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        on_phase("backward")
+        loss.backward()
     on_phase("optimizer")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

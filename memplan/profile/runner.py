@@ -345,6 +345,7 @@ def _measure(job: dict, profile: dict, meas: dict, state: dict) -> None:
     times = meas.setdefault("step_times_s", [])
     losses = meas.setdefault("losses", [])
     ctx = tracker if tracker is not None else _Null()
+    offload_ctx = recipe.activation_offload_context(model, train) if device == "cuda" else None
     # the tracker outside, the kernel models inside (as the trace nests them): a dispatch mode pushed later sees
     # an op first, so the tracker counts what the gemm_4bit model allocates
     with ctx, _kernel_models(run, train, device):
@@ -357,7 +358,7 @@ def _measure(job: dict, profile: dict, meas: dict, state: dict) -> None:
                 meter.enter(name)
 
             t = time.perf_counter()
-            loss = recipe.train_step(model, optimizer, input_ids, on_phase)
+            loss = recipe.train_step(model, optimizer, input_ids, on_phase, offload_ctx)
             if device == "cuda":
                 torch.cuda.synchronize()
             times.append(round(time.perf_counter() - t, 6))

@@ -19,10 +19,12 @@ def _is_meta(t) -> bool:
 
 @contextlib.contextmanager
 def _untracked():
-    """Run real computations that a fused GPU kernel does in registers / its own workspace, unseen."""
+    """Run real computations that a fused GPU kernel does in registers / its own workspace, unseen (by the tracker
+    and by any saved-tensor hooks, e.g. activation offloading's)."""
+    import torch
     from torch.utils._python_dispatch import _disable_current_modes
 
-    with _disable_current_modes():
+    with _disable_current_modes(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
         yield
 
 

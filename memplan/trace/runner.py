@@ -47,6 +47,7 @@ from memplan.errors import MemplanError
 from memplan.spec import ModelSpec, TrainSpec
 from memplan.trace.attribution import Attribution, finish_phase, register_model
 from memplan.trace.build import build_model
+from memplan.trace.offload import HostLedger, OffloadActivationsModel, checkpoint_offload, offload_note
 from memplan.trace.kernels import attention_notes, gemm_4bit_cuda_semantics, meta_params4bit_deepcopy, patched
 from memplan.trace.tracker import CATEGORIES, PHASES, LiveBytesTracker
 
@@ -70,6 +71,7 @@ class TraceResult:
     wall_s: float = 0.0
     steps: int = 2
     phase_components: dict = field(default_factory=dict)
+    host: dict = field(default_factory=dict)  # offloaded activations: host peak, PCIe bytes per step
 
     def to_dict(self, timeline_csv: str | None = None) -> dict:
         return {
@@ -86,6 +88,7 @@ class TraceResult:
             "notes": list(self.notes),
             "device": "cpu" if self.real else "meta",
             "wall_s": round(self.wall_s, 3),
+            "host": dict(self.host),
         }
 
 
@@ -144,12 +147,16 @@ def run_trace(model: ModelSpec, train: TrainSpec, *, real: bool = False, steps: 
         attribution.start_phase(phase)
 
     gemm_mode = gemm_4bit_cuda_semantics() if train.bits == 4 else contextlib.nullcontext()
+    ledger = HostLedger()
+    offload_all = OffloadActivationsModel(peft_model, ledger) if train.activation_offload == "all" else None
+    offload_ckpt = checkpoint_offload(ledger) if train.activation_offload == "checkpoints" else contextlib.nullcontext()
     try:
-        with patched(train) as fused, warnings.catch_warnings():
+        with patched(train) as fused, warnings.catch_warnings(), offload_ckpt:
             warnings.simplefilter("ignore")
             with tracker, gemm_mode:
                 for _ in range(steps):
-                    recipe.train_step(peft_model, optimizer, input_ids, on_phase)
+                    recipe.train_step(peft_model, optimizer, input_ids, on_phase,
+                                      offload_all.step() if offload_all else None)
                     finish_phase(tracker, "optimizer", phase_marks["optimizer"], peft_model, optimizer)
         notes.extend(attention_notes(model, fused))
     except MemplanError:
@@ -164,6 +171,10 @@ def run_trace(model: ModelSpec, train: TrainSpec, *, real: bool = False, steps: 
     finally:
         attribution.close()
         torch.set_num_threads(torch_threads)
+        if offload_all:
+            offload_all.remove()
+    if train.activation_offload != "off":
+        notes.append(offload_note(train, ledger, steps))
 
     records = tracker.peak_records()
     components = tracker.by_category(records)
@@ -176,6 +187,7 @@ def run_trace(model: ModelSpec, train: TrainSpec, *, real: bool = False, steps: 
         components={c: components.get(c, 0) for c in CATEGORIES}, peak_bytes=tracker.peak,
         peak_phase=tracker.peak_phase, phases=phases, top_tensors=top,
         timeline=list(tracker.timeline), notes=notes, real=real, steps=steps,
+        host=ledger.per_step(steps) if train.activation_offload != "off" else {},
     )
     tracker.stop()
     del optimizer, peft_model, hf, params, tracker, attribution
