@@ -103,7 +103,7 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
 
     def layer_bwd(idx: int, done_grads: int) -> dict[str, int]:
         kept = sum(a.stored_per_layer[: idx + 1]) + a.fixed
-        recompute = a.layer_saved[idx] if train.gradient_checkpointing else 0
+        recompute = (a.layer_saved[idx] if train.gradient_checkpointing else 0) + a.reload
         work = max(a.bwd_work_mlp, a.bwd_work_attn - (a.layer_saved[idx] - a.layer_saved_attn[idx]))
         return _candidate(steady, gradients=done_grads, activations=T * (kept + recompute),
                           temporaries=T * work + a.dequant_bytes)

@@ -110,12 +110,15 @@ class Saved:
     def __init__(self):
         self.size: dict[str, int] = {}
         self.kept: dict[str, str] = {}  # name -> group ("attn" | "mlp")
+        self.shared: set[str] = set()  # saved by more than one op (activation offloading keeps these on the device)
 
     def tensor(self, name: str, nbytes: int) -> str:
         self.size[name] = nbytes
         return name
 
     def keep(self, name: str, group: str) -> None:
+        if name in self.kept:
+            self.shared.add(name)
         self.kept.setdefault(name, group)
 
     def new(self, name: str, nbytes: int, group: str) -> str:
@@ -149,11 +152,14 @@ def _norm(sv: Saved, ctx: Ctx, x: str, h: int, kind: str, group: str, name: str)
     if kind == "layer":  # LayerNorm saves input, fp32 mean and rstd
         sv.keep(x, group)
         sv.new(f"{name}.stats", 8, group)
-    else:  # RMSNorm: fp32 view of the input (a copy if 16-bit) and rsqrt
+    else:  # RMSNorm: fp32 view of the input (a copy if 16-bit) and rsqrt; pow(2) and the mul by rsqrt both save
+        # that fp32 tensor (a storage saved twice: activation offloading's dedupe keeps it on the device)
         if ctx.e == 4:
+            sv.keep(x, group)
             sv.keep(x, group)
         else:
             sv.new(f"{name}.x32", 4 * h, group)
+            sv.keep(f"{name}.x32", group)
         sv.new(f"{name}.rstd", 4, group)
     return sv.tensor(f"{name}.out", h * ctx.e)
 
@@ -317,6 +323,20 @@ def _layer_totals(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> tuple
     return sv.total() - x, sv.total("attn") - (x if sv.kept.get("x") == "attn" else 0), x
 
 
+@lru_cache(maxsize=4096)
+def _offload_split(model: ModelSpec, layer: LayerSpec, train: TrainSpec, tokens: int) -> tuple[int, int]:
+    """--activation-offload all without checkpointing (TRL OffloadActivations' rules, memplan/trace/offload.py):
+    (bytes per token a layer keeps on the device, bytes per token brought back at once in its backward).
+    Kept: a storage saved a second time while its first copy is in flight (TRL's storage-key dedupe keeps that
+    reference on the device until backward) and tensors under min_offload_size (1024 B). Brought back: a tensor
+    lives until the autograd node after the one that unpacked it finishes: the layer's two largest saved tensors."""
+    sv = layer_saved(model, layer, Ctx.of(train, model))
+    kept = [n for n in sv.kept if n != "x" or sv.kept.get("x")]
+    device = sum(sv.size[n] for n in kept if n in sv.shared or sv.size[n] * tokens < 1024)
+    largest = sorted((sv.size[n] for n in kept if n not in sv.shared), reverse=True)[:2]
+    return device, sum(largest)
+
+
 # ------------------------------------------------------------------------------------------ whole-model view
 
 
@@ -332,6 +352,9 @@ class Activations:
     bwd_work_mlp: int  # gradient working set at the start of a layer's backward
     bwd_work_attn: int  # ... at its attention backward
     dequant_bytes: int  # absolute: bitsandbytes' dequantized copy of the largest linear
+    # activation offloading (memplan/estimate/offload.py): per token
+    host_per_layer: tuple = ()  # what each layer's saved set puts in pinned host memory
+    reload: int = 0  # brought back to the device during one layer's backward
 
 
 def activations(model: ModelSpec, train: TrainSpec) -> Activations:
@@ -362,4 +385,29 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     bwd_attn = int(k["attn_h"] * h * e + k["attn_qkv"] * (model.num_heads + 2 * model.num_kv_heads) * model.head_dim * e
                    + (model.num_heads * train.seq_len * (e + 4 + 4) if ctx.attention not in FUSED else 0))
     dequant = model.max_quantized_numel * ctx.c if train.quantized else 0
-    return Activations(stored, saved, saved_attn, fixed, fwd_transient, bwd_mlp, bwd_attn, dequant)
+    host, reload = (), 0
+    if train.activation_offload != "off":
+        stored, host, reload = _offloaded(model, train, layer_key, stored, h * e)
+    return Activations(stored, saved, saved_attn, fixed, fwd_transient, bwd_mlp, bwd_attn, dequant, host, reload)
+
+
+def _offloaded(model: ModelSpec, train: TrainSpec, layer_key: TrainSpec, stored: list[int], x_bytes: int):
+    """The device / host split of what each layer keeps, under activation offloading.
+    Checkpointing on (either mode): each checkpointed layer input goes to the host (torch's _NoopSaveInputs saves
+    it under the offload hooks; everything else is saved through the checkpoint's own inner hooks). The first
+    layer's input stays on the device anyway when the embedding is frozen: enable_input_require_grads makes that
+    output a leaf that requires grad, which its AccumulateGrad node holds until backward. In backward each layer's
+    input comes back as a new device copy (x_bytes). Checkpointing off (all): _offload_split."""
+    if train.gradient_checkpointing:
+        leaf = train.method == "lora" and "embed_tokens" not in train.modules_to_save
+        device = [x_bytes if (i == 0 and leaf) else 0 for i in range(len(stored))]
+        return device, tuple(stored), x_bytes
+    device, host, reload = [], [], 0
+    tokens = train.batch_size * train.seq_len
+    for n, layer in model.layers:
+        kept, back = _offload_split(model, layer, layer_key, tokens)
+        total, _, x_kept = _layer_totals(model, layer, layer_key)
+        device += [kept] * n
+        host += [total + x_kept - kept] * n
+        reload = max(reload, back)
+    return device, tuple(host), reload
