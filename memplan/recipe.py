@@ -229,12 +229,47 @@ def activation_offload_context(model, train: TrainSpec):
     return get_act_offloading_ctx_manager(model, warn_if_no_head=False)
 
 
-def train_step(model, optimizer, input_ids, on_phase=_noop, step_context=None):
+def fused_loss_fn(train: TrainSpec):
+    """The real fused linear cross-entropy for --loss liger | cce (GPU runs): fn(hidden, weight, labels, softcap)."""
+    if train.loss == "liger":
+        from liger_kernel.transformers.model.loss_utils import LigerForCausalLMLoss
+
+        return lambda h, w, labels, softcap=None: LigerForCausalLMLoss(
+            h, w, labels, h.shape[-1], final_logit_softcapping=softcap)
+    from cut_cross_entropy import linear_cross_entropy
+
+    return lambda h, w, labels, softcap=None: linear_cross_entropy(h, w, labels, softcap=softcap, shift=1)
+
+
+def compute_loss(model, input_ids, train: TrainSpec, fused=None):
+    """The loss as the training script computes it. standard: the model's own (labels=input_ids: b·s·V logits,
+    ForCausalLMLoss). liger / cce: the decoder's final hidden states go straight into the fused linear
+    cross-entropy with the output layer's weight (what Liger's lce_forward and axolotl's CCE patch do), so no
+    logits tensor exists; `fused` replaces the library function (the trace's models)."""
+    import torch
+
+    if train.loss == "standard":
+        return model(input_ids=input_ids, labels=input_ids).loss
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    if not isinstance(getattr(head, "weight", None), torch.Tensor) or "lm_head" in train.modules_to_save:
+        raise MemplanError(f"--loss {train.loss} takes the output layer's weight as a plain tensor; a LoRA- or "
+                           "modules_to_save-wrapped lm_head is not supported")
+    hidden = base.base_model(input_ids=input_ids).last_hidden_state
+    softcap = getattr(base.config, "final_logit_softcapping", None)
+    return (fused or fused_loss_fn(train))(hidden, head.weight, input_ids, softcap)
+
+
+def train_step(model, optimizer, input_ids, on_phase=_noop, step_context=None, train: TrainSpec | None = None,
+               fused_loss=None):
     """One training step as a script runs it; returns the loss as a Python-free (detached) tensor. step_context
     (activation offloading) wraps forward and backward."""
     with step_context if step_context is not None else contextlib.nullcontext():
         on_phase("forward")
-        loss = model(input_ids=input_ids, labels=input_ids).loss
+        if train is None or train.loss == "standard":
+            loss = model(input_ids=input_ids, labels=input_ids).loss
+        else:
+            loss = compute_loss(model, input_ids, train, fused_loss)
         on_phase("backward")
         loss.backward()
     on_phase("optimizer")

@@ -184,6 +184,12 @@ class TrainSpec:
         if self.attention == "flash_attention_2" and (self.bits == 32 or self.compute_dtype == "fp32"):
             raise MemplanError("flash_attention_2 runs in fp16/bf16 only (flash-attn's kernels); use --compute-dtype "
                                "bf16 and 4/8/16-bit weights, or --attention sdpa")
+        if self.loss == "cce" and self.upcast_applies:
+            raise MemplanError("--loss cce: Cut Cross-Entropy's backward takes bf16/fp16 hidden states only "
+                               "(cut_cross_entropy/cce_backward.py), and prepare_model_for_kbit_training makes them "
+                               "fp32: add --upcast off, or use --loss liger")
+        if self.loss == "cce" and (self.bits == 32 or self.compute_dtype == "fp32"):
+            raise MemplanError("--loss cce needs bf16/fp16 hidden states (cut_cross_entropy/cce_backward.py)")
         if self.activation_offload == "checkpoints" and not self.gradient_checkpointing:
             raise MemplanError("activation-offload checkpoints offloads the checkpointed layer inputs: it needs "
                                "--checkpointing on (or use --activation-offload all)")

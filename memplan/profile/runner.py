@@ -346,6 +346,11 @@ def _measure(job: dict, profile: dict, meas: dict, state: dict) -> None:
     losses = meas.setdefault("losses", [])
     ctx = tracker if tracker is not None else _Null()
     offload_ctx = recipe.activation_offload_context(model, train) if device == "cuda" else None
+    fused_loss = None
+    if train.loss != "standard" and device != "cuda":  # Liger / CCE run Triton kernels: CUDA only
+        from memplan.trace.losses import make_cce, make_liger
+
+        fused_loss = {"liger": make_liger, "cce": make_cce}[train.loss]()
     # the tracker outside, the kernel models inside (as the trace nests them): a dispatch mode pushed later sees
     # an op first, so the tracker counts what the gemm_4bit model allocates
     with ctx, _kernel_models(run, train, device):
@@ -358,7 +363,7 @@ def _measure(job: dict, profile: dict, meas: dict, state: dict) -> None:
                 meter.enter(name)
 
             t = time.perf_counter()
-            loss = recipe.train_step(model, optimizer, input_ids, on_phase, offload_ctx)
+            loss = recipe.train_step(model, optimizer, input_ids, on_phase, offload_ctx, train, fused_loss)
             if device == "cuda":
                 torch.cuda.synchronize()
             times.append(round(time.perf_counter() - t, 6))

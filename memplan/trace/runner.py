@@ -47,6 +47,7 @@ from memplan.errors import MemplanError
 from memplan.spec import ModelSpec, TrainSpec
 from memplan.trace.attribution import Attribution, finish_phase, register_model
 from memplan.trace.build import build_model
+from memplan.trace.losses import make_cce, make_liger
 from memplan.trace.offload import HostLedger, OffloadActivationsModel, checkpoint_offload, offload_note
 from memplan.trace.kernels import attention_notes, gemm_4bit_cuda_semantics, meta_params4bit_deepcopy, patched
 from memplan.trace.tracker import CATEGORIES, PHASES, LiveBytesTracker
@@ -148,6 +149,10 @@ def run_trace(model: ModelSpec, train: TrainSpec, *, real: bool = False, steps: 
 
     gemm_mode = gemm_4bit_cuda_semantics() if train.bits == 4 else contextlib.nullcontext()
     ledger = HostLedger()
+    fused_loss = {"liger": make_liger, "cce": make_cce}[train.loss]() if train.loss != "standard" else None
+    if fused_loss:
+        notes.append(f"--loss {train.loss}: the fused linear cross-entropy's allocations are modelled from its "
+                     "source (memplan/trace/losses.py: Triton kernels need CUDA); no b·s·V logits")
     offload_all = OffloadActivationsModel(peft_model, ledger) if train.activation_offload == "all" else None
     offload_ckpt = checkpoint_offload(ledger) if train.activation_offload == "checkpoints" else contextlib.nullcontext()
     try:
@@ -156,7 +161,7 @@ def run_trace(model: ModelSpec, train: TrainSpec, *, real: bool = False, steps: 
             with tracker, gemm_mode:
                 for _ in range(steps):
                     recipe.train_step(peft_model, optimizer, input_ids, on_phase,
-                                      offload_all.step() if offload_all else None)
+                                      offload_all.step() if offload_all else None, train, fused_loss)
                     finish_phase(tracker, "optimizer", phase_marks["optimizer"], peft_model, optimizer)
         notes.extend(attention_notes(model, fused))
     except MemplanError:
