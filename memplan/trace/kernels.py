@@ -366,3 +366,73 @@ def attention_notes(model: ModelSpec, fused) -> list[str]:
             "kernel (flash takes no mask); the trace keeps the additive b·s² mask it saves for backward and "
             "otherwise counts flash attention's O(s) buffers")
     return notes
+
+
+# LLM.int8's outlier columns are data-dependent (bitsandbytes backends/cuda/ops.py int8_vectorwise_quant:
+# argwhere over the columns holding any |x| >= threshold, 6.0 by default). On meta the trace states their number:
+# Dettmers et al. 2022 (LLM.int8(), §4) find the emergent outliers of 6.7B+ models in about 6 hidden dimensions.
+INT8_OUTLIER_COLUMNS = 6
+
+
+def int8_outliers_mode():
+    """A dispatch mode that answers bitsandbytes::int8_vectorwise_quant on meta with INT8_OUTLIER_COLUMNS outlier
+    columns (its fake kernel asks for a dynamic size, which meta tensors cannot give); real tensors run as is."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    op = torch.ops.bitsandbytes.int8_vectorwise_quant.default
+    mixed = torch.ops.bitsandbytes.int8_mixed_scaled_mm.default
+
+    def mixed_mm(A, CA, CB, SCA, SCB, outlier_cols=None, bias=None):
+        """bitsandbytes backends/default/ops.py int8_mixed_scaled_mm (the kernel CUDA runs too), step by step."""
+        subB = None
+        if outlier_cols is not None and outlier_cols.numel():
+            subA = A[:, outlier_cols].contiguous()
+            subB = torch.ops.bitsandbytes.int8_vectorwise_dequant.default(CB[:, outlier_cols].contiguous(), SCB)
+            subB = subB.to(A.dtype).t()
+        else:
+            subA = torch.empty(0, device=A.device, dtype=A.dtype)
+        output = torch.ops.bitsandbytes.int8_scaled_mm.default(CA, CB, SCA, SCB, bias=bias, dtype=A.dtype)
+        if subB is not None:
+            output = output.addmm(subA, subB)
+        return output, subA
+
+    class Int8Outliers(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is mixed and _is_meta(args[0]):
+                return mixed_mm(*args, **kwargs)
+            if func is not op or not _is_meta(args[0]):
+                return func(*args, **kwargs)
+            a = args[0]
+            threshold = args[1] if len(args) > 1 else kwargs.get("threshold", 0.0)
+            out_row = torch.empty(a.shape, device=a.device, dtype=torch.int8)
+            row_stats = torch.empty(a.numel() // a.shape[-1], device=a.device, dtype=torch.float32)
+            if not threshold:
+                return out_row, row_stats, None
+            cols = min(INT8_OUTLIER_COLUMNS, a.shape[-1])
+            return out_row, row_stats, torch.empty(cols, device=a.device, dtype=torch.int64)
+
+    return Int8Outliers()
+
+
+@contextlib.contextmanager
+def meta_adafactor_scalars():
+    """transformers' Adafactor._get_lr takes max(eps2, state["RMS"]) in Python: with a meta RMS that needs
+    .item(). The learning rate is a Python float that allocates nothing, so on meta the RMS reads as 1.0; real
+    tensors run the original."""
+    from transformers.optimization import Adafactor
+
+    original = Adafactor._get_lr
+
+    def get_lr(param_group, param_state):
+        rms = param_state.get("RMS")
+        if hasattr(rms, "device") and _is_meta(rms):
+            param_state = {**param_state, "RMS": 1.0}
+        return original(param_group, param_state)
+
+    Adafactor._get_lr = staticmethod(get_lr)
+    try:
+        yield
+    finally:
+        Adafactor._get_lr = staticmethod(original)

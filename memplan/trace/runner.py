@@ -49,7 +49,15 @@ from memplan.trace.attribution import Attribution, finish_phase, register_model
 from memplan.trace.build import build_model
 from memplan.trace.losses import make_cce, make_liger
 from memplan.trace.offload import HostLedger, OffloadActivationsModel, checkpoint_offload, offload_note
-from memplan.trace.kernels import attention_notes, gemm_4bit_cuda_semantics, meta_params4bit_deepcopy, patched
+from memplan.trace.kernels import (
+    INT8_OUTLIER_COLUMNS,
+    attention_notes,
+    gemm_4bit_cuda_semantics,
+    int8_outliers_mode,
+    meta_adafactor_scalars,
+    meta_params4bit_deepcopy,
+    patched,
+)
 from memplan.trace.tracker import CATEGORIES, PHASES, LiveBytesTracker
 
 TOP_TENSORS = 15
@@ -147,7 +155,12 @@ def run_trace(model: ModelSpec, train: TrainSpec, *, real: bool = False, steps: 
         phase_marks[phase] = tracker.events
         attribution.start_phase(phase)
 
-    gemm_mode = gemm_4bit_cuda_semantics() if train.bits == 4 else contextlib.nullcontext()
+    gemm_mode = gemm_4bit_cuda_semantics() if train.bits == 4 else (
+        int8_outliers_mode() if train.bits == 8 else contextlib.nullcontext())
+    if train.bits == 8 and not real:
+        notes.append(f"LLM.int8 outlier columns are data-dependent: the meta trace takes {INT8_OUTLIER_COLUMNS} per "
+                     "quantized input (Dettmers et al. 2022, §4: emergent outliers sit in ~6 hidden dimensions)")
+    adafactor = meta_adafactor_scalars() if train.optimizer == "adafactor" else contextlib.nullcontext()
     ledger = HostLedger()
     fused_loss = {"liger": make_liger, "cce": make_cce}[train.loss]() if train.loss != "standard" else None
     if fused_loss:
@@ -156,7 +169,7 @@ def run_trace(model: ModelSpec, train: TrainSpec, *, real: bool = False, steps: 
     offload_all = OffloadActivationsModel(peft_model, ledger) if train.activation_offload == "all" else None
     offload_ckpt = checkpoint_offload(ledger) if train.activation_offload == "checkpoints" else contextlib.nullcontext()
     try:
-        with patched(train) as fused, warnings.catch_warnings(), offload_ckpt:
+        with patched(train) as fused, warnings.catch_warnings(), offload_ckpt, adafactor:
             warnings.simplefilter("ignore")
             with tracker, gemm_mode:
                 for _ in range(steps):
