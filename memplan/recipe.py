@@ -217,6 +217,17 @@ def _noop(_phase: str) -> None:
     pass
 
 
+def apply_liger(model, train: TrainSpec) -> None:
+    """--liger on (GPU runs): liger-kernel's own instance patch, RMSNorm + SwiGLU/GeGLU + RoPE (its loss is
+    --loss liger's business, so the cross-entropy patches stay off)."""
+    if not train.liger:
+        return
+    from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+
+
 def activation_offload_context(model, train: TrainSpec):
     """--activation-offload all on a GPU: TRL's OffloadActivations (trl.models.get_act_offloading_ctx_manager, its
     defaults), entered around forward and backward as SFTTrainer.training_step does. None otherwise."""

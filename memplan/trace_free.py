@@ -12,3 +12,8 @@ def liger_chunk_size(tokens: int, vocab: int, hidden: int) -> int:
     next_power_of_2(cdiv(b·s, inc_factor)), at most b·s."""
     inc = -(-vocab // hidden)
     return min(next_pow2(-(-tokens // inc)), tokens)
+
+
+# model types whose RMSNorm and gated MLP liger-kernel 0.8.5 patches (transformers/monkey_patch.py
+# apply_liger_kernel_to_*); --liger on is refused elsewhere
+LIGER_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "phi3")

@@ -36,6 +36,7 @@ from pathlib import Path
 from memplan.estimate.lora import is_target
 from memplan.estimate.weights import unquantized_dtype_bytes
 from memplan.spec import DTYPES, LayerSpec, Linear, ModelSpec, TrainSpec
+from memplan.trace_free import LIGER_TYPES
 
 
 @lru_cache(maxsize=None)
@@ -56,12 +57,13 @@ class Ctx:
     train: TrainSpec
     s: int  # sequence length (eager scores are s wide)
     attention: str  # the attention that runs (see effective_attention)
+    liger: bool = False  # Liger's RMSNorm / SwiGLU (memplan/trace/liger.py has their saved tensors)
 
     @staticmethod
     def of(train: TrainSpec, model: ModelSpec | None = None) -> "Ctx":
         return Ctx(e=unquantized_dtype_bytes(train), c=DTYPES[train.compute_dtype], lb=DTYPES[train.lora_dtype],
                    r=train.lora_r, dropout=train.lora_dropout > 0, method=train.method, train=train, s=train.seq_len,
-                   attention=effective_attention(model, train) if model else train.attention)
+                   attention=effective_attention(model, train) if model else train.attention, liger=train.liger)
 
 
 def softcapped(model: ModelSpec) -> bool:
@@ -152,6 +154,9 @@ def _norm(sv: Saved, ctx: Ctx, x: str, h: int, kind: str, group: str, name: str)
     if kind == "layer":  # LayerNorm saves input, fp32 mean and rstd
         sv.keep(x, group)
         sv.new(f"{name}.stats", 8, group)
+    elif ctx.liger:  # LigerRMSNormFunction saves its input as is (no fp32 copy) and an fp32 rstd per row
+        sv.keep(x, group)
+        sv.new(f"{name}.rstd", 4, group)
     else:  # RMSNorm: fp32 view of the input (a copy if 16-bit) and rsqrt; pow(2) and the mul by rsqrt both save
         # that fp32 tensor (a storage saved twice: activation offloading's dedupe keeps it on the device)
         if ctx.e == 4:
@@ -267,7 +272,8 @@ def _dense_mlp(sv: Saved, ctx: Ctx, layer: LayerSpec, x_norm: str, hidden_act: s
         u = _linear(sv, ctx, up, x_norm, e, group)
         sv.keep(g, group)
         sv.keep(u, group)
-    sv.new("mlp.act", i * e, group)  # act(gate), saved by the product
+    if not ctx.liger:  # Liger's SiLU/GELU-mul saves gate and up only
+        sv.new("mlp.act", i * e, group)  # act(gate), saved by the product
     m = sv.tensor("mlp.prod", i * e)
     return _linear(sv, ctx, lins["down_proj"], m, e, group)
 
@@ -358,6 +364,11 @@ class Activations:
 
 
 def activations(model: ModelSpec, train: TrainSpec) -> Activations:
+    if train.liger and model.model_type not in LIGER_TYPES:
+        from memplan.errors import MemplanError
+
+        raise MemplanError(f"--liger on: liger-kernel has no RMSNorm/SwiGLU kernels for {model.model_type} "
+                           f"(it patches {', '.join(LIGER_TYPES)})")
     ctx = Ctx.of(train, model)
     k = coefficients()["backward"]
     h, e = model.hidden_size, ctx.e

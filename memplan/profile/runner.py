@@ -322,6 +322,13 @@ def _measure(job: dict, profile: dict, meas: dict, state: dict) -> None:
         emit("status", text="from_pretrained")
         model = load_pretrained(folder, train, device, job.get("trust_remote_code", False))
     meas["load_seconds"] = round(time.perf_counter() - t0, 3)
+    if train.liger:
+        if device == "cuda":
+            recipe.apply_liger(model, train)
+        else:  # Triton kernels need CUDA: the CPU profile runs the trace's models of them
+            from memplan.trace.liger import apply_liger_models
+
+            apply_liger_models(model, spec.model_type)
     state["model"] = model = recipe.apply_recipe(model, spec, train)
     params = recipe.trainable_parameters(model)
     meas["trainable_params"] = sum(p.numel() for p in params)

@@ -128,6 +128,12 @@ def run_trace(model: ModelSpec, train: TrainSpec, *, real: bool = False, steps: 
     except Exception as e:
         raise MemplanError(f"cannot set up {model.name} for training ({e.__class__.__name__}: "
                            f"{str(e).splitlines()[0] if str(e) else ''})") from e
+    if train.liger:
+        from memplan.trace.liger import apply_liger_models
+
+        apply_liger_models(peft_model, model.model_type)
+        notes.append("--liger on: Liger's RMSNorm and SwiGLU/GeGLU are modelled from their source "
+                     "(memplan/trace/liger.py; Triton needs CUDA); RoPE (in place, same saved sizes) left as is")
     params = recipe.trainable_parameters(peft_model)
     total = sum(p.numel() * (2 if p.__class__.__name__ == "Params4bit" else 1)
                 for n, p in _unique_named_params(peft_model) if "lora_" not in n and "modules_to_save" not in n)
