@@ -33,6 +33,15 @@ def spec(cfg):
 
 # ------------------------------------------------------------------------------------------- training flags
 
+def test_liger_kernels_refused_where_liger_has_none():
+    with pytest.raises(MemplanError, match="liger-kernel has no"):
+        estimate(resolve_model("falcon-7b"), TrainSpec(liger=True))
+    m = resolve_model("llama-3-8b")  # Liger's SwiGLU drops act(gate); its RMSNorm keeps no fp32 copy
+    off = estimate(m, TrainSpec(bits=16, upcast=False, gradient_checkpointing=False))
+    on = estimate(m, TrainSpec(bits=16, upcast=False, gradient_checkpointing=False, liger=True))
+    assert on.components["activations"] < off.components["activations"]
+
+
 def test_flags_aliases_and_refusals():
     assert TrainSpec(loss="fused").loss == "liger"
     assert TrainSpec(attention="fa2").attention == "flash_attention_2"
@@ -140,10 +149,10 @@ from memplan.trace import run_trace  # noqa: E402
 
 @pytest.mark.parametrize("train", [
     TrainSpec(seq_len=64, attention="flash_attention_2", activation_offload="checkpoints", loss="liger"),
-    TrainSpec(seq_len=64, activation_offload="all", gradient_checkpointing=False),
+    TrainSpec(seq_len=64, activation_offload="all", gradient_checkpointing=False, liger=True),
     TrainSpec(seq_len=64, loss="cce", upcast=False, bits=16, activation_offload="all",
               attention="flash_attention_2"),
-], ids=["fa2-offload-ckpt-liger", "offload-all", "cce-all-fa2"])
+], ids=["fa2-offload-ckpt-liger", "offload-all-liger-kernels", "cce-all-fa2"])
 def test_meta_equals_real_cpu(train):
     meta = run_trace(spec(TINY), train)
     real = run_trace(spec(TINY), train, real=True)
@@ -161,7 +170,9 @@ def test_meta_equals_real_cpu(train):
     TrainSpec(seq_len=512, activation_offload="all", gradient_checkpointing=False),
     TrainSpec(seq_len=512, loss="liger"),
     TrainSpec(seq_len=512, loss="cce", upcast=False),
-], ids=["fa2", "fa2-16bit-nockpt", "offload-ckpt", "offload-all", "offload-all-nockpt", "liger", "cce"])
+    TrainSpec(seq_len=512, liger=True, gradient_checkpointing=False),
+], ids=["fa2", "fa2-16bit-nockpt", "offload-ckpt", "offload-all", "offload-all-nockpt", "liger", "cce",
+        "liger-kernels"])
 def test_estimate_matches_trace(train):
     m = spec(MID)
     t = run_trace(m, train, keep_timeline=False)
