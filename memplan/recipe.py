@@ -283,7 +283,9 @@ def train_step(model, optimizer, input_ids, on_phase=_noop, step_context=None, t
             loss = compute_loss(model, input_ids, train, fused_loss)
         on_phase("backward")
         loss.backward()
+        value = loss.detach()
+        del loss  # as HF Trainer (training_step returns loss.detach()): the graph's nodes die before step()
     on_phase("optimizer")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+    return value

@@ -171,8 +171,9 @@ def test_meta_equals_real_cpu(train):
     TrainSpec(seq_len=512, loss="liger"),
     TrainSpec(seq_len=512, loss="cce", upcast=False),
     TrainSpec(seq_len=512, liger=True, gradient_checkpointing=False),
+    TrainSpec(seq_len=512, bits=8),
 ], ids=["fa2", "fa2-16bit-nockpt", "offload-ckpt", "offload-all", "offload-all-nockpt", "liger", "cce",
-        "liger-kernels"])
+        "liger-kernels", "int8"])
 def test_estimate_matches_trace(train):
     m = spec(MID)
     t = run_trace(m, train, keep_timeline=False)

@@ -113,6 +113,7 @@ class Saved:
         self.size: dict[str, int] = {}
         self.kept: dict[str, str] = {}  # name -> group ("attn" | "mlp")
         self.shared: set[str] = set()  # saved by more than one op (activation offloading keeps these on the device)
+        self.int8_inputs: set[str] = set()  # inputs of LLM.int8 linears (MatMul8bitLt keeps them outside autograd)
 
     def tensor(self, name: str, nbytes: int) -> str:
         self.size[name] = nbytes
@@ -134,6 +135,11 @@ class Saved:
 
 def _linear(sv: Saved, ctx: Ctx, lin: Linear, x: str, in_bytes: int, group: str) -> str:
     """Run one (possibly LoRA-adapted) linear on tensor x; returns its output's name."""
+    if ctx.train.bits == 8 and lin.quantizable:
+        # bitsandbytes MatMul8bitLt.forward keeps ctx.tensors = (CAt, subA, A) as plain attributes whenever its
+        # input needs a gradient: A (this input) lives with the graph node, out of reach of saved-tensor hooks,
+        # so gradient checkpointing does not drop it (autograd/_functions.py)
+        sv.int8_inputs.add(x)
     if ctx.method == "full":
         sv.keep(x, group)
     elif is_target(lin, ctx.train):
@@ -330,6 +336,14 @@ def _layer_totals(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> tuple
 
 
 @lru_cache(maxsize=4096)
+def _int8_held(model: ModelSpec, layer: LayerSpec, train: TrainSpec, checkpointed: bool) -> int:
+    """Bytes per token of LLM.int8 linear inputs held by their graph nodes beyond what the layer stores anyway:
+    under checkpointing all but the layer input; without it, those no op saves."""
+    sv = layer_saved(model, layer, Ctx.of(train, model))
+    return sum(sv.size[n] for n in sv.int8_inputs if n != "x" and (checkpointed or n not in sv.kept))
+
+
+@lru_cache(maxsize=4096)
 def _offload_split(model: ModelSpec, layer: LayerSpec, train: TrainSpec, tokens: int) -> tuple[int, int]:
     """--activation-offload all without checkpointing (TRL OffloadActivations' rules, memplan/trace/offload.py):
     (bytes per token a layer keeps on the device, bytes per token brought back at once in its backward).
@@ -381,7 +395,8 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
         total, attn, x_kept = _layer_totals(model, layer, layer_key)
         saved += [total] * n
         saved_attn += [attn] * n
-        stored += [h * e if train.gradient_checkpointing else total + x_kept] * n
+        int8 = _int8_held(model, layer, layer_key, train.gradient_checkpointing) if train.bits == 8 else 0
+        stored += [(h * e if train.gradient_checkpointing else total + x_kept) + int8] * n
         i = max((lin.out_features for lin in layer.linears), default=h)
         i = max(i, layer.expert_intermediate * 2 * layer.experts_per_token)
         widest = max(widest, i)
