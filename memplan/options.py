@@ -68,6 +68,8 @@ FLAGS = [
     ("--loss", "loss", _str, "standard (b·s·V logits) | liger (Liger fused linear cross-entropy; 'fused' is an "
      "alias) | cce (Cut Cross-Entropy)"),
     ("--liger", "liger", _bool, "Liger Kernel's RMSNorm / SwiGLU / RoPE kernels: on | off"),
+    ("--transformers", "transformers", _int, "transformers major version whose behaviour to model: 4 | 5 (MoE experts "
+     "are quantized nn.Linear under 4); trace and profile run the installed one"),
 ]
 _ALIASES = {"--bits": ["-q"], "--lora-r": ["-r"], "--batch-size": ["-b"], "--seq-len": ["-s"],
             "--checkpointing": ["--gradient-checkpointing", "--ckpt"]}
@@ -81,6 +83,8 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
         shown = {True: "on", False: "off"}.get(default, default) if isinstance(default, bool) else default
         if isinstance(shown, tuple):
             shown = "+".join(shown) or "none"
+        if field_name == "transformers":
+            shown = f"the installed one, {shown}"
         group.add_argument(flag, *_ALIASES.get(flag, []), dest=field_name, default=None, metavar="V",
                            help=f"{text} (default: {shown})")
     parser.add_argument("--trust-remote-code", action="store_true",

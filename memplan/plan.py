@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 
 from memplan.errors import MemplanError
 from memplan.spec import ModelSpec, TrainSpec
+from memplan.stack import stack
 
 GIB = 2**30
 SEQ_STEP = 64  # sequence-length granularity of every search
@@ -505,6 +506,7 @@ class Fit:
             "combination": [st.to_dict() for st in self.combination], "combination_fits": self.combination_fits,
             "configurations_searched": self.configurations_searched, "estimates": self.estimates,
             "seconds": round(self.seconds, 4), "units": "bytes",
+            "stack": stack(self.config.get("transformers", 0)),
         }
 
 

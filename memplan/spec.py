@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 
 from memplan.errors import MemplanError
+from memplan.stack import check_major
 
 # --------------------------------------------------------------------------------------------------- the model
 
@@ -166,6 +167,9 @@ class TrainSpec:
     activation_offload: str = "off"
     loss: str = "standard"  # standard (logits + cross_entropy) | liger | cce: fused linear cross-entropy (losses.py)
     liger: bool = False  # Liger Kernel's RMSNorm / SwiGLU / RoPE (apply_liger_kernel_to_*); liger.py
+    # The transformers major whose code path the result describes (memplan/stack.py): 0 at construction means
+    # the installed one (package metadata, cached), so a built TrainSpec always holds 4 or 5.
+    transformers: int = 0
 
     def __post_init__(self):
         _check_choice("bits", self.bits, BITS)
@@ -193,6 +197,7 @@ class TrainSpec:
         if self.activation_offload == "checkpoints" and not self.gradient_checkpointing:
             raise MemplanError("activation-offload checkpoints offloads the checkpointed layer inputs: it needs "
                                "--checkpointing on (or use --activation-offload all)")
+        object.__setattr__(self, "transformers", check_major(self.transformers))
         for name in ("batch_size", "seq_len", "lora_r", "lora_alpha"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

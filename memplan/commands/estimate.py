@@ -115,6 +115,7 @@ def print_one(console, model, est, gpu) -> None:
     console.print(f"[bold]{model.name}[/] · {est.params_total / 1e9:.2f} B params, "
                   f"{est.params_trainable / 1e6:,.1f} M trainable")
     console.print(f"[dim]{describe(est.config)}[/]")
+    console.print(f"[dim]{stack_line(est.config)}[/]", highlight=False)
     table = Table(title=f"memory at the peak ({est.peak_phase} phase) · GiB = 2^30 bytes", title_justify="left")
     table.add_column("component")
     table.add_column("GiB", justify="right")
@@ -191,6 +192,16 @@ def print_grid(console, model, results, specs, gpu) -> None:
             cells.append("[green]yes[/]" if est.device_total_bytes <= gpu.memory_bytes else "[red]no[/]")
         table.add_row(*cells)
     console.print(table)
+    for line in dict.fromkeys(stack_line(est.config) for est in results):
+        console.print(f"[dim]{line}[/]", highlight=False)
+
+
+def stack_line(cfg: dict) -> str:
+    """'stack: transformers 5.24.0 · peft 0.21.2 · ...': the library versions a result describes."""
+    from memplan.stack import describe as describe_stack
+    from memplan.stack import stack
+
+    return "stack: " + describe_stack(stack(cfg.get("transformers", 0)))
 
 
 def _cell(v) -> str:

@@ -62,16 +62,17 @@ def run(args) -> int:
     rows = verdicts(model, spec, args.margin, overheads)["rows"]
     if args.json:
         json.dump({"model": model.name, "config": est.config, "device_total_bytes": est.device_total_bytes,
-                   "peak_bytes": est.peak_bytes, "units": "bytes", "gpus": rows}, sys.stdout, indent=2)
+                   "peak_bytes": est.peak_bytes, "units": "bytes", "stack": est.to_dict()["stack"], "gpus": rows}, sys.stdout, indent=2)
         print()
         return 0
     from rich.console import Console
     from rich.table import Table
 
-    from memplan.commands.estimate import describe
+    from memplan.commands.estimate import describe, stack_line
 
     console = Console(highlight=False)
     console.print(f"[bold]{model.name}[/] · {describe(est.config)}")
+    console.print(f"[dim]{stack_line(est.config)}[/]")
     console.print(f"device total {est.device_total_bytes / GIB:,.2f} GiB (tensor peak {est.peak_bytes / GIB:,.2f}); "
                   "GiB = 2^30 bytes")
     table = Table(title_justify="left", title="catalog GPUs by headroom (fits: headroom ≥ margin; tight: within it)")

@@ -24,6 +24,7 @@ from memplan.estimate import lora, optimizer, weights
 from memplan.estimate.logits import fused_loss, loss_backward, loss_forward
 from memplan.estimate.overhead import Overheads, default_overheads
 from memplan.spec import ModelSpec, TrainSpec
+from memplan.stack import stack
 
 PHASES = ("load", "forward", "backward", "optimizer")
 COMPONENTS = ("weights_quantized", "quant_state", "weights_unquantized", "lora", "gradients", "optimizer_states",
@@ -60,6 +61,7 @@ class Estimate:
     notes: list[str] = field(default_factory=list)
     host: dict = field(default_factory=dict)  # host RAM plan and host-link bytes (host.py)
     paging: dict | None = None  # paged optimizers: the device floor with the states evicted (host.py)
+    stack: dict = field(default_factory=dict)  # the library versions the figures describe (memplan/stack.py)
 
     def to_dict(self) -> dict:
         return {
@@ -78,6 +80,7 @@ class Estimate:
             "notes": list(self.notes),
             "host": dict(self.host),
             "paging": dict(self.paging) if self.paging else None,
+            "stack": {**self.stack, "source": dict(self.stack.get("source", {}))},
         }
 
 
@@ -140,6 +143,7 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
         components=phase_components[peak_phase], phases=phases, phase_components=phase_components, peak_bytes=peak,
         peak_phase=peak_phase, device_overheads=device, device_total_bytes=peak + sum(device.values()),
         overhead_source=overheads.source, notes=notes(model, train), host=host, paging=paged,
+        stack=stack(train.transformers),
     )
 
 
@@ -158,10 +162,19 @@ def notes(model: ModelSpec, train: TrainSpec) -> list[str]:
     if train.upcast_applies:
         out.append("prepare_model_for_kbit_training casts non-quantized weights to fp32, so the residual stream, "
                    "every layer output and the logits are fp32 (4 B/element); --upcast off keeps them 16-bit")
-    if train.quantized and any(layer.expert_params for _, layer in model.layers):
-        out.append("transformers 5 stores MoE experts as 3-D parameters: bitsandbytes does not quantize them and "
-                   "LoRA does not adapt them")
-    if train.quantized and any(not lin.quantizable for _, layer in model.layers for lin in layer.linears):
+    moe = any(layer.expert_params for _, layer in model.layers)
+    if moe and train.transformers == 4:
+        out.append("transformers 4 builds MoE experts and the router as nn.Linear modules: bitsandbytes quantizes "
+                   "them and all-linear LoRA adapts them (under transformers 5 they are 3-D parameters, unquantized)")
+    elif moe and train.quantized:
+        out.append("transformers 5 stores MoE experts as 3-D parameters: bitsandbytes does not quantize them "
+                   "(bitsandbytes issue #1849) and LoRA does not adapt them; --transformers 4 models the 4.x "
+                   "nn.Linear experts")
+    if train.transformers == 4 and train.attention == "sdpa" and act_mod.sdpa_gets_a_mask(model, train.seq_len, 4):
+        out.append("transformers 4.57: a batch without attention_mask gets a packed-sequence check that always "
+                   "builds a b·s² boolean mask, so SDPA runs the memory-efficient kernel with an explicit mask")
+    if (train.quantized and train.transformers == 5
+            and any(not lin.quantizable for _, layer in model.layers for lin in layer.linears)):
         out.append(f"{model.model_type}'s linears subclass nn.Linear, which transformers' bitsandbytes integration "
                    "leaves unquantized")
     ran = act_mod.effective_attention(model, train)

@@ -13,6 +13,7 @@ from pathlib import Path
 from memplan import __version__
 from memplan.estimate import COMPONENTS, PHASES, Estimate
 from memplan.spec import TRAIN_FIELDS
+from memplan.stack import PACKAGES
 
 GIB = 2**30
 
@@ -30,6 +31,8 @@ COLUMNS: list[tuple[str, str]] = (
        ("peak_gib", "tensor peak, GiB"),
        ("device_total_bytes", "tensor peak + CUDA context + cuBLAS workspace + allocator overhead, bytes (compare with nvidia-smi)"),
        ("device_total_gib", "device total, GiB")]
+    + [(f"{p}_version", f"{p} version the row describes (installed, else the latest supported; --transformers "
+        "overrides transformers)") for p in PACKAGES]
 )
 COLUMN_NAMES = [name for name, _ in COLUMNS]
 
@@ -43,6 +46,7 @@ def row(est: Estimate) -> dict:
     out.update({f"{p}_bytes": est.phases[p] for p in PHASES})
     out.update(peak_phase=est.peak_phase, peak_bytes=est.peak_bytes, peak_gib=round(est.peak_bytes / GIB, 3),
                device_total_bytes=est.device_total_bytes, device_total_gib=round(est.device_total_bytes / GIB, 3))
+    out.update({f"{p}_version": est.stack.get(p) for p in PACKAGES})
     return out
 
 

@@ -98,6 +98,7 @@ def print_result(result, console=None) -> None:
     cfg = result.config
     title = (f"{result.model} — traced on {'real CPU tensors' if result.real else 'meta tensors'} "
              f"({result.wall_s:.1f} s): peak {result.peak_bytes / GIB:.3f} GiB in {result.peak_phase}")
+    console.print(f"[dim]{result.stack_line}[/]", highlight=False)
     t = Table(title=title, title_justify="left")
     t.add_column("component at the peak")
     t.add_column("GiB", justify="right")

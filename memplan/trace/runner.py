@@ -26,7 +26,13 @@ What the trace changes so that the step models a CUDA GPU and runs on meta (each
   dequantization, the dequantized weight in the compute dtype, then F.linear (backends/cuda/ops.py,
   _dequant_linear_fallback).
 - transformers.masking_utils.find_packed_sequence_indices (data-dependent) returns None: the batch is one
-  unpadded, unpacked sequence per row, as the GPU run would conclude from position_ids = arange.
+  unpadded, unpacked sequence per row, as the GPU run would conclude from position_ids = arange. Under
+  transformers 4 it is left alone: 4.57 always returns a tensor (no .item()), so the causal mask is built, as on
+  a GPU under 4.57.
+- transformers 4 (the installed major, memplan/stack.py): its sparse-MoE loop over nn.Linear experts needs
+  routing values, so on meta it runs with balanced routing (kernels._balanced_moe_forward); 4.x rotary
+  embeddings open torch.autocast on the tensor's device type, run as the CPU's on meta. The trace refuses a
+  --transformers that is not the installed major.
 - MoE: transformers 5 routes with its default "grouped_mm" experts: its memory depends only on
   tokens × top-k, not on which experts are hit. On meta the router's top-k indices are whatever the meta kernel
   says (no values), so routing is data-free; with real tensors the routing is the random model's, and the bytes
@@ -45,6 +51,8 @@ from dataclasses import dataclass, field
 
 from memplan.errors import MemplanError
 from memplan.spec import ModelSpec, TrainSpec
+from memplan.stack import check_runs_installed, stack
+from memplan.stack import describe as describe_stack
 from memplan.trace.attribution import Attribution, finish_phase, register_model
 from memplan.trace.build import build_model
 from memplan.trace.losses import make_cce, make_liger
@@ -81,6 +89,11 @@ class TraceResult:
     steps: int = 2
     phase_components: dict = field(default_factory=dict)
     host: dict = field(default_factory=dict)  # offloaded activations: host peak, PCIe bytes per step
+    stack: dict = field(default_factory=lambda: stack(0))  # the installed versions the trace ran
+
+    @property
+    def stack_line(self) -> str:
+        return "stack: " + describe_stack(self.stack)
 
     def to_dict(self, timeline_csv: str | None = None) -> dict:
         return {
@@ -98,6 +111,7 @@ class TraceResult:
             "device": "cpu" if self.real else "meta",
             "wall_s": round(self.wall_s, 3),
             "host": dict(self.host),
+            "stack": {**self.stack, "source": dict(self.stack.get("source", {}))},
         }
 
 
@@ -110,6 +124,7 @@ def run_trace(model: ModelSpec, train: TrainSpec, *, real: bool = False, steps: 
 
     if steps < 1:
         raise MemplanError("steps must be at least 1")
+    check_runs_installed(train.transformers, "the trace")
     t0 = time.perf_counter()
     notes: list[str] = []
     if train.optimizer.startswith("paged"):
