@@ -256,8 +256,16 @@ def from_hf_config(cfg: dict, name: str, source: str) -> ModelSpec:
     model_type = cfg.get("model_type")
     if model_type is None:
         raise MemplanError(f"{source}: config is missing the field 'model_type'")
-    if model_type not in BUILDERS:
-        raise MemplanError(f"{source}: unsupported model_type {model_type!r}; supported: {', '.join(sorted(BUILDERS))}")
+    if model_type not in BUILDERS:  # any other architecture transformers builds: read off its meta model
+        from memplan.catalog.hfconfig import causal_lm_class
+        from memplan.derive import derived_spec
+
+        if causal_lm_class(model_type) is None:
+            raise MemplanError(f"{source}: model_type {model_type!r} exists only as the model's remote code, which "
+                               f"memplan never runs, and has no hand-written builder; supported without remote "
+                               f"code: every causal LM transformers builds")
+
+        return derived_spec(cfg, name, source)
     try:
         for key in _REQUIRED.get(model_type, _REQUIRED["default"]):
             _int(cfg, key)

@@ -87,6 +87,9 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
             shown = f"the installed one, {shown}"
         group.add_argument(flag, *_ALIASES.get(flag, []), dest=field_name, default=None, metavar="V",
                            help=f"{text} (default: {shown})")
+    parser.add_argument("--from", dest="from_file", metavar="FILE",
+                        help="read the settings (and the model) from a trainer config: axolotl or LLaMA-Factory YAML, "
+                             "TRL / TrainingArguments JSON or YAML, torchtune recipe YAML; flags given here override it")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="accept a config.json that asks for remote code (auto_map): memplan reads its fields, and "
                              "only with this flag lets transformers (profile) run the model's own code")
@@ -96,17 +99,67 @@ def model_from_args(args: argparse.Namespace, ref: str | None = None):
     """The ModelSpec the command's MODEL argument (or `ref`) names, honouring --trust-remote-code."""
     from memplan.catalog import resolve_model
 
-    return resolve_model(ref if ref is not None else args.model,
-                         trust_remote_code=getattr(args, "trust_remote_code", False))
+    mapping = from_config(args)
+    if ref is None:
+        ref = getattr(args, "model", None)
+        if isinstance(ref, list):  # sweep's MODEL...
+            ref = ref[0] if ref else None
+    if ref is None and mapping is not None:
+        ref = mapping.model
+        if ref is None:
+            raise MemplanError(f"{mapping.path} names no model: give MODEL on the command line")
+    if ref is None:
+        raise MemplanError("give MODEL (a catalog name, config.json or cached hub id) or --from FILE")
+    model = resolve_model(ref, trust_remote_code=getattr(args, "trust_remote_code", False))
+    if mapping is not None:
+        from memplan.integrations.config import check_targets
+
+        check_targets(mapping, model, _given(args))
+        print_mapping_once(args)
+    return model
+
+
+def print_mapping_once(args: argparse.Namespace) -> None:
+    """The --from mapping, to stderr, once its settings have been checked against the model."""
+    mapping = getattr(args, "_from_mapping", None)
+    if mapping is not None and not getattr(args, "_from_printed", False) and not getattr(args, "quiet_mapping", False):
+        from memplan.integrations.config import print_mapping
+
+        print_mapping(mapping)
+        args._from_printed = True
+
+
+def _given(args: argparse.Namespace) -> dict:
+    """The training flags given on the command line: TrainSpec field -> raw text."""
+    return {name: getattr(args, name) for _, name, _, _ in FLAGS if getattr(args, name, None) is not None}
+
+
+def from_config(args: argparse.Namespace):
+    """The Mapping of --from FILE (read and checked against the flags once), or None."""
+    path = getattr(args, "from_file", None)
+    if not path:
+        return None
+    cached = getattr(args, "_from_mapping", None)
+    if cached is None:
+        from memplan.integrations.config import read_config, resolve
+
+        cached = read_config(path)
+        resolve(cached, _given(args))
+        args._from_mapping = cached
+    return cached
 
 
 def grid_from_args(args: argparse.Namespace, **fixed) -> list[TrainSpec]:
     """The TrainSpecs that the flags describe: one per combination of the comma-separated values."""
     axes = []
+    mapping = from_config(args)
+    base = dict(mapping.settings) if mapping is not None else {}
     for flag, field_name, parse, _ in FLAGS:
         raw = getattr(args, field_name, None)
         if field_name in fixed:
             axes.append([(field_name, fixed[field_name])])
+        elif raw is None and field_name in base:
+            axes.append([(field_name, base[field_name])])
         elif raw is not None:
             values = [v for v in str(raw).split(",") if v.strip()]
             if not values:
@@ -115,12 +168,15 @@ def grid_from_args(args: argparse.Namespace, **fixed) -> list[TrainSpec]:
                 axes.append([(field_name, parse(v.strip())) for v in values])
             except MemplanError as e:
                 raise MemplanError(f"{flag}: {e}") from None
+    flagged = {name for _, name, _, _ in FLAGS}
+    axes += [[(k, v)] for k, v in base.items() if k not in flagged and k not in fixed]  # fields without a flag
     specs = []
     for combo in itertools.product(*axes):
         try:
             specs.append(TrainSpec(**dict(combo)))
         except MemplanError as e:
-            raise MemplanError(f"{e} (in {', '.join(f'{k}={v}' for k, v in combo)})") from None
+            where = f" (settings from {mapping.path} and the flags)" if mapping is not None else ""
+            raise MemplanError(f"{e} (in {', '.join(f'{k}={v}' for k, v in combo)}){where}") from None
     return specs
 
 

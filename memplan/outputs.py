@@ -42,3 +42,21 @@ def _read_only_fs(folder: Path) -> bool:
         return bool(os.statvfs(folder).f_flag & os.ST_RDONLY) or str(folder.resolve()).startswith(("/proc", "/sys"))
     except OSError:
         return True
+
+
+def output_dir(path: str | os.PathLike, option: str) -> Path:
+    """`path` as a folder memplan may write files into, created if missing (with its parents), or one error line:
+    a regular file there, a folder that cannot be created, or one that is not writable."""
+    p = Path(path)
+    if str(path) == "":
+        raise MemplanError(f"{option} needs a folder")
+    if p.exists() and not p.is_dir():
+        raise MemplanError(f"{option} {str(path)!r} is not a folder")
+    if not p.exists():
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise MemplanError(f"{option} {str(path)!r}: cannot create folder ({e.strerror})") from None
+    if not os.access(p, os.W_OK) or _read_only_fs(p):
+        raise MemplanError(f"{option} {str(path)!r}: not writable")
+    return p

@@ -491,10 +491,12 @@ class Fit:
     configurations_searched: int
     estimates: int
     seconds: float
+    overhead_source: str = ""  # where the device overheads (allocator, context, workspace) come from
 
     def to_dict(self) -> dict:
         return {
             "model": self.model, "config": self.config, "budget": self.budget.to_dict(),
+            "overhead_source": self.overhead_source,
             "device_total_bytes": self.device_total_bytes, "peak_bytes": self.peak_bytes, "fits": self.fits,
             "headroom_bytes": self.budget.usable_bytes - self.device_total_bytes,
             "seq_len_granularity": SEQ_STEP,
@@ -552,6 +554,7 @@ def fit(model: ModelSpec, train: TrainSpec, budget: Budget, overheads=None) -> F
         model_max_positions=model.hf_config.get("max_position_embeddings"),
         host_bytes=base.host.get("peak_bytes", 0), host_fits=s.host_fits(train),
         configurations_searched=s.covered + len(TIERS), estimates=s.estimated, seconds=time.perf_counter() - t0,
+        overhead_source=base.overhead_source,
     )
 
 

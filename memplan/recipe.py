@@ -220,6 +220,16 @@ def _noop(_phase: str) -> None:
     pass
 
 
+def warm_optimizer(optimizer, params) -> None:
+    """Create the optimizer's lazily made states as its first step() would: one step on zero gradients."""
+    import torch
+
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def apply_liger(model, train: TrainSpec) -> None:
     """--liger on (GPU runs): liger-kernel's own instance patch, RMSNorm + SwiGLU/GeGLU + RoPE (its loss is
     --loss liger's business, so the cross-entropy patches stay off)."""

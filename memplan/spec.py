@@ -82,6 +82,11 @@ class ModelSpec:
     tie_word_embeddings: bool = False
     hf_config: dict = field(default_factory=dict, compare=False, repr=False)
     stated_params: int | None = None  # the officially stated parameter count, where the catalog has one
+    # what the output should say about how the config was read (aliases, auto_map, derived parts)
+    notes: tuple[str, ...] = field(default=(), compare=False)
+    # True when the spec was read off the model transformers builds (memplan/derive), not a hand-written builder:
+    # its activation terms then come from short meta traces (memplan/estimate/derived.py)
+    derived: bool = False
 
     @property
     def num_layers(self) -> int:

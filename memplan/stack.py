@@ -84,8 +84,8 @@ def check_major(value) -> int:
     if value == 0 or value is None:
         return installed_major()
     if isinstance(value, bool) or value not in MAJORS:
-        raise MemplanError(f"unsupported transformers {value!r}; choose one of: {', '.join(map(str, MAJORS))} "
-                           "(the major version whose behaviour the result describes)")
+        raise MemplanError(f"unsupported transformers {value!r} (the major version whose behaviour the result "
+                           f"describes); choose one of: {', '.join(map(str, MAJORS))}")
     return value
 
 

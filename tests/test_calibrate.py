@@ -283,6 +283,7 @@ def test_cpu_profiles_are_refused(cpu_profiles, tmp_path):
 def test_validate_against_cpu_profiles(cpu_profiles, tmp_path, cal_dir, capsys):
     pytest.importorskip("matplotlib")
     out_csv, fig = tmp_path / "reports" / "validation.csv", tmp_path / "reports" / "validation.png"
+    out_csv.parent.mkdir()  # a missing folder given explicitly is an error (tests/test_outputs.py)
     assert main(["validate", "--against", "profiles", str(cpu_profiles), "--csv", str(out_csv),
                  "--figure", str(fig), "--cache", str(tmp_path / "cache")]) == 0
     text = " ".join(capsys.readouterr().out.split())

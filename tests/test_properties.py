@@ -17,7 +17,9 @@ from memplan.errors import MemplanError
 from memplan.estimate import COMPONENTS, PHASES, estimate
 from memplan.spec import TrainSpec
 
-MODEL_NAMES = sorted(e["name"] for e in models().values())
+# Models with a hand-written builder: a derived architecture's activation terms are fitted per setting to meta
+# traces (memplan/derive; tests/test_derive.py checks them), too slow for a property search over settings.
+MODEL_NAMES = sorted(e["name"] for e in models().values() if not resolve_model(e["name"]).derived)
 WEIGHT_KEYS = ("weights_quantized", "quant_state", "weights_unquantized")
 # MEMPLAN_EXAMPLES=5000 pytest tests/test_properties.py for a deeper search
 SETTINGS = settings(max_examples=int(os.environ.get("MEMPLAN_EXAMPLES", 150)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -146,9 +148,12 @@ def test_checkpointing_never_raises_activations(name, spec):
     # checkpointing holds that layer's stored input *and* its recomputed saved set, while without it a 16-bit
     # RMSNorm keeps only its own fp32 copy of that input - h*2 bytes per token more, on a smaller total.)
     # The same effect bounds the peak: it may exceed by that one stored input (seen at seq_len 1, where the
-    # first layer's backward with every gradient present sets the peak), never by more.
+    # first layer's backward with every gradient present sets the peak), plus the MLP product the recompute
+    # leaves alive at the product's backward (estimate/activations.py _mlp_product_backward), never by more.
     assert on.phase_components["forward"]["activations"] <= off.phase_components["forward"]["activations"]
-    one_stored_input = spec.batch_size * spec.seq_len * model(name).hidden_size * 4
+    m = model(name)
+    widest = max(lin.out_features for _, layer in m.layers for lin in layer.linears)
+    one_stored_input = spec.batch_size * spec.seq_len * (m.hidden_size + widest) * 4
     assert on.peak_bytes <= off.peak_bytes + one_stored_input
 
 

@@ -427,7 +427,9 @@ def test_pickle_next_to_safetensors_is_never_loaded(tmp_path, capsys):
 
 
 def test_remote_code_configs_need_trust_remote_code(tmp_path, env):
-    cfg = _write_tiny(tmp_path, auto_map={"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"})
+    """A model_type only remote code provides is refused without the flag; a native model_type is read natively
+    whatever its auto_map says (transformers' AutoConfig does the same) and run with trust_remote_code=False."""
+    cfg = _write_tiny(tmp_path, model_type="evil_lm", auto_map={"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"})
     r = _memplan("profile", cfg, *FAST, env=env, cwd=tmp_path, timeout=120)
     assert r.returncode == 2
     (line,) = r.stderr.strip().splitlines()
@@ -441,13 +443,14 @@ def test_remote_code_configs_need_trust_remote_code(tmp_path, env):
     (folder / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
     r = _memplan("profile", "--weights", folder, *FAST, env=env, cwd=tmp_path, timeout=120)
     assert r.returncode == 2 and "remote code" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    # with the flag, the configuration is accepted (and the flag travels to the child)
+    # a native model_type with an auto_map: accepted without the flag, auto_map dropped, the output says why
     from memplan.cli import build_parser
     from memplan.commands.profile import build_configs
 
-    args = build_parser().parse_args(["profile", str(cfg), "--device", "cpu", "--trust-remote-code"])
+    native = _write_tiny(tmp_path, auto_map={"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"})
+    args = build_parser().parse_args(["profile", str(native), "--device", "cpu"])
     (c,) = build_configs(args)
-    assert c.hf_config["auto_map"]
+    assert "auto_map" not in c.hf_config
 
 
 def test_the_child_refuses_a_remote_code_job_without_the_flag(tmp_path):

@@ -10,6 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from memplan.architectures import from_hf_config
+from memplan.catalog.hfconfig import read_config
 from memplan.errors import MemplanError
 from memplan.spec import ModelSpec
 
@@ -38,14 +39,13 @@ def _model_aliases() -> dict[str, str]:
 
 def resolve_model(ref: str, trust_remote_code: bool = False) -> ModelSpec:
     """A catalog name or alias (case-insensitive), a config.json path or a folder holding one, or a hub id in the
-    local Hugging Face cache, in that order. A config that asks for remote code (`auto_map`) is refused unless
-    trust_remote_code: memplan never runs it, but such a config describes an architecture its model_type's
-    builder may not match."""
+    local Hugging Face cache, in that order. Configs are read as transformers reads them (hfconfig.py): a native
+    model_type whatever its auto_map says; a model_type only remote code provides only with trust_remote_code
+    (memplan never runs that code)."""
     key = _model_aliases().get(_key(ref))
     if key is not None:
         entry = models()[key]
-        spec = from_hf_config(entry["config"], entry["name"], entry["source"])
-        return replace(spec, stated_params=entry.get("stated_params"))
+        return _spec(entry["config"], entry["name"], entry["source"], True, stated=entry.get("stated_params"))
     path = Path(ref).expanduser()
     if path.is_dir():
         path = path / "config.json"
@@ -53,11 +53,11 @@ def resolve_model(ref: str, trust_remote_code: bool = False) -> ModelSpec:
             raise MemplanError(f"{ref}: folder has no config.json")
     if path.is_file():
         name = path.parent.name if path.name == "config.json" else path.stem
-        return from_hf_config(_untrusted_check(_read_json(path), path, trust_remote_code), name, str(path))
+        return _spec(_read_json(path), name, str(path), trust_remote_code)
     if "/" in ref and not ref.startswith((".", "/", "~")):
         cached = _hub_cache_config(ref)
         if cached is not None:
-            return from_hf_config(_untrusted_check(_read_json(cached), cached, trust_remote_code), ref, str(cached))
+            return _spec(_read_json(cached), ref, str(cached), trust_remote_code)
         raise MemplanError(
             f"unknown model {ref!r}: not in the catalog and not in the local Hugging Face cache "
             f"(memplan never downloads; pass a config.json path){_suggest(ref)}"
@@ -88,16 +88,14 @@ def _read_json(path: Path) -> dict:
         raise MemplanError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     if not isinstance(data, dict):
         raise MemplanError(f"{path}: a config must be a JSON object")
-    if "text_config" in data and "hidden_size" not in data and isinstance(data["text_config"], dict):
-        return data["text_config"]  # multimodal wrappers keep the language model under text_config
     return data
 
 
-def _untrusted_check(cfg: dict, path: Path, trust_remote_code: bool) -> dict:
-    if cfg.get("auto_map") and not trust_remote_code:
-        raise MemplanError(f"{path}: the config asks for remote code (auto_map); memplan never runs it and will only "
-                           "read this config with --trust-remote-code")
-    return cfg
+def _spec(cfg: dict, name: str, source: str, trust_remote_code: bool, stated: int | None = None) -> ModelSpec:
+    """A config as transformers reads it (hfconfig.read_config), normalized into a ModelSpec."""
+    cfg, notes = read_config(cfg, source, trust_remote_code=trust_remote_code)
+    spec = from_hf_config(cfg, name, source)
+    return replace(spec, stated_params=stated, notes=tuple(notes) + spec.notes)
 
 
 def _hub_cache_config(repo_id: str) -> Path | None:

@@ -25,7 +25,10 @@ def run(args) -> int:
     import json
 
     from memplan.calibrate import calibrate
+    from memplan.outputs import output_dir, output_path
 
+    if args.out:  # a .json file, or a folder (docs/calibration.md)
+        (output_path if args.out.endswith(".json") else output_dir)(args.out, "--out")
     written = calibrate(args.profiles, out=args.out)
     if args.json:
         docs = [d for _, d in written]

@@ -17,7 +17,8 @@ def register(sub) -> None:
     p = sub.add_parser("estimate", help="analytic memory estimate (no torch; milliseconds)",
                        description="Estimate the GPU memory of one fine-tuning step from the architecture alone. "
                                    "Sizes are GiB (2^30 bytes).")
-    p.add_argument("model", help="catalog name or alias, config.json path or folder, or a hub id in the local cache")
+    p.add_argument("model", nargs="?", help="catalog name or alias, config.json path or folder, or a hub id in the "
+                   "local cache (optional with --from FILE: the model the config names)")
     add_train_flags(p)
     p.add_argument("--gpu", help="judge fit against this GPU only (see `memplan gpus`); also picks that GPU's "
                    "calibration")
@@ -27,6 +28,9 @@ def register(sub) -> None:
     c.add_argument("--no-calibration", action="store_true", help="use the uncalibrated default overheads")
     p.add_argument("--json", action="store_true", help="print JSON (a list for a grid)")
     p.add_argument("--csv", metavar="PATH", help="write one row per configuration (columns: docs/csv.md)")
+    from memplan.integrations.dataset import add_flags
+
+    add_flags(p)
     p.set_defaults(func=run)
 
 
@@ -35,10 +39,23 @@ def run(args) -> int:
     from memplan.catalog import resolve_gpu
     from memplan.estimate import estimate
 
+    if args.csv:
+        from memplan.outputs import output_path
+
+        output_path(args.csv, "--csv")
     model = model_from_args(args)
     specs = grid_from_args(args)
     gpu = resolve_gpu(args.gpu) if args.gpu else None
     overheads, cal_notes = overheads_for(gpu.name if gpu else None, args.calibration, args.no_calibration)
+    data = None
+    if getattr(args, "dataset", None) or getattr(args, "tokenizer", None):
+        from memplan.errors import MemplanError
+        from memplan.integrations.dataset import from_args
+
+        if len(specs) != 1:
+            raise MemplanError(f"--dataset plans one configuration ({len(specs)} given); `memplan sweep` takes grids")
+        data, peak = from_args(args, model, specs[0], gpu.memory_bytes if gpu else None, overheads)
+        specs = [peak]
     results = [estimate(model, spec, overheads) for spec in specs]
     if args.json or len(results) > 1:  # a single table prints the notes itself
         warn(cal_notes)
@@ -50,6 +67,12 @@ def run(args) -> int:
         write_csv(args.csv, [row(r) for r in results])
     if args.json:
         payload = [r.to_dict() for r in results]
+        if data is not None:
+            payload[0]["dataset"] = data.to_dict()
+        mapping = getattr(args, "_from_mapping", None)
+        if mapping is not None:
+            for d in payload:
+                d["from"] = mapping.to_dict()  # the --from mapping, also printed to stderr
         json.dump(payload[0] if len(payload) == 1 else payload, sys.stdout, indent=2)
         print()
         return 0
@@ -58,19 +81,26 @@ def run(args) -> int:
     console = Console()
     if len(results) == 1:
         print_one(console, model, results[0], gpu)
+        if data is not None:
+            from memplan.integrations.dataset import print_plan
+
+            print_plan(data)
     else:
         print_grid(console, model, results, specs, gpu)
-    console.print(f"[dim]device overheads: {_which(overheads, cal_notes)}[/]", highlight=False)
+    console.print(f"[dim]device overheads: {_which(overheads, cal_notes, results[0].overhead_source)}[/]",
+                  highlight=False)
     if args.csv:
         console.print(f"[dim]wrote {len(results)} row(s) to {args.csv}[/]")
     return 0
 
 
-def _which(overheads, notes) -> str:
-    """Which calibration this estimate used, in words."""
+def _which(overheads, notes, used: str = "") -> str:
+    """Which calibration this estimate used, in words (`used`: the estimate's overhead_source)."""
     if overheads.calibration:
         return overheads.source
     why = [n for n in notes if not n.startswith("ignoring")]
+    if used and "replay" in used:
+        return "; ".join([*why[:1], used])
     return why[0] if why else "uncalibrated defaults (overhead.json)"
 
 

@@ -28,13 +28,17 @@ def register(sub) -> None:
     p = sub.add_parser("fit", help="largest context / batch that fits a GPU or budget, and what to change if not",
                        description="Plan a fine-tune against a memory budget, judged on the estimated device total "
                                    "(what nvidia-smi shows). Sizes are GiB (2^30 bytes).")
-    p.add_argument("model", help="catalog name or alias, config.json path or folder, or a hub id in the local cache")
+    p.add_argument("model", nargs="?", help="catalog name or alias, config.json path or folder, or a hub id in the "
+                   "local cache (optional with --from FILE: the model the config names)")
     add_budget_flags(p)
     p.add_argument("--host-ram", default=None, metavar="GiB",
                    help="host RAM the plan may use for offloaded activations and paged optimizer states, in GiB or "
                         "a size (default: this machine's RAM, as `memplan env` reports it)")
     add_train_flags(p)
     p.add_argument("--json", action="store_true", help="print JSON")
+    from memplan.integrations.dataset import add_flags
+
+    add_flags(p)
     p.set_defaults(func=run)
 
 
@@ -57,14 +61,30 @@ def run(args) -> int:
     spec = one_spec(args, "fit")
     overheads, notes = overheads_for(args.gpu)  # the GPU's calibration when there is one (docs/calibration.md)
     warn(notes)
-    result = fit(model, spec, budget, overheads)
+    from memplan.integrations.dataset import from_args, largest_cutoff, lengths_of
+
+    data, peak = from_args(args, model, spec, budget.usable_bytes, overheads)
+    result = fit(model, peak, budget, overheads)
+    cutoff = largest_cutoff(model, spec, lengths_of(data), budget.usable_bytes, overheads) if data else None
     if args.json:
-        json.dump(result.to_dict(), sys.stdout, indent=2)
+        out = result.to_dict()
+        if data is not None:
+            out["dataset"] = {**data.to_dict(), "largest_max_length": cutoff}
+        json.dump(out, sys.stdout, indent=2)
         print()
         return 0
     from rich.console import Console
 
-    print_fit(Console(highlight=False), result)
+    console = Console(highlight=False)
+    if data is not None:
+        console.print(f"[bold]planned for the dataset's peak step[/] ({data.peak_rows} × {data.peak_seq_len:,} "
+                      f"tokens, step {data.peak_step:,} of {data.steps:,})")
+    print_fit(console, result)
+    if data is not None:
+        from memplan.integrations.dataset import print_cutoff, print_plan
+
+        print_plan(data)
+        print_cutoff(cutoff, data)
     return 0
 
 
@@ -126,5 +146,6 @@ def print_fit(console, r) -> None:
         for st in r.combination:
             console.print(f"  + {st.label}: device total {_gib(st.device_total_bytes)} GiB"
                           f"{' [green]fits[/]' if st.fits else ''}")
+    console.print(f"[dim]device overheads: {r.overhead_source}[/]")
     console.print(f"[dim]searched {r.configurations_searched:,} configurations ({r.estimates} estimated, the rest "
                   f"decided by monotonicity) in {r.seconds * 1000:.0f} ms[/]")

@@ -16,10 +16,14 @@ def register(sub) -> None:
     p = sub.add_parser("gpus", help="every catalog GPU with its headroom or shortfall for a configuration",
                        description="Headroom (GPU memory − estimated device total) of every catalog GPU for one "
                                    "configuration, sorted. Sizes are GiB (2^30 bytes).")
-    p.add_argument("model", help="catalog name or alias, config.json path or folder, or a hub id in the local cache")
+    p.add_argument("model", nargs="?", help="catalog name or alias, config.json path or folder, or a hub id in the "
+                   "local cache (optional with --from FILE: the model the config names)")
     add_budget_flags(p, gpu_required=False)
     add_train_flags(p)
     p.add_argument("--json", action="store_true", help="print JSON")
+    from memplan.integrations.dataset import add_flags
+
+    add_flags(p)
     p.set_defaults(func=run)
 
 
@@ -58,11 +62,16 @@ def run(args) -> int:
     spec = one_spec(args, "gpus")
     overheads, notes = overheads_for()  # one calibration (the newest) for every GPU, else the defaults
     warn(notes)
+    from memplan.integrations.dataset import from_args
+
+    data, spec = from_args(args, model, spec, None, overheads)  # with --dataset: the dataset's peak step
     est = estimate(model, spec, overheads)
     rows = verdicts(model, spec, args.margin, overheads)["rows"]
     if args.json:
         json.dump({"model": model.name, "config": est.config, "device_total_bytes": est.device_total_bytes,
-                   "peak_bytes": est.peak_bytes, "units": "bytes", "stack": est.to_dict()["stack"], "gpus": rows}, sys.stdout, indent=2)
+                   "overhead_source": est.overhead_source,
+                   "peak_bytes": est.peak_bytes, "units": "bytes", "stack": est.to_dict()["stack"], "gpus": rows,
+                   **({"dataset": data.to_dict()} if data else {})}, sys.stdout, indent=2)
         print()
         return 0
     from rich.console import Console
@@ -87,4 +96,9 @@ def run(args) -> int:
                       f"[{color}]{r['headroom_bytes'] / GIB:+,.2f}[/]", f"[{color}]{r['verdict']}[/]",
                       f"{r['max_seq_len']:,}" if r["max_seq_len"] else "—")
     console.print(table)
+    console.print(f"[dim]device overheads: {est.overhead_source}[/]")
+    if data is not None:
+        from memplan.integrations.dataset import print_plan
+
+        print_plan(data)
     return 0

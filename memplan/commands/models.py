@@ -23,7 +23,8 @@ def run_models(args) -> int:
         spec = resolve_model(entry["name"])
         rows.append({"name": entry["name"], "model_type": spec.model_type, "params": spec.total_params,
                      "layers": spec.num_layers, "hidden": spec.hidden_size, "vocab": spec.vocab_size,
-                     "hf_id": entry.get("hf_id"), "aliases": entry.get("aliases", [])})
+                     "hf_id": entry.get("hf_id"), "aliases": entry.get("aliases", []),
+                     "derived": spec.derived})  # spec read off transformers' meta model (memplan/derive)
     if args.json:
         json.dump(rows, sys.stdout, indent=2)
         print()
@@ -37,7 +38,7 @@ def run_models(args) -> int:
                  ("hidden", "right"), ("vocab", "right"), ("hub id", "left")):
         table.add_column(c, justify=j)
     for r in sorted(rows, key=lambda r: (r["model_type"], r["params"])):
-        table.add_row(r["name"], r["model_type"], f"{r['params'] / 1e9:.2f} B", str(r["layers"]), str(r["hidden"]),
+        table.add_row(r["name"], r["model_type"] + (" (derived)" if r["derived"] else ""), f"{r['params'] / 1e9:.2f} B", str(r["layers"]), str(r["hidden"]),
                       str(r["vocab"]), r["hf_id"] or "")
     Console().print(table)
     return 0

@@ -114,8 +114,13 @@ def build_configs(args) -> list:
                   f"never read: {', '.join(ignored[:5])}{' ...' if len(ignored) > 5 else ''}", file=sys.stderr)
         if not refs:
             refs = [weights]
+    from memplan.options import from_config
+
+    mapping = from_config(args)
+    if not refs and mapping is not None and mapping.model:
+        refs = [mapping.model]
     if not refs:
-        raise MemplanError("name a MODEL (catalog name, config.json or folder), or give --weights DIR")
+        raise MemplanError("name a MODEL (catalog name, config.json or folder), or give --weights DIR or --from FILE")
     if weights and len(refs) > 1:
         raise MemplanError("--weights profiles one model: give at most one MODEL with it")
     device = _device(args.device)
@@ -139,6 +144,12 @@ def build_configs(args) -> list:
     for ref in refs:
         # a config asking for remote code (auto_map) is refused here unless --trust-remote-code
         model = resolve_model(weights if weights else ref.strip(), trust_remote_code=args.trust_remote_code)
+        if mapping is not None:
+            from memplan.integrations.config import check_targets
+            from memplan.options import _given, print_mapping_once
+
+            check_targets(mapping, model, _given(args))
+            print_mapping_once(args)
         name = model.name if not weights or ref == weights else ref.strip()
         for train in specs:
             run = {"steps": args.steps, "load_path": args.load_path, "seed": args.seed,
@@ -166,10 +177,17 @@ def run(args) -> int:
             return 0
     if args.show:
         return show_profiles(args)
-    configs = build_configs(args)
-    from memplan.profile.grid import run_grid
+    from memplan.outputs import output_dir, output_path
 
     csv_path = None if str(args.csv).lower() == "none" else args.csv
+    if csv_path:
+        output_path(csv_path, "--csv", make_parents=csv_path == os.path.join("reports", "profiles.csv"))
+    configs = build_configs(args)
+    output_dir(args.profiles, "--profiles")  # created only once the configurations are known to be valid
+    if args.log_dir:
+        output_dir(args.log_dir, "--log-dir")
+    from memplan.profile.grid import run_grid
+
     printed = []
 
     def show(outcome):
@@ -184,7 +202,11 @@ def run(args) -> int:
         outcomes = run_grid(configs, args.profiles, csv_path, force=args.force, timeout_s=args.timeout,
                             time_budget_s=args.time_budget, progress=not (args.no_progress or args.json),
                             on_outcome=show, log_dir=args.log_dir, trace=not args.no_trace,
-                            trust_remote_code=args.trust_remote_code, threads=args.threads)
+                            # a native model_type runs transformers' code (trust_remote_code=False) whatever the
+                            # flag: its auto_map was dropped when the config was read (catalog/hfconfig.py)
+                            trust_remote_code=args.trust_remote_code and any(c.hf_config.get("auto_map")
+                                                                             for c in configs),
+                            threads=args.threads)
     except KeyboardInterrupt:
         print("memplan profile: interrupted; measured profiles were kept", file=sys.stderr)
         if len(configs) > 1 and not args.json:

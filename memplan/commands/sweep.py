@@ -13,7 +13,7 @@ def register(sub) -> None:
     p = sub.add_parser("sweep", help="estimate a grid of models × settings into a CSV (and a figure) for papers",
                        description="Estimate every model × configuration of a grid (comma-separated flag values) "
                                    "and write one CSV row each; optionally plot. Sizes are GiB (2^30 bytes).")
-    p.add_argument("models", nargs="+", metavar="MODEL", help="catalog names, config.json paths or cached hub ids")
+    p.add_argument("models", nargs="*", metavar="MODEL", help="catalog names, config.json paths or cached hub ids")
     add_train_flags(p)
     p.add_argument("--out", required=True, metavar="PATH.csv", help="CSV to write (columns: docs/csv.md)")
     p.add_argument("--plot", metavar="PATH.png", help="also draw a figure (needs matplotlib)")
@@ -34,7 +34,7 @@ def sweep(args, specs) -> list:
     overheads, notes = overheads_for()  # the newest calibration, named in each row's `calibration` column
     warn(notes)
     out = []
-    for ref in args.models:
+    for ref in args.models or [None]:  # none given: the model --from FILE names
         model = model_from_args(args, ref)
         out.extend((model, spec, estimate(model, spec, overheads)) for spec in specs)
     return out
@@ -42,8 +42,12 @@ def sweep(args, specs) -> list:
 
 def run(args) -> int:
     from memplan.catalog import resolve_gpu
+    from memplan.outputs import output_path
     from memplan.report.rows import row, write_csv
 
+    output_path(args.out, "--out")
+    if args.plot:
+        output_path(args.plot, "--plot")
     specs = grid_from_args(args)
     gpus = [] if args.gpus.strip().lower() == "none" else [resolve_gpu(g) for g in args.gpus.split(",") if g.strip()]
     results = sweep(args, specs)

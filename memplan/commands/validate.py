@@ -37,12 +37,19 @@ def register(sub) -> None:
     p.add_argument("--bits", help="comma-separated bits (default: 4,16)")
     p.add_argument("--r", help="comma-separated LoRA ranks (default: 16,64)")
     p.add_argument("--checkpointing", help="on,off (default: both)")
+    p.add_argument("--random", type=int, metavar="N", help="with --against trace: instead of the grid, a seeded random "
+                   "sample of N traced configurations over every training flag and the catalog's model types "
+                   "(memplan/validation/sample.py); writes reports/estimate_vs_trace_random.csv and .png")
+    p.add_argument("--seed", type=int, default=0, help="with --random: the sample's seed (default 0)")
+    p.add_argument("--layers", type=int, metavar="K", help="with --random: cap every model's decoder at K layers "
+                   "(the same architecture, shallower; estimate and trace both see it): a trace costs time in "
+                   "proportion to the layers (default: full depth)")
     p.add_argument("--jobs", type=int, default=1, help="parallel trace processes (default 1)")
     p.add_argument("--csv", help="output CSV path (default: reports/estimate_vs_trace.csv; with --against profiles "
                    "reports/validation.csv)")
-    p.add_argument("--figure", default="reports/validation.png",
-                   help="with --against profiles: predicted vs measured figure (default: reports/validation.png; "
-                        "'none' to skip)")
+    p.add_argument("--figure", help="with --against profiles: predicted vs measured figure (default: "
+                   "reports/validation.png); with --random: peak error by model type (default: "
+                   "reports/estimate_vs_trace_random.png); 'none' to skip")
     c = p.add_mutually_exclusive_group()
     c.add_argument("--calibration", metavar="NAME|PATH", help="with --against profiles: this calibration for every "
                    "profile (default: the newest calibration of each profile's GPU)")
@@ -65,8 +72,8 @@ def _trace_one(job):
 
     logging.disable(logging.WARNING)
     model_name, train_dict, cache_dir, use_cache = job
-    from memplan.catalog import resolve_model
     from memplan.spec import TrainSpec
+    from memplan.validation.sample import resolve_sampled as resolve_model  # a catalog name, or one capped in depth
 
     train = TrainSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in train_dict.items()})
     path = Path(cache_dir) / model_name / f"{_key(model_name, train)}.json"
@@ -75,7 +82,9 @@ def _trace_one(job):
     from memplan.trace import run_trace
 
     try:
-        result = run_trace(resolve_model(model_name), train, keep_timeline=False).to_dict()
+        # one steady-state step after a warm optimizer step: the peaks of two steps at half the cost
+        result = run_trace(resolve_model(model_name), train, keep_timeline=False, steps=1,
+                           warm_optimizer=True).to_dict()
     except Exception as e:  # noqa: BLE001 - one failing configuration must not stop the grid
         return {"model": model_name, "config": train.to_dict(), "error": f"{e.__class__.__name__}: {e}"}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -112,12 +121,22 @@ def compare(est: dict, tr: dict) -> dict:
 
 
 def run(args) -> int:
+    from memplan.outputs import output_path
+
+    default_csv = "reports/validation.csv" if args.against == "profiles" else "reports/estimate_vs_trace.csv"
+    output_path(args.csv or default_csv, "--csv", make_parents=args.csv is None)
+    if args.against == "profiles" and str(args.figure).lower() != "none":
+        output_path(args.figure, "--figure", make_parents=args.figure == "reports/validation.png")
     if args.against == "profiles":
         return run_profiles(args)
     if args.profiles:
         from memplan.errors import MemplanError
 
         raise MemplanError("PROFILES are only read with --against profiles")
+    if args.random is not None:
+        from memplan.validation.against_trace import run_random
+
+        return run_random(args)
     args.csv = args.csv or "reports/estimate_vs_trace.csv"
     import statistics
 
@@ -339,11 +358,12 @@ def run_profiles(args) -> int:
     for line in bars(rows):
         out.print(line, highlight=False)
     out.print(f"wrote {path}", highlight=False)
-    if str(args.figure).lower() != "none":
+    figure = args.figure or "reports/validation.png"
+    if str(figure).lower() != "none":
         from memplan.report.plots import predicted_vs_measured
 
-        predicted_vs_measured(rows, args.figure)
-        out.print(f"wrote {args.figure}", highlight=False)
+        predicted_vs_measured(rows, figure)
+        out.print(f"wrote {figure}", highlight=False)
     for r in rows:
         if r["trace_source"].startswith("failed"):
             out.print(f"trace {r['trace_source']} for {r['config']}", highlight=False)

@@ -22,7 +22,7 @@ from memplan.estimate import activations as act_mod
 from memplan.estimate import host as host_mod
 from memplan.estimate import lora, optimizer, weights
 from memplan.estimate.logits import fused_loss, loss_backward, loss_forward
-from memplan.estimate.overhead import Overheads, default_overheads
+from memplan.estimate.overhead import Overheads, default_overheads, replay_overheads
 from memplan.spec import ModelSpec, TrainSpec
 from memplan.stack import stack
 
@@ -92,48 +92,76 @@ def _candidate(base: dict[str, int], **extra: int) -> dict[str, int]:
 
 
 def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = None) -> Estimate:
-    overheads = overheads or default_overheads()
+    if overheads is None or overheads is default_overheads():  # uncalibrated: the replay-fitted allocator figure
+        overheads = replay_overheads(model.model_type)
     T = train.batch_size * train.seq_len
     w = weights.weights(model, train)
     tr = lora.trainable(model, train)
     states = optimizer.states(model, train, tr["params"], tr["bytes"])
     grads = tr["bytes"]
+    if model.derived:  # no hand-written activation formulas: terms fitted to meta traces (derived.py)
+        from memplan.estimate import derived
+
+        chosen, extra = derived.phase_components(model, train)
+        return _finish(model, train, overheads, tr, chosen, extra)
     a = act_mod.activations(model, train)
 
     static = {**w, "lora": 0 if train.method == "full" else tr["bytes"]}  # full: the weights are the trainables
     steady = _candidate(static, optimizer_states=states)
     stored = sum(a.stored_per_layer) + a.fixed
+    # DoRA with dropout saves each adapted weight (absolute bytes per layer; see activations.dora_saved)
+    dora = () if train.gradient_checkpointing else a.dora_saved
+    dora_all, dora_but_last = (sum(dora), sum(dora[:-1])) if dora else (0, 0)
 
     if train.loss == "standard":
         loss_fwd, loss_bwd = T * loss_forward(model, train), T * loss_backward(model, train)
     else:
         loss_fwd, loss_bwd = fused_loss(model, train, T)
-    fwd_loss = _candidate(steady, activations=T * stored, logits_loss=loss_fwd)
-    fwd_layer = _candidate(steady, activations=T * (stored - a.stored_per_layer[-1]),
+    fwd_loss = _candidate(steady, activations=T * stored + dora_all, logits_loss=loss_fwd)
+    fwd_layer = _candidate(steady, activations=T * (stored - a.stored_per_layer[-1]) + dora_but_last,
                            temporaries=T * a.fwd_transient + a.dequant_bytes)
-    bwd_loss = _candidate(steady, activations=T * stored, logits_loss=loss_bwd)
+    bwd_loss = _candidate(steady, activations=T * stored + dora_all, logits_loss=loss_bwd)
+    forward = [fwd_loss, fwd_layer]
+    if a.dora_bytes:
+        forward.append(_candidate(steady, activations=T * (stored - a.stored_per_layer[-1]) + dora_but_last,
+                                  temporaries=a.dora_bytes))
 
     def layer_bwd(idx: int, done_grads: int) -> dict[str, int]:
-        kept = sum(a.stored_per_layer[: idx + 1]) + a.fixed
+        kept = T * (sum(a.stored_per_layer[: idx + 1]) + a.fixed - a.final_norm)
+        kept += sum(dora[: idx + 1]) if dora else 0
         recompute = (a.layer_saved[idx] if train.gradient_checkpointing else 0) + a.reload
+        recompute = T * recompute + (a.dora_saved[idx] if train.gradient_checkpointing and a.dora_saved else 0)
         work = max(a.bwd_work_mlp, a.bwd_work_attn - (a.layer_saved[idx] - a.layer_saved_attn[idx]))
-        return _candidate(steady, gradients=done_grads, activations=T * (kept + recompute),
-                          temporaries=T * work + a.dequant_bytes)
+        start = _candidate(steady, gradients=done_grads, activations=kept + recompute,
+                           temporaries=T * work + a.dequant_bytes)
+        if train.gradient_checkpointing and a.dora_bytes:  # the recompute runs DoRA's forward again
+            start = max(start, _candidate(steady, gradients=done_grads, activations=kept + recompute,
+                                          temporaries=a.dora_bytes), key=lambda c: sum(c.values()))
+        if not a.mlp_mul_work[idx]:
+            return start
+        mul = _candidate(steady, gradients=done_grads, activations=kept + recompute - T * a.mlp_mul_freed[idx],
+                         temporaries=T * a.mlp_mul_work[idx])
+        return max(start, mul, key=lambda c: sum(c.values()))
 
     bwd_last = layer_bwd(len(a.stored_per_layer) - 1, 0)
     bwd_first = layer_bwd(0, grads)
     opt_step = _candidate(steady, gradients=grads, temporaries=optimizer.step_temporaries(train, tr["bytes"]))
     load = _candidate(static, temporaries=weights.load_transient(model, train))
 
-    candidates = {"load": [load], "forward": [fwd_loss, fwd_layer], "backward": [bwd_loss, bwd_last, bwd_first],
+    candidates = {"load": [load], "forward": forward, "backward": [bwd_loss, bwd_last, bwd_first],
                   "optimizer": [opt_step]}
-    phase_components = {p: max(cs, key=lambda c: sum(c.values())) for p, cs in candidates.items()}
-    phase_components = {p: {k: c.get(k, 0) for k in COMPONENTS} for p, c in phase_components.items()}
+    chosen = {p: max(cs, key=lambda c: sum(c.values())) for p, cs in candidates.items()}
+    return _finish(model, train, overheads, tr, chosen, [], host_mod.host_plan(model, train, a, states, T), states)
+
+
+def _finish(model, train, overheads, tr, chosen: dict, extra_notes: list, host: dict | None = None,
+            states: int = 0) -> Estimate:
+    """The Estimate of the chosen candidate per phase: the peak is the largest phase."""
+    phase_components = {p: {k: c.get(k, 0) for k in COMPONENTS} for p, c in chosen.items()}
     phases = {p: sum(c.values()) for p, c in phase_components.items()}
     peak_phase = max(PHASES, key=lambda p: phases[p])
     peak = phases[peak_phase]
     device = overheads.device_bytes(peak)
-    host = host_mod.host_plan(model, train, a, states, T)
     paged = host_mod.paging(train, phase_components, states, tr["params"], _largest_trainable(model, train))
     if paged:
         paged["floor_device_total_bytes"] = paged["floor_bytes"] + sum(overheads.device_bytes(paged["floor_bytes"])
@@ -142,7 +170,7 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
         model=model.name, params_total=model.total_params, params_trainable=tr["params"], config=train.to_dict(),
         components=phase_components[peak_phase], phases=phases, phase_components=phase_components, peak_bytes=peak,
         peak_phase=peak_phase, device_overheads=device, device_total_bytes=peak + sum(device.values()),
-        overhead_source=overheads.source, notes=notes(model, train), host=host, paging=paged,
+        overhead_source=overheads.source, notes=notes(model, train) + extra_notes, host=host or {}, paging=paged,
         stack=stack(train.transformers),
     )
 
@@ -158,7 +186,7 @@ def _largest_trainable(model: ModelSpec, train: TrainSpec) -> int:
 
 
 def notes(model: ModelSpec, train: TrainSpec) -> list[str]:
-    out = []
+    out = list(model.notes)  # how the config was read (hfconfig.py) and which parts were derived
     if train.upcast_applies:
         out.append("prepare_model_for_kbit_training casts non-quantized weights to fp32, so the residual stream, "
                    "every layer output and the logits are fp32 (4 B/element); --upcast off keeps them 16-bit")

@@ -363,11 +363,39 @@ def layer_saved(model: ModelSpec, layer: LayerSpec, ctx: Ctx) -> Saved:
 
 
 @lru_cache(maxsize=4096)
-def _layer_totals(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> tuple[int, int, int]:
-    """(saved bytes per token without the layer input, of which attention, the layer input if it is kept)."""
+def _layer_totals(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> tuple[int, int, int, int, int]:
+    """(saved bytes per token without the layer input, of which attention, the layer input if it is kept,
+    and for a gated MLP the product's backward: saved bytes released before it, working set at it)."""
     sv = layer_saved(model, layer, Ctx.of(train, model))
     x = sv.size["x"] if "x" in sv.kept else 0
-    return sv.total() - x, sv.total("attn") - (x if sv.kept.get("x") == "attn" else 0), x
+    freed, work = _mlp_product_backward(model, layer, train, sv)
+    return sv.total() - x, sv.total("attn") - (x if sv.kept.get("x") == "attn" else 0), x, freed, work
+
+
+def _mlp_product_backward(model: ModelSpec, layer: LayerSpec, train: TrainSpec, sv: Saved) -> tuple[int, int]:
+    """A gated MLP's backward peaks at act(gate) * up's backward (MulBackward0), a moment the layer-start
+    working set does not cover: down_proj's backward has already made the gradient of the product p (i wide),
+    MulBackward0 is writing the gradient of act(gate) beside it, and under checkpointing the recomputed p itself
+    is still alive (torch.utils.checkpoint's non-reentrant recompute stops early, in the pack hook of the last
+    saved tensor, and the product it just made is only freed with that frame). A frozen down_proj (no LoRA on
+    it: a partial target list) saves nothing, so its backward runs before anything triggers the recompute and
+    all of this sits on top of the recomputed saved set. What down_proj's LoRA saved (dropout copy, mask,
+    lora_A output; p itself when dropout is 0) is released by then. Per token: (released, working set).
+    Source: torch/utils/checkpoint.py (_checkpoint_hook, _StopRecomputationError), the meta trace's live
+    tensors at the peak (tests/test_validate_random.py holds the cases)."""
+    if layer.mlp != "gated" or "mlp.prod" not in sv.size:
+        return 0, 0
+    down = next(lin for lin in layer.linears if lin.name == "down_proj")
+    prod = sv.size["mlp.prod"]
+    prod_saved = "mlp.prod" in sv.kept
+    ckpt = train.gradient_checkpointing
+    freed = sum(sv.size[n] for n in sv.kept if n.startswith(down.name + "."))
+    if prod_saved and not ckpt:
+        freed += prod
+    work = model.hidden_size * Ctx.of(train, model).e + 2 * prod  # the layer output's gradient, dp, d act(gate)
+    if ckpt and not prod_saved:
+        work += prod
+    return freed, work
 
 
 @lru_cache(maxsize=4096)
@@ -403,10 +431,15 @@ class Activations:
     layer_saved: list[int]  # the layer's own saved set (what recompute rebuilds under checkpointing)
     layer_saved_attn: list[int]
     fixed: int  # embeddings' saved indices, batch ids and labels, rotary cos/sin, final norm state
+    final_norm: int  # of which the final norm's saved input and stats: released before the layers' backward
     fwd_transient: int  # live intermediates inside the largest layer's forward (not saved)
     bwd_work_mlp: int  # gradient working set at the start of a layer's backward
     bwd_work_attn: int  # ... at its attention backward
+    mlp_mul_freed: list[int]  # per layer: saved bytes released before the gated MLP's product backward
+    mlp_mul_work: list[int]  # per layer: working set at that moment (0: no gated MLP)
     dequant_bytes: int  # absolute: bitsandbytes' dequantized copy of the largest linear
+    dora_bytes: int = 0  # absolute: DoRA's weight-sized temporaries inside the largest adapted linear's forward
+    dora_saved: tuple[int, ...] = ()  # absolute, per layer: weights DoRA's F.linear saves (dropout > 0)
     # activation offloading (memplan/estimate/offload.py): per token
     host_per_layer: tuple = ()  # what each layer's saved set puts in pinned host memory
     reload: int = 0  # brought back to the device during one layer's backward
@@ -421,14 +454,16 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     ctx = Ctx.of(train, model)
     k = coefficients()["backward"]
     h, e = model.hidden_size, ctx.e
-    stored, saved, saved_attn = [], [], []
+    stored, saved, saved_attn, mul_freed, mul_work = [], [], [], [], []
     # per-token layer figures do not depend on batch, optimizer or (for fused attention) sequence length
     masked = ctx.attention == "sdpa" and sdpa_gets_a_mask(model, train.seq_len, train.transformers)
     per_seq = ctx.attention not in FUSED or masked
     layer_key = train.with_(batch_size=1, optimizer="adamw", seq_len=train.seq_len if per_seq else 1)
     widest = cast = 0
     for n, layer in model.layers:
-        total, attn, x_kept = _layer_totals(model, layer, layer_key)
+        total, attn, x_kept, freed, work = _layer_totals(model, layer, layer_key)
+        mul_freed += [freed] * n
+        mul_work += [work] * n
         saved += [total] * n
         saved_attn += [attn] * n
         int8 = _int8_held(model, layer, layer_key, train.gradient_checkpointing) if train.bits == 8 else 0
@@ -441,7 +476,9 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
         widest = max(widest, i)
         if train.method == "lora" and ctx.lb != e:  # PEFT casts an adapted linear's input to the adapter dtype:
             cast = max([cast] + [lin.in_features * ctx.lb for lin in layer.linears if is_target(lin, train)])
-    fixed = 8 * 3 + 2 * model.head_dim * e + h * e + (8 if model.model_type in ("falcon", "gpt_neox", "opt") else 4)
+    # rotary cos / sin are (1, s, head_dim): per sequence position, shared by the batch
+    final_norm = h * e + (8 if model.model_type in ("falcon", "gpt_neox", "opt") else 4)
+    fixed = 8 * 3 + 2 * model.head_dim * e // train.batch_size + final_norm
     if ctx.attention in ("eager", "math"):  # the 4-D causal mask (b, 1, s, s) in the activation dtype; Gemma-2
         fixed += (2 if model.model_type == "gemma2" else 1) * train.seq_len * e  # builds a second, sliding
     elif masked and train.transformers == 4:  # the (b, 1, s, s) boolean mask, alive for the whole step
@@ -450,12 +487,14 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     fwd_transient = widest * (e + ctx.c) + h * ctx.c + eager
     bwd_mlp = int(k["mlp_h"] * h * e + k["mlp_i"] * widest * e) + cast  # a copy alive beside the recompute
     bwd_attn = int(k["attn_h"] * h * e + k["attn_qkv"] * (model.num_heads + 2 * model.num_kv_heads) * model.head_dim * e
-                   + (model.num_heads * train.seq_len * (e + 4 + 4) if ctx.attention not in FUSED else 0))
+                   + (eager_softmax_backward(model, train, e) if ctx.attention not in FUSED else 0))
     dequant = max_quantized_numel(model, train) * ctx.c if train.quantized else 0
     host, reload = (), 0
     if train.activation_offload != "off":
         stored, host, reload = _offloaded(model, train, layer_key, stored, h * e)
-    return Activations(stored, saved, saved_attn, fixed, fwd_transient, bwd_mlp, bwd_attn, dequant, host, reload)
+    return Activations(stored, saved, saved_attn, fixed, final_norm, fwd_transient, bwd_mlp, bwd_attn, mul_freed,
+                       mul_work, dequant, dora_transient(model, train), dora_saved(model, train),
+                       host_per_layer=host, reload=reload)
 
 
 def _offloaded(model: ModelSpec, train: TrainSpec, layer_key: TrainSpec, stored: list[int], x_bytes: int):
@@ -478,3 +517,55 @@ def _offloaded(model: ModelSpec, train: TrainSpec, layer_key: TrainSpec, stored:
         host += [total + x_kept - kept] * n
         reload = max(reload, back)
     return device, tuple(host), reload
+
+
+
+
+def dora_saved(model: ModelSpec, train: TrainSpec) -> tuple[int, ...]:
+    """With lora_dropout > 0, PEFT's DoRA cannot reuse the base layer's output (it must see the dropped-out x):
+    DoraLinearLayer.forward runs F.linear(dropout(x), weight) itself, with the base weight dequantized and cast
+    to the adapter dtype, and autograd saves that out x in weight for the input gradient (peft/tuners/lora/
+    variants.py DoraLinearVariant.forward: base_result = None unless dropout is nn.Identity). Absolute bytes per
+    layer, kept like any saved activation (per layer without checkpointing, one layer's under it)."""
+    if train.method != "lora" or not train.dora or train.lora_dropout == 0:
+        return ()
+    lb = DTYPES[train.lora_dtype]
+    out: list[int] = []
+    for n, layer in model.layers:
+        out += [sum(lin.weight_numel * lb for lin in layer.linears if is_target(lin, train))] * n
+    return tuple(out)
+
+
+def eager_softmax_backward(model: ModelSpec, train: TrainSpec, e: int) -> int:
+    """Eager attention's backward peaks in softmax's backward (per token): the fp32 gradient of the
+    probabilities (ToCopyBackward of the .to(q.dtype) cast, or the matmul's own gradient when the activations
+    are fp32) and _softmax_backward_data's fp32 output, a*s*4 bytes each. By then probs @ v's backward has run,
+    so the 16-bit copy of the probabilities it saved (a*s*e, counted in the saved set) is released: torch
+    derivatives.yaml (_softmax: result; mm/bmm: self, mat2), checked on the meta trace's live tensors."""
+    a, s = model.num_heads, train.seq_len
+    return a * s * (4 + 4) - (a * s * e if e != 4 else 0)
+
+
+def dora_transient(model: ModelSpec, train: TrainSpec) -> int:
+    """DoRA recomputes its weight norm in every forward (peft/tuners/lora/dora.py, DoraLinearLayer.forward; PEFT
+    caches it only in eval mode): lora_weight = lora_B(lora_A(eye(in))).T builds an in x in identity and the
+    out x in product in the adapter dtype; then the base weight is dequantized (4-bit: out x in in the compute
+    dtype) and cast to the adapter dtype, and weight + scaling * lora_weight makes two more out x in tensors.
+    The largest adapted linear sets the figure, in absolute bytes; it rides on top of the layer's forward (and of
+    its recompute under checkpointing)."""
+    if train.method != "lora" or not train.dora:
+        return 0
+    lb, c = DTYPES[train.lora_dtype], DTYPES[train.compute_dtype]
+    weight_bytes = 4 if train.bits == 32 else c
+    out = 0
+    for _, layer in model.layers:
+        for lin in layer.linears:
+            if not is_target(lin, train):
+                continue
+            i, o = lin.in_features, lin.out_features
+            eye = i * i * lb + i * o * lb  # the identity and lora_B(lora_A(eye))
+            deq = o * i * c if (train.quantized and lin.quantizable) else 0
+            cast = o * i * lb if (deq and c != lb) or (not deq and weight_bytes != lb) else 0
+            norm = o * i * lb * 3 + deq + cast  # lora_weight, scaling * lora_weight, their sum with the weight
+            out = max(out, eye, norm)
+    return out

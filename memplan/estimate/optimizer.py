@@ -7,8 +7,12 @@
   adamw-8bit       bitsandbytes AdamW8bit (Dettmers et al. 2022, "8-bit optimizers via block-wise quantization"):
                    two uint8 states + one fp32 absmax per 256-element block each; tensors under min_8bit_size
                    (4096 elements) keep 32-bit states (bitsandbytes/optim/optimizer.py, Optimizer8bit.init_state).
-  paged-*          the same bytes, allocated in CUDA managed (unified) memory that the driver can evict to host
-                   RAM under pressure; they still count towards the GPU when resident.
+  paged-adamw      bitsandbytes PagedAdamW (Optimizer2State, optim_bits=32): two fp32 states whatever the parameter
+                   dtype (bitsandbytes/optim/optimizer.py, Optimizer2State.init_state: get_state_buffer(p,
+                   dtype=torch.float32)), 8 B per parameter, so a bf16 full fine-tune pays twice torch's states;
+                   its fused kernel updates in place (no foreach temporary).
+  paged-*          allocated in CUDA managed (unified) memory that the driver can evict to host RAM under
+                   pressure; they still count towards the GPU when resident.
   sgd              torch.optim.SGD with momentum (0.9, as memplan/recipe.py runs it): one buffer per parameter.
   adafactor        transformers Adafactor (Shazeer & Stern 2018), beta1=None: factored second moment, one row and
                    one column vector per >=2-D tensor (in the grad dtype), the full moment for 1-D tensors.
@@ -46,8 +50,10 @@ def _param_shapes(model: ModelSpec, train: TrainSpec) -> list[tuple[int, int, in
 
 def states(model: ModelSpec, train: TrainSpec, trainable_params: int, trainable_bytes: int) -> int:
     opt = train.optimizer
-    if opt in ("adamw", "paged-adamw"):
+    if opt == "adamw":
         return 2 * trainable_bytes
+    if opt == "paged-adamw":
+        return 2 * 4 * trainable_params
     if opt == "sgd":
         return trainable_bytes
     shapes = _param_shapes(model, train)
@@ -68,4 +74,4 @@ def states(model: ModelSpec, train: TrainSpec, trainable_params: int, trainable_
 def step_temporaries(train: TrainSpec, trainable_bytes: int) -> int:
     """Transient bytes inside optimizer.step(): foreach AdamW's sqrt(exp_avg_sq) copy of the whole group; the
     bitsandbytes and SGD kernels update in place."""
-    return trainable_bytes if train.optimizer in ("adamw", "paged-adamw") else 0
+    return trainable_bytes if train.optimizer == "adamw" else 0

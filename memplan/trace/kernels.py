@@ -56,7 +56,8 @@ def _make_fused_attention():
         @staticmethod
         def forward(ctx, q, k, v, bias, scale, causal):
             b, a, s, d = q.shape
-            out = torch.empty((b, s, a, d), dtype=q.dtype, device=q.device).transpose(1, 2)
+            # the output has v's head size: multi-head latent attention (DeepSeek-V2) has v 128 wide, q/k 192
+            out = torch.empty((b, s, a, v.shape[-1]), dtype=q.dtype, device=q.device).transpose(1, 2)
             lse = torch.empty((b, a, s), dtype=torch.float32, device=q.device)
             if not _is_meta(q):
                 with _untracked(), torch.no_grad():
@@ -72,15 +73,16 @@ def _make_fused_attention():
             b, a, s, d = q.shape
             kv = k.shape[1]
             dq = torch.empty((b, s, a, d), dtype=q.dtype, device=q.device).transpose(1, 2)
+            dvd = v.shape[-1]
             dk = torch.empty((b, s, kv, d), dtype=k.dtype, device=k.device).transpose(1, 2)
-            dv = torch.empty((b, s, kv, d), dtype=v.dtype, device=v.device).transpose(1, 2)
+            dv = torch.empty((b, s, kv, dvd), dtype=v.dtype, device=v.device).transpose(1, 2)
             d_r = r(d, 32) if d <= 192 else 256
             dq_accum = torch.empty((b, r(s, 128), a, d_r), dtype=torch.float32, device=q.device)
             softmax_d = torch.empty((b, a, r(s, 128)), dtype=torch.float32, device=q.device)
             expanded = None
             if kv != a:  # GQA: the kernel writes per-query-head dk/dv, then sums them per kv head
                 expanded = (torch.empty((b, s, a, d), dtype=k.dtype, device=k.device),
-                            torch.empty((b, s, a, d), dtype=v.dtype, device=v.device))
+                            torch.empty((b, s, a, dvd), dtype=v.dtype, device=v.device))
             if not _is_meta(q):
                 with _untracked(), torch.enable_grad():
                     qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))

@@ -129,4 +129,5 @@ def print_result(result, console=None) -> None:
     for note in result.notes:
         console.print(f"note: {note}")
     console.print("Tensor bytes only: the CUDA context, cuBLAS workspace and allocator rounding are not seen by a "
-                  "meta trace (docs/trace.md).", style="dim")
+                  "meta trace (docs/trace.md); --allocator replays the caching allocator (docs/allocator.md).",
+                  style="dim")

@@ -90,6 +90,7 @@ class TraceResult:
     phase_components: dict = field(default_factory=dict)
     host: dict = field(default_factory=dict)  # offloaded activations: host peak, PCIe bytes per step
     stack: dict = field(default_factory=lambda: stack(0))  # the installed versions the trace ran
+    allocations: list | None = field(repr=False, default=None)  # the allocation stream (record_allocations=True)
 
     @property
     def stack_line(self) -> str:
@@ -116,8 +117,14 @@ class TraceResult:
 
 
 def run_trace(model: ModelSpec, train: TrainSpec, *, real: bool = False, steps: int = 2,
-              budget_bytes: int | None = None, keep_timeline: bool = True) -> TraceResult:
-    """Trace `steps` training steps of `model` with `train`; see the module docstring."""
+              budget_bytes: int | None = None, keep_timeline: bool = True,
+              record_allocations: bool = False, warm_optimizer: bool = False) -> TraceResult:
+    """Trace `steps` training steps of `model` with `train`; see the module docstring.
+
+    warm_optimizer: before the traced steps, create the optimizer's states by one optimizer.step() on zero
+    gradients (under the tracker, as the "optimizer" phase), so a single traced step is already the steady state:
+    `steps=1, warm_optimizer=True` gives the peaks of `steps=2` at about half the cost
+    (tests/test_validate_random.py checks they are equal). memplan validate uses it."""
     import torch
 
     from memplan import recipe
@@ -126,7 +133,7 @@ def run_trace(model: ModelSpec, train: TrainSpec, *, real: bool = False, steps: 
         raise MemplanError("steps must be at least 1")
     check_runs_installed(train.transformers, "the trace")
     t0 = time.perf_counter()
-    notes: list[str] = []
+    notes: list[str] = list(model.notes)  # how the config was read (auto_map, aliases, derived spec)
     if train.optimizer.startswith("paged"):
         notes.append(f"{train.optimizer}: traced as its non-paged twin (bitsandbytes' paged buffers need CUDA "
                      "managed memory); same bytes, evictable to host memory on a GPU")
@@ -161,7 +168,8 @@ def run_trace(model: ModelSpec, train: TrainSpec, *, real: bool = False, steps: 
     else:
         input_ids = torch.empty((train.batch_size, train.seq_len), dtype=torch.long, device=device)
 
-    tracker = LiveBytesTracker(budget_bytes=budget_bytes, keep_timeline=keep_timeline)
+    tracker = LiveBytesTracker(budget_bytes=budget_bytes, keep_timeline=keep_timeline,
+                               record_allocations=record_allocations)
     register_model(tracker, peft_model)
     tracker.register(input_ids, "activations", "input_ids")
     tracker.phase_peaks["load"] = tracker.current
@@ -193,6 +201,10 @@ def run_trace(model: ModelSpec, train: TrainSpec, *, real: bool = False, steps: 
         with patched(train) as fused, warnings.catch_warnings(), offload_ckpt, adafactor:
             warnings.simplefilter("ignore")
             with tracker, gemm_mode:
+                if warm_optimizer:
+                    on_phase("optimizer")
+                    recipe.warm_optimizer(optimizer, params)
+                    finish_phase(tracker, "optimizer", phase_marks["optimizer"], peft_model, optimizer)
                 for _ in range(steps):
                     recipe.train_step(peft_model, optimizer, input_ids, on_phase,
                                       offload_all.step() if offload_all else None, train, fused_loss)
@@ -225,7 +237,7 @@ def run_trace(model: ModelSpec, train: TrainSpec, *, real: bool = False, steps: 
         model=model.name, params_total=total, params_trainable=trainable, config=train.to_dict(),
         components={c: components.get(c, 0) for c in CATEGORIES}, peak_bytes=tracker.peak,
         peak_phase=tracker.peak_phase, phases=phases, top_tensors=top,
-        timeline=list(tracker.timeline), notes=notes, real=real, steps=steps,
+        timeline=list(tracker.timeline), notes=notes, real=real, steps=steps, allocations=tracker.allocations,
         host=ledger.per_step(steps) if train.activation_offload != "off" else {},
     )
     tracker.stop()

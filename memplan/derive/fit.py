@@ -1,0 +1,158 @@
+"""Activation terms of a derived architecture, fitted to meta traces of the same architecture cut to 1 and 2 layers.
+
+For one training setting (activation_key: every TrainSpec field that changes activations; not batch, sequence
+length or optimizer), trace the real training step (memplan.trace, batch 1) of the model cut to L = 1 and 2
+layers at three sequence lengths s (and once at batch 2). Per phase, the dynamic bytes are the trace's phase peak minus the analytic
+steady state of that truncated model (weights, adapters, optimizer states: memplan.estimate, exact from the spec):
+
+    dyn(L, b, s) = a(L) + b · (c0(L) + c1(L) · s + c2(L) · s²)   three lengths at batch 1, exactly; a from a
+                                                                 fourth trace at batch 2 (middle length)
+    c(L)         = c(1) + (L - 1) · (c(2) - c(1))                each further layer adds what the second added
+
+a holds what does not grow with the batch (bitsandbytes' dequantized weight, gradients at the end of backward,
+rotary tables), c1 what grows with tokens (saved activations, logits), c2 the s² terms (eager scores, masks). The layer step
+assumes the layers after the second are like the second (true for uniform stacks and for a dense first layer
+followed by MoE layers). A stack whose config names mixed layer_types (Gemma-3: 5 sliding-window layers to 1
+global) gets one step per kind, from a 2-layer model whose second layer is of that kind, and each further layer
+adds the step of its kind. The same fit is made for the components at
+the trace's overall peak, to split the estimate's dynamic bytes into activations / logits / temporaries /
+gradients.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import replace
+
+from memplan.spec import ModelSpec, TrainSpec
+
+DYNAMIC = ("activations", "logits_loss", "temporaries", "gradients")
+PHASES = ("load", "forward", "backward", "optimizer")
+
+
+def activation_key(model: ModelSpec, train: TrainSpec) -> str:
+    """The settings a fit is valid for, and the sequence regime (below / at or above a sliding window)."""
+    d = train.to_dict()
+    for k in ("batch_size", "seq_len", "optimizer", "lora_alpha"):
+        d.pop(k, None)
+    parts = [f"{k}={d[k]}" for k in sorted(d)]
+    return ";".join(parts) + f";anchors={','.join(map(str, anchors(model, train.seq_len)))}"
+
+
+def anchors(model: ModelSpec, seq_len: int) -> tuple[int, int, int]:
+    """Three sequence lengths spanning the octave of seq_len (up to the next power of two B: B/4 .. B), inside the
+    regime of seq_len: a sliding window w changes the attention path at s >= w. Each octave is fitted once."""
+    top = max(64, 1 << (seq_len - 1).bit_length())
+    lo, hi = top // 4, top
+    w = model.hf_config.get("sliding_window")
+    if isinstance(w, int) and w > 8:
+        if seq_len >= w:
+            lo = max(lo, w)
+            if hi - lo < 2:
+                lo, hi = w, 2 * w
+        else:
+            hi = min(hi, w - 1)
+            if hi - lo < 2:
+                lo, hi = w // 4, w - 1
+    return lo, (lo + hi) // 2, hi
+
+
+def steady_static(spec: ModelSpec, train: TrainSpec) -> tuple[dict, int]:
+    """(weights + adapters by component, optimizer-state bytes) of a spec, from the analytic estimate."""
+    from memplan.estimate import lora, optimizer, weights
+
+    w = weights.weights(spec, train)
+    tr = lora.trainable(spec, train)
+    static = {**w, "lora": 0 if train.method == "full" else tr["bytes"]}
+    return static, optimizer.states(spec, train, tr["params"], tr["bytes"])
+
+
+def _solve3(xs, ys) -> list[float]:
+    """c0, c1, c2 of c0 + c1 x + c2 x² through three points (Lagrange form, exact)."""
+    (x0, x1, x2), (y0, y1, y2) = xs, ys
+    d0, d1, d2 = (x0 - x1) * (x0 - x2), (x1 - x0) * (x1 - x2), (x2 - x0) * (x2 - x1)
+    a = y0 / d0 + y1 / d1 + y2 / d2
+    b = -(y0 * (x1 + x2) / d0 + y1 * (x0 + x2) / d1 + y2 * (x0 + x1) / d2)
+    c = y0 * x1 * x2 / d0 + y1 * x0 * x2 / d1 + y2 * x0 * x1 / d2
+    return [c, b, a]
+
+
+def fit(model: ModelSpec, train: TrainSpec) -> dict:
+    """Trace, fit and return the terms (JSON-ready). Imports torch."""
+    import logging
+
+    from memplan.derive.spec import build_meta, spec_from_model, truncated
+    from memplan.trace import run_trace
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    seqs = anchors(model, train.seq_len)
+    print(f"memplan: deriving the activation terms of {model.model_type} for these settings "
+          f"(meta traces of 1 and 2 layers at seq {', '.join(map(str, seqs))}; cached afterwards)", file=sys.stderr)
+    t0 = time.perf_counter()
+    types = layer_types(model.hf_config)
+    variants = {"layers_1": [types[0]] if types else None, "layers_2": [types[0]] * 2 if types else None}
+    for t in dict.fromkeys(types[1:]) if types else ():  # each other layer kind, after a first layer
+        if t != types[0]:
+            variants[f"step:{t}"] = [types[0], t]
+    fitted = {}
+    for label, kinds in variants.items():
+        n_layers = 1 if label == "layers_1" else 2
+        cfg = truncated(model.hf_config, n_layers)
+        if kinds:
+            cfg["layer_types"] = list(kinds)
+        spec = replace(spec_from_model(build_meta(cfg), cfg, model.name, model.source), hf_config=cfg)
+        rows = []
+        for s, b in [(s, 1) for s in seqs] + [(seqs[1], 2)]:
+            t = train.with_(seq_len=s, batch_size=b)
+            static, states = steady_static(spec, t)
+            base = sum(static.values())
+            r = run_trace(spec, t, keep_timeline=False)
+            dyn = {p: r.phases[p] - base - (states if p != "load" else 0) for p in PHASES}
+            comps = {c: r.components.get(c, 0) for c in DYNAMIC}
+            rows.append((dyn, comps, r.peak_phase))
+
+        def terms(i: int, key: str) -> list[float]:
+            """[a, c0, c1, c2]: a what does not grow with the batch (measured: 2·dyn(b=1) - dyn(b=2) at the middle
+            anchor), c0 + c1 s + c2 s² per sequence of the batch."""
+            ys = [row[i][key] for row in rows]
+            a = 2 * ys[1] - ys[3]
+            return [a] + _solve3(seqs, [y - a for y in ys[:3]])
+
+        fitted[label] = {
+            "phases": {p: terms(0, p) for p in PHASES},
+            "components": {c: terms(1, c) for c in DYNAMIC},
+            "peak_phase": rows[2][2],
+        }
+    out = {"anchors": list(seqs), **fitted, "seconds": round(time.perf_counter() - t0, 2)}
+    if types:  # how many layers of each kind follow the first one
+        out["layer_counts"] = {t: types[1:].count(t) for t in dict.fromkeys(types[1:])}
+        out["first_layer"] = types[0]
+    return out
+
+
+def layer_types(cfg: dict) -> list[str] | None:
+    """transformers' per-layer kinds (layer_types: sliding / full attention ...) when they are not all alike; the
+    config class derives them (Gemma-3 from sliding_window_pattern), so ask it."""
+    import transformers
+
+    kwargs = {k: v for k, v in cfg.items() if k != "model_type"}
+    types = getattr(transformers.AutoConfig.for_model(cfg["model_type"], **kwargs), "layer_types", None)
+    n = cfg.get("num_hidden_layers")
+    if isinstance(types, list) and len(types) == n and len(set(map(str, types))) > 1:
+        return [str(t) for t in types]
+    return None
+
+
+def evaluate(terms: dict, kind: str, name: str, num_layers: int, batch: int, seq: int) -> float:
+    """dyn bytes of phase (kind="phases") or component (kind="components") `name` for the full model: the first
+    layer's terms plus, for each further layer, the step its kind adds (mixed stacks: one step per kind)."""
+    c1, c2 = terms["layers_1"][kind][name], terms["layers_2"][kind][name]
+    counts = terms.get("layer_counts") or {None: num_layers - 1}
+    c = list(c1)
+    for layer_kind, n in counts.items():
+        step_of = terms.get(f"step:{layer_kind}", terms["layers_2"]) if layer_kind != terms.get("first_layer") \
+            else terms["layers_2"]
+        c = [ci + n * (b - a) for ci, a, b in zip(c, c1, step_of[kind][name])]
+    if len(c) == 3:  # [c0, c1, c2]: the constant did not scale with the batch
+        c = [c[0], 0.0, c[1], c[2]]
+    return c[0] + batch * (c[1] + c[2] * seq + c[3] * seq * seq)

@@ -1,0 +1,39 @@
+"""The estimate of a derived architecture (memplan/derive): no hand-written activation formula exists for it, so
+its dynamic bytes per phase — saved activations, logits and loss, temporaries, gradients — come from the terms
+fitted to meta traces of the same architecture (memplan/derive/fit.py); weights, adapters and optimizer states
+are the analytic components (weights.py, lora.py, optimizer.py) on the derived ModelSpec, which is exact.
+"""
+from __future__ import annotations
+
+from memplan.derive import activation_terms
+from memplan.derive.fit import DYNAMIC, evaluate
+from memplan.estimate import lora, optimizer, weights
+
+
+def phase_components(model, train) -> tuple[dict[str, dict[str, int]], list[str]]:
+    """{phase: {component: bytes}} for load, forward, backward, optimizer, and the notes to print."""
+    terms = activation_terms(model, train)
+    b, s, L = train.batch_size, train.seq_len, model.num_layers
+    w = weights.weights(model, train)
+    tr = lora.trainable(model, train)
+    static = {**w, "lora": 0 if train.method == "full" else tr["bytes"]}
+    states = optimizer.states(model, train, tr["params"], tr["bytes"])
+    parts = {c: max(0.0, evaluate(terms, "components", c, L, b, s)) for c in DYNAMIC}
+    share = sum(parts.values()) or 1.0
+    out = {"load": dict(static, temporaries=weights.load_transient(model, train))}
+    for phase in ("forward", "backward", "optimizer"):
+        dyn = max(0, int(evaluate(terms, "phases", phase, L, b, s)))
+        if phase == "optimizer":  # gradients of every trainable + the step's own temporaries: analytic
+            comp = dict(static, optimizer_states=states, gradients=tr["bytes"],
+                        temporaries=optimizer.step_temporaries(train, tr["bytes"]))
+        else:  # the fitted dynamic bytes, split as at the traced peak
+            comp = dict(static, optimizer_states=states)
+            for c, v in parts.items():
+                comp[c] = comp.get(c, 0) + int(dyn * v / share)
+        out[phase] = comp
+    lo, hi = terms["anchors"][0], terms["anchors"][-1]
+    where = "inside" if lo <= s <= hi else "extrapolated beyond"
+    notes = [f"activations, logits and temporaries of this derived architecture: fitted to meta traces of its first "
+             f"1 and 2 layers at seq {', '.join(map(str, terms['anchors']))} ({where} the fitted range), "
+             f"extrapolated to {L} layers"]
+    return out, notes

@@ -1,0 +1,399 @@
+"""`--dataset FILE --tokenizer PATH`: the token lengths of a training set, and the per-step shapes the trainer builds
+from them, so that the plan is for the step that sets the peak, not for one nominal length.
+
+Reading (torch-free, streamed): JSONL line by line, CSV row by row, Parquet by record batches (pyarrow), JSON as one
+document (a list of rows, or {"data"|"train": [...]}). Each row becomes text the way the trainers build it:
+- chat rows (`messages` / `conversations`, role/content or ShareGPT from/value) through the tokenizer's chat template
+  (tokenizer_config.json `chat_template`, rendered with jinja2's sandbox as transformers' apply_chat_template does,
+  then tokenized without special tokens: the template writes them);
+- prompt/completion rows (TRL) as the two texts tokenized separately and added (prompt with special tokens);
+- alpaca rows (instruction/input/output; axolotl `type: alpaca`) in the Stanford Alpaca prompt;
+- otherwise the text field (`text`, or the one the config or --text-field names), with special tokens.
+Tokenizing uses the Rust `tokenizers` library (a tokenizer.json in a local folder, or a hub id in the local cache:
+never downloaded), in batches (`encode_batch_fast`, parallel in Rust).
+
+The per-step shapes the trainer builds from the lengths, and their memory: memplan/integrations/steps.py.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import time
+from array import array
+from dataclasses import dataclass
+from pathlib import Path
+
+from memplan.errors import MemplanError
+from memplan.integrations.steps import (ORDERS, DatasetPlan, largest_cutoff, lengths_of, plan,  # noqa: F401
+                                        steps, _length_grouped, _pack)
+
+FORMATS = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet")
+CHUNK = 2048  # rows tokenized per encode_batch call
+ALPACA = ("Below is an instruction that describes a task{ctx}. Write a response that appropriately completes the "
+          "request.\n\n### Instruction:\n{instruction}\n\n{input}### Response:\n{output}")
+
+
+# ----------------------------------------------------------------------------------------------- tokenizer
+
+@dataclass
+class Tokenizer:
+    tok: object  # tokenizers.Tokenizer
+    path: str
+    chat_template: str | None
+    special: dict  # bos_token, eos_token, ... as strings (for the chat template)
+
+
+def load_tokenizer(ref: str) -> Tokenizer:
+    """A tokenizer.json: the file, a folder holding it, or a hub id in the local Hugging Face cache."""
+    from tokenizers import Tokenizer as Fast
+
+    p = Path(ref).expanduser()
+    if p.is_file():
+        folder, file = p.parent, p
+    elif p.is_dir():
+        folder, file = p, p / "tokenizer.json"
+    else:
+        folder = _hub_snapshot(ref)
+        if folder is None:
+            raise MemplanError(f"--tokenizer {ref!r}: not a file, a folder, or a hub id in the local Hugging Face "
+                               "cache (memplan never downloads)")
+        file = folder / "tokenizer.json"
+    if not file.is_file():
+        raise MemplanError(f"--tokenizer {ref!r}: no tokenizer.json in {folder} (memplan reads the fast tokenizer "
+                           "format; save it with AutoTokenizer.from_pretrained(...).save_pretrained(DIR))")
+    try:
+        tok = Fast.from_file(str(file))
+    except Exception as e:  # noqa: BLE001 - the Rust library raises its own Exception type
+        raise MemplanError(f"--tokenizer {ref!r}: cannot read {file.name}: {str(e).splitlines()[0][:200]}") from None
+    cfg = {}
+    cfg_file = folder / "tokenizer_config.json"
+    if cfg_file.is_file():
+        try:
+            cfg = json.loads(cfg_file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            cfg = {}
+    template = cfg.get("chat_template")
+    jinja = folder / "chat_template.jinja"
+    if template is None and jinja.is_file():
+        template = jinja.read_text()
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    special = {}
+    for k in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        v = cfg.get(k)
+        special[k] = v.get("content") if isinstance(v, dict) else v
+    return Tokenizer(tok, str(file), template if isinstance(template, str) else None, special)
+
+
+def _hub_snapshot(repo_id: str) -> Path | None:
+    if "/" not in repo_id or repo_id.startswith((".", "/", "~")):
+        return None
+    from memplan.catalog import _hub_cache_config
+
+    cfg = _hub_cache_config(repo_id)
+    if cfg is not None:
+        return cfg.parent
+    import os
+
+    home = os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface"))
+    snaps = Path(os.environ.get("HF_HUB_CACHE", os.path.join(home, "hub"))) / \
+        ("models--" + repo_id.replace("/", "--")) / "snapshots"
+    found = sorted(snaps.glob("*/tokenizer.json")) if snaps.is_dir() else []
+    return found[-1].parent if found else None
+
+
+def _compile_template(template: str):
+    import jinja2
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **{k: v for k, v in kw.items()
+                                                                                  if k in ("indent", "sort_keys")})
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
+    try:
+        return env.from_string(template)
+    except jinja2.exceptions.TemplateError as e:
+        raise MemplanError(f"the tokenizer's chat template does not compile: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------- the rows
+
+def iter_rows(path: str):
+    """Rows of a dataset file, streamed (JSON is read whole)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise MemplanError(f"--dataset {path!r} is a directory; give a .jsonl, .json, .csv or .parquet file")
+    if not p.is_file():
+        raise MemplanError(f"--dataset {path!r}: no such file")
+    suffix = p.suffix.lower()
+    if suffix not in FORMATS:
+        raise MemplanError(f"--dataset {path!r}: unknown format {suffix or '(none)'}; memplan reads "
+                           f"{', '.join(FORMATS)}")
+    if suffix in (".jsonl", ".ndjson"):
+        with open(p, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise MemplanError(f"{path}: line {n}: malformed JSON: {e.msg}") from None
+    elif suffix == ".json":
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise MemplanError(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from None
+        if isinstance(data, dict):
+            data = next((data[k] for k in ("data", "train", "rows") if isinstance(data.get(k), list)), None)
+        if not isinstance(data, list):
+            raise MemplanError(f"{path}: expected a list of rows (or {{\"data\": [...]}})")
+        yield from data
+    elif suffix in (".csv", ".tsv"):
+        with open(p, newline="", encoding="utf-8") as f:
+            yield from csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+    else:
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise MemplanError("reading Parquet needs pyarrow: pip install 'memplan[data]'") from None
+        try:
+            pf = pq.ParquetFile(p)
+        except Exception as e:  # noqa: BLE001 - pyarrow's ArrowInvalid and friends
+            raise MemplanError(f"{path}: not a Parquet file: {str(e).splitlines()[0][:200]}") from None
+        for batch in pf.iter_batches(batch_size=8192):
+            yield from batch.to_pylist()
+
+
+def detect_format(row, text_field: str | None) -> str:
+    if not isinstance(row, dict):
+        raise MemplanError(f"a dataset row must be an object, got {type(row).__name__}")
+    if text_field and text_field in row:
+        value = row[text_field]
+        return "chat" if isinstance(value, list) else "text"
+    if isinstance(row.get("messages"), list) or isinstance(row.get("conversations"), list):
+        return "chat"
+    if "prompt" in row and "completion" in row:
+        return "prompt_completion"
+    if "instruction" in row and "output" in row:
+        return "alpaca"
+    if isinstance(row.get("text"), str):
+        return "text"
+    raise MemplanError(f"which column holds the text? the rows have {', '.join(map(str, row))}; give --text-field")
+
+
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
+          "tool": "tool", "function_call": "assistant", "observation": "tool"}
+
+
+def _messages(value) -> list[dict]:
+    out = []
+    for m in value:
+        if not isinstance(m, dict):
+            raise MemplanError(f"a chat message must be an object, got {type(m).__name__}")
+        if "role" in m:
+            out.append({**m, "content": m.get("content") if m.get("content") is not None else ""})
+        elif "from" in m:  # ShareGPT
+            out.append({"role": _ROLES.get(m["from"], m["from"]), "content": m.get("value") or ""})
+        else:
+            raise MemplanError(f"a chat message needs role/content or from/value, got {', '.join(m)}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ lengths
+
+@dataclass
+class Lengths:
+    lengths: array  # tokens per row, in file order
+    format: str
+    seconds: float
+    rows_skipped: int = 0  # rows with no text
+
+
+def token_lengths(path: str, tokenizer: Tokenizer, text_field: str | None = None, fmt: str | None = None,
+                  chat_template: str | None = None) -> Lengths:
+    """Tokens per row of the dataset file, streamed and tokenized in batches."""
+    t0 = time.perf_counter()
+    out = array("I")
+    rows = iter_rows(path)
+    template = None
+    first = True
+    skipped = 0
+    texts: list[str] = []
+    extra: list[int] = []  # prompt/completion: the completion's tokens, added to the prompt's
+
+    def flush(special: bool):
+        if not texts:
+            return
+        encs = tokenizer.tok.encode_batch_fast(texts, add_special_tokens=special)
+        if extra:
+            out.extend(len(e.ids) + x for e, x in zip(encs, extra))
+        else:
+            out.extend(len(e.ids) for e in encs)
+        texts.clear()
+        extra.clear()
+
+    for row in rows:
+        if first:
+            fmt = fmt if fmt in ("chat", "text", "alpaca", "prompt_completion") else detect_format(row, text_field)
+            if fmt == "chat":
+                source = chat_template or tokenizer.chat_template
+                if not source:
+                    raise MemplanError(f"the rows are chats but {tokenizer.path} has no chat_template (and the "
+                                       "config names none); give a tokenizer folder with tokenizer_config.json")
+                template = _compile_template(source)
+            first = False
+        if not isinstance(row, dict):
+            raise MemplanError(f"{path}: a row must be an object, got {type(row).__name__}")
+        if fmt == "chat":
+            value = row.get(text_field) if text_field and text_field in row else (
+                row.get("messages") if "messages" in row else row.get("conversations"))
+            if not isinstance(value, list):
+                skipped += 1
+                continue
+            try:
+                texts.append(template.render(messages=_messages(value), add_generation_prompt=False,
+                                             **{k: v for k, v in tokenizer.special.items() if v}))
+            except Exception as e:  # noqa: BLE001 - jinja errors, raise_exception() in templates
+                raise MemplanError(f"{path}: the chat template failed on row {len(out) + len(texts) + skipped + 1}: "
+                                   f"{str(e)[:200]}") from None
+        elif fmt == "text":
+            value = row.get(text_field or "text")
+            if not isinstance(value, str):
+                skipped += 1
+                continue
+            texts.append(value)
+        elif fmt == "alpaca":
+            inp = row.get("input") or ""
+            texts.append(ALPACA.format(ctx=", paired with an input that provides further context" if inp else "",
+                                       instruction=row.get("instruction") or "",
+                                       input=f"### Input:\n{inp}\n\n" if inp else "", output=row.get("output") or ""))
+        else:  # prompt / completion: two texts, the completion without special tokens (TRL tokenizes them apart)
+            texts.append(str(row.get("prompt") or ""))
+            extra.append(len(tokenizer.tok.encode(str(row.get("completion") or ""), add_special_tokens=False).ids))
+        if len(texts) >= CHUNK:
+            flush(fmt != "chat")
+    flush(fmt != "chat")
+    if not out:
+        raise MemplanError(f"--dataset {path!r}: no rows with text" + (f" ({skipped} rows without it)" if skipped
+                                                                       else ""))
+    return Lengths(out, fmt or "text", time.perf_counter() - t0, skipped)
+
+
+# -------------------------------------------------------------------------------------------- the commands
+
+def add_flags(parser) -> None:
+    g = parser.add_argument_group("dataset (plan for the real step shapes of a training set)")
+    g.add_argument("--dataset", metavar="FILE", help="training data: .jsonl, .json, .csv or .parquet; the peak step "
+                   "is planned from its token lengths (--seq-len, or the config's, is the maximum length)")
+    g.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json, a folder holding it, or a cached hub id "
+                   "(default: the --from config's model, or the model's folder)")
+    g.add_argument("--text-field", metavar="NAME", help="the column holding the text or the chat messages "
+                   "(default: the config's, else detected: messages, conversations, prompt/completion, alpaca, text)")
+    g.add_argument("--order", choices=ORDERS, help="the sampler's order (default: the config's, else shuffled)")
+    g.add_argument("--packing", metavar="on|off", help="pack rows into sequences of the maximum length (default: "
+                   "the config's, else off)")
+    g.add_argument("--dataset-seed", type=int, default=42, metavar="N", help="seed of the simulated shuffle "
+                   "(default: 42)")
+
+
+def from_args(args, model, spec, budget_bytes: int | None = None, overheads=None):
+    """(DatasetPlan, TrainSpec of the peak step) for --dataset, or (None, spec) without it."""
+    if not getattr(args, "dataset", None):
+        for flag in ("tokenizer", "text_field", "order", "packing"):
+            if getattr(args, flag, None) is not None:
+                raise MemplanError(f"--{flag.replace('_', '-')} needs --dataset FILE")
+        return None, spec
+    from memplan.options import _bool, from_config
+
+    mapping = from_config(args)
+    hints = dict(mapping.data) if mapping is not None else {}
+    ref = args.tokenizer or hints.get("tokenizer") or _model_folder(model)
+    if not ref:
+        raise MemplanError("--dataset needs --tokenizer PATH (a tokenizer.json, its folder or a cached hub id)")
+    try:
+        tokenizer = load_tokenizer(ref)
+    except MemplanError as e:
+        if args.tokenizer:
+            raise
+        if _model_folder(model):
+            tokenizer = load_tokenizer(_model_folder(model))
+        else:
+            raise MemplanError(f"--dataset needs a tokenizer: {ref!r} (from {mapping.path if mapping else 'the model'}) "
+                               f"is not usable ({str(e).split(': ', 1)[-1]}); give --tokenizer PATH") from None
+    packing = _bool(args.packing) if args.packing is not None else bool(hints.get("packing"))
+    fmt = None if args.text_field else hints.get("format")
+    lengths = token_lengths(args.dataset, tokenizer, args.text_field or hints.get("text_field"), fmt,
+                            hints.get("chat_template"))
+    given_seq = getattr(args, "seq_len", None) is not None
+    too_long = hints.get("too_long", "truncate") if not given_seq else "truncate"
+    result, peak = plan(model, spec, lengths, path=args.dataset, tokenizer=tokenizer.path, packing=packing,
+                        order=args.order or hints.get("order") or "shuffled", too_long=too_long,
+                        pad_to_max=bool(hints.get("pad_to_max")) and not given_seq,
+                        pad_to_multiple_of=hints.get("pad_to_multiple_of"), budget_bytes=budget_bytes,
+                        overheads=overheads, seed=args.dataset_seed)
+    if result.peak_seq_len < spec.seq_len and not packing:
+        result.notes.append(f"the longest step is {result.peak_seq_len:,} tokens, under the maximum length "
+                            f"{spec.seq_len:,}: the estimate above is for the peak step")
+    return result, peak
+
+
+def _model_folder(model) -> str | None:
+    src = Path(getattr(model, "source", "") or "")
+    folder = src.parent if src.name == "config.json" else src
+    return str(folder) if folder.is_dir() and (folder / "tokenizer.json").is_file() else None
+
+
+def print_plan(p: DatasetPlan, out=None) -> None:
+    import sys
+
+    out = out or sys.stdout
+    gib = 2**30
+    pct = " · ".join(f"{k} {v:,}" for k, v in p.percentiles.items())
+    print(f"dataset {p.path}: {p.rows:,} rows ({p.format}), tokens per row {pct} (mean {p.mean:,}); "
+          f"tokenized in {p.read_seconds:.1f} s with {p.tokenizer}", file=out)
+    cut = []
+    if p.truncated_rows:
+        cut.append(f"{p.truncated_rows:,} rows ({p.truncated_rows / p.rows:.1%}) truncated at {p.max_length:,}, "
+                   f"{p.truncated_tokens:,} tokens lost")
+    if p.dropped_rows:
+        cut.append(f"{p.dropped_rows:,} rows ({p.dropped_rows / p.rows:.1%}) longer than {p.max_length:,} dropped "
+                   "(axolotl's excess_length_strategy: drop)")
+    if cut:
+        print("  " + "; ".join(cut), file=out)
+    shape = (f"packed into sequences of {p.max_length:,} tokens" if p.packing else
+             f"padded to the longest row of each batch, {p.order} order")
+    waste = 1 - p.total_tokens / p.padded_tokens if p.padded_tokens else 0
+    print(f"  {p.steps:,} steps of {p.batch_size} rows, {shape}; padding {waste:.1%} of the tokens computed", file=out)
+    print(f"  peak: step {p.peak_step:,} ({p.peak_rows} × {p.peak_seq_len:,} tokens): tensor peak "
+          f"{p.peak_bytes / gib:,.2f} GiB, device total {p.peak_device_total_bytes / gib:,.2f} GiB", file=out)
+    if p.budget_bytes is not None:
+        if p.steps_over_budget:
+            print(f"  over the budget of {p.budget_bytes / gib:,.2f} GiB: {p.steps_over_budget:,} of {p.steps:,} "
+                  f"steps ({p.steps_over_budget / p.steps:.1%}); the first is step {p.first_step_over_budget:,}",
+                  file=out)
+        else:
+            print(f"  every step fits the budget of {p.budget_bytes / gib:,.2f} GiB", file=out)
+    longest = ", ".join(f"{s:,}×{c:,}" for s, c in p.seq_len_histogram[:5])
+    print(f"  longest step lengths (tokens × steps): {longest}", file=out)
+    for n in p.notes:
+        print(f"  note: {n}", file=out)
+
+
+def print_cutoff(cut: dict | None, p: DatasetPlan, out=None) -> None:
+    import sys
+
+    out = out or sys.stdout
+    if cut is None:
+        print(f"  no maximum length fits at batch {p.batch_size} (not even 64 tokens)", file=out)
+    elif cut.get("note"):
+        print(f"  largest maximum length that fits at batch {p.batch_size}: {cut['max_length']:,} ({cut['note']})",
+              file=out)
+    else:
+        print(f"  largest maximum length that fits at batch {p.batch_size}: {cut['max_length']:,} tokens: truncates "
+              f"{cut['truncated_rows']:,} rows ({cut['truncated_share']:.1%}), {cut['tokens_lost_share']:.1%} of the "
+              "tokens", file=out)

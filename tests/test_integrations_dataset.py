@@ -1,0 +1,198 @@
+"""`--dataset FILE --tokenizer PATH`: token lengths equal what transformers' tokenizer builds (chat template
+included), the per-step shapes are the trainer's, and the CLI answers for the dataset. The tokenizer is trained in
+the test with `tokenizers`; the files are written here (JSONL, Parquet, CSV)."""
+import json
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from memplan.catalog import resolve_model
+from memplan.cli import main
+from memplan.integrations import dataset as ds
+from memplan.spec import TrainSpec
+
+WORDS = "the model memory gpu train data token length batch step peak llama quant adapter loss".split()
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n"
+            "{% endfor %}")
+
+
+def _text(rng, k):
+    return " ".join(rng.choice(WORDS) for _ in range(k))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    root = tmp_path_factory.mktemp("ds")
+    rng = random.Random(1)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([_text(rng, 40) for _ in range(500)],
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.save(str(root / "tokenizer.json"))
+    (root / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                            "chat_template": TEMPLATE}))
+    chats = []
+    with open(root / "chat.jsonl", "w") as f:
+        for _ in range(400):
+            k = int(rng.lognormvariate(3.5, 0.9)) + 1
+            row = {"messages": [{"role": "user", "content": _text(rng, max(1, k // 3))},
+                                {"role": "assistant", "content": _text(rng, k)}]}
+            chats.append(row["messages"])
+            f.write(json.dumps(row) + "\n")
+    texts = [_text(rng, int(rng.lognormvariate(3, 1)) + 1) for _ in range(300)]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": list(range(len(texts))), "body": texts}), root / "text.parquet", row_group_size=64)
+    (root / "text.csv").write_text("body,id\n" + "".join(f"\"{t}\",{i}\n" for i, t in enumerate(texts)))
+    (root / "notes.txt").write_text("not a dataset\n")
+    return {"root": root, "chats": chats, "texts": texts}
+
+
+def hf_tokenizer(root):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_file=str(root / "tokenizer.json"), bos_token="<s>", eos_token="</s>",
+                                   chat_template=TEMPLATE)
+
+
+def test_chat_lengths_equal_transformers_apply_chat_template(data):
+    tok = ds.load_tokenizer(str(data["root"]))
+    got = ds.token_lengths(str(data["root"] / "chat.jsonl"), tok)
+    assert got.format == "chat"
+    hf = hf_tokenizer(data["root"])
+    want = [len(hf.apply_chat_template(m, tokenize=True, return_dict=True)["input_ids"]) for m in data["chats"]]
+    assert list(got.lengths) == want
+
+
+@pytest.mark.parametrize("name", ["text.parquet", "text.csv"])
+def test_text_lengths_equal_transformers(data, name):
+    tok = ds.load_tokenizer(str(data["root"] / "tokenizer.json"))
+    got = ds.token_lengths(str(data["root"] / name), tok, text_field="body")
+    hf = hf_tokenizer(data["root"])
+    assert list(got.lengths) == [len(hf(t)["input_ids"]) for t in data["texts"]]  # with the BOS it adds
+
+
+def test_steps_pad_to_longest_truncate_and_order():
+    rng = np.random.default_rng(0)
+    lengths = ds.array("I", rng.integers(10, 3000, size=1001).tolist())
+    lengths[500] = 9000
+    st = ds.steps(lengths, 4, 2048, order="shuffled")
+    assert len(st.seq) == 251 and st.rows.sum() == 1001 and st.rows[-1] == 1  # the last batch is short
+    assert st.seq.max() == 2048 and st.truncated_rows == int((np.array(lengths) > 2048).sum())
+    # each step is padded to its longest row: the shuffled order is a permutation of the rows
+    assert st.padded_tokens >= st.total_tokens == int(np.minimum(np.array(lengths), 2048).sum())
+    grouped = ds.steps(lengths, 4, 2048, order="group_by_length")
+    assert grouped.seq[0] == 2048  # the longest batch first (get_length_grouped_indices)
+    assert grouped.padded_tokens < st.padded_tokens  # grouping wastes less padding
+    seq = ds.steps(lengths, 4, None, order="sequential")
+    assert seq.seq[125] == 9000 and seq.truncated_rows == 0  # row 500 is in step 126, untruncated
+    dropped = ds.steps(lengths, 4, 2048, too_long="drop")
+    assert dropped.dropped_rows == st.truncated_rows and dropped.rows.sum() == 1001 - dropped.dropped_rows
+
+
+def test_packing_is_best_fit_decreasing():
+    rng = np.random.default_rng(3)
+    n = rng.integers(1, 700, size=500)
+    bins = ds._pack(np.sort(n)[::-1], 1024)
+    # brute-force best-fit decreasing
+    free = []
+    for x in sorted(n.tolist(), reverse=True):
+        fits = [i for i, f in enumerate(free) if f >= x]
+        if fits:
+            i = min(fits, key=lambda j: free[j])
+            free[i] -= x
+        else:
+            free.append(1024 - x)
+    assert bins == len(free) >= -(-int(n.sum()) // 1024)
+    st = ds.steps(ds.array("I", n.tolist()), 3, 1024, packing=True)
+    assert (st.seq == 1024).all() and st.rows.sum() == bins and len(st.rows) == -(-bins // 3)
+
+
+def test_plan_peak_step_and_budget(data):
+    model = resolve_model("llama-3.2-1b")
+    tok = ds.load_tokenizer(str(data["root"]))
+    lengths = ds.token_lengths(str(data["root"] / "chat.jsonl"), tok)
+    spec = TrainSpec(batch_size=8, seq_len=4096)
+    from memplan.estimate import estimate
+
+    p0, _ = ds.plan(model, spec, lengths, path="x", tokenizer="t")
+    longest = max(lengths.lengths)
+    assert p0.peak_seq_len == longest and p0.peak_rows == 8
+    assert p0.peak_device_total_bytes == estimate(model, spec.with_(seq_len=longest)).device_total_bytes
+    # a budget between the median step and the peak step: some steps, not all, exceed it
+    mid = estimate(model, spec.with_(seq_len=int(np.median(p0._steps_seq)))).device_total_bytes
+    p, peak = ds.plan(model, spec, lengths, path="x", tokenizer="t", budget_bytes=(mid + p0.peak_device_total_bytes) // 2)
+    assert 0 < p.steps_over_budget < p.steps and p.first_step_over_budget >= 1
+    assert peak.seq_len == longest
+
+
+def run(*argv):
+    return subprocess.run([sys.executable, "-m", "memplan", *argv], capture_output=True, text=True, timeout=120)
+
+
+def test_fit_for_the_dataset_json(data, capsys):
+    from memplan.estimate import estimate
+
+    root = data["root"]
+    lengths = ds.token_lengths(str(root / "chat.jsonl"), ds.load_tokenizer(str(root))).lengths
+    # a budget that holds a batch of 4 rows at the 90th-percentile length, not at the longest
+    spec = TrainSpec(batch_size=4, seq_len=int(np.percentile(lengths, 90)), gradient_checkpointing=False)
+    budget_mib = estimate(resolve_model("llama-3.2-1b"), spec).device_total_bytes // 2**20 + 1
+    argv = ["fit", "llama-3.2-1b", "--budget", f"{budget_mib}MiB", "--margin", "0", "--dataset",
+            str(root / "chat.jsonl"), "--tokenizer", str(root), "--batch-size", "4", "--seq-len", "8192",
+            "--checkpointing", "off", "--json"]
+    assert main(argv) == 0
+    d = json.loads(capsys.readouterr().out)
+    dd = d["dataset"]
+    assert dd["rows"] == 400 and dd["peak_seq_len"] == dd["percentiles"]["max"]
+    assert d["config"]["seq_len"] == dd["peak_seq_len"]  # fit answers for the peak step
+    cut = dd["largest_max_length"]
+    assert spec.seq_len - 64 <= cut["max_length"] < dd["peak_seq_len"] and 0 < cut["truncated_rows"] < 400
+    assert cut["truncated_rows"] == int((np.array(lengths) > cut["max_length"]).sum())
+    assert 0 < dd["steps_over_budget"] < dd["steps"]
+
+
+def test_estimate_with_config_hints_packing(data):
+    root = data["root"]
+    cfg = root / "axo.yml"
+    cfg.write_text(f"base_model: llama-3.2-1b\nadapter: lora\nlora_target_linear: true\nbf16: true\n"
+                   f"sequence_len: 512\nsample_packing: true\nmicro_batch_size: 2\n"
+                   f"datasets:\n  - path: {root / 'chat.jsonl'}\n    type: chat_template\n")
+    r = run("estimate", "--from", str(cfg), "--dataset", str(root / "chat.jsonl"), "--tokenizer", str(root))
+    assert r.returncode == 0, r.stderr
+    assert "packed into sequences of 512 tokens" in r.stdout and "2 × 512 tokens" in r.stdout
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--dataset", "{root}/nope.jsonl", "--tokenizer", "{root}"], ["no such file"]),
+    (["--dataset", "{root}/notes.txt", "--tokenizer", "{root}"], ["unknown format", ".txt"]),
+    (["--dataset", "{root}/chat.jsonl", "--tokenizer", "{root}/missing"], ["--tokenizer", "never downloads"]),
+    (["--tokenizer", "{root}"], ["--tokenizer needs --dataset"]),
+    (["--dataset", "{root}/text.parquet", "--tokenizer", "{root}"], ["--text-field"]),
+])
+def test_dataset_errors_one_line(data, args, words):
+    root = str(data["root"])
+    r = run("estimate", "llama-3.2-1b", *[a.format(root=root) for a in args])
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    line = r.stderr.strip().splitlines()
+    assert len(line) == 1 and all(w in line[0] for w in words), r.stderr
+
+
+def test_dataset_path_imports_no_torch(data):
+    root = str(data["root"])
+    code = ("import sys, io, contextlib\nfrom memplan.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            f"    assert main(['estimate', 'llama-3.2-1b', '--dataset', {root + '/chat.jsonl'!r}, '--tokenizer', "
+            f"{root!r}]) == 0\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'peft', 'bitsandbytes') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
