@@ -512,7 +512,7 @@ def _offloaded(model: ModelSpec, train: TrainSpec, layer_key: TrainSpec, stored:
     tokens = train.batch_size * train.seq_len
     for n, layer in model.layers:
         kept, back = _offload_split(model, layer, layer_key, tokens)
-        total, _, x_kept = _layer_totals(model, layer, layer_key)
+        total, _, x_kept = _layer_totals(model, layer, layer_key)[:3]
         device += [kept] * n
         host += [total + x_kept - kept] * n
         reload = max(reload, back)
