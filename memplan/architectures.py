@@ -45,6 +45,8 @@ def _attention(cfg: dict) -> tuple[int, int, int, int]:
     h = _int(cfg, "hidden_size")
     a = _int(cfg, "num_attention_heads")
     kv = _int(cfg, "num_key_value_heads", a)
+    if not cfg.get("head_dim") and h % a:  # transformers' validate_architecture rejects it too
+        raise MemplanError(f"hidden_size ({h}) is not a multiple of num_attention_heads ({a}) and no head_dim is given")
     d = cfg.get("head_dim") or h // a
     d = _int({"head_dim": d}, "head_dim")
     if a % kv:

@@ -74,12 +74,14 @@ def test_errors_are_one_line_exit_2(argv, needle):
 
 @pytest.mark.parametrize("content, needle", [
     ('{"model_type": "llama", "hidden_size": 64', "malformed JSON"),
-    ('{"model_type": "llama", "hidden_size": 64}', "missing the field 'num_hidden_layers'"),
-    ('{"model_type": "rwkv", "hidden_size": 64}', "unsupported model_type 'rwkv'"),
+    # absent fields take the config class's defaults (as in transformers); what transformers rejects is named
+    ('{"model_type": "llama", "hidden_size": 64, "num_attention_heads": 6}',
+     "hidden_size (64) is not a multiple of num_attention_heads (6)"),
+    ('{"model_type": "not_a_model", "hidden_size": 64}', "does not know model_type 'not_a_model'"),
     ('{"hidden_size": 64}', "missing the field 'model_type'"),
     ('[1, 2]', "must be a JSON object"),
     ('{"model_type": "llama", "hidden_size": "big", "num_hidden_layers": 2, "num_attention_heads": 2,'
-     ' "vocab_size": 10, "intermediate_size": 8}', "'hidden_size' must be a positive integer"),
+     ' "vocab_size": 10, "intermediate_size": 8}', "'hidden_size' must be int, got 'big'"),
 ])
 def test_bad_config_files(tmp_path, content, needle):
     path = tmp_path / "config.json"
@@ -106,10 +108,15 @@ def test_params_and_models(capsys):
 
 
 def test_remote_code_config_needs_the_flag(tmp_path, capsys):
-    cfg = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
-           "num_attention_heads": 4, "vocab_size": 1000, "auto_map": {"AutoModelForCausalLM": "modeling_x.XForCausalLM"}}
+    """A model_type only remote code provides needs the flag; a native one is read natively whatever its auto_map
+    says, and the output says so."""
+    cfg = {"model_type": "internlm2", "hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "vocab_size": 1000, "auto_map": {"AutoModelForCausalLM": "modeling_x.XForCausalLM"}}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     out = run("estimate", str(tmp_path))
     assert out.returncode == 2 and "remote code" in out.stderr and "--trust-remote-code" in out.stderr
-    assert main(["estimate", str(tmp_path), "--trust-remote-code", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["params"]["total"] > 0
+    native = dict(cfg, model_type="llama", intermediate_size=512)
+    (tmp_path / "config.json").write_text(json.dumps(native))
+    assert main(["estimate", str(tmp_path), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["params"]["total"] > 0 and any("auto_map" in n and "natively" in n for n in result["notes"])

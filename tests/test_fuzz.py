@@ -75,7 +75,7 @@ FIELDS = ["model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
 VALUES = st.one_of(st.integers(-3, 10**7), st.sampled_from([0, 1, 2, 64, 4096, 10**12]), st.booleans(), st.none(),
                    st.text(max_size=4), st.lists(st.integers(0, 4), max_size=3), st.floats(allow_nan=True))
 TYPES = st.sampled_from(["llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma",
-                         "gemma2", "phi3", "falcon", "gpt_neox", "opt", "bert", 7])
+                         "gemma2", "phi3", "falcon", "gpt_neox", "opt", "not_a_model", 7])  # derived types: test_derive.py
 
 
 @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

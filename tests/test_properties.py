@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from memplan.catalog import models, resolve_model
 from memplan.errors import MemplanError
 from memplan.estimate import COMPONENTS, PHASES, estimate
+from memplan.estimate.activations import dora_transient
 from memplan.spec import TrainSpec
 
 # Models with a hand-written builder: a derived architecture's activation terms are fitted per setting to meta
@@ -149,12 +150,13 @@ def test_checkpointing_never_raises_activations(name, spec):
     # RMSNorm keeps only its own fp32 copy of that input - h*2 bytes per token more, on a smaller total.)
     # The same effect bounds the peak: it may exceed by that one stored input (seen at seq_len 1, where the
     # first layer's backward with every gradient present sets the peak), plus the MLP product the recompute
-    # leaves alive at the product's backward (estimate/activations.py _mlp_product_backward), never by more.
+    # leaves alive at the product's backward (estimate/activations.py _mlp_product_backward), and with DoRA the
+    # weight-sized temporaries its recomputed forward makes again in backward (activations.dora_transient).
     assert on.phase_components["forward"]["activations"] <= off.phase_components["forward"]["activations"]
     m = model(name)
     widest = max(lin.out_features for _, layer in m.layers for lin in layer.linears)
     one_stored_input = spec.batch_size * spec.seq_len * (m.hidden_size + widest) * 4
-    assert on.peak_bytes <= off.peak_bytes + one_stored_input
+    assert on.peak_bytes <= off.peak_bytes + one_stored_input + dora_transient(m, spec)
 
 
 @SETTINGS

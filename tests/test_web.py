@@ -231,13 +231,16 @@ def test_serve_port_in_use_is_one_line():
 
 
 def test_a_config_asking_for_remote_code_needs_the_flag(tmp_path):
+    """A model_type only remote code provides is refused with the CLI's line; a native one is read natively
+    whatever its auto_map says (as transformers does without trust_remote_code)."""
     from memplan.errors import MemplanError
 
     cfg = tmp_path / "config.json"
-    cfg.write_text(json.dumps({**TINY, "auto_map": {"AutoModelForCausalLM": "modeling_x.X"}}))
-    with pytest.raises(MemplanError, match="asks for remote code"):
+    cfg.write_text(json.dumps({**TINY, "model_type": "internlm2", "auto_map": {"AutoModelForCausalLM": "modeling_x.X"}}))
+    with pytest.raises(MemplanError, match="remote code"):
         api.Models([str(cfg)])
-    assert api.Models([str(cfg)], trust_remote_code=True).names()[0]["name"] == tmp_path.name
+    cfg.write_text(json.dumps({**TINY, "auto_map": {"AutoModelForCausalLM": "modeling_x.X"}}))
+    assert api.Models([str(cfg)]).names()[0]["name"] == tmp_path.name
 
 
 @pytest.mark.skipif("gpus" not in TRAIN_FIELDS, reason="multi-GPU estimates (TrainSpec.gpus, issue #13) not merged")

@@ -15,6 +15,7 @@ the JSON kinds its strict dataclass accepts. `read_config` applies them:
 """
 from __future__ import annotations
 
+import copy
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -46,7 +47,7 @@ def read_config(cfg: dict, source: str, *, trust_remote_code: bool = False) -> t
     """(config with transformers' aliases and defaults applied, notes for the output). Raises MemplanError."""
     if not isinstance(cfg, dict):
         raise MemplanError(f"{source}: a config must be a JSON object")
-    cfg = dict(cfg)
+    cfg = copy.deepcopy(cfg)  # nested dicts (rope_scaling) must not be shared: transformers edits them in place
     notes: list[str] = []
     data = table()
     version = data["transformers"]

@@ -20,6 +20,7 @@ gradients.
 """
 from __future__ import annotations
 
+import copy
 import sys
 import time
 from dataclasses import replace
@@ -135,7 +136,7 @@ def layer_types(cfg: dict) -> list[str] | None:
     config class derives them (Gemma-3 from sliding_window_pattern), so ask it."""
     import transformers
 
-    kwargs = {k: v for k, v in cfg.items() if k != "model_type"}
+    kwargs = copy.deepcopy({k: v for k, v in cfg.items() if k != "model_type"})  # transformers edits nested dicts
     types = getattr(transformers.AutoConfig.for_model(cfg["model_type"], **kwargs), "layer_types", None)
     n = cfg.get("num_hidden_layers")
     if isinstance(types, list) and len(types) == n and len(set(map(str, types))) > 1:

@@ -9,6 +9,7 @@ router, and the rest (norms, per-head scales) as norm parameters. Outside the la
 """
 from __future__ import annotations
 
+import copy
 import warnings
 
 from memplan.errors import MemplanError
@@ -21,7 +22,7 @@ def build_meta(cfg: dict, num_layers: int | None = None):
     import transformers
 
     transformers.logging.set_verbosity_error()
-    kwargs = {k: v for k, v in cfg.items() if k != "model_type"}
+    kwargs = copy.deepcopy({k: v for k, v in cfg.items() if k != "model_type"})  # transformers edits nested dicts
     if num_layers is not None:
         kwargs = truncated(kwargs, num_layers)
     try:
@@ -37,7 +38,7 @@ def build_meta(cfg: dict, num_layers: int | None = None):
 
 def truncated(cfg: dict, num_layers: int) -> dict:
     """The config with its first num_layers layers: per-layer lists (layer_types, mlp_only_layers ...) cut too."""
-    out = dict(cfg, num_hidden_layers=num_layers)
+    out = copy.deepcopy(dict(cfg, num_hidden_layers=num_layers))
     full = cfg.get("num_hidden_layers")
     for key, value in cfg.items():
         if isinstance(value, list) and full and len(value) == full and key not in ("eos_token_id",):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 
 from memplan.errors import MemplanError
@@ -27,7 +28,8 @@ def _bnb_warmup():
 def hf_config(model: ModelSpec, train: TrainSpec):
     from transformers import AutoConfig
 
-    cfg = {k: v for k, v in model.hf_config.items() if k != "model_type"}
+    # a deep copy: transformers edits nested dicts (rope_scaling) in place, and the spec's config keys caches
+    cfg = copy.deepcopy({k: v for k, v in model.hf_config.items() if k != "model_type"})
     try:
         config = AutoConfig.for_model(model.model_type, **cfg)
     except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad config
