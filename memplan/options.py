@@ -60,8 +60,14 @@ FLAGS = [
     ("--batch-size", "batch_size", _int, "micro-batch size (sequences per step)"),
     ("--seq-len", "seq_len", _int, "tokens per sequence"),
     ("--checkpointing", "gradient_checkpointing", _bool, "gradient checkpointing: on | off"),
-    ("--attention", "attention", _str, "sdpa (fused flash / memory-efficient kernels) | eager (materialized scores)"),
+    ("--attention", "attention", _str, "sdpa (fused flash / memory-efficient kernels) | eager (materialized scores) "
+     "| flash_attention_2 (transformers' flash-attn integration)"),
     ("--modules-to-save", "modules_to_save", _plus_list, "fully trained modules joined by '+' (lm_head+embed_tokens)"),
+    ("--activation-offload", "activation_offload", _str, "saved activations to pinned host RAM: off | all (TRL/"
+     "torchtune OffloadActivations) | checkpoints (transformers gradient checkpointing offload=True)"),
+    ("--loss", "loss", _str, "standard (b·s·V logits) | liger (Liger fused linear cross-entropy; 'fused' is an "
+     "alias) | cce (Cut Cross-Entropy)"),
+    ("--liger", "liger", _bool, "Liger Kernel's RMSNorm / SwiGLU / RoPE kernels: on | off"),
     ("--transformers", "transformers", _int, "transformers major version whose behaviour to model: 4 | 5 (MoE experts "
      "are quantized nn.Linear under 4); trace and profile run the installed one"),
 ]

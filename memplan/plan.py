@@ -98,6 +98,9 @@ class Budget:
     total_bytes: int
     margin_bytes: int
     label: str  # the GPU name, or the --budget text
+    host_link: str = ""  # the GPU's link to host memory (catalog), for offloading / paging costs
+    host_link_gbs: float = 0.0
+    host_ram_bytes: int | None = None  # --host-ram (default: what `memplan env` sees); None: not judged
 
     @property
     def usable_bytes(self) -> int:
@@ -105,21 +108,42 @@ class Budget:
 
     def to_dict(self) -> dict:
         return {"label": self.label, "total_bytes": self.total_bytes, "margin_bytes": self.margin_bytes,
-                "usable_bytes": self.usable_bytes}
+                "usable_bytes": self.usable_bytes, "host_link": self.host_link, "host_link_gbs": self.host_link_gbs,
+                "host_ram_bytes": self.host_ram_bytes}
 
 
-def make_budget(gpu: str | None = None, budget: str | None = None, margin: str | None = None) -> Budget:
-    """From `--gpu NAME` or `--budget SIZE` (exactly one), and `--margin`."""
+def make_budget(gpu: str | None = None, budget: str | None = None, margin: str | None = None,
+                host_ram: str | None = None) -> Budget:
+    """From `--gpu NAME` or `--budget SIZE` (exactly one), `--margin`, and `--host-ram` (a size or a number of
+    GiB; default: the host RAM this machine has, as `memplan env` reports it)."""
     if bool(gpu) == bool(budget):
         raise MemplanError("give exactly one of --gpu NAME or --budget SIZE (e.g. --budget 24GiB)")
+    link, gbs = "", 0.0
     if gpu:
         from memplan.catalog import resolve_gpu
 
         g = resolve_gpu(gpu)
-        total, label = g.memory_bytes, g.name
+        total, label, link, gbs = g.memory_bytes, g.name, g.host_link, g.host_link_gbs
     else:
         total, label = parse_size(budget), f"budget {budget.strip()}"
-    return Budget(total, parse_margin(margin if margin is not None else DEFAULT_MARGIN, total), label)
+    return Budget(total, parse_margin(margin if margin is not None else DEFAULT_MARGIN, total), label, link, gbs,
+                  host_ram_bytes(host_ram))
+
+
+def host_ram_bytes(text: str | None) -> int | None:
+    """--host-ram: '64' (GiB) or a size ('64GiB', '128GB'); default: this machine's RAM (/proc/meminfo MemTotal,
+    what `memplan env` reports via psutil), None where it cannot be read."""
+    if text is not None:
+        t = str(text).strip()
+        return parse_size(t + "GiB" if re.fullmatch(r"[0-9]*\.?[0-9]+", t) else t)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 # ------------------------------------------------------------------------------------------------- the search
@@ -128,7 +152,7 @@ def make_budget(gpu: str | None = None, budget: str | None = None, margin: str |
 class Searcher:
     """The estimate's device total for one model, memoized, with counts of what the searches covered."""
 
-    def __init__(self, model: ModelSpec, usable_bytes: int, overheads=None):
+    def __init__(self, model: ModelSpec, usable_bytes: int, overheads=None, host_bytes: int | None = None):
         from functools import partial
 
         from memplan.estimate import estimate
@@ -136,6 +160,9 @@ class Searcher:
         self._estimate = partial(estimate, overheads=overheads)  # a calibration, or None for the defaults
         self.model = model
         self.usable = usable_bytes
+        self.host = host_bytes  # host RAM the plan may use (offloaded activations, paged states); None: unjudged
+        self.link, self.link_gbs = "", 0.0  # the GPU's host link (set by fit), for offload / paging costs
+        self.gpu = ""  # the catalog GPU's name, when the budget is one
         self.cache: dict[TrainSpec, object] = {}
         self.covered = 0  # configurations whose verdict the searches decided (estimated or by monotonicity)
         self._ranges: set = set()
@@ -154,7 +181,10 @@ class Searcher:
         return self.est(spec).device_total_bytes
 
     def fits(self, spec: TrainSpec) -> bool:
-        return self.device(spec) <= self.usable
+        return self.device(spec) <= self.usable and self.host_fits(spec)
+
+    def host_fits(self, spec: TrainSpec) -> bool:
+        return self.host is None or self.est(spec).host.get("peak_bytes", 0) <= self.host
 
     def largest(self, spec: TrainSpec, name: str, lo: int, hi: int, step: int = 1) -> int | None:
         """The largest value v of field `name` in lo, lo+step, ..., hi (a multiple-of-step grid) such that the spec
@@ -230,12 +260,22 @@ def _jsonable(change: dict) -> dict:
 COSTS = {
     "sdpa": ("none: the fused kernels are also faster than eager attention",
              "Dao et al. 2022, FlashAttention; PyTorch scaled_dot_product_attention"),
+    "flash-attention-2": ("none: flash-attn is the fastest exact attention; needs the flash-attn package (CUDA, "
+                          "Ampere or newer) and fp16/bf16",
+                          "Dao 2023, FlashAttention-2; transformers attn_implementation='flash_attention_2'"),
+    "fused-loss": ("none: the same loss, computed in chunks without b·s·V logits (Liger reports higher throughput)",
+                   "Hsu et al. 2024, Liger Kernel (LigerFusedLinearCrossEntropyLoss); Wijmans et al. 2024, Cut "
+                   "Cross-Entropy"),
+    "offload-checkpoints": ("PCIe traffic: each checkpointed layer input to pinned host RAM and back",
+                            "transformers activation_checkpointing_enable(offload=True) (save_on_cpu)"),
+    "offload-all": ("PCIe traffic: saved activations to pinned host RAM and back, overlapped on a side stream",
+                    "TRL SFTConfig(activation_offloading=True): OffloadActivations (torchtune's design)"),
     "checkpointing": ("about one extra forward per step: ≈ +33% step compute",
                       "Chen et al. 2016, Training Deep Nets with Sublinear Memory Cost"),
     "optimizer-8bit": ("none measured: 8-bit AdamW matches 32-bit AdamW quality",
                        "Dettmers et al. 2022, 8-bit Optimizers via Block-wise Quantization"),
-    "paged-optimizer": ("time only when memory spikes (states paged to host RAM); the estimate still counts the "
-                        "states as resident, so it lowers no estimated peak",
+    "paged-optimizer": ("time only under memory pressure: the driver evicts the states to host RAM and pages them "
+                        "back for step(); the device total shown is the floor with them evicted",
                         "Dettmers et al. 2023, QLoRA §3 (paged optimizers)"),
     "lora-instead-of-full": ("LoRA on all linear layers approaches full fine-tuning quality",
                              "Hu et al. 2021, LoRA; Dettmers et al. 2023, QLoRA §4"),
@@ -256,7 +296,8 @@ COSTS = {
     "shorter-context": ("data: longer sequences are truncated or split, losing long-range training signal",
                         "not quantified"),
 }
-TIERS = ["sdpa", "checkpointing", "optimizer-8bit", "paged-optimizer", "lora-instead-of-full", "weights-8bit",
+TIERS = ["sdpa", "flash-attention-2", "fused-loss", "checkpointing", "optimizer-8bit", "offload-checkpoints",
+         "paged-optimizer", "offload-all", "lora-instead-of-full", "weights-8bit",
          "weights-4bit", "lora-rank", "micro-batch", "lora-targets", "lora-dropout", "no-upcast", "shorter-context"]
 
 _SMALLER_TARGETS = {"all-linear": ["attn", "qv"], "attn": ["qv"]}
@@ -264,10 +305,24 @@ _OPT_8BIT = {"adamw": "adamw-8bit", "paged-adamw": "paged-adamw-8bit"}
 _OPT_PAGED = {"adamw": "paged-adamw", "adamw-8bit": "paged-adamw-8bit"}
 
 
-def _variants(key: str, spec: TrainSpec) -> list[tuple[str, dict]]:
+# flash-attn 2 builds for Ampere, Ada and Hopper GPUs only (Dao-AILab/flash-attention README, "Installation and
+# features": Turing / Volta are not supported)
+NO_FLASH_ATTN_2 = {"t4", "v100-16gb", "v100-32gb", "mi250x", "mi300x"}
+
+
+def _variants(key: str, spec: TrainSpec, gpu: str = "") -> list[tuple[str, dict]]:
     """The discrete variants of a change, least given up first (empty when it does not apply)."""
     if key == "sdpa" and spec.attention == "eager":
         return [("SDPA attention (fused kernels)", {"attention": "sdpa"})]
+    if key == "flash-attention-2" and spec.attention != "flash_attention_2" and spec.compute_dtype != "fp32" \
+            and spec.bits != 32 and gpu not in NO_FLASH_ATTN_2:
+        return [("flash_attention_2 attention", {"attention": "flash_attention_2"})]
+    if key == "fused-loss" and spec.loss == "standard" and "lm_head" not in spec.modules_to_save:
+        return [("fused linear cross-entropy (Liger)", {"loss": "liger"})]
+    if key == "offload-checkpoints" and spec.gradient_checkpointing and spec.activation_offload == "off":
+        return [("offload checkpointed layer inputs to host RAM", {"activation_offload": "checkpoints"})]
+    if key == "offload-all" and spec.activation_offload != "all":
+        return [("offload all saved activations to host RAM (TRL)", {"activation_offload": "all"})]
     if key == "checkpointing" and not spec.gradient_checkpointing:
         return [("gradient checkpointing on", {"gradient_checkpointing": True})]
     if key == "optimizer-8bit" and spec.optimizer in _OPT_8BIT:
@@ -334,7 +389,7 @@ def options(s: Searcher, spec: TrainSpec) -> list[Option]:
             new = spec.with_(**change)
             out.append(Option(key, label, change, s.device(new), True, cost, source, tier, extra))
             continue
-        variants = _variants(key, spec) + _searched_floor(key, spec)
+        variants = _variants(key, spec, s.gpu) + _searched_floor(key, spec)
         chosen = None
         for label, change in variants:
             new = spec.with_(**change)
@@ -343,8 +398,32 @@ def options(s: Searcher, spec: TrainSpec) -> list[Option]:
                 break
         if chosen:
             label, change, new = chosen
-            out.append(Option(key, label, change, s.device(new), s.fits(new), cost, source, tier))
+            device, fits = s.device(new), s.fits(new)
+            if key == "paged-optimizer":  # the states can leave the device: judge the floor (estimate/host.py)
+                paged = s.est(new).paging or {}
+                device = paged.get("floor_device_total_bytes", device)
+                fits = device <= s.usable and s.host_fits(new)
+            out.append(Option(key, label, change, device, fits, _link_cost(s, key, new, cost), source, tier))
     return out
+
+
+def _link_cost(s: Searcher, key: str, spec: TrainSpec, cost: str) -> str:
+    """Offloading and paging cost host-link time: bytes per step, and seconds at the GPU's link bandwidth."""
+    if key not in ("offload-checkpoints", "offload-all", "paged-optimizer"):
+        return cost
+    e = s.est(spec)
+    if key == "paged-optimizer":
+        moved = (e.paging or {}).get("pcie_bytes_per_step_at_floor", 0)
+    else:
+        moved = e.host.get("pcie_to_host_bytes_per_step", 0) + e.host.get("pcie_to_device_bytes_per_step", 0)
+    text = f"{cost}: {moved / GIB:.2f} GiB per step over the host link"
+    if s.link_gbs:
+        text += f", ≥ {moved / (s.link_gbs * 1e9):.2f} s at {s.link} ({s.link_gbs:g} GB/s per direction)"
+    host = e.host.get("peak_bytes", 0)
+    text += f"; pinned/host RAM {host / GIB:.2f} GiB"
+    if not s.host_fits(spec):
+        text += f" (more than the {s.host / GIB:.0f} GiB host RAM)"
+    return text
 
 
 @dataclass
@@ -375,7 +454,7 @@ def combination(s: Searcher, spec: TrainSpec) -> tuple[list[Step], TrainSpec]:
             cur = cur.with_(**change)
             steps.append(Step(key, label, change, s.device(cur), True))
             return steps, cur
-        for label, change in _variants(key, cur) + _searched_floor(key, cur):
+        for label, change in _variants(key, cur, s.gpu) + _searched_floor(key, cur):
             new = cur.with_(**change)
             if s.device(new) >= s.device(cur):
                 continue  # e.g. 8-bit weights with the fp32 upcast at long context: more activation bytes
@@ -407,6 +486,8 @@ class Fit:
     combination: list[Step]
     combination_fits: bool
     model_max_positions: int | None
+    host_bytes: int  # the estimate's host RAM peak (estimate/host.py)
+    host_fits: bool
     configurations_searched: int
     estimates: int
     seconds: float
@@ -422,6 +503,7 @@ class Fit:
             "max_seq_len": self.max_seq_len, "max_seq_len_capped": self.max_seq_len_capped,
             "max_batch_size": self.max_batch_size, "max_batch_capped": self.max_batch_capped,
             "frontier": self.frontier, "model_max_position_embeddings": self.model_max_positions,
+            "host_peak_bytes": self.host_bytes, "host_fits": self.host_fits,
             "options": [o.to_dict() for o in self.options],
             "combination": [st.to_dict() for st in self.combination], "combination_fits": self.combination_fits,
             "configurations_searched": self.configurations_searched, "estimates": self.estimates,
@@ -440,9 +522,11 @@ def max_batch(s: Searcher, spec: TrainSpec) -> int | None:
 
 def fit(model: ModelSpec, train: TrainSpec, budget: Budget, overheads=None) -> Fit:
     t0 = time.perf_counter()
-    s = Searcher(model, budget.usable_bytes, overheads)
+    s = Searcher(model, budget.usable_bytes, overheads, budget.host_ram_bytes)
+    s.link, s.link_gbs = budget.host_link, budget.host_link_gbs
+    s.gpu = budget.label if budget.host_link else ""
     base = s.est(train)
-    fits = base.device_total_bytes <= budget.usable_bytes
+    fits = s.fits(train)
     seq = max_seq_len(s, train)
     batch = max_batch(s, train)
     frontier = []
@@ -457,7 +541,7 @@ def fit(model: ModelSpec, train: TrainSpec, budget: Budget, overheads=None) -> F
     opts, combo, combo_fits = [], [], fits
     if not fits:
         opts = options(s, train)
-        if not any(o.fits for o in opts):
+        if not any(o.fits for o in opts if o.key != "shorter-context"):  # before giving up data, combine
             combo, final = combination(s, train)
             combo_fits = s.fits(final)
             if not combo_fits:
@@ -468,6 +552,7 @@ def fit(model: ModelSpec, train: TrainSpec, budget: Budget, overheads=None) -> F
         max_batch_size=batch, max_batch_capped=batch == BATCH_CAP, frontier=frontier, options=opts,
         combination=combo, combination_fits=combo_fits,
         model_max_positions=model.hf_config.get("max_position_embeddings"),
+        host_bytes=base.host.get("peak_bytes", 0), host_fits=s.host_fits(train),
         configurations_searched=s.covered + len(TIERS), estimates=s.estimated, seconds=time.perf_counter() - t0,
         overhead_source=base.overhead_source,
     )

@@ -27,7 +27,9 @@ Choices that change memory, stated once here:
   ...) onto those fused parameters for mixtral / qwen2_moe (peft/utils/transformers_weight_conversion.py) --
   even for "all-linear" -- and its ParamWrapper then refuses lora_dropout != 0; the recipe skips that remap
   (`_no_moe_remap`) so the targets mean the same thing for every architecture.
-- Gradient checkpointing is HF's, non-reentrant (use_reentrant=False, the transformers default).
+- Gradient checkpointing is HF's, non-reentrant (use_reentrant=False, the transformers default);
+  --activation-offload checkpoints is transformers' own offload=True; --activation-offload all is TRL's
+  OffloadActivations around forward and backward (SFTTrainer(activation_offloading=True)).
 - The loss is computed inside the model (labels=input_ids) and only the loss is kept, as HF Trainer does:
   the logits are freed as soon as the loss no longer needs them.
 """
@@ -113,12 +115,17 @@ def lora_config(model: ModelSpec, train: TrainSpec):
     )
 
 
-def enable_checkpointing(model) -> None:
+def enable_checkpointing(model, offload: bool = False) -> None:
+    """HF gradient checkpointing, non-reentrant; offload=True is transformers' offloaded checkpointing
+    (activation_checkpointing_enable(offload=True): save_on_cpu(pin_memory=True) around each checkpointed layer)."""
     kwargs = {"use_reentrant": False}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, offload=offload)
+        elif offload:
+            raise MemplanError("--activation-offload checkpoints needs transformers' activation_checkpointing_enable"
+                               "(offload=True) (transformers >= 5)")
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
@@ -129,11 +136,12 @@ def apply_recipe(model, model_spec: ModelSpec, train: TrainSpec):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        offload = train.activation_offload == "checkpoints"
         if train.method == "full":
             for p in model.parameters():
                 p.requires_grad_(True)
             if train.gradient_checkpointing:
-                enable_checkpointing(model)
+                enable_checkpointing(model, offload)
             model.train()
             return model
         from peft import get_peft_model, prepare_model_for_kbit_training
@@ -142,8 +150,10 @@ def apply_recipe(model, model_spec: ModelSpec, train: TrainSpec):
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=train.gradient_checkpointing,
                 gradient_checkpointing_kwargs={"use_reentrant": False})
+            if offload:  # PEFT enables plain checkpointing; the offloaded variant replaces its checkpoint function
+                enable_checkpointing(model, offload)
         elif train.gradient_checkpointing:
-            enable_checkpointing(model)
+            enable_checkpointing(model, offload)
         dtype_name = _TORCH_DTYPES[train.lora_dtype]
         autocast = train.lora_dtype == "fp32"
         with _no_moe_remap():
@@ -220,13 +230,75 @@ def warm_optimizer(optimizer, params) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def train_step(model, optimizer, input_ids, on_phase=_noop):
-    """One training step as a script runs it; returns the loss as a Python-free (detached) tensor."""
-    on_phase("forward")
-    loss = model(input_ids=input_ids, labels=input_ids).loss
-    on_phase("backward")
-    loss.backward()
+def apply_liger(model, train: TrainSpec) -> None:
+    """--liger on (GPU runs): liger-kernel's own instance patch, RMSNorm + SwiGLU/GeGLU + RoPE (its loss is
+    --loss liger's business, so the cross-entropy patches stay off)."""
+    if not train.liger:
+        return
+    from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+
+
+def activation_offload_context(model, train: TrainSpec):
+    """--activation-offload all on a GPU: TRL's OffloadActivations (trl.models.get_act_offloading_ctx_manager, its
+    defaults), entered around forward and backward as SFTTrainer.training_step does. None otherwise."""
+    if train.activation_offload != "all":
+        return None
+    try:
+        from trl.models import get_act_offloading_ctx_manager
+    except ImportError as e:
+        raise MemplanError(f"--activation-offload all runs TRL's OffloadActivations: pip install trl ({e})") from None
+    return get_act_offloading_ctx_manager(model, warn_if_no_head=False)
+
+
+def fused_loss_fn(train: TrainSpec):
+    """The real fused linear cross-entropy for --loss liger | cce (GPU runs): fn(hidden, weight, labels, softcap)."""
+    if train.loss == "liger":
+        from liger_kernel.transformers.model.loss_utils import LigerForCausalLMLoss
+
+        return lambda h, w, labels, softcap=None: LigerForCausalLMLoss(
+            h, w, labels, h.shape[-1], final_logit_softcapping=softcap)
+    from cut_cross_entropy import linear_cross_entropy
+
+    return lambda h, w, labels, softcap=None: linear_cross_entropy(h, w, labels, softcap=softcap, shift=1)
+
+
+def compute_loss(model, input_ids, train: TrainSpec, fused=None):
+    """The loss as the training script computes it. standard: the model's own (labels=input_ids: b·s·V logits,
+    ForCausalLMLoss). liger / cce: the decoder's final hidden states go straight into the fused linear
+    cross-entropy with the output layer's weight (what Liger's lce_forward and axolotl's CCE patch do), so no
+    logits tensor exists; `fused` replaces the library function (the trace's models)."""
+    import torch
+
+    if train.loss == "standard":
+        return model(input_ids=input_ids, labels=input_ids).loss
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    if not isinstance(getattr(head, "weight", None), torch.Tensor) or "lm_head" in train.modules_to_save:
+        raise MemplanError(f"--loss {train.loss} takes the output layer's weight as a plain tensor; a LoRA- or "
+                           "modules_to_save-wrapped lm_head is not supported")
+    hidden = base.base_model(input_ids=input_ids).last_hidden_state
+    softcap = getattr(base.config, "final_logit_softcapping", None)
+    return (fused or fused_loss_fn(train))(hidden, head.weight, input_ids, softcap)
+
+
+def train_step(model, optimizer, input_ids, on_phase=_noop, step_context=None, train: TrainSpec | None = None,
+               fused_loss=None):
+    """One training step as a script runs it; returns the loss as a Python-free (detached) tensor. step_context
+    (activation offloading) wraps forward and backward."""
+    with step_context if step_context is not None else contextlib.nullcontext():
+        on_phase("forward")
+        if train is None or train.loss == "standard":
+            loss = model(input_ids=input_ids, labels=input_ids).loss
+        else:
+            loss = compute_loss(model, input_ids, train, fused_loss)
+        on_phase("backward")
+        loss.backward()
+        value = loss.detach()
+        del loss  # as HF Trainer (training_step returns loss.detach()): the graph's nodes die before step()
     on_phase("optimizer")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+    return value

@@ -135,7 +135,11 @@ DTYPES = {"fp32": 4, "bf16": 2, "fp16": 2}
 METHODS = ("lora", "full")
 LORA_TARGET_SETS = ("qv", "attn", "all-linear")
 OPTIMIZERS = ("adamw", "adamw-8bit", "paged-adamw", "paged-adamw-8bit", "sgd", "adafactor")
-ATTENTIONS = ("sdpa", "eager")
+ATTENTIONS = ("sdpa", "eager", "flash_attention_2")
+ATTENTION_ALIASES = {"fa2": "flash_attention_2", "flash-attention-2": "flash_attention_2", "flash": "flash_attention_2"}
+ACTIVATION_OFFLOADS = ("off", "all", "checkpoints")
+LOSSES = ("standard", "liger", "cce")
+LOSS_ALIASES = {"fused": "liger"}  # the issue's --loss fused: Liger's fused linear cross-entropy
 
 
 @dataclass(frozen=True)
@@ -162,6 +166,12 @@ class TrainSpec:
     gradient_checkpointing: bool = True
     attention: str = "sdpa"
     modules_to_save: tuple[str, ...] = ()  # e.g. ("lm_head", "embed_tokens"): fully trained copies
+    # #11: activation offloading to pinned host memory: "all" = every saved tensor (TRL/torchtune
+    # OffloadActivations), "checkpoints" = only the checkpointed layer inputs (transformers
+    # gradient_checkpointing_enable(offload=True)); memplan/offload.py holds the model
+    activation_offload: str = "off"
+    loss: str = "standard"  # standard (logits + cross_entropy) | liger | cce: fused linear cross-entropy (losses.py)
+    liger: bool = False  # Liger Kernel's RMSNorm / SwiGLU / RoPE (apply_liger_kernel_to_*); liger.py
     # The transformers major whose code path the result describes (memplan/stack.py): 0 at construction means
     # the installed one (package metadata, cached), so a built TrainSpec always holds 4 or 5.
     transformers: int = 0
@@ -172,8 +182,26 @@ class TrainSpec:
         _check_choice("compute-dtype", self.compute_dtype, DTYPES)
         _check_choice("method", self.method, METHODS)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        if self.attention in ATTENTION_ALIASES:
+            object.__setattr__(self, "attention", ATTENTION_ALIASES[self.attention])
         _check_choice("attention", self.attention, ATTENTIONS)
         _check_choice("lora-dtype", self.lora_dtype, DTYPES)
+        if self.loss in LOSS_ALIASES:
+            object.__setattr__(self, "loss", LOSS_ALIASES[self.loss])
+        _check_choice("activation-offload", self.activation_offload, ACTIVATION_OFFLOADS)
+        _check_choice("loss", self.loss, LOSSES)
+        if self.attention == "flash_attention_2" and (self.bits == 32 or self.compute_dtype == "fp32"):
+            raise MemplanError("flash_attention_2 runs in fp16/bf16 only (flash-attn's kernels); use --compute-dtype "
+                               "bf16 and 4/8/16-bit weights, or --attention sdpa")
+        if self.loss == "cce" and self.upcast_applies:
+            raise MemplanError("--loss cce: Cut Cross-Entropy's backward takes bf16/fp16 hidden states only "
+                               "(cut_cross_entropy/cce_backward.py), and prepare_model_for_kbit_training makes them "
+                               "fp32: add --upcast off, or use --loss liger")
+        if self.loss == "cce" and (self.bits == 32 or self.compute_dtype == "fp32"):
+            raise MemplanError("--loss cce needs bf16/fp16 hidden states (cut_cross_entropy/cce_backward.py)")
+        if self.activation_offload == "checkpoints" and not self.gradient_checkpointing:
+            raise MemplanError("activation-offload checkpoints offloads the checkpointed layer inputs: it needs "
+                               "--checkpointing on (or use --activation-offload all)")
         object.__setattr__(self, "transformers", check_major(self.transformers))
         for name in ("batch_size", "seq_len", "lora_r", "lora_alpha"):
             value = getattr(self, name)

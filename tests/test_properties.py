@@ -111,9 +111,11 @@ def test_rank_inversion_under_8bit_threshold_is_real():
 # - prepare_model_for_kbit_training (upcast on) applies to 4/8-bit only and makes the residual stream, the
 #   non-quantized weights and MoE experts fp32: at long context or for MoE, QLoRA exceeds 16-bit LoRA;
 # - 16-bit eager attention keeps softmax's fp32 output *and* its 16-bit cast; fp32 keeps one.
-# So the property is stated with upcast off and for 4 <= 8 <= 16.
+# - bitsandbytes' MatMul8bitLt keeps each 8-bit linear's input on its graph node (ctx.tensors), outside
+#   saved-tensor hooks: with frozen 16-bit linears those inputs are freed, so 8-bit can exceed 16-bit.
+# So the property is stated with upcast off and for 4 <= 8 and 4 <= 16.
 @SETTINGS
-@given(names, train_specs(method="lora"), st.sampled_from([(4, 8), (8, 16), (4, 16)]))
+@given(names, train_specs(method="lora"), st.sampled_from([(4, 8), (4, 16)]))
 def test_more_bits_never_lower_the_peak(name, spec, pair):
     lo, hi = pair
     spec = spec.with_(upcast=False)

@@ -120,13 +120,16 @@ class GPU:
     memory_bytes: int  # total memory as the driver reports it (nvidia-smi "Total"), bytes
     kind: str  # consumer | workstation | datacenter
     source: str
+    host_link: str = ""  # e.g. "PCIe 4.0 x16": the link offloaded activations and paged states cross
+    host_link_gbs: float = 0.0  # its theoretical bandwidth per direction, GB/s (10^9 B/s); gpus.json "about"
 
 
 @lru_cache(maxsize=None)
 def gpus() -> dict[str, GPU]:
     table = {}
     for g in json.loads((HERE / "gpus.json").read_text())["gpus"]:
-        gpu = GPU(g["name"], int(g["memory_mib"]) * 2**20, g["kind"], g["source"])
+        gpu = GPU(g["name"], int(g["memory_mib"]) * 2**20, g["kind"], g["source"], g.get("host_link", ""),
+                  float(g.get("host_link_gbs", 0.0)))
         for alias in [g["name"], *g.get("aliases", [])]:
             table[_key(alias)] = gpu
     return table

@@ -118,8 +118,12 @@ def describe(cfg: dict) -> str:
         head += f" · r={cfg['lora_r']} {targets}{' DoRA' if cfg['dora'] else ''}"
         if cfg["bits"] in (4, 8):
             head += f" · upcast {'on' if cfg['upcast'] else 'off'}"
+    extra = "".join(f" · {label}" for label in (
+        f"offload {cfg.get('activation_offload')}" if cfg.get("activation_offload", "off") != "off" else "",
+        f"loss {cfg.get('loss')}" if cfg.get("loss", "standard") != "standard" else "",
+        "liger kernels" if cfg.get("liger") else "") if label)
     return (f"{head} · {cfg['optimizer']} · batch {cfg['batch_size']} × seq {cfg['seq_len']} · "
-            f"checkpointing {'on' if cfg['gradient_checkpointing'] else 'off'} · {cfg['attention']}")
+            f"checkpointing {'on' if cfg['gradient_checkpointing'] else 'off'} · {cfg['attention']}{extra}")
 
 
 def _gib(n: int) -> str:
@@ -174,6 +178,26 @@ def print_one(console, model, est, gpu) -> None:
         if short:
             console.print(f"[red]does not fit[/] {len(short)}, largest (shortfall GiB): {', '.join(short[::-1][:4])}"
                           " · `memplan gpus` lists all")
+    h = est.host
+    if h:
+        parts = [f"loading {_gib(h['load_transient_bytes'])} (one tensor at a time from mmapped safetensors)"]
+        if h["offloaded_activations_bytes"]:
+            parts.append(f"offloaded activations {_gib(h['offloaded_activations_bytes'])} pinned")
+        if h["paged_optimizer_bytes"]:
+            parts.append(f"paged optimizer states {_gib(h['paged_optimizer_bytes'])} once evicted")
+        console.print(f"host RAM (GiB): peak {_gib(h['peak_bytes'])} · " + " · ".join(parts)
+                      + " [dim](estimate/host.py; the runtime's own RAM not counted)[/]")
+        moved = h["pcie_to_host_bytes_per_step"] + h["pcie_to_device_bytes_per_step"]
+        if moved:
+            link = f" ≥ {moved / (gpu.host_link_gbs * 1e9):.2f} s at {gpu.host_link}" if gpu and gpu.host_link_gbs \
+                else ""
+            console.print(f"host link per step: {_gib(h['pcie_to_host_bytes_per_step'])} GiB to host, "
+                          f"{_gib(h['pcie_to_device_bytes_per_step'])} GiB back{link}")
+    if est.paging:
+        console.print(f"paged optimizer: the step stays alive down to a device total of "
+                      f"{_gib(est.paging['floor_device_total_bytes'])} GiB (tensor floor "
+                      f"{_gib(est.paging['floor_bytes'])}) with the {_gib(est.paging['evictable_bytes'])} GiB of states "
+                      f"evicted, moving {_gib(est.paging['pcie_bytes_per_step_at_floor'])} GiB per step over the host link")
     for note in est.notes:
         console.print(f"[yellow]note:[/] {note}")
 

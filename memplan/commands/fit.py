@@ -31,6 +31,9 @@ def register(sub) -> None:
     p.add_argument("model", nargs="?", help="catalog name or alias, config.json path or folder, or a hub id in the "
                    "local cache (optional with --from FILE: the model the config names)")
     add_budget_flags(p)
+    p.add_argument("--host-ram", default=None, metavar="GiB",
+                   help="host RAM the plan may use for offloaded activations and paged optimizer states, in GiB or "
+                        "a size (default: this machine's RAM, as `memplan env` reports it)")
     add_train_flags(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     from memplan.integrations.dataset import add_flags
@@ -53,7 +56,7 @@ def run(args) -> int:
     from memplan.calibrate import overheads_for, warn
     from memplan.plan import fit, make_budget
 
-    budget = make_budget(args.gpu, args.budget, args.margin)
+    budget = make_budget(args.gpu, args.budget, args.margin, getattr(args, "host_ram", None))
     model = model_from_args(args)
     spec = one_spec(args, "fit")
     overheads, notes = overheads_for(args.gpu)  # the GPU's calibration when there is one (docs/calibration.md)
@@ -105,6 +108,10 @@ def print_fit(console, r) -> None:
     console.print(f"this configuration: device total {_gib(r.device_total_bytes)} GiB (tensor peak "
                   f"{_gib(r.peak_bytes)}) → {verdict}, {'headroom' if room >= 0 else 'short by'} "
                   f"{_gib(abs(room))} GiB")
+    if b.host_ram_bytes:
+        console.print(f"host RAM: plan {_gib(r.host_bytes)} GiB of {_gib(b.host_ram_bytes)} GiB → "
+                      f"{'[green]fits[/]' if r.host_fits else '[red]does not fit[/]'} (loading, offloaded "
+                      "activations, paged optimizer states; --host-ram)")
     bs, seq = r.config["batch_size"], r.config["seq_len"]
     if r.max_seq_len:
         more = "+ (search cap)" if r.max_seq_len_capped else ""
@@ -133,7 +140,9 @@ def print_fit(console, r) -> None:
                           o.cost, o.source)
         console.print(table)
     if r.combination:
-        console.print("[bold]no single change is enough; combined, cheapest first:[/]")
+        data_only = any(o.fits for o in r.options)  # only a shorter context fits alone
+        console.print("[bold]" + ("without giving up context, combined" if data_only else
+                                  "no single change is enough; combined") + ", cheapest first:[/]")
         for st in r.combination:
             console.print(f"  + {st.label}: device total {_gib(st.device_total_bytes)} GiB"
                           f"{' [green]fits[/]' if st.fits else ''}")

@@ -19,8 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from memplan.estimate import activations as act_mod
+from memplan.estimate import host as host_mod
 from memplan.estimate import lora, optimizer, weights
-from memplan.estimate.logits import loss_backward, loss_forward
+from memplan.estimate.logits import fused_loss, loss_backward, loss_forward
 from memplan.estimate.overhead import Overheads, default_overheads, replay_overheads
 from memplan.spec import ModelSpec, TrainSpec
 from memplan.stack import stack
@@ -58,6 +59,8 @@ class Estimate:
     device_total_bytes: int  # comparable to nvidia-smi / NVML used memory
     overhead_source: str
     notes: list[str] = field(default_factory=list)
+    host: dict = field(default_factory=dict)  # host RAM plan and host-link bytes (host.py)
+    paging: dict | None = None  # paged optimizers: the device floor with the states evicted (host.py)
     stack: dict = field(default_factory=dict)  # the library versions the figures describe (memplan/stack.py)
 
     def to_dict(self) -> dict:
@@ -75,6 +78,8 @@ class Estimate:
             "overhead_source": self.overhead_source,
             "units": "bytes",
             "notes": list(self.notes),
+            "host": dict(self.host),
+            "paging": dict(self.paging) if self.paging else None,
             "stack": {**self.stack, "source": dict(self.stack.get("source", {}))},
         }
 
@@ -108,10 +113,14 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
     dora = () if train.gradient_checkpointing else a.dora_saved
     dora_all, dora_but_last = (sum(dora), sum(dora[:-1])) if dora else (0, 0)
 
-    fwd_loss = _candidate(steady, activations=T * stored + dora_all, logits_loss=T * loss_forward(model, train))
+    if train.loss == "standard":
+        loss_fwd, loss_bwd = T * loss_forward(model, train), T * loss_backward(model, train)
+    else:
+        loss_fwd, loss_bwd = fused_loss(model, train, T)
+    fwd_loss = _candidate(steady, activations=T * stored + dora_all, logits_loss=loss_fwd)
     fwd_layer = _candidate(steady, activations=T * (stored - a.stored_per_layer[-1]) + dora_but_last,
                            temporaries=T * a.fwd_transient + a.dequant_bytes)
-    bwd_loss = _candidate(steady, activations=T * stored + dora_all, logits_loss=T * loss_backward(model, train))
+    bwd_loss = _candidate(steady, activations=T * stored + dora_all, logits_loss=loss_bwd)
     forward = [fwd_loss, fwd_layer]
     if a.dora_bytes:
         forward.append(_candidate(steady, activations=T * (stored - a.stored_per_layer[-1]) + dora_but_last,
@@ -120,7 +129,7 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
     def layer_bwd(idx: int, done_grads: int) -> dict[str, int]:
         kept = T * (sum(a.stored_per_layer[: idx + 1]) + a.fixed - a.final_norm)
         kept += sum(dora[: idx + 1]) if dora else 0
-        recompute = a.layer_saved[idx] if train.gradient_checkpointing else 0
+        recompute = (a.layer_saved[idx] if train.gradient_checkpointing else 0) + a.reload
         recompute = T * recompute + (a.dora_saved[idx] if train.gradient_checkpointing and a.dora_saved else 0)
         work = max(a.bwd_work_mlp, a.bwd_work_attn - (a.layer_saved[idx] - a.layer_saved_attn[idx]))
         start = _candidate(steady, gradients=done_grads, activations=kept + recompute,
@@ -142,22 +151,38 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
     candidates = {"load": [load], "forward": forward, "backward": [bwd_loss, bwd_last, bwd_first],
                   "optimizer": [opt_step]}
     chosen = {p: max(cs, key=lambda c: sum(c.values())) for p, cs in candidates.items()}
-    return _finish(model, train, overheads, tr, chosen, [])
+    return _finish(model, train, overheads, tr, chosen, [], host_mod.host_plan(model, train, a, states, T), states)
 
 
-def _finish(model, train, overheads, tr, chosen: dict, extra_notes: list) -> Estimate:
+def _finish(model, train, overheads, tr, chosen: dict, extra_notes: list, host: dict | None = None,
+            states: int = 0) -> Estimate:
     """The Estimate of the chosen candidate per phase: the peak is the largest phase."""
     phase_components = {p: {k: c.get(k, 0) for k in COMPONENTS} for p, c in chosen.items()}
     phases = {p: sum(c.values()) for p, c in phase_components.items()}
     peak_phase = max(PHASES, key=lambda p: phases[p])
     peak = phases[peak_phase]
     device = overheads.device_bytes(peak)
+    paged = host_mod.paging(train, phase_components, states, tr["params"], _largest_trainable(model, train))
+    if paged:
+        paged["floor_device_total_bytes"] = paged["floor_bytes"] + sum(overheads.device_bytes(paged["floor_bytes"])
+                                                                       .values())
     return Estimate(
         model=model.name, params_total=model.total_params, params_trainable=tr["params"], config=train.to_dict(),
         components=phase_components[peak_phase], phases=phases, phase_components=phase_components, peak_bytes=peak,
         peak_phase=peak_phase, device_overheads=device, device_total_bytes=peak + sum(device.values()),
-        overhead_source=overheads.source, notes=notes(model, train) + extra_notes, stack=stack(train.transformers),
+        overhead_source=overheads.source, notes=notes(model, train) + extra_notes, host=host or {}, paging=paged,
+        stack=stack(train.transformers),
     )
+
+
+def _largest_trainable(model: ModelSpec, train: TrainSpec) -> int:
+    """Elements of the largest trainable tensor: the one whose optimizer states a paged step needs at once."""
+    if train.method == "full":
+        return host_mod._largest_param(model)
+    sizes = [train.lora_r * max(lin.in_features, lin.out_features) for _, lin in lora.targeted(model, train)]
+    if train.modules_to_save:
+        sizes.append(model.vocab_size * model.hidden_size)
+    return max(sizes, default=0)
 
 
 def notes(model: ModelSpec, train: TrainSpec) -> list[str]:
@@ -186,7 +211,51 @@ def notes(model: ModelSpec, train: TrainSpec) -> list[str]:
                "its one-head multi-query k/v make torch's fused SDPA kernels fall back to the math kernel")
         out.append(f"{model.model_type}: {why}, so attention keeps b·a·s² scores (O(s²) memory)")
     if train.optimizer.startswith("paged"):
-        out.append("paged optimizer states live in CUDA managed memory: counted on the GPU, evictable to host RAM")
+        out.append("paged optimizer states live in CUDA managed memory: counted on the GPU at the peak, evictable "
+                   "to host RAM under pressure (see 'paging' for the device floor with them evicted)")
+    if train.attention == "flash_attention_2":
+        out.append("flash_attention_2: no mask, sliding windows and soft-capping inside the kernel, GQA without "
+                   "repeat_kv; saved: q, k, v (cast to the compute dtype when the stream is fp32), the output and a "
+                   "fp32 log-sum-exp per head and token (flash_attn_interface.py, flash_api.cpp)")
+    if train.activation_offload != "off":
+        out.append(_offload_note(train))
+    positions = model.hf_config.get("max_position_embeddings")
+    if positions and train.seq_len > positions and not _rope_covers(model, train.seq_len):
+        out.append(f"seq-len {train.seq_len:,} is beyond {model.name}'s max_position_embeddings ({positions:,}) "
+                   "and no rope_scaling in its config extends it: memory is estimated, but the model was not "
+                   "trained on such positions (quality degrades; add RoPE scaling, e.g. YaRN / linear, to train)")
     if any(layer.mlp == "moe" for _, layer in model.layers):
         out.append("MoE activations assume balanced routing (b*s*top_k token-slots)")
     return out
+
+
+def _offload_note(train: TrainSpec) -> str:
+    if train.activation_offload == "checkpoints":
+        return ("activation offload checkpoints (transformers activation_checkpointing_enable(offload=True)): each "
+                "checkpointed layer input goes to pinned host RAM; the device keeps the layer in flight (its input, "
+                "brought back as a new copy while it recomputes) and the frozen embedding's output (a leaf that "
+                "requires grad). Unsloth's \"unsloth\" checkpointing does the same with a non_blocking copy per "
+                "layer; axolotl's activation_offloading: legacy is this, true is TRL's OffloadActivations (--activation-offload all)")
+    how = ("with checkpointing: the checkpointed inputs and the tensors saved after the last layer go to the host"
+           if train.gradient_checkpointing else
+           "every saved tensor of >= 1024 B but the output head's goes to the host; a storage saved twice while "
+           "its first copy is in flight (RMSNorm's fp32 input) stays on the device by TRL's dedupe")
+    return (f"activation offload all (TRL OffloadActivations, get_act_offloading_ctx_manager defaults): {how}; "
+            "the 5 most recent offloaded tensors stay on the device while they stream out (forward stash), and "
+            "a tensor brought back lives until the next autograd node finishes")
+
+
+def _rope_covers(model: ModelSpec, seq_len: int) -> bool:
+    """True when the config's rope_scaling (or rope_parameters in transformers 5) extends the trained positions to
+    seq_len: factor x original_max_position_embeddings (linear, dynamic, yarn, longrope, llama3)."""
+    cfg = model.hf_config
+    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        return False
+    kind = rope.get("rope_type") or rope.get("type")
+    if not kind or kind == "default":
+        return False
+    factor = float(rope.get("factor") or 1.0)
+    original = rope.get("original_max_position_embeddings") or cfg.get("original_max_position_embeddings") \
+        or cfg.get("max_position_embeddings") or 0
+    return factor > 1.0 and seq_len <= factor * original

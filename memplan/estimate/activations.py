@@ -38,6 +38,7 @@ from memplan.estimate.experts import router as experts_router
 from memplan.estimate.lora import is_target
 from memplan.estimate.weights import unquantized_dtype_bytes
 from memplan.spec import DTYPES, LayerSpec, Linear, ModelSpec, TrainSpec
+from memplan.trace_free import LIGER_TYPES
 
 
 @lru_cache(maxsize=None)
@@ -58,12 +59,13 @@ class Ctx:
     train: TrainSpec
     s: int  # sequence length (eager scores are s wide)
     attention: str  # the attention that runs (see effective_attention)
+    liger: bool = False  # Liger's RMSNorm / SwiGLU (memplan/trace/liger.py has their saved tensors)
 
     @staticmethod
     def of(train: TrainSpec, model: ModelSpec | None = None) -> "Ctx":
         return Ctx(e=unquantized_dtype_bytes(train), c=DTYPES[train.compute_dtype], lb=DTYPES[train.lora_dtype],
                    r=train.lora_r, dropout=train.lora_dropout > 0, method=train.method, train=train, s=train.seq_len,
-                   attention=effective_attention(model, train) if model else train.attention)
+                   attention=effective_attention(model, train) if model else train.attention, liger=train.liger)
 
 
 def softcapped(model: ModelSpec) -> bool:
@@ -97,10 +99,13 @@ def sdpa_gets_a_mask(model: ModelSpec, seq_len: int, transformers: int = 5) -> b
 
 
 def effective_attention(model: ModelSpec, train: TrainSpec) -> str:
-    """The attention that runs. transformers implements Gemma-2's soft-capping only in its eager attention.
+    """The attention that runs. transformers implements Gemma-2's soft-capping only in its eager attention
+    (flash-attn takes a softcap argument, so flash_attention_2 keeps it in the kernel).
     Falcon-7B's multi-query SDPA call passes one k/v head without enable_gqa, which torch 2.13's flash,
     memory-efficient and cuDNN kernels all reject (sdp_utils check_batch_size_and_num_heads_dense): CUDA runs
     the math kernel, which upcasts q, k, v to fp32 and keeps the fp32 softmax (b·a·s²·4 B)."""
+    if train.attention == FA2:
+        return FA2
     if softcapped(model):
         return "eager"
     cfg = model.hf_config
@@ -110,6 +115,10 @@ def effective_attention(model: ModelSpec, train: TrainSpec) -> str:
     return train.attention
 
 
+FA2 = "flash_attention_2"
+FUSED = ("sdpa", FA2)  # O(s) attention kernels: no b·a·s² scores
+
+
 class Saved:
     """Tensors kept for backward, by name, each counted once. `tensor()` declares a tensor (and its size);
     `keep()` marks it saved; `new()` declares and keeps."""
@@ -117,12 +126,16 @@ class Saved:
     def __init__(self):
         self.size: dict[str, int] = {}
         self.kept: dict[str, str] = {}  # name -> group ("attn" | "mlp")
+        self.shared: set[str] = set()  # saved by more than one op (activation offloading keeps these on the device)
+        self.int8_inputs: set[str] = set()  # inputs of LLM.int8 linears (MatMul8bitLt keeps them outside autograd)
 
     def tensor(self, name: str, nbytes: int) -> str:
         self.size[name] = nbytes
         return name
 
     def keep(self, name: str, group: str) -> None:
+        if name in self.kept:
+            self.shared.add(name)
         self.kept.setdefault(name, group)
 
     def new(self, name: str, nbytes: int, group: str) -> str:
@@ -136,6 +149,11 @@ class Saved:
 
 def _linear(sv: Saved, ctx: Ctx, lin: Linear, x: str, in_bytes: int, group: str) -> str:
     """Run one (possibly LoRA-adapted) linear on tensor x; returns its output's name."""
+    if ctx.train.bits == 8 and lin.quantizable:
+        # bitsandbytes MatMul8bitLt.forward keeps ctx.tensors = (CAt, subA, A) as plain attributes whenever its
+        # input needs a gradient: A (this input) lives with the graph node, out of reach of saved-tensor hooks,
+        # so gradient checkpointing does not drop it (autograd/_functions.py)
+        sv.int8_inputs.add(x)
     if ctx.method == "full":
         sv.keep(x, group)
     elif is_target(lin, ctx.train):
@@ -156,11 +174,17 @@ def _norm(sv: Saved, ctx: Ctx, x: str, h: int, kind: str, group: str, name: str)
     if kind == "layer":  # LayerNorm saves input, fp32 mean and rstd
         sv.keep(x, group)
         sv.new(f"{name}.stats", 8, group)
-    else:  # RMSNorm: fp32 view of the input (a copy if 16-bit) and rsqrt
+    elif ctx.liger:  # LigerRMSNormFunction saves its input as is (no fp32 copy) and an fp32 rstd per row
+        sv.keep(x, group)
+        sv.new(f"{name}.rstd", 4, group)
+    else:  # RMSNorm: fp32 view of the input (a copy if 16-bit) and rsqrt; pow(2) and the mul by rsqrt both save
+        # that fp32 tensor (a storage saved twice: activation offloading's dedupe keeps it on the device)
         if ctx.e == 4:
+            sv.keep(x, group)
             sv.keep(x, group)
         else:
             sv.new(f"{name}.x32", 4 * h, group)
+            sv.keep(f"{name}.x32", group)
         sv.new(f"{name}.rstd", 4, group)
     return sv.tensor(f"{name}.out", h * ctx.e)
 
@@ -188,7 +212,21 @@ def _attention(sv: Saved, ctx: Ctx, model: ModelSpec, layer: LayerSpec, x_norm: 
     if model.model_type != "opt":  # rotary: q*cos + rotate_half(q)*sin makes new q and k
         q = sv.tensor("q.rot", a * d * e)
         k = sv.tensor("k.rot", kv * d * e)
-    if ctx.attention == "sdpa":
+    if ctx.attention == FA2:
+        # transformers' flash_attention_forward (integrations/flash_attention.py) -> _flash_attention_forward:
+        # no mask (flash_attention_mask returns None for unpadded batches), sliding windows and soft-capping
+        # inside the kernel, GQA native (k/v keep their kv heads). fa_peft_integration_check casts fp32 q/k/v
+        # (prepare_model_for_kbit_training's fp32 stream) to the model dtype: new tensors, the ones saved.
+        # flash_attn_interface.py FlashAttnFunc.forward saves q, k, v, out and the fp32 softmax_lse (b, a, s).
+        if e != ctx.c:
+            q = sv.tensor("q.fa", a * d * ctx.c)
+            k = sv.tensor("k.fa", kv * d * ctx.c)
+            v = sv.tensor("v.fa", kv * d * ctx.c)
+        for t in (q, k, v):
+            sv.keep(t, "attn")
+        sv.new("attn.out", a * d * ctx.c, "attn")
+        sv.new("attn.lse", a * 4, "attn")
+    elif ctx.attention == "sdpa":
         masked = sdpa_gets_a_mask(model, ctx.s, ctx.train.transformers)
         if masked and kv != a:  # with a mask transformers does not use SDPA's native GQA: repeat_kv copies
             k = sv.tensor("k.rep", a * d * e)
@@ -217,9 +255,9 @@ def _attention(sv: Saved, ctx: Ctx, model: ModelSpec, layer: LayerSpec, x_norm: 
             sv.new("probs", a * ctx.s * e, "attn")  # .to(q.dtype), saved by probs @ v
     # o_proj's input: transpose(1, 2).contiguous(). The fused kernels already write their output in the
     # (b, s, heads, d) layout, so the copy is a no-op there; eager's matmul output needs a real copy.
-    ctx_t = "attn.out" if ctx.attention == "sdpa" else sv.tensor("attn.ctx", a * d * e)
+    ctx_t = "attn.out" if ctx.attention in FUSED else sv.tensor("attn.ctx", a * d * e)
     o = lins.get("o_proj") or lins.get("out_proj") or lins.get("dense")
-    _linear(sv, ctx, o, ctx_t, e, "attn")
+    _linear(sv, ctx, o, ctx_t, ctx.c if ctx.attention == FA2 else e, "attn")
     if _opt_dropout(model):  # OPT's residual dropout keeps a bool mask
         sv.new("attn.resid_mask", h, "attn")
 
@@ -254,7 +292,8 @@ def _dense_mlp(sv: Saved, ctx: Ctx, layer: LayerSpec, x_norm: str, hidden_act: s
         u = _linear(sv, ctx, up, x_norm, e, group)
         sv.keep(g, group)
         sv.keep(u, group)
-    sv.new("mlp.act", i * e, group)  # act(gate), saved by the product
+    if not ctx.liger:  # Liger's SiLU/GELU-mul saves gate and up only
+        sv.new("mlp.act", i * e, group)  # act(gate), saved by the product
     m = sv.tensor("mlp.prod", i * e)
     return _linear(sv, ctx, lins["down_proj"], m, e, group)
 
@@ -359,6 +398,28 @@ def _mlp_product_backward(model: ModelSpec, layer: LayerSpec, train: TrainSpec, 
     return freed, work
 
 
+@lru_cache(maxsize=4096)
+def _int8_held(model: ModelSpec, layer: LayerSpec, train: TrainSpec, checkpointed: bool) -> int:
+    """Bytes per token of LLM.int8 linear inputs held by their graph nodes beyond what the layer stores anyway:
+    under checkpointing all but the layer input; without it, those no op saves."""
+    sv = layer_saved(model, layer, Ctx.of(train, model))
+    return sum(sv.size[n] for n in sv.int8_inputs if n != "x" and (checkpointed or n not in sv.kept))
+
+
+@lru_cache(maxsize=4096)
+def _offload_split(model: ModelSpec, layer: LayerSpec, train: TrainSpec, tokens: int) -> tuple[int, int]:
+    """--activation-offload all without checkpointing (TRL OffloadActivations' rules, memplan/trace/offload.py):
+    (bytes per token a layer keeps on the device, bytes per token brought back at once in its backward).
+    Kept: a storage saved a second time while its first copy is in flight (TRL's storage-key dedupe keeps that
+    reference on the device until backward) and tensors under min_offload_size (1024 B). Brought back: a tensor
+    lives until the autograd node after the one that unpacked it finishes: the layer's two largest saved tensors."""
+    sv = layer_saved(model, layer, Ctx.of(train, model))
+    kept = [n for n in sv.kept if n != "x" or sv.kept.get("x")]
+    device = sum(sv.size[n] for n in kept if n in sv.shared or sv.size[n] * tokens < 1024)
+    largest = sorted((sv.size[n] for n in kept if n not in sv.shared), reverse=True)[:2]
+    return device, sum(largest)
+
+
 # ------------------------------------------------------------------------------------------ whole-model view
 
 
@@ -379,16 +440,24 @@ class Activations:
     dequant_bytes: int  # absolute: bitsandbytes' dequantized copy of the largest linear
     dora_bytes: int = 0  # absolute: DoRA's weight-sized temporaries inside the largest adapted linear's forward
     dora_saved: tuple[int, ...] = ()  # absolute, per layer: weights DoRA's F.linear saves (dropout > 0)
+    # activation offloading (memplan/estimate/offload.py): per token
+    host_per_layer: tuple = ()  # what each layer's saved set puts in pinned host memory
+    reload: int = 0  # brought back to the device during one layer's backward
 
 
 def activations(model: ModelSpec, train: TrainSpec) -> Activations:
+    if train.liger and model.model_type not in LIGER_TYPES:
+        from memplan.errors import MemplanError
+
+        raise MemplanError(f"--liger on: liger-kernel has no RMSNorm/SwiGLU kernels for {model.model_type} "
+                           f"(it patches {', '.join(LIGER_TYPES)})")
     ctx = Ctx.of(train, model)
     k = coefficients()["backward"]
     h, e = model.hidden_size, ctx.e
     stored, saved, saved_attn, mul_freed, mul_work = [], [], [], [], []
     # per-token layer figures do not depend on batch, optimizer or (for fused attention) sequence length
     masked = ctx.attention == "sdpa" and sdpa_gets_a_mask(model, train.seq_len, train.transformers)
-    per_seq = ctx.attention != "sdpa" or masked
+    per_seq = ctx.attention not in FUSED or masked
     layer_key = train.with_(batch_size=1, optimizer="adamw", seq_len=train.seq_len if per_seq else 1)
     widest = cast = 0
     for n, layer in model.layers:
@@ -397,7 +466,8 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
         mul_work += [work] * n
         saved += [total] * n
         saved_attn += [attn] * n
-        stored += [h * e if train.gradient_checkpointing else total + x_kept] * n
+        int8 = _int8_held(model, layer, layer_key, train.gradient_checkpointing) if train.bits == 8 else 0
+        stored += [(h * e if train.gradient_checkpointing else total + x_kept) + int8] * n
         i = max((lin.out_features for lin in layer.linears), default=h)
         moe_slots = layer.experts_per_token  # 5.x grouped_mm: every token-slot's gate_up output at once;
         if linear_experts(train) and layer.num_experts:  # 4.x loop: one expert's share of the slots at a time
@@ -413,14 +483,42 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
         fixed += (2 if model.model_type == "gemma2" else 1) * train.seq_len * e  # builds a second, sliding
     elif masked and train.transformers == 4:  # the (b, 1, s, s) boolean mask, alive for the whole step
         fixed += train.seq_len
-    eager = model.num_heads * train.seq_len * (2 * e + 4) if ctx.attention != "sdpa" else 0
+    eager = model.num_heads * train.seq_len * (2 * e + 4) if ctx.attention not in FUSED else 0
     fwd_transient = widest * (e + ctx.c) + h * ctx.c + eager
     bwd_mlp = int(k["mlp_h"] * h * e + k["mlp_i"] * widest * e) + cast  # a copy alive beside the recompute
     bwd_attn = int(k["attn_h"] * h * e + k["attn_qkv"] * (model.num_heads + 2 * model.num_kv_heads) * model.head_dim * e
-                   + (eager_softmax_backward(model, train, e) if ctx.attention != "sdpa" else 0))
+                   + (eager_softmax_backward(model, train, e) if ctx.attention not in FUSED else 0))
     dequant = max_quantized_numel(model, train) * ctx.c if train.quantized else 0
+    host, reload = (), 0
+    if train.activation_offload != "off":
+        stored, host, reload = _offloaded(model, train, layer_key, stored, h * e)
     return Activations(stored, saved, saved_attn, fixed, final_norm, fwd_transient, bwd_mlp, bwd_attn, mul_freed,
-                       mul_work, dequant, dora_transient(model, train), dora_saved(model, train))
+                       mul_work, dequant, dora_transient(model, train), dora_saved(model, train),
+                       host_per_layer=host, reload=reload)
+
+
+def _offloaded(model: ModelSpec, train: TrainSpec, layer_key: TrainSpec, stored: list[int], x_bytes: int):
+    """The device / host split of what each layer keeps, under activation offloading.
+    Checkpointing on (either mode): each checkpointed layer input goes to the host (torch's _NoopSaveInputs saves
+    it under the offload hooks; everything else is saved through the checkpoint's own inner hooks). The first
+    layer's input stays on the device anyway when the embedding is frozen: enable_input_require_grads makes that
+    output a leaf that requires grad, which its AccumulateGrad node holds until backward. In backward each layer's
+    input comes back as a new device copy (x_bytes). Checkpointing off (all): _offload_split."""
+    if train.gradient_checkpointing:
+        leaf = train.method == "lora" and "embed_tokens" not in train.modules_to_save
+        device = [x_bytes if (i == 0 and leaf) else 0 for i in range(len(stored))]
+        return device, tuple(stored), x_bytes
+    device, host, reload = [], [], 0
+    tokens = train.batch_size * train.seq_len
+    for n, layer in model.layers:
+        kept, back = _offload_split(model, layer, layer_key, tokens)
+        total, _, x_kept = _layer_totals(model, layer, layer_key)[:3]
+        device += [kept] * n
+        host += [total + x_kept - kept] * n
+        reload = max(reload, back)
+    return device, tuple(host), reload
+
+
 
 
 def dora_saved(model: ModelSpec, train: TrainSpec) -> tuple[int, ...]:

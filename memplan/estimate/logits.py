@@ -9,6 +9,7 @@ output at once. Per token, bytes; the copy counts are in coefficients.json.
 from __future__ import annotations
 
 from memplan.estimate.activations import Ctx, coefficients
+from memplan.trace_free import liger_chunk_size
 from memplan.spec import ModelSpec, TrainSpec
 
 
@@ -29,3 +30,23 @@ def loss_forward(model: ModelSpec, train: TrainSpec) -> int:
 def loss_backward(model: ModelSpec, train: TrainSpec) -> int:
     tanh_saved = Ctx.of(train).e if _softcap(model) else 0
     return int(model.vocab_size * (4 * coefficients()["loss"]["backward_fp32_copies"] + tanh_saved))
+
+
+def fused_loss(model: ModelSpec, train: TrainSpec, tokens: int) -> tuple[int, int]:
+    """(forward, backward) bytes of --loss liger | cce, absolute (memplan/trace/losses.py has their sources).
+    liger: grad_input (b·s x H, in the hidden dtype) computed in the forward and kept for backward, loss_1d (fp32)
+    and the target mask per token, the padded shifted labels (b·(s+1) int64), and one chunk x V logits buffer
+    (chunk = next_pow2(cdiv(b·s, cdiv(V, H)))). Backward returns grad_input: nothing new.
+    cce: lse, neg_dot (fp32) and valids (int64) per token, logit_avg (V fp32); backward: de (b·s x H) and
+    vocab_ordering (argsort: V int64, then int32)."""
+    e, h, v = Ctx.of(train).e, model.hidden_size, model.vocab_size
+    b = train.batch_size
+    if train.loss == "liger":
+        labels = b * (train.seq_len + 1) * 8
+        chunk = liger_chunk_size(tokens, v, h)
+        kept = tokens * h * e
+        return kept + tokens * (4 + 1) + labels + chunk * v * e, kept
+    n = b * (train.seq_len - 1)
+    saved = n * (4 + 8) + v * 4
+    fwd = saved + n * 4 + n * 16 + tokens  # neg_dot; the nonzero (N, 2) int64 and the bool mask while valids forms
+    return fwd, saved + tokens * h * e + v * (8 + 4)

@@ -336,6 +336,13 @@ def _measure(job: dict, profile: dict, meas: dict, state: dict) -> None:
         emit("status", text="from_pretrained")
         model = load_pretrained(folder, train, device, job.get("trust_remote_code", False))
     meas["load_seconds"] = round(time.perf_counter() - t0, 3)
+    if train.liger:
+        if device == "cuda":
+            recipe.apply_liger(model, train)
+        else:  # Triton kernels need CUDA: the CPU profile runs the trace's models of them
+            from memplan.trace.liger import apply_liger_models
+
+            apply_liger_models(model, spec.model_type)
     state["model"] = model = recipe.apply_recipe(model, spec, train)
     params = recipe.trainable_parameters(model)
     meas["trainable_params"] = sum(p.numel() for p in params)
@@ -359,6 +366,12 @@ def _measure(job: dict, profile: dict, meas: dict, state: dict) -> None:
     times = meas.setdefault("step_times_s", [])
     losses = meas.setdefault("losses", [])
     ctx = tracker if tracker is not None else _Null()
+    offload_ctx = recipe.activation_offload_context(model, train) if device == "cuda" else None
+    fused_loss = None
+    if train.loss != "standard" and device != "cuda":  # Liger / CCE run Triton kernels: CUDA only
+        from memplan.trace.losses import make_cce, make_liger
+
+        fused_loss = {"liger": make_liger, "cce": make_cce}[train.loss]()
     # the tracker outside, the kernel models inside (as the trace nests them): a dispatch mode pushed later sees
     # an op first, so the tracker counts what the gemm_4bit model allocates
     with ctx, _kernel_models(run, train, device):
@@ -371,7 +384,7 @@ def _measure(job: dict, profile: dict, meas: dict, state: dict) -> None:
                 meter.enter(name)
 
             t = time.perf_counter()
-            loss = recipe.train_step(model, optimizer, input_ids, on_phase)
+            loss = recipe.train_step(model, optimizer, input_ids, on_phase, offload_ctx, train, fused_loss)
             if device == "cuda":
                 torch.cuda.synchronize()
             times.append(round(time.perf_counter() - t, 6))

@@ -1,6 +1,7 @@
 """Build the transformers model from a ModelSpec on meta (or CPU) and quantize it as from_pretrained would."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 
@@ -52,7 +53,7 @@ def build_model(model: ModelSpec, train: TrainSpec, *, real: bool, notes: list):
                      "only with eager attention, so the trace uses eager")
     dtype = recipe.torch_dtype(train)
     device = "cpu" if real else "meta"
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _flash_attention_2_buildable(attn):
         warnings.simplefilter("ignore")
         with torch.device(device):
             if real:
@@ -62,6 +63,38 @@ def build_model(model: ModelSpec, train: TrainSpec, *, real: bool, notes: list):
     if train.quantized:
         _quantize(hf, train, real=real)
     return hf
+
+
+@contextlib.contextmanager
+def _flash_attention_2_buildable(attn: str):
+    """Let transformers build a model with attn_implementation="flash_attention_2" where flash-attn is not
+    installed: its availability check (PreTrainedModel._check_and_adjust_attn_implementation) passes the name
+    through, and Falcon's FalconFlashAttention2 finds `_flash_attention_forward`, which modeling_falcon imports
+    only when flash-attn is importable. The kernel itself is modelled at run time (kernels.py)."""
+    if attn != "flash_attention_2":
+        yield
+        return
+    import transformers.modeling_flash_attention_utils as mfu
+    from transformers import PreTrainedModel
+    from transformers.models.falcon import modeling_falcon
+
+    original = PreTrainedModel._check_and_adjust_attn_implementation
+    had = hasattr(modeling_falcon, "_flash_attention_forward")
+
+    def check(self, attn_implementation, *args, **kwargs):
+        if attn_implementation == "flash_attention_2":
+            return attn_implementation
+        return original(self, attn_implementation, *args, **kwargs)
+
+    PreTrainedModel._check_and_adjust_attn_implementation = check
+    if not had:
+        modeling_falcon._flash_attention_forward = mfu._flash_attention_forward
+    try:
+        yield
+    finally:
+        PreTrainedModel._check_and_adjust_attn_implementation = original
+        if not had:
+            del modeling_falcon._flash_attention_forward
 
 
 def _quantize(hf, train: TrainSpec, *, real: bool) -> None:
@@ -117,4 +150,7 @@ def _quantize(hf, train: TrainSpec, *, real: bool) -> None:
         hf.is_loaded_in_8bit = True
     hf.is_quantized = True
     hf.quantization_method = "bitsandbytes"
+    for module in hf.modules():  # what from_pretrained's quantizer marks (quantizers/base.py _assign_is_quantized);
+        if hasattr(module, "config"):  # flash_attention_2 then casts fp32 q/k/v to config.dtype
+            module.config._is_quantized = True
     hf.config.quantization_config = qconfig

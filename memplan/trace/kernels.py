@@ -19,10 +19,12 @@ def _is_meta(t) -> bool:
 
 @contextlib.contextmanager
 def _untracked():
-    """Run real computations that a fused GPU kernel does in registers / its own workspace, unseen."""
+    """Run real computations that a fused GPU kernel does in registers / its own workspace, unseen (by the tracker
+    and by any saved-tensor hooks, e.g. activation offloading's)."""
+    import torch
     from torch.utils._python_dispatch import _disable_current_modes
 
-    with _disable_current_modes():
+    with _disable_current_modes(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
         yield
 
 
@@ -124,9 +126,63 @@ def _make_fused_attention():
         return FusedAttention.apply(query, key, value, bias, scale, bool(is_causal))
 
     fused_attention.original = torch.nn.functional.scaled_dot_product_attention
+    fused_attention.apply_kernel = FusedAttention.apply
     fused_attention.math_fallbacks = set()
     fused_attention.masked = 0
     return fused_attention
+
+
+class _MetaAutocastTorch:
+    """torch, as seen by transformers' flash_attention integration, but for is_autocast_enabled("meta") (torch
+    has no autocast for meta and raises): False, as for a step without autocast on the GPU."""
+
+    def __getattr__(self, name):
+        import torch
+
+        return getattr(torch, name)
+
+    @staticmethod
+    def is_autocast_enabled(device_type=None):
+        import torch
+
+        if device_type == "meta":
+            return False
+        return torch.is_autocast_enabled(device_type) if device_type else torch.is_autocast_enabled()
+
+
+def _make_flash_attn(fused_apply):
+    """flash-attn 2's Python entry points (flash_attn_interface.py flash_attn_func / flash_attn_varlen_func), with
+    their memory signature, for transformers' flash_attention_2 integration. flash-attn does not build on a
+    CPU-only machine, so the trace models it from its source: FlashAttnFunc.forward pads a head_dim that is not a
+    multiple of 8 (a copy of q, k and v), and mha_fwd (csrc/flash_attn/flash_api.cpp) allocates the output
+    (b, s, a, d), the fp32 softmax_lse (b, a, s) and a 2 x int64 rng_state, all saved with q, k, v for the
+    backward; mha_bwd's dq/dk/dv, fp32 dq_accum, softmax_d and expanded GQA dk/dv are FusedAttention's. GQA is
+    native (k/v keep their kv heads); the causal window and soft-capping run inside the kernel (no mask, no
+    b·a·s² tensor). With real tensors the values come from an untracked math attention that ignores the window
+    and the soft-cap: the bytes, not the numbers, are what the trace is for."""
+    import torch
+
+    def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                        softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+        d = q.shape[-1]
+        if d % 8:
+            pad = 8 - d % 8
+            q, k, v = (torch.nn.functional.pad(t, [0, pad]) for t in (q, k, v))
+        if softmax_scale is None:
+            softmax_scale = d ** -0.5
+        flash_attn_func.calls += 1
+        out = fused_apply(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, softmax_scale,
+                          bool(causal)).transpose(1, 2)
+        return out[..., :d] if d % 8 else out
+
+    def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                               softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                               alibi_slopes=None, deterministic=False, return_attn_probs=False, block_table=None):
+        raise RuntimeError("padded or packed batches (flash_attn_varlen_func) are not traced: memplan's batch is "
+                           "unpadded, one sequence per row")
+
+    flash_attn_func.calls = 0
+    return flash_attn_func, flash_attn_varlen_func
 
 
 def _native_dropout(original):
@@ -299,6 +355,7 @@ def patched(train: TrainSpec):
 
     tf4 = installed_major() == 4
     saved = (F.scaled_dot_product_attention, F.dropout, mu.find_packed_sequence_indices)
+    saved_fa = None
     moe_classes = _tf4_moe_classes() if tf4 else []
     moe_forwards = [cls.forward for cls in moe_classes]
     saved_autocast = torch.autocast
@@ -313,6 +370,19 @@ def patched(train: TrainSpec):
             moe._grouped_mm = _make_grouped_mm()
         if train.attention == "sdpa":
             fused = F.scaled_dot_product_attention = _make_fused_attention()
+        elif train.attention == "flash_attention_2":
+            import transformers.integrations.flash_attention as fa_int
+            import transformers.modeling_flash_attention_utils as mfu
+
+            saved_fa = (mfu, fa_int, mfu.lazy_import_flash_attention, mfu._is_packed_sequence, fa_int.torch)
+            flash_fn, varlen_fn = _make_flash_attn(_make_fused_attention().apply_kernel)
+            loaded = ((flash_fn, varlen_fn, None, mfu._pad_input, mfu._unpad_input),
+                      (mfu._lazy_define_process_function(varlen_fn), None))
+            mfu.lazy_import_flash_attention = lambda *a, **k: loaded
+            # data-dependent (reads position_ids): memplan's batch is one unpacked sequence per row
+            mfu._is_packed_sequence = lambda *a, **k: False
+            fa_int.torch = _MetaAutocastTorch()  # get_target_dtype asks torch.is_autocast_enabled("meta")
+            fused = flash_fn
         F.dropout = _native_dropout(saved[1])
         if not tf4:  # 5.x calls .all() on it (data-dependent); 4.x returns the tensor as is and runs on meta
             mu.find_packed_sequence_indices = lambda *a, **k: None
@@ -323,12 +393,14 @@ def patched(train: TrainSpec):
         yield fused
     finally:
         F.scaled_dot_product_attention, F.dropout, mu.find_packed_sequence_indices = saved
+        if saved_fa:
+            mfu, fa_int = saved_fa[:2]
+            mfu.lazy_import_flash_attention, mfu._is_packed_sequence, fa_int.torch = saved_fa[2:]
         for cls, original in zip(moe_classes, moe_forwards):
             cls.forward = original
         torch.autocast = saved_autocast
         if saved_gmm is not None:
             moe._grouped_mm = saved_gmm
-        del torch
 
 
 @contextlib.contextmanager
@@ -373,6 +445,10 @@ def meta_params4bit_deepcopy(enabled: bool):
 def attention_notes(model: ModelSpec, fused) -> list[str]:
     if fused is None:
         return []
+    if hasattr(fused, "calls"):  # flash_attention_2
+        return [f"flash_attention_2: flash-attn does not install on this machine; its kernel's allocations are "
+                f"modelled from its source (flash_attn_interface.py, flash_api.cpp mha_fwd/mha_bwd) and run "
+                f"{fused.calls} time(s) under transformers' real flash_attention_2 integration"]
     notes = []
     for (qh,), (kh,) in sorted(fused.math_fallbacks):
         notes.append(
@@ -385,3 +461,73 @@ def attention_notes(model: ModelSpec, fused) -> list[str]:
             "kernel (flash takes no mask); the trace keeps the additive b·s² mask it saves for backward and "
             "otherwise counts flash attention's O(s) buffers")
     return notes
+
+
+# LLM.int8's outlier columns are data-dependent (bitsandbytes backends/cuda/ops.py int8_vectorwise_quant:
+# argwhere over the columns holding any |x| >= threshold, 6.0 by default). On meta the trace states their number:
+# Dettmers et al. 2022 (LLM.int8(), §4) find the emergent outliers of 6.7B+ models in about 6 hidden dimensions.
+INT8_OUTLIER_COLUMNS = 6
+
+
+def int8_outliers_mode():
+    """A dispatch mode that answers bitsandbytes::int8_vectorwise_quant on meta with INT8_OUTLIER_COLUMNS outlier
+    columns (its fake kernel asks for a dynamic size, which meta tensors cannot give); real tensors run as is."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    op = torch.ops.bitsandbytes.int8_vectorwise_quant.default
+    mixed = torch.ops.bitsandbytes.int8_mixed_scaled_mm.default
+
+    def mixed_mm(A, CA, CB, SCA, SCB, outlier_cols=None, bias=None):
+        """bitsandbytes backends/default/ops.py int8_mixed_scaled_mm (the kernel CUDA runs too), step by step."""
+        subB = None
+        if outlier_cols is not None and outlier_cols.numel():
+            subA = A[:, outlier_cols].contiguous()
+            subB = torch.ops.bitsandbytes.int8_vectorwise_dequant.default(CB[:, outlier_cols].contiguous(), SCB)
+            subB = subB.to(A.dtype).t()
+        else:
+            subA = torch.empty(0, device=A.device, dtype=A.dtype)
+        output = torch.ops.bitsandbytes.int8_scaled_mm.default(CA, CB, SCA, SCB, bias=bias, dtype=A.dtype)
+        if subB is not None:
+            output = output.addmm(subA, subB)
+        return output, subA
+
+    class Int8Outliers(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is mixed and _is_meta(args[0]):
+                return mixed_mm(*args, **kwargs)
+            if func is not op or not _is_meta(args[0]):
+                return func(*args, **kwargs)
+            a = args[0]
+            threshold = args[1] if len(args) > 1 else kwargs.get("threshold", 0.0)
+            out_row = torch.empty(a.shape, device=a.device, dtype=torch.int8)
+            row_stats = torch.empty(a.numel() // a.shape[-1], device=a.device, dtype=torch.float32)
+            if not threshold:
+                return out_row, row_stats, None
+            cols = min(INT8_OUTLIER_COLUMNS, a.shape[-1])
+            return out_row, row_stats, torch.empty(cols, device=a.device, dtype=torch.int64)
+
+    return Int8Outliers()
+
+
+@contextlib.contextmanager
+def meta_adafactor_scalars():
+    """transformers' Adafactor._get_lr takes max(eps2, state["RMS"]) in Python: with a meta RMS that needs
+    .item(). The learning rate is a Python float that allocates nothing, so on meta the RMS reads as 1.0; real
+    tensors run the original."""
+    from transformers.optimization import Adafactor
+
+    original = Adafactor._get_lr
+
+    def get_lr(param_group, param_state):
+        rms = param_state.get("RMS")
+        if hasattr(rms, "device") and _is_meta(rms):
+            param_state = {**param_state, "RMS": 1.0}
+        return original(param_group, param_state)
+
+    Adafactor._get_lr = staticmethod(get_lr)
+    try:
+        yield
+    finally:
+        Adafactor._get_lr = staticmethod(original)
