@@ -103,6 +103,7 @@ def test_parent_sigkill_mid_grid_resumes_without_duplicates(tmp_path, env):
     _needs_torch()
     cfg = _write_tiny(tmp_path)
     profiles, csv_path = tmp_path / "p", tmp_path / "reports" / "profiles.csv"
+    csv_path.parent.mkdir()  # an explicit --csv names an existing folder (memplan/outputs.py)
     args = [cfg, "--seq-len", "64,96", "--lora-r", "4,8", *FAST, "--profiles", profiles, "--csv", csv_path]
     proc = subprocess.Popen([sys.executable, "-m", "memplan", "profile", *map(str, args)], env=env, cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -236,6 +237,7 @@ def test_two_grids_at_once_share_profiles_and_csv(tmp_path, env):
     _needs_torch()
     cfg = _write_tiny(tmp_path)
     profiles, csv_path = tmp_path / "p", tmp_path / "reports" / "profiles.csv"
+    csv_path.parent.mkdir()  # an explicit --csv names an existing folder (memplan/outputs.py)
     common = [cfg, "--lora-r", "4", *FAST, "--profiles", profiles, "--csv", csv_path]
     procs = [subprocess.Popen([sys.executable, "-m", "memplan", "profile", *map(str, common), "--seq-len", s],
                               env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -181,8 +181,8 @@ def run(args) -> int:
 
     csv_path = None if str(args.csv).lower() == "none" else args.csv
     if csv_path:
-        # a profile grid creates its output folders (--profiles, --log-dir, and the CSV's), as before #10
-        output_path(csv_path, "--csv", make_parents=True)
+        # only the default CSV's folder is created; an explicit path's folder must exist (memplan/outputs.py)
+        output_path(csv_path, "--csv", make_parents=csv_path == os.path.join("reports", "profiles.csv"))
     configs = build_configs(args)
     output_dir(args.profiles, "--profiles")  # created only once the configurations are known to be valid
     if args.log_dir:
