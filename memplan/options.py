@@ -62,6 +62,13 @@ FLAGS = [
     ("--checkpointing", "gradient_checkpointing", _bool, "gradient checkpointing: on | off"),
     ("--attention", "attention", _str, "sdpa (fused flash / memory-efficient kernels) | eager (materialized scores)"),
     ("--modules-to-save", "modules_to_save", _plus_list, "fully trained modules joined by '+' (lm_head+embed_tokens)"),
+    ("--gpus", "gpus", _int, "data-parallel ranks (GPUs); memory is per rank"),
+    ("--parallel", "parallel", _str, "auto (none on 1 GPU, fsdp on more) | ddp | fsdp (FULL_SHARD) | fsdp-grad-op "
+                                     "(SHARD_GRAD_OP) | zero1 | zero2 | zero3 (DeepSpeed)"),
+    ("--fsdp-version", "fsdp_version", _int, "torch FSDP 1 (FlatParameter) | 2 (fully_shard, per-parameter shards)"),
+    ("--offload", "offload", _str, "none | optimizer (ZeRO-Offload) | params (FSDP CPUOffload, ZeRO-3 offload_param)"),
+    ("--quant-storage", "quant_storage", _str, "bnb_4bit_quant_storage: auto (uint8; the compute dtype when FSDP or "
+                                               "ZeRO-3 shards 4-bit weights) | uint8 | bf16 | fp16 | fp32"),
 ]
 _ALIASES = {"--bits": ["-q"], "--lora-r": ["-r"], "--batch-size": ["-b"], "--seq-len": ["-s"],
             "--checkpointing": ["--gradient-checkpointing", "--ckpt"]}
