@@ -211,7 +211,7 @@ def test_fit_cli_table(capsys, monkeypatch):
     (["fit", "llama-3-8b", "--gpu", "4090", "--seq-len", "1024,2048"], "one value per training flag"),
     (["fit", "llama-3-8b", "--gpu", "4090", "--margin", "120%"], "bad margin"),
     (["gpus", "no-such-model"], "unknown model"),
-    (["sweep", "llama-3-8b", "--out", "/tmp/x.csv", "--gpus", "rtx-9999"], "unknown GPU"),
+    (["sweep", "llama-3-8b", "--out", "/tmp/x.csv", "--plot-gpus", "rtx-9999"], "unknown GPU"),
 ])
 def test_error_paths_exit_2_with_one_line(capsys, argv, needle):
     rc, out, err = run_cli(capsys, *argv)

@@ -26,7 +26,7 @@ from memplan.spec import ModelSpec, TrainSpec
 
 PHASES = ("load", "forward", "backward", "optimizer")
 COMPONENTS = ("weights_quantized", "quant_state", "weights_unquantized", "lora", "gradients", "optimizer_states",
-              "activations", "logits_loss", "temporaries")
+              "activations", "logits_loss", "temporaries", "comm_buffers")
 
 # Short provenance for each component; the module named holds the formula and its full citation.
 SOURCES = {
@@ -39,6 +39,7 @@ SOURCES = {
     "activations": "saved for backward, op by op (activations.py)",
     "logits_loss": "b·s·V logits, fp32 loss and gradient (logits.py)",
     "temporaries": "dequantized weight, grad working set (coefficients.json)",
+    "comm_buffers": "unsharded params in flight, reduce-scatter input, DDP buckets (parallel.py)",
 }
 
 
@@ -57,9 +58,15 @@ class Estimate:
     device_total_bytes: int  # comparable to nvidia-smi / NVML used memory
     overhead_source: str
     notes: list[str] = field(default_factory=list)
+    # Multi-GPU (#13): every figure above is per rank; these say what the ranks share.
+    host_bytes: int = 0  # host RAM per node for offloaded state
+    parallel: dict = field(default_factory=dict)  # gpus, strategy, comm_bytes_per_step, ... ({} on one GPU)
 
     def to_dict(self) -> dict:
         return {
+            "per_rank": bool(self.parallel),
+            "parallel": dict(self.parallel),
+            "host_bytes": self.host_bytes,
             "model": self.model,
             "params": {"total": self.params_total, "trainable": self.params_trainable},
             "config": self.config,
@@ -90,28 +97,43 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
     tr = lora.trainable(model, train)
     states = optimizer.states(model, train, tr["params"], tr["bytes"])
     grads = tr["bytes"]
-    a = act_mod.activations(model, train)
+    lora_bytes = 0 if train.method == "full" else tr["bytes"]  # full: the weights are the trainables
+    comm = dict.fromkeys(("load", "forward_loss", "forward_layer", "backward_loss", "backward_layer", "optimizer"), 0)
+    rank = None
+    act_train = train
+    if train.strategy != "none":  # one rank of a data-parallel job (parallel.py)
+        from memplan.estimate import parallel
 
-    static = {**w, "lora": 0 if train.method == "full" else tr["bytes"]}  # full: the weights are the trainables
+        rank = parallel.rank_view(model, train, w, tr, states)
+        w, states, grads, lora_bytes, comm = rank.weights, rank.states, rank.gradients, rank.lora, rank.comm
+        act_train = rank.activation_train or train
+    a = act_mod.activations(model, act_train)
+
+    static = {**w, "lora": lora_bytes}
     steady = _candidate(static, optimizer_states=states)
     stored = sum(a.stored_per_layer) + a.fixed
 
-    fwd_loss = _candidate(steady, activations=T * stored, logits_loss=T * loss_forward(model, train))
+    fwd_loss = _candidate(steady, activations=T * stored, logits_loss=T * loss_forward(model, act_train),
+                          comm_buffers=comm["forward_loss"])
     fwd_layer = _candidate(steady, activations=T * (stored - a.stored_per_layer[-1]),
-                           temporaries=T * a.fwd_transient + a.dequant_bytes)
-    bwd_loss = _candidate(steady, activations=T * stored, logits_loss=T * loss_backward(model, train))
+                           temporaries=T * a.fwd_transient + a.dequant_bytes, comm_buffers=comm["forward_layer"])
+    bwd_loss = _candidate(steady, activations=T * stored, logits_loss=T * loss_backward(model, act_train),
+                          comm_buffers=comm["backward_loss"])
 
     def layer_bwd(idx: int, done_grads: int) -> dict[str, int]:
         kept = sum(a.stored_per_layer[: idx + 1]) + a.fixed
         recompute = a.layer_saved[idx] if train.gradient_checkpointing else 0
         work = max(a.bwd_work_mlp, a.bwd_work_attn - (a.layer_saved[idx] - a.layer_saved_attn[idx]))
         return _candidate(steady, gradients=done_grads, activations=T * (kept + recompute),
-                          temporaries=T * work + a.dequant_bytes)
+                          temporaries=T * work + a.dequant_bytes, comm_buffers=comm["backward_layer"])
 
     bwd_last = layer_bwd(len(a.stored_per_layer) - 1, 0)
     bwd_first = layer_bwd(0, grads)
-    opt_step = _candidate(steady, gradients=grads, temporaries=optimizer.step_temporaries(train, tr["bytes"]))
-    load = _candidate(static, temporaries=weights.load_transient(model, train))
+    opt_step = _candidate(steady, gradients=grads, temporaries=optimizer.step_temporaries(train, grads),
+                          comm_buffers=comm["optimizer"])
+    # multi-GPU: the load phase is the rank's shards after wrapping (how each launcher loads differs)
+    load = _candidate(static, temporaries=0 if rank else weights.load_transient(model, train),
+                      comm_buffers=comm["load"])
 
     candidates = {"load": [load], "forward": [fwd_loss, fwd_layer], "backward": [bwd_loss, bwd_last, bwd_first],
                   "optimizer": [opt_step]}
@@ -121,11 +143,23 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
     peak_phase = max(PHASES, key=lambda p: phases[p])
     peak = phases[peak_phase]
     device = overheads.device_bytes(peak)
+    extra_notes, par = [], {}
+    if rank is not None:
+        from memplan.estimate.parallel import nccl_bytes
+
+        if train.gpus > 1:
+            device["nccl_buffers"] = nccl_bytes()
+        extra_notes = rank.notes
+        par = {"gpus": train.gpus, "strategy": train.strategy, "fsdp_version": train.fsdp_version,
+               "offload": train.offload, "quant_storage": train.storage,
+               "comm_bytes_per_step": rank.comm_bytes_per_step, "host_bytes_per_node": rank.host_bytes,
+               "ranks": "every rank holds the same bytes (shards padded to equal size)"}
     return Estimate(
         model=model.name, params_total=model.total_params, params_trainable=tr["params"], config=train.to_dict(),
         components=phase_components[peak_phase], phases=phases, phase_components=phase_components, peak_bytes=peak,
         peak_phase=peak_phase, device_overheads=device, device_total_bytes=peak + sum(device.values()),
-        overhead_source=overheads.source, notes=notes(model, train),
+        overhead_source=overheads.source, notes=notes(model, act_train) + extra_notes,
+        host_bytes=rank.host_bytes if rank else 0, parallel=par,
     )
 
 
