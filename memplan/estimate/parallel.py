@@ -218,6 +218,9 @@ def _zero(model, train, w, trainable, states) -> RankView:
     c = DTYPES[train.compute_dtype]
     pt = trainable["params"]
     p16, g16 = c * pt, c * pt
+    # fp32 master weights, fp32 gradient partition and optimizer states. DeepSpeed's estimators: stage 2
+    # "2 params16 + 18 (2 grads16, 4 grads32, 4 params32, 8 states)" per parameter; stage 3 "18" in all
+    # (2 params16 + 16: no persistent 16-bit gradient partition)
     fp32 = 4 * pt + 4 * pt + optimizer.states(model, train.with_(lora_dtype="fp32"), pt, 4 * pt)
     notes = ["DeepSpeed's bf16/fp16 engine casts the module to the compute dtype: PEFT's fp32 adapters and the "
              "fp32 upcast become 16-bit; fp32 master weights, gradients and optimizer states live in the optimizer"]
@@ -237,7 +240,7 @@ def _zero(model, train, w, trainable, states) -> RankView:
                   "quant_state": w16["quant_state"],
                   "weights_unquantized": 0 if train.method == "full" else _sum_sharded(params, n, "u", persist)}
         p16 = _sum_sharded(params, n, "t", persist)
-        g16 = _ceil(g16, n)
+        g16 = 0  # counted in the fp32 part above, as DeepSpeed's stage-3 estimator does
     elif stage == 2:
         g16 = _ceil(g16, n)
     fp32_rank = _ceil(fp32, n)
@@ -249,9 +252,9 @@ def _zero(model, train, w, trainable, states) -> RankView:
         for k in ("forward_loss", "forward_layer", "backward_loss", "backward_layer"):
             comm[k] += big_layer + prefetch
     host = 0
-    if train.offload in ("optimizer", "params"):
-        host += fp32_rank * n
-        fp32_rank = 0
+    if train.offload in ("optimizer", "params"):  # ZeRO-Offload: gradients go to the host for the CPU step
+        host += (fp32_rank + g16) * n
+        fp32_rank = g16 = 0
     if train.offload == "params":
         host += (sum(frozen.values()) - frozen["quant_state"] + p16) * n
         frozen = {"weights_quantized": 0, "quant_state": frozen["quant_state"], "weights_unquantized": 0}
