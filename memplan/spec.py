@@ -255,6 +255,10 @@ def _check_parallel(t: TrainSpec) -> None:
         if t.offload == "params" and s in ("ddp", "zero1", "zero2"):
             raise MemplanError(f"--offload params needs sharded parameters (--parallel fsdp, fsdp-grad-op or zero3); "
                                f"{s} keeps a full copy on every GPU")
+    if s in ("fsdp", "fsdp-grad-op") and t.fsdp_version == 2 and t.optimizer not in ("adamw", "sgd", "adafactor"):
+        raise MemplanError(f"--optimizer {t.optimizer} with FSDP2: bitsandbytes' optimizer kernels have no DTensor "
+                           "sharding strategy (bitsandbytes.optimizer_update_32bit fails on fully_shard's "
+                           "parameters); use adamw, --fsdp-version 1, or zero2 / zero3")
     if s in SHARDED_WEIGHTS and t.bits == 8:
         raise MemplanError(f"--parallel {s} cannot shard LLM.int8 weights: bitsandbytes keeps their scales (SCB, CB) "
                            "on the Int8Params object, which sharding replaces with flat shards; accelerate and PEFT "

@@ -108,12 +108,84 @@ def _comm_labels(tracker):
             setattr(cls, name, fn)
 
 
+@contextlib.contextmanager
+def _ddp_on_meta(enabled: bool):
+    """DDP's constructor compares parameter shapes across ranks by reading a count (.item()): not on meta, and
+    pointless on a fake process group where every rank is this one."""
+    import torch.nn.parallel.distributed as ddp
+
+    saved = ddp._verify_param_shape_across_processes
+    if enabled:
+        ddp._verify_param_shape_across_processes = lambda *a, **k: None
+    try:
+        yield
+    finally:
+        ddp._verify_param_shape_across_processes = saved
+
+
+class _NoRebuild:
+    """The Reducer, but for its bucket rebuild after the first step, which syncs bucket indices from rank 0 by
+    reading values (not on meta). The rebuilt buckets hold the same bytes in another order; only the brief
+    overlap of old and new buckets at the start of step 2's forward is not seen on meta."""
+
+    def __init__(self, reducer):
+        self._reducer = reducer
+
+    def _rebuild_buckets(self):
+        return False
+
+    def __getattr__(self, name):
+        return getattr(self._reducer, name)
+
+
 def _bucket_in_place(state, bucket):
     import torch
 
     fut = torch.futures.Future()
     fut.set_result(bucket.buffer())
     return fut
+
+
+@contextlib.contextmanager
+def fsdp2_on_meta(model):
+    """Let FSDP2 run on meta parameters (any model size): skip its no-meta check, allocate what its collectives
+    allocate (all-gather output, reduce-scatter input, unsharded parameters) on meta instead of the mesh's CPU
+    device, and give meta the CPU's (no-op) stream handle. Byte-equal to the real CPU run on small models
+    (tests/test_parallel.py)."""
+    import torch
+    import torch.distributed.fsdp._fully_shard._fsdp_collectives as fc
+    import torch.distributed.fsdp._fully_shard._fsdp_param_group as fpg
+    from torch.distributed.fsdp import FSDPModule
+
+    meta = torch.device("meta")
+    saved_handle = (fc._get_device_handle, fpg._get_device_handle)
+    saved_fns = (fpg.foreach_all_gather, fpg.foreach_reduce)
+    saved_validate = fpg.FSDPParamGroup._validate_no_meta_params
+
+    def handle(kind):
+        return saved_handle[0]("cpu" if kind == "meta" else kind)
+
+    def on_meta(fn):
+        def run(*args, **kwargs):
+            args = [meta if isinstance(a, torch.device) else a for a in args]
+            kwargs = {k: meta if isinstance(v, torch.device) else v for k, v in kwargs.items()}
+            return fn(*args, **kwargs)
+        return run
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            group = m._get_fsdp_state()._fsdp_param_group
+            for fsdp_param in group.fsdp_params if group else ():
+                fsdp_param.device = meta
+    fc._get_device_handle = fpg._get_device_handle = handle
+    fpg.foreach_all_gather, fpg.foreach_reduce = on_meta(saved_fns[0]), on_meta(saved_fns[1])
+    fpg.FSDPParamGroup._validate_no_meta_params = lambda self: None
+    try:
+        yield
+    finally:
+        fc._get_device_handle, fpg._get_device_handle = saved_handle
+        fpg.foreach_all_gather, fpg.foreach_reduce = saved_fns
+        fpg.FSDPParamGroup._validate_no_meta_params = saved_validate
 
 
 def _local(t):
@@ -188,15 +260,16 @@ def _fully_shard(model, train: TrainSpec) -> None:
     fully_shard(model, **root_kw)
 
 
-def run_rank_trace(model: ModelSpec, train: TrainSpec, *, steps: int = 2, keep_timeline: bool = False):
-    """Rank 0's step of `train.gpus` data-parallel ranks on real CPU tensors; a memplan.trace.runner.TraceResult
-    whose components include comm_buffers."""
+def run_rank_trace(model: ModelSpec, train: TrainSpec, *, real: bool = False, steps: int = 2,
+                   keep_timeline: bool = False):
+    """Rank 0's step of `train.gpus` data-parallel ranks, on meta tensors (any size) or real CPU tensors; a
+    memplan.trace.runner.TraceResult whose components include comm_buffers."""
     import torch
 
     from memplan import recipe
     from memplan.trace.attribution import Attribution
     from memplan.trace.build import build_model
-    from memplan.trace.kernels import gemm_4bit_cuda_semantics, patched
+    from memplan.trace.kernels import gemm_4bit_cuda_semantics, meta_params4bit_deepcopy, patched
     from memplan.trace.runner import TraceResult
     from memplan.trace.tracker import CATEGORIES, PHASES, LiveBytesTracker
 
@@ -204,14 +277,16 @@ def run_rank_trace(model: ModelSpec, train: TrainSpec, *, steps: int = 2, keep_t
     if why:
         raise MemplanError(why)
     t0 = time.perf_counter()
-    notes = [f"rank 0 of {train.gpus} ({train.strategy}) on a fake process group, real CPU tensors"]
+    notes = [f"rank 0 of {train.gpus} ({train.strategy}) on a fake process group, "
+             f"{'real CPU' if real else 'meta'} tensors"]
     strategy = train.strategy
     threads = torch.get_num_threads()
     with fake_process_group(train.gpus), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with torch.no_grad():
-            hf = build_model(model, train, real=True, notes=notes)
-        peft_model = recipe.apply_recipe(hf, model, train)
+            hf = build_model(model, train, real=real, notes=notes)
+        with meta_params4bit_deepcopy(enabled=not real and train.dora and train.bits == 4):
+            peft_model = recipe.apply_recipe(hf, model, train)
         tracker = LiveBytesTracker(keep_timeline=keep_timeline)
         if strategy in ("fsdp", "fsdp-grad-op"):
             _fully_shard(peft_model, train)
@@ -221,19 +296,24 @@ def run_rank_trace(model: ModelSpec, train: TrainSpec, *, steps: int = 2, keep_t
             from torch.nn.parallel import DistributedDataParallel
 
             tracker.default_category = "comm_buffers"
-            with tracker:
+            with tracker, _ddp_on_meta(enabled=not real):
                 wrapped = DistributedDataParallel(peft_model)  # its Reducer allocates the gradient buckets here
             # The fake backend's allreduce completes with no result; DDP's default hook returns the reduced
             # bucket, which an in-place allreduce leaves in the bucket buffer itself.
             wrapped.register_comm_hook(None, _bucket_in_place)
             wrapped._pre_forward = _labeled(tracker, wrapped._pre_forward)  # rebuilds the buckets after step 1
+            if not real:
+                wrapped.reducer = _NoRebuild(wrapped.reducer)
             tracker.default_category = "temporaries"
         elif strategy == "none":
             wrapped = peft_model
         params = recipe.trainable_parameters(peft_model)
         optimizer = recipe.make_optimizer(params, train, paged=False)
         torch.manual_seed(0)
-        input_ids = torch.randint(0, model.vocab_size, (train.batch_size, train.seq_len))
+        if real:
+            input_ids = torch.randint(0, model.vocab_size, (train.batch_size, train.seq_len))
+        else:
+            input_ids = torch.empty((train.batch_size, train.seq_len), dtype=torch.long, device="meta")
         tracker.register(input_ids, "activations", "input_ids")
         tracker.phase_peaks["load"] = tracker.current
         attribution = Attribution(tracker, peft_model)
@@ -264,7 +344,11 @@ def run_rank_trace(model: ModelSpec, train: TrainSpec, *, steps: int = 2, keep_t
             attribution.start_phase(phase)
 
         gemm = gemm_4bit_cuda_semantics() if train.bits == 4 else contextlib.nullcontext()
-        comm = _comm_labels(tracker) if strategy.startswith("fsdp") else contextlib.nullcontext()
+        comm = contextlib.ExitStack()
+        if strategy.startswith("fsdp"):
+            comm.enter_context(_comm_labels(tracker))
+            if not real:
+                comm.enter_context(fsdp2_on_meta(peft_model))
         try:
             with patched(train), comm, tracker, gemm:
                 for _ in range(steps):
@@ -286,7 +370,7 @@ def run_rank_trace(model: ModelSpec, train: TrainSpec, *, steps: int = 2, keep_t
             config=train.to_dict(), components={c: comps.get(c, 0) for c in (*CATEGORIES, "comm_buffers")},
             peak_bytes=tracker.peak, peak_phase=tracker.peak_phase,
             phases={p: tracker.phase_peaks.get(p, 0) for p in PHASES}, top_tensors=top,
-            timeline=list(tracker.timeline), notes=notes, real=True, steps=steps)
+            timeline=list(tracker.timeline), notes=notes, real=real, steps=steps)
         tracker.stop()
         del optimizer, wrapped, peft_model, hf, params, tracker, attribution
     gc.collect()
