@@ -177,17 +177,17 @@ def _fsdp(model, train, w, trainable, states) -> RankView:
     all_layers = sum(unit_total(u) for u in layer_units)
     grad_op = train.strategy == "fsdp-grad-op"
     kept_fwd = all_layers + (0 if tied else embed) if grad_op else 0  # SHARD_GRAD_OP: nothing resharded
+    # In forward FSDP2 keeps each unit's flat all-gather result until the next unit's copy-out (to overlap the
+    # copy-out with the next all-gather: FSDPParamGroup.wait_for_unshard), so a unit in flight costs 2x its
+    # unsharded bytes; the tail's result lives on through the loss. In backward a layer has its parameters
+    # and the next layer's (prefetched), and its gradients pass through the reduce-scatter input one layer at
+    # a time. Checked against the rank trace (memplan validate --against trace, multi-GPU rows).
     comm = {
         "load": 0,
-        # a layer's unshard: its parameters + the flat all-gather buffer while copying out
         "forward_layer": kept_fwd + 2 * big_layer,
-        # the loss: the tail stays unsharded (reshard_after_forward=False) into backward
-        "forward_loss": kept_fwd + tail,
-        # backward starts with the tail unsharded and the last layer prefetched
-        "backward_loss": kept_fwd + tail + big_layer,
-        # a layer's backward: the tail (resharded only at the end of backward), this layer, the next one
-        # prefetched, and the reduce-scatter input of this layer's gradients
-        "backward_layer": kept_fwd + tail + 2 * big_layer + 2 * big_layer_grads,
+        "forward_loss": kept_fwd + 2 * tail,
+        "backward_loss": kept_fwd + tail,
+        "backward_layer": kept_fwd + tail + 2 * big_layer + big_layer_grads,
         "optimizer": 0,
     }
     total = sum(cnt * d0 * rest * eb for _, cnt, d0, rest, eb, k in params if not (k == "q" and q_whole))

@@ -24,6 +24,7 @@ done (see docs/trace.md).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import time
 import warnings
@@ -85,16 +86,26 @@ def _comm_labels(tracker):
     methods = [(fpg.FSDPParamGroup, name) for name in ("unshard", "wait_for_unshard", "post_backward")]
     saved_methods = [getattr(cls, name) for cls, name in methods]
 
-    def alloc(tensor):
-        saved[0](tensor)
+    def resized(fn, tensor):
+        # A snapshot of the peak shares record objects: give the resized storage a fresh record, so the
+        # snapshot keeps the size it had at the peak.
+        if tracker._peak_dirty:
+            tracker._take_snapshot()
+        key = tensor.untyped_storage()._cdata
+        rec = tracker._live.get(key)
+        if rec is not None:
+            tracker._live[key] = dataclasses.replace(rec, category="comm_buffers")
+        fn(tensor)
         tracker._record(tensor)
         rec = tracker.record_of(tensor)
         if rec is not None:
             rec.category = "comm_buffers"
 
+    def alloc(tensor):
+        resized(saved[0], tensor)
+
     def free(tensor):
-        saved[1](tensor)
-        tracker._record(tensor)
+        resized(saved[1], tensor)
 
     fp.alloc_storage = fpg.alloc_storage = alloc
     fp.free_storage = free
@@ -175,6 +186,8 @@ def fsdp2_on_meta(model):
     for m in model.modules():
         if isinstance(m, FSDPModule):
             group = m._get_fsdp_state()._fsdp_param_group
+            if group is not None:
+                group.device = meta  # one rank (N = 1) copies into outputs on the group's device
             for fsdp_param in group.fsdp_params if group else ():
                 fsdp_param.device = meta
     fc._get_device_handle = fpg._get_device_handle = handle
