@@ -83,6 +83,8 @@ def describe(cfg: dict) -> str:
         head = f"LoRA on LLM.int8 {cfg['compute_dtype']}"
     else:
         head = f"LoRA on {cfg['bits']}-bit"
+    if cfg.get("gpus", 1) > 1 or cfg.get("parallel", "auto") not in ("auto", "none"):
+        head = f"{cfg['gpus']}× GPU {cfg['parallel']} · " + head
     if cfg["method"] == "lora":
         targets = cfg["lora_targets"] if isinstance(cfg["lora_targets"], str) else "+".join(cfg["lora_targets"])
         head += f" · r={cfg['lora_r']} {targets}{' DoRA' if cfg['dora'] else ''}"
@@ -111,6 +113,14 @@ def print_one(console, model, est, gpu) -> None:
     console.print(f"[bold]{model.name}[/] · {est.params_total / 1e9:.2f} B params, "
                   f"{est.params_trainable / 1e6:,.1f} M trainable")
     console.print(f"[dim]{describe(est.config)}[/]")
+    if est.parallel:
+        p = est.parallel
+        console.print(f"[bold]per GPU[/], rank 0 of {p['gpus']} · {p['strategy']}"
+                      f"{' (FSDP' + str(p['fsdp_version']) + ')' if p['strategy'].startswith('fsdp') else ''}"
+                      f"{' · offload ' + p['offload'] if p['offload'] != 'none' else ''} · 4-bit storage "
+                      f"{p['quant_storage']} · every rank holds the same bytes · sends "
+                      f"{p['comm_bytes_per_step'] / GIB:,.2f} GiB per step"
+                      + (f" · host RAM {est.host_bytes / GIB:,.2f} GiB per node" if est.host_bytes else ""))
     table = Table(title=f"memory at the peak ({est.peak_phase} phase) · GiB = 2^30 bytes", title_justify="left")
     table.add_column("component")
     table.add_column("GiB", justify="right")
