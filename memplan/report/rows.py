@@ -38,7 +38,7 @@ COLUMNS: list[tuple[str, str]] = (
     + [("per_rank", "1 when the figures above are one GPU's of a multi-GPU run (every rank holds the same bytes)"),
        ("strategy", "the data parallelism that runs: none, ddp, fsdp, fsdp-grad-op, zero1, zero2, zero3"),
        ("quant_storage_dtype", "bnb_4bit_quant_storage that runs (auto resolved)"),
-       ("comm_buffers_bytes_at_peak", "unsharded parameters / reduce-scatter input / DDP buckets at the peak, bytes"),
+       ("comm_buffers_bytes", "tensor bytes of comm_buffers at the peak: unsharded parameters / reduce-scatter input / DDP buckets at the peak, bytes"),
        ("nccl_buffers_bytes", "NCCL communicator buffers per GPU (device overhead, in device_total), bytes"),
        ("comm_bytes_per_step", "bytes each GPU sends per step in ring collectives"),
        ("host_bytes_per_node", "host RAM for offloaded state per node, bytes")]
@@ -56,7 +56,7 @@ def row(est: Estimate) -> dict:
     p = est.parallel
     out.update(per_rank=int(bool(p)), strategy=p.get("strategy", "none"),
                quant_storage_dtype=p.get("quant_storage", "uint8" if est.config.get("bits") == 4 else ""),
-               comm_buffers_bytes_at_peak=est.components.get("comm_buffers", 0),
+               comm_buffers_bytes=est.components.get("comm_buffers", 0),
                nccl_buffers_bytes=est.device_overheads.get("nccl_buffers", 0),
                comm_bytes_per_step=p.get("comm_bytes_per_step", 0), host_bytes_per_node=est.host_bytes)
     out.update({f"{p}_bytes": est.phases[p] for p in PHASES})
