@@ -12,7 +12,8 @@ import sys
 from memplan.errors import MemplanError
 
 # Sub-command modules, in the order `memplan --help` lists them.
-COMMANDS = ["estimate", "models", "trace", "validate", "profile", "env", "fit", "gpus", "sweep", "calibrate"]
+COMMANDS = ["estimate", "models", "trace", "validate", "profile", "env", "fit", "gpus", "sweep", "calibrate", "serve",
+            "report", "replay"]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -69,6 +69,8 @@ FLAGS = [
     ("--offload", "offload", _str, "none | optimizer (ZeRO-Offload) | params (FSDP CPUOffload, ZeRO-3 offload_param)"),
     ("--quant-storage", "quant_storage", _str, "bnb_4bit_quant_storage: auto (uint8; the compute dtype when FSDP or "
                                                "ZeRO-3 shards 4-bit weights) | uint8 | bf16 | fp16 | fp32"),
+    ("--transformers", "transformers", _int, "transformers major version whose behaviour to model: 4 | 5 (MoE experts "
+     "are quantized nn.Linear under 4); trace and profile run the installed one"),
 ]
 _ALIASES = {"--bits": ["-q"], "--lora-r": ["-r"], "--batch-size": ["-b"], "--seq-len": ["-s"],
             "--checkpointing": ["--gradient-checkpointing", "--ckpt"]}
@@ -82,6 +84,8 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
         shown = {True: "on", False: "off"}.get(default, default) if isinstance(default, bool) else default
         if isinstance(shown, tuple):
             shown = "+".join(shown) or "none"
+        if field_name == "transformers":
+            shown = f"the installed one, {shown}"
         group.add_argument(flag, *_ALIASES.get(flag, []), dest=field_name, default=None, metavar="V",
                            help=f"{text} (default: {shown})")
     parser.add_argument("--trust-remote-code", action="store_true",

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 
 from memplan.errors import MemplanError
 from memplan.spec import ModelSpec, TrainSpec
+from memplan.stack import stack
 
 GIB = 2**30
 SEQ_STEP = 64  # sequence-length granularity of every search
@@ -472,10 +473,12 @@ class Fit:
     configurations_searched: int
     estimates: int
     seconds: float
+    overhead_source: str = ""  # where the device overheads (allocator, context, workspace) come from
 
     def to_dict(self) -> dict:
         return {
             "model": self.model, "config": self.config, "budget": self.budget.to_dict(),
+            "overhead_source": self.overhead_source,
             "device_total_bytes": self.device_total_bytes, "peak_bytes": self.peak_bytes, "fits": self.fits,
             "headroom_bytes": self.budget.usable_bytes - self.device_total_bytes,
             "seq_len_granularity": SEQ_STEP,
@@ -486,6 +489,7 @@ class Fit:
             "combination": [st.to_dict() for st in self.combination], "combination_fits": self.combination_fits,
             "configurations_searched": self.configurations_searched, "estimates": self.estimates,
             "seconds": round(self.seconds, 4), "units": "bytes",
+            "stack": stack(self.config.get("transformers", 0)),
         }
 
 
@@ -528,6 +532,7 @@ def fit(model: ModelSpec, train: TrainSpec, budget: Budget, overheads=None) -> F
         combination=combo, combination_fits=combo_fits,
         model_max_positions=model.hf_config.get("max_position_embeddings"),
         configurations_searched=s.covered + len(TIERS), estimates=s.estimated, seconds=time.perf_counter() - t0,
+        overhead_source=base.overhead_source,
     )
 
 

@@ -90,7 +90,10 @@ def lora_targets(model: ModelSpec, train: TrainSpec) -> str | list[str]:
     elif targets == "attn":
         picked = [n for n in names if n in ATTENTION_MODULES]
     else:
+        from memplan.estimate.experts import layer_linears
+
         known = set(names) | {"lm_head", "embed_tokens", "gate"}
+        known |= {lin.name for _, layer in model.layers for _, lin in layer_linears(model, layer, train)}
         unknown = [t for t in targets if t not in known]
         if unknown:
             raise MemplanError(f"lora-targets: {model.name} has no module named {', '.join(unknown)}; "

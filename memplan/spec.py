@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 
 from memplan.errors import MemplanError
+from memplan.stack import check_major
 
 # --------------------------------------------------------------------------------------------------- the model
 
@@ -170,6 +171,9 @@ class TrainSpec:
     fsdp_version: int = 2  # torch FSDP1 (FlatParameter) or FSDP2 (fully_shard, per-parameter DTensor shards)
     offload: str = "none"  # FSDP CPUOffload / ZeRO-Offload: what lives in host RAM instead of on the GPU
     quant_storage: str = "auto"  # see QUANT_STORAGES
+    # The transformers major whose code path the result describes (memplan/stack.py): 0 at construction means
+    # the installed one (package metadata, cached), so a built TrainSpec always holds 4 or 5.
+    transformers: int = 0
 
     def __post_init__(self):
         _check_choice("bits", self.bits, BITS)
@@ -179,6 +183,7 @@ class TrainSpec:
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("attention", self.attention, ATTENTIONS)
         _check_choice("lora-dtype", self.lora_dtype, DTYPES)
+        object.__setattr__(self, "transformers", check_major(self.transformers))
         for name in ("batch_size", "seq_len", "lora_r", "lora_alpha"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

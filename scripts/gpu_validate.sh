@@ -22,6 +22,10 @@
 #   PYTHON=python3    the interpreter that has torch
 #   LIMIT=N           only the first N configurations of the plan
 #   TRACE=1           also run the meta trace in each child (CPU seconds per configuration)
+#   ALLOC_CHECK=1     first, the caching-allocator check (scripts/gpu_allocator.py, ALLOC_BUDGET_S=240 of the
+#                     budget): real profiles with and without expandable_segments, each recording the allocator's
+#                     own trace (torch.cuda.memory._record_memory_history) into OUTDIR/snapshots.tar.gz, and
+#                     measured vs predicted max_memory_reserved in OUTDIR/allocator_check.json
 #
 # The bitsandbytes wheel, fetched once on a machine with internet, in the repo root:
 #   echo /.whl/ >> .git/info/exclude
@@ -77,6 +81,12 @@ if [ "$DEVICE" = cuda ]; then
   "$PYTHON" -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
     || { echo "gpu_validate: torch sees no CUDA device"; exit 4; }
   nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv || true
+fi
+
+# the caching-allocator check (issue #12) takes its share of the budget first
+if [ "${ALLOC_CHECK:-0}" = 1 ]; then
+  "$PYTHON" scripts/gpu_allocator.py "$OUTDIR" --device "$DEVICE" --budget "${ALLOC_BUDGET_S:-240}" \
+    || echo "gpu_validate: allocator check exit status $?"
 fi
 
 # the grid gets what is left of the budget after setup

@@ -45,6 +45,7 @@ def train_specs(draw, method=None, bits=None):
         batch_size=draw(st.integers(1, 16)), seq_len=draw(st.integers(1, 32768)),
         gradient_checkpointing=draw(st.booleans()), attention=draw(st.sampled_from(["sdpa", "sdpa", "eager"])),
         modules_to_save=draw(st.sampled_from([(), (), ("lm_head",)])),
+        transformers=draw(st.sampled_from([4, 5])),
     )
 
 

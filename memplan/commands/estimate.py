@@ -60,17 +60,20 @@ def run(args) -> int:
         print_one(console, model, results[0], gpu)
     else:
         print_grid(console, model, results, specs, gpu)
-    console.print(f"[dim]device overheads: {_which(overheads, cal_notes)}[/]", highlight=False)
+    console.print(f"[dim]device overheads: {_which(overheads, cal_notes, results[0].overhead_source)}[/]",
+                  highlight=False)
     if args.csv:
         console.print(f"[dim]wrote {len(results)} row(s) to {args.csv}[/]")
     return 0
 
 
-def _which(overheads, notes) -> str:
-    """Which calibration this estimate used, in words."""
+def _which(overheads, notes, used: str = "") -> str:
+    """Which calibration this estimate used, in words (`used`: the estimate's overhead_source)."""
     if overheads.calibration:
         return overheads.source
     why = [n for n in notes if not n.startswith("ignoring")]
+    if used and "replay" in used:
+        return "; ".join([*why[:1], used])
     return why[0] if why else "uncalibrated defaults (overhead.json)"
 
 
@@ -121,6 +124,7 @@ def print_one(console, model, est, gpu) -> None:
                       f"{p['quant_storage']} · every rank holds the same bytes · sends "
                       f"{p['comm_bytes_per_step'] / GIB:,.2f} GiB per step"
                       + (f" · host RAM {est.host_bytes / GIB:,.2f} GiB per node" if est.host_bytes else ""))
+    console.print(f"[dim]{stack_line(est.config)}[/]", highlight=False)
     table = Table(title=f"memory at the peak ({est.peak_phase} phase) · GiB = 2^30 bytes", title_justify="left")
     table.add_column("component")
     table.add_column("GiB", justify="right")
@@ -177,6 +181,16 @@ def print_grid(console, model, results, specs, gpu) -> None:
             cells.append("[green]yes[/]" if est.device_total_bytes <= gpu.memory_bytes else "[red]no[/]")
         table.add_row(*cells)
     console.print(table)
+    for line in dict.fromkeys(stack_line(est.config) for est in results):
+        console.print(f"[dim]{line}[/]", highlight=False)
+
+
+def stack_line(cfg: dict) -> str:
+    """'stack: transformers 5.24.0 · peft 0.21.2 · ...': the library versions a result describes."""
+    from memplan.stack import describe as describe_stack
+    from memplan.stack import stack
+
+    return "stack: " + describe_stack(stack(cfg.get("transformers", 0)))
 
 
 def _cell(v) -> str:

@@ -72,11 +72,12 @@ def _gib(n: int) -> str:
 def print_fit(console, r) -> None:
     from rich.table import Table
 
-    from memplan.commands.estimate import describe
+    from memplan.commands.estimate import describe, stack_line
     from memplan.plan import SEQ_STEP
 
     b = r.budget
     console.print(f"[bold]{r.model}[/] · {describe(r.config)}")
+    console.print(f"[dim]{stack_line(r.config)}[/]")
     console.print(f"{b.label}: {_gib(b.total_bytes)} GiB − margin {_gib(b.margin_bytes)} = "
                   f"[bold]{_gib(b.usable_bytes)} GiB usable[/] (GiB = 2^30 bytes; judged on the device total)")
     room = b.usable_bytes - r.device_total_bytes
@@ -116,5 +117,6 @@ def print_fit(console, r) -> None:
         for st in r.combination:
             console.print(f"  + {st.label}: device total {_gib(st.device_total_bytes)} GiB"
                           f"{' [green]fits[/]' if st.fits else ''}")
+    console.print(f"[dim]device overheads: {r.overhead_source}[/]")
     console.print(f"[dim]searched {r.configurations_searched:,} configurations ({r.estimates} estimated, the rest "
                   f"decided by monotonicity) in {r.seconds * 1000:.0f} ms[/]")

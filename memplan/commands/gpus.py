@@ -109,17 +109,19 @@ def run(args) -> int:
     plan = multi_gpu_plan(model, spec, args.max_gpus, args.margin, overheads) if args.max_gpus > 1 else []
     if args.json:
         json.dump({"model": model.name, "config": est.config, "device_total_bytes": est.device_total_bytes,
-                   "peak_bytes": est.peak_bytes, "units": "bytes", "gpus": rows, "multi_gpu": plan},
+                   "overhead_source": est.overhead_source,
+                   "peak_bytes": est.peak_bytes, "units": "bytes", "stack": est.to_dict()["stack"], "gpus": rows, "multi_gpu": plan},
                   sys.stdout, indent=2)
         print()
         return 0
     from rich.console import Console
     from rich.table import Table
 
-    from memplan.commands.estimate import describe
+    from memplan.commands.estimate import describe, stack_line
 
     console = Console(highlight=False)
     console.print(f"[bold]{model.name}[/] · {describe(est.config)}")
+    console.print(f"[dim]{stack_line(est.config)}[/]")
     console.print(f"device total {est.device_total_bytes / GIB:,.2f} GiB (tensor peak {est.peak_bytes / GIB:,.2f}); "
                   "GiB = 2^30 bytes")
     table = Table(title_justify="left", title="catalog GPUs by headroom (fits: headroom ≥ margin; tight: within it)")
@@ -136,6 +138,7 @@ def run(args) -> int:
     console.print(table)
     if plan:
         _print_plan(console, plan, args.max_gpus)
+    console.print(f"[dim]device overheads: {est.overhead_source}[/]")
     return 0
 
 

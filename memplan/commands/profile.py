@@ -130,6 +130,10 @@ def build_configs(args) -> list:
         from memplan.spec import TrainSpec
 
         specs = [TrainSpec()]
+    from memplan.stack import check_runs_installed
+
+    for train in specs:  # a profile measures the installed stack (its versions are recorded in the profile)
+        check_runs_installed(train.transformers, "profile")
     varying = varying_fields(specs)
     configs = []
     for ref in refs:
@@ -324,6 +328,10 @@ def print_outcome(outcome) -> None:
                   _pct(est.get("device_total_error_pct")), "", "", "")
     console.print(t)
     lines = []
+    versions = (prof.get("environment") or {}).get("versions") or {}
+    if versions:  # the stack the profile measured (memplan/stack.py names the same packages)
+        lines.append("stack: " + " · ".join(f"{p} {versions.get(p) or 'none'}"
+                                            for p in ("transformers", "peft", "bitsandbytes", "torch")))
     if cuda and meas.get("cuda_context_bytes") is not None:
         lines.append(f"CUDA context {_g(meas['cuda_context_bytes'])} GiB (NVML before/after CUDA init)")
     if meas.get("steady_step_time_s"):

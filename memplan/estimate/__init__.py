@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from memplan.estimate import activations as act_mod
 from memplan.estimate import lora, optimizer, weights
 from memplan.estimate.logits import loss_backward, loss_forward
-from memplan.estimate.overhead import Overheads, default_overheads
+from memplan.estimate.overhead import Overheads, default_overheads, replay_overheads
 from memplan.spec import ModelSpec, TrainSpec
+from memplan.stack import stack
 
 PHASES = ("load", "forward", "backward", "optimizer")
 COMPONENTS = ("weights_quantized", "quant_state", "weights_unquantized", "lora", "gradients", "optimizer_states",
@@ -61,6 +62,7 @@ class Estimate:
     # Multi-GPU (#13): every figure above is per rank; these say what the ranks share.
     host_bytes: int = 0  # host RAM per node for offloaded state
     parallel: dict = field(default_factory=dict)  # gpus, strategy, comm_bytes_per_step, ... ({} on one GPU)
+    stack: dict = field(default_factory=dict)  # the library versions the figures describe (memplan/stack.py)
 
     def to_dict(self) -> dict:
         return {
@@ -80,6 +82,7 @@ class Estimate:
             "overhead_source": self.overhead_source,
             "units": "bytes",
             "notes": list(self.notes),
+            "stack": {**self.stack, "source": dict(self.stack.get("source", {}))},
         }
 
 
@@ -91,7 +94,8 @@ def _candidate(base: dict[str, int], **extra: int) -> dict[str, int]:
 
 
 def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = None) -> Estimate:
-    overheads = overheads or default_overheads()
+    if overheads is None or overheads is default_overheads():  # uncalibrated: the replay-fitted allocator figure
+        overheads = replay_overheads(model.model_type)
     T = train.batch_size * train.seq_len
     w = weights.weights(model, train)
     tr = lora.trainable(model, train)
@@ -159,7 +163,7 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
         components=phase_components[peak_phase], phases=phases, phase_components=phase_components, peak_bytes=peak,
         peak_phase=peak_phase, device_overheads=device, device_total_bytes=peak + sum(device.values()),
         overhead_source=overheads.source, notes=notes(model, act_train) + extra_notes,
-        host_bytes=rank.host_bytes if rank else 0, parallel=par,
+        stack=stack(train.transformers), host_bytes=rank.host_bytes if rank else 0, parallel=par,
     )
 
 
@@ -168,10 +172,19 @@ def notes(model: ModelSpec, train: TrainSpec) -> list[str]:
     if train.upcast_applies:
         out.append("prepare_model_for_kbit_training casts non-quantized weights to fp32, so the residual stream, "
                    "every layer output and the logits are fp32 (4 B/element); --upcast off keeps them 16-bit")
-    if train.quantized and any(layer.expert_params for _, layer in model.layers):
-        out.append("transformers 5 stores MoE experts as 3-D parameters: bitsandbytes does not quantize them and "
-                   "LoRA does not adapt them")
-    if train.quantized and any(not lin.quantizable for _, layer in model.layers for lin in layer.linears):
+    moe = any(layer.expert_params for _, layer in model.layers)
+    if moe and train.transformers == 4:
+        out.append("transformers 4 builds MoE experts and the router as nn.Linear modules: bitsandbytes quantizes "
+                   "them and all-linear LoRA adapts them (under transformers 5 they are 3-D parameters, unquantized)")
+    elif moe and train.quantized:
+        out.append("transformers 5 stores MoE experts as 3-D parameters: bitsandbytes does not quantize them "
+                   "(bitsandbytes issue #1849) and LoRA does not adapt them; --transformers 4 models the 4.x "
+                   "nn.Linear experts")
+    if train.transformers == 4 and train.attention == "sdpa" and act_mod.sdpa_gets_a_mask(model, train.seq_len, 4):
+        out.append("transformers 4.57: a batch without attention_mask gets a packed-sequence check that always "
+                   "builds a b·s² boolean mask, so SDPA runs the memory-efficient kernel with an explicit mask")
+    if (train.quantized and train.transformers == 5
+            and any(not lin.quantizable for _, layer in model.layers for lin in layer.linears)):
         out.append(f"{model.model_type}'s linears subclass nn.Linear, which transformers' bitsandbytes integration "
                    "leaves unquantized")
     ran = act_mod.effective_attention(model, train)

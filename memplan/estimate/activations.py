@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from memplan.estimate.experts import expert_mlp, linear_experts, max_quantized_numel
+from memplan.estimate.experts import router as experts_router
 from memplan.estimate.lora import is_target
 from memplan.estimate.weights import unquantized_dtype_bytes
 from memplan.spec import DTYPES, LayerSpec, Linear, ModelSpec, TrainSpec
@@ -69,10 +71,22 @@ def softcapped(model: ModelSpec) -> bool:
     return model.model_type == "gemma2" and bool(model.hf_config.get("attn_logit_softcapping", 50.0))
 
 
-def sdpa_gets_a_mask(model: ModelSpec, seq_len: int) -> bool:
+# Model types that transformers 4.57.6 still masks with their own _update_causal_mask, which returns no mask for
+# SDPA in training without an attention_mask (AttentionMaskConverter._ignore_causal_mask_sdpa).
+_TF4_OWN_MASK = ("falcon", "opt", "qwen2_moe")
+
+
+def sdpa_gets_a_mask(model: ModelSpec, seq_len: int, transformers: int = 5) -> bool:
     """SDPA runs causal without a mask unless the model passes one: Falcon always does
     (allow_is_causal_skip=False); sliding-window models (Mistral v0.1, Phi-3 mini-4k; Qwen with
-    use_sliding_window) do once the sequence is longer than the window (transformers masking_utils)."""
+    use_sliding_window) do once the sequence is longer than the window (transformers masking_utils).
+    transformers 4.57.6: the batch carries no attention_mask, so masking_utils._preprocess_mask_arguments runs
+    find_packed_sequence_indices on the position ids, which in 4.x always returns a tensor (5.x returns None when
+    nothing is packed); create_causal_mask then sets allow_is_causal_skip=False and every layer gets a
+    (b, 1, s, s) boolean mask: CUDA runs the memory-efficient kernel, and GQA goes through repeat_kv
+    (sdpa_attention.use_gqa_in_sdpa needs attention_mask None)."""
+    if transformers == 4:
+        return model.model_type not in _TF4_OWN_MASK
     cfg = model.hf_config
     if model.model_type == "falcon":
         return True
@@ -175,7 +189,7 @@ def _attention(sv: Saved, ctx: Ctx, model: ModelSpec, layer: LayerSpec, x_norm: 
         q = sv.tensor("q.rot", a * d * e)
         k = sv.tensor("k.rot", kv * d * e)
     if ctx.attention == "sdpa":
-        masked = sdpa_gets_a_mask(model, ctx.s)
+        masked = sdpa_gets_a_mask(model, ctx.s, ctx.train.transformers)
         if masked and kv != a:  # with a mask transformers does not use SDPA's native GQA: repeat_kv copies
             k = sv.tensor("k.rep", a * d * e)
             v = sv.tensor("v.rep", a * d * e)
@@ -248,10 +262,31 @@ def _dense_mlp(sv: Saved, ctx: Ctx, layer: LayerSpec, x_norm: str, hidden_act: s
 def _moe(sv: Saved, ctx: Ctx, model: ModelSpec, layer: LayerSpec, x_norm: str) -> None:
     e, k, mi, E = ctx.e, layer.experts_per_token, layer.expert_intermediate, layer.num_experts
     h = model.hidden_size
+    if linear_experts(ctx.train):  # transformers 4: the router is a (LoRA-adaptable) nn.Linear
+        _linear(sv, ctx, experts_router(model, layer), x_norm, e, "mlp")
     sv.new("router.probs", E * 4 + k * (8 + 4), "mlp")  # fp32 softmax, top-k indices and weights
-    # per token-slot: gate_up output (act saves the gate view), act output, the expert output scaled by its
-    # routing weight (mul saves it), token / slot indices (int64) and the gathered routing weight
-    sv.new("experts", k * (2 * mi * e + mi * e + h * e + 8 + 8 + e), "mlp")
+    if linear_experts(ctx.train):
+        # transformers 4.57.6 MixtralSparseMoeBlock.forward: a loop over the experts hit; per token-slot the
+        # gathered input (hidden_states[None, top_x]) runs act(gate(x)) * up(x) -> down, each an nn.Linear that
+        # LoRA may adapt, then the output is scaled by its routing weight (mul saves both) and index_add_-ed
+        slot = Saved()
+        xs = slot.tensor("x", h * e)
+        gate, up, down = expert_mlp(model, layer)
+        g = _linear(slot, ctx, gate, xs, e, "mlp")
+        u = _linear(slot, ctx, up, xs, e, "mlp")
+        slot.keep(g, "mlp")
+        slot.keep(u, "mlp")
+        slot.new("act", mi * e, "mlp")
+        _linear(slot, ctx, down, slot.tensor("prod", mi * e), e, "mlp")
+        slot.new("out", h * e + 8 + 8 + e, "mlp")  # down's output, top_x / idx (int64), the routing weight
+        # index_add_'s backward formula expands the gradient to `source` (derivatives.yaml), so autograd keeps
+        # the scaled output too
+        slot.new("scaled", h * e, "mlp")
+        sv.new("experts", k * slot.total(), "mlp")
+    else:
+        # per token-slot: gate_up output (act saves the gate view), act output, the expert output scaled by its
+        # routing weight (mul saves it), token / slot indices (int64) and the gathered routing weight
+        sv.new("experts", k * (2 * mi * e + mi * e + h * e + 8 + 8 + e), "mlp")
     lins = {lin.name: lin for lin in layer.linears}
     if "shared_expert_gate" in lins:  # Qwen2-MoE: a dense shared expert scaled by sigmoid(shared_expert_gate(x))
         out = _dense_mlp(sv, ctx, layer, x_norm, "silu")
@@ -319,7 +354,8 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     h, e = model.hidden_size, ctx.e
     stored, saved, saved_attn = [], [], []
     # per-token layer figures do not depend on batch, optimizer or (for fused attention) sequence length
-    per_seq = ctx.attention != "sdpa" or sdpa_gets_a_mask(model, train.seq_len)
+    masked = ctx.attention == "sdpa" and sdpa_gets_a_mask(model, train.seq_len, train.transformers)
+    per_seq = ctx.attention != "sdpa" or masked
     layer_key = train.with_(batch_size=1, optimizer="adamw", seq_len=train.seq_len if per_seq else 1)
     widest = cast = 0
     for n, layer in model.layers:
@@ -328,17 +364,22 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
         saved_attn += [attn] * n
         stored += [h * e if train.gradient_checkpointing else total + x_kept] * n
         i = max((lin.out_features for lin in layer.linears), default=h)
-        i = max(i, layer.expert_intermediate * 2 * layer.experts_per_token)
+        moe_slots = layer.experts_per_token  # 5.x grouped_mm: every token-slot's gate_up output at once;
+        if linear_experts(train) and layer.num_experts:  # 4.x loop: one expert's share of the slots at a time
+            moe_slots /= layer.num_experts
+        i = max(i, int(layer.expert_intermediate * 2 * moe_slots))
         widest = max(widest, i)
         if train.method == "lora" and ctx.lb != e:  # PEFT casts an adapted linear's input to the adapter dtype:
             cast = max([cast] + [lin.in_features * ctx.lb for lin in layer.linears if is_target(lin, train)])
     fixed = 8 * 3 + 2 * model.head_dim * e + h * e + (8 if model.model_type in ("falcon", "gpt_neox", "opt") else 4)
     if ctx.attention in ("eager", "math"):  # the 4-D causal mask (b, 1, s, s) in the activation dtype; Gemma-2
         fixed += (2 if model.model_type == "gemma2" else 1) * train.seq_len * e  # builds a second, sliding
+    elif masked and train.transformers == 4:  # the (b, 1, s, s) boolean mask, alive for the whole step
+        fixed += train.seq_len
     eager = model.num_heads * train.seq_len * (2 * e + 4) if ctx.attention != "sdpa" else 0
     fwd_transient = widest * (e + ctx.c) + h * ctx.c + eager
     bwd_mlp = int(k["mlp_h"] * h * e + k["mlp_i"] * widest * e) + cast  # a copy alive beside the recompute
     bwd_attn = int(k["attn_h"] * h * e + k["attn_qkv"] * (model.num_heads + 2 * model.num_kv_heads) * model.head_dim * e
                    + (model.num_heads * train.seq_len * (e + 4 + 4) if ctx.attention != "sdpa" else 0))
-    dequant = model.max_quantized_numel * ctx.c if train.quantized else 0
+    dequant = max_quantized_numel(model, train) * ctx.c if train.quantized else 0
     return Activations(stored, saved, saved_attn, fixed, fwd_transient, bwd_mlp, bwd_attn, dequant)

@@ -9,6 +9,7 @@ ModulesToSaveWrapper holding a trainable deep copy: the original stays, the copy
 from __future__ import annotations
 
 from memplan.errors import MemplanError
+from memplan.estimate import experts
 from memplan.estimate.weights import unquantized_dtype_bytes
 from memplan.spec import DTYPES, Linear, ModelSpec, TrainSpec
 
@@ -36,8 +37,12 @@ def targeted(model: ModelSpec, train: TrainSpec) -> list[tuple[int, Linear]]:
         return []
     found = [(n, lin) for n, layer in model.layers for lin in layer.linears if is_target(lin, train)]
     found += [(1, lin) for lin in model.other_linears if is_target(lin, train)]
+    # transformers 4: experts and router are nn.Linear modules that "all-linear" (or their names) reach
+    found += [(n * k, lin) for n, layer in model.layers for k, lin in experts.layer_linears(model, layer, train)
+              if is_target(lin, train)]
     if not found:
-        names = sorted({lin.name for _, layer in model.layers for lin in layer.linears})
+        names = sorted({lin.name for _, layer in model.layers for lin in layer.linears}
+                       | {lin.name for _, layer in model.layers for _, lin in experts.layer_linears(model, layer, train)})
         raise MemplanError(f"lora-targets {train.lora_targets!r} match no linear of {model.name}; "
                            f"its linears: {', '.join(names)}")
     return found

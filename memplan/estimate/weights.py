@@ -12,10 +12,12 @@ Storage per quantized linear weight of n elements (bitsandbytes 0.50, functional
 Everything not quantized — embeddings, lm_head (transformers' get_keys_to_not_convert keeps the output embedding),
 norms, linear biases, MoE expert tensors (3-D parameters, not nn.Linear) and linears that are nn.Linear
 subclasses (Falcon) — stays in the load dtype, which prepare_model_for_kbit_training casts to fp32
-(peft/utils/other.py: every fp16/bf16 parameter that is not Params4bit).
+(peft/utils/other.py: every fp16/bf16 parameter that is not Params4bit). Under transformers 4 the MoE experts and
+router are nn.Linear modules and are quantized like any other linear (experts.py).
 """
 from __future__ import annotations
 
+from memplan.estimate import experts
 from memplan.spec import DTYPES, ModelSpec, TrainSpec
 
 NF4_BLOCK = 64  # bitsandbytes Linear4bit / Params4bit blocksize
@@ -55,16 +57,18 @@ def weights(model: ModelSpec, train: TrainSpec) -> dict[str, int]:
     q_bytes = state_bytes = 0
     plain_params = model.embedding_params + model.lm_head_params + model.other_params
     linears = [(n, lin) for n, layer in model.layers for lin in layer.linears] + [(1, lin) for lin in model.other_linears]
+    linears += [(n * k, lin) for n, layer in model.layers for k, lin in experts.layer_linears(model, layer, train)]
     for n, lin in linears:
-        if train.quantized and lin.quantizable:
+        if train.quantized and (lin.quantizable or train.transformers == 4):
             w, s = quantized_bytes(lin.weight_numel, lin.out_features, train)
             q_bytes += n * w
             state_bytes += n * s
             plain_params += n * (lin.out_features if lin.bias else 0)
         else:
             plain_params += n * lin.numel
+    moe_linear = experts.linear_experts(train)  # transformers 4: experts and router counted as linears above
     for n, layer in model.layers:
-        plain_params += n * (layer.norm_params + layer.expert_params + layer.router_params)
+        plain_params += n * (layer.norm_params + (0 if moe_linear else layer.expert_params + layer.router_params))
     return {"weights_quantized": q_bytes, "quant_state": state_bytes, "weights_unquantized": plain_params * ub}
 
 
@@ -73,8 +77,8 @@ def load_transient(model: ModelSpec, train: TrainSpec) -> int:
     before bitsandbytes quantizes it, or a parameter's 16-bit original while prepare_model_for_kbit_training
     writes its fp32 copy."""
     load_bytes = 4 if train.bits == 32 else DTYPES[train.compute_dtype]
-    biggest = model.max_quantized_numel if train.quantized else 0
+    biggest = experts.max_quantized_numel(model, train) if train.quantized else 0
     if train.upcast_applies:
-        biggest = max(biggest, model.embedding_params, model.lm_head_params,
-                      max(layer.expert_params for _, layer in model.layers) // 2)
+        fused = 0 if experts.linear_experts(train) else max(layer.expert_params for _, layer in model.layers) // 2
+        biggest = max(biggest, model.embedding_params, model.lm_head_params, fused)
     return biggest * load_bytes

@@ -216,6 +216,15 @@ def run_job(job: dict) -> dict:
             meas["tracker"] = {"peak_bytes": state["tracker"].peak, "peak_phase": state["tracker"].peak_phase,
                                "by_category_at_peak": state["tracker"].by_category()}
         meas["rss_max_bytes"] = max_rss_bytes()
+        if state.get("snapshot"):
+            try:  # torch.cuda.memory._dump_snapshot: a plain pickle memplan replay reads
+                import torch
+
+                torch.cuda.memory._dump_snapshot(state["snapshot"])
+                torch.cuda.memory._record_memory_history(enabled=None)
+                meas["snapshot"] = state["snapshot"]
+            except Exception as e:  # noqa: BLE001 - a snapshot failing must not lose the measurement
+                meas["snapshot_note"] = f"snapshot failed: {e.__class__.__name__}: {e}"[:300]
         _summarize(profile, state)
         try:  # after the measurement: torch's device query creates a CUDA context, which must not be counted
             profile["environment"] = environment(device)
@@ -289,6 +298,11 @@ def _measure(job: dict, profile: dict, meas: dict, state: dict) -> None:
         if run.get("memory_fraction"):
             torch.cuda.set_per_process_memory_fraction(float(run["memory_fraction"]))
         torch.cuda.reset_peak_memory_stats()
+        if os.environ.get("MEMPLAN_SNAPSHOT"):  # the allocator's own trace, for `memplan replay` (no stacks)
+            torch.cuda.memory._record_memory_history(enabled="all", context=None, stacks="python",
+                                                     max_entries=int(os.environ.get("MEMPLAN_SNAPSHOT_ENTRIES",
+                                                                                    4_000_000)))
+            state["snapshot"] = os.environ["MEMPLAN_SNAPSHOT"]
     else:
         from memplan.trace.tracker import LiveBytesTracker
 

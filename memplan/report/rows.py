@@ -13,13 +13,15 @@ from pathlib import Path
 from memplan import __version__
 from memplan.estimate import COMPONENTS, PHASES, Estimate
 from memplan.spec import TRAIN_FIELDS
+from memplan.stack import PACKAGES
 
 GIB = 2**30
 
 # Columns are only ever appended: training settings added after modules_to_save (multi-GPU, #13, and later
 # issues' fields) go at the end, after the per-rank columns.
-_FIRST_TRAIN = TRAIN_FIELDS[: TRAIN_FIELDS.index("modules_to_save") + 1]
-_LATER_TRAIN = TRAIN_FIELDS[len(_FIRST_TRAIN):]
+_MULTI_GPU_TRAIN = ("gpus", "parallel", "fsdp_version", "offload", "quant_storage")
+_FIRST_TRAIN = tuple(f for f in TRAIN_FIELDS if f not in _MULTI_GPU_TRAIN)
+_LATER_TRAIN = tuple(f for f in TRAIN_FIELDS if f in _MULTI_GPU_TRAIN)
 
 COLUMNS: list[tuple[str, str]] = (
     [("memplan_version", "memplan version that computed the row"),
@@ -35,6 +37,8 @@ COLUMNS: list[tuple[str, str]] = (
        ("peak_gib", "tensor peak, GiB"),
        ("device_total_bytes", "tensor peak + CUDA context + cuBLAS workspace + allocator overhead, bytes (compare with nvidia-smi)"),
        ("device_total_gib", "device total, GiB")]
+    + [(f"{p}_version", f"{p} version the row describes (installed, else the latest supported; --transformers "
+        "overrides transformers)") for p in PACKAGES]
     + [("per_rank", "1 when the figures above are one GPU's of a multi-GPU run (every rank holds the same bytes)"),
        ("strategy", "the data parallelism that runs: none, ddp, fsdp, fsdp-grad-op, zero1, zero2, zero3"),
        ("quant_storage_dtype", "bnb_4bit_quant_storage that runs (auto resolved)"),
@@ -62,6 +66,7 @@ def row(est: Estimate) -> dict:
     out.update({f"{p}_bytes": est.phases[p] for p in PHASES})
     out.update(peak_phase=est.peak_phase, peak_bytes=est.peak_bytes, peak_gib=round(est.peak_bytes / GIB, 3),
                device_total_bytes=est.device_total_bytes, device_total_gib=round(est.device_total_bytes / GIB, 3))
+    out.update({f"{p}_version": est.stack.get(p) for p in PACKAGES})
     return out
 
 

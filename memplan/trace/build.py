@@ -68,15 +68,25 @@ def _quantize(hf, train: TrainSpec, *, real: bool) -> None:
     import bitsandbytes.functional as bf
     import torch
     from transformers.integrations.bitsandbytes import replace_with_bnb_linear
-    from transformers.quantizers.base import get_keys_to_not_convert
+
+    try:
+        from transformers.quantizers.base import get_keys_to_not_convert
+    except ImportError:  # transformers 4.x keeps it in the bitsandbytes integration
+        from transformers.integrations.bitsandbytes import get_keys_to_not_convert
 
     from memplan import recipe
+    from memplan.stack import installed_major
 
     _bnb_warmup()
     _STORAGE_DTYPES.update(uint8=torch.uint8, bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)
     qconfig = recipe.bnb_config(train)
     keep = get_keys_to_not_convert(hf)
-    originals = {name: m for name, m in hf.named_modules() if type(m) is torch.nn.Linear}
+    # which modules replace_with_bnb_linear converts: 5.x only `type(m) is nn.Linear`, 4.x any nn.Linear instance
+    # (subclasses such as Falcon's FalconLinear included; integrations/bitsandbytes.py _replace_with_bnb_linear)
+    if installed_major() == 4:
+        originals = {name: m for name, m in hf.named_modules() if isinstance(m, torch.nn.Linear)}
+    else:
+        originals = {name: m for name, m in hf.named_modules() if type(m) is torch.nn.Linear}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         hf = replace_with_bnb_linear(hf, modules_to_not_convert=keep, quantization_config=qconfig)

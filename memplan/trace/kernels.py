@@ -212,13 +212,94 @@ def _make_grouped_mm():
     return grouped_mm
 
 
+# transformers 4.x sparse-MoE blocks (a Python loop over nn.Linear experts), by module and class name.
+_TF4_MOE_BLOCKS = (("mixtral", "MixtralSparseMoeBlock"), ("qwen2_moe", "Qwen2MoeSparseMoeBlock"),
+                   ("qwen3_moe", "Qwen3MoeSparseMoeBlock"))
+
+
+def _balanced_moe_forward(original):
+    """transformers 4.57.6's sparse-MoE forward (MixtralSparseMoeBlock.forward and the Qwen MoE copies), op for op,
+    with its data-dependent routing made data-free on meta.
+
+    The original loops over `expert_mask.sum(...).nonzero()` and indexes the expert ModuleList with a tensor,
+    then gathers each expert's tokens with `torch.where(expert_mask[e])`: all three need values, which meta tensors
+    do not have. On meta every expert is hit and gets an equal share of the b*s*top_k token-slots (balanced
+    routing, as the estimate assumes; the memory of each slot does not depend on which expert serves it). With
+    real tensors the original runs unchanged."""
+    import torch
+    import torch.nn.functional as F
+
+    def forward(self, hidden_states):
+        if not _is_meta(hidden_states):
+            return original(self, hidden_states)
+        batch_size, sequence_length, hidden_dim = hidden_states.shape
+        hidden_states = hidden_states.view(-1, hidden_dim)
+        router_logits = self.gate(hidden_states)
+        routing_weights = F.softmax(router_logits, dim=1, dtype=torch.float)
+        routing_weights, selected_experts = torch.topk(routing_weights, self.top_k, dim=-1)
+        if getattr(self, "norm_topk_prob", True):  # Mixtral always normalizes
+            routing_weights /= routing_weights.sum(dim=-1, keepdim=True)
+        routing_weights = routing_weights.to(hidden_states.dtype)
+        final_hidden_states = torch.zeros((batch_size * sequence_length, hidden_dim), dtype=hidden_states.dtype,
+                                          device=hidden_states.device)
+        num_experts = len(self.experts)
+        expert_mask = F.one_hot(selected_experts, num_classes=num_experts).permute(2, 1, 0)
+        slots = batch_size * sequence_length * self.top_k
+        for expert_idx in range(num_experts):
+            n = slots // num_experts + (1 if expert_idx < slots % num_experts else 0)
+            idx = torch.empty(n, dtype=torch.long, device=hidden_states.device)  # torch.where's two outputs
+            top_x = torch.empty(n, dtype=torch.long, device=hidden_states.device)
+            current_state = hidden_states[None, top_x].reshape(-1, hidden_dim)
+            current_hidden_states = self.experts[expert_idx](current_state) * routing_weights[top_x, idx, None]
+            final_hidden_states.index_add_(0, top_x, current_hidden_states.to(hidden_states.dtype))
+        del expert_mask
+        if getattr(self, "shared_expert", None) is not None:  # Qwen2-MoE
+            shared = self.shared_expert(hidden_states)
+            shared = F.sigmoid(self.shared_expert_gate(hidden_states)) * shared
+            final_hidden_states = final_hidden_states + shared
+        final_hidden_states = final_hidden_states.reshape(batch_size, sequence_length, hidden_dim)
+        return final_hidden_states, router_logits
+
+    return forward
+
+
+def _meta_as_cpu_autocast(autocast):
+    """torch.autocast that treats device_type "meta" as "cpu" (only ever used with enabled=False there)."""
+
+    class MetaAsCpu(autocast):
+        def __init__(self, device_type, *args, **kwargs):
+            super().__init__("cpu" if device_type == "meta" else device_type, *args, **kwargs)
+
+    return MetaAsCpu
+
+
+def _tf4_moe_classes() -> list:
+    import importlib
+
+    out = []
+    for module, name in _TF4_MOE_BLOCKS:
+        try:
+            cls = getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), name, None)
+        except ImportError:  # pragma: no cover
+            cls = None
+        if cls is not None and hasattr(cls, "forward") and "experts" in cls.__init__.__code__.co_names:
+            out.append(cls)
+    return out
+
+
 @contextlib.contextmanager
 def patched(train: TrainSpec):
     import torch
     import torch.nn.functional as F
     import transformers.masking_utils as mu
 
+    from memplan.stack import installed_major
+
+    tf4 = installed_major() == 4
     saved = (F.scaled_dot_product_attention, F.dropout, mu.find_packed_sequence_indices)
+    moe_classes = _tf4_moe_classes() if tf4 else []
+    moe_forwards = [cls.forward for cls in moe_classes]
+    saved_autocast = torch.autocast
     try:
         import transformers.integrations.moe as moe
     except ImportError:  # pragma: no cover
@@ -231,10 +312,18 @@ def patched(train: TrainSpec):
         if train.attention == "sdpa":
             fused = F.scaled_dot_product_attention = _make_fused_attention()
         F.dropout = _native_dropout(saved[1])
-        mu.find_packed_sequence_indices = lambda *a, **k: None
+        if not tf4:  # 5.x calls .all() on it (data-dependent); 4.x returns the tensor as is and runs on meta
+            mu.find_packed_sequence_indices = lambda *a, **k: None
+        for cls, original in zip(moe_classes, moe_forwards):
+            cls.forward = _balanced_moe_forward(original)
+        if tf4:  # 4.x rotary embeddings open torch.autocast(device_type=x.device.type): "meta" is no autocast device
+            torch.autocast = _meta_as_cpu_autocast(saved_autocast)
         yield fused
     finally:
         F.scaled_dot_product_attention, F.dropout, mu.find_packed_sequence_indices = saved
+        for cls, original in zip(moe_classes, moe_forwards):
+            cls.forward = original
+        torch.autocast = saved_autocast
         if saved_gmm is not None:
             moe._grouped_mm = saved_gmm
         del torch

@@ -98,6 +98,7 @@ def print_result(result, console=None) -> None:
     cfg = result.config
     title = (f"{result.model} — traced on {'real CPU tensors' if result.real else 'meta tensors'} "
              f"({result.wall_s:.1f} s): peak {result.peak_bytes / GIB:.3f} GiB in {result.peak_phase}")
+    console.print(f"[dim]{result.stack_line}[/]", highlight=False)
     t = Table(title=title, title_justify="left")
     t.add_column("component at the peak")
     t.add_column("GiB", justify="right")
@@ -128,4 +129,5 @@ def print_result(result, console=None) -> None:
     for note in result.notes:
         console.print(f"note: {note}")
     console.print("Tensor bytes only: the CUDA context, cuBLAS workspace and allocator rounding are not seen by a "
-                  "meta trace (docs/trace.md).", style="dim")
+                  "meta trace (docs/trace.md); --allocator replays the caching allocator (docs/allocator.md).",
+                  style="dim")

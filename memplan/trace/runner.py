@@ -26,7 +26,13 @@ What the trace changes so that the step models a CUDA GPU and runs on meta (each
   dequantization, the dequantized weight in the compute dtype, then F.linear (backends/cuda/ops.py,
   _dequant_linear_fallback).
 - transformers.masking_utils.find_packed_sequence_indices (data-dependent) returns None: the batch is one
-  unpadded, unpacked sequence per row, as the GPU run would conclude from position_ids = arange.
+  unpadded, unpacked sequence per row, as the GPU run would conclude from position_ids = arange. Under
+  transformers 4 it is left alone: 4.57 always returns a tensor (no .item()), so the causal mask is built, as on
+  a GPU under 4.57.
+- transformers 4 (the installed major, memplan/stack.py): its sparse-MoE loop over nn.Linear experts needs
+  routing values, so on meta it runs with balanced routing (kernels._balanced_moe_forward); 4.x rotary
+  embeddings open torch.autocast on the tensor's device type, run as the CPU's on meta. The trace refuses a
+  --transformers that is not the installed major.
 - MoE: transformers 5 routes with its default "grouped_mm" experts: its memory depends only on
   tokens × top-k, not on which experts are hit. On meta the router's top-k indices are whatever the meta kernel
   says (no values), so routing is data-free; with real tensors the routing is the random model's, and the bytes
@@ -45,6 +51,8 @@ from dataclasses import dataclass, field
 
 from memplan.errors import MemplanError
 from memplan.spec import ModelSpec, TrainSpec
+from memplan.stack import check_runs_installed, stack
+from memplan.stack import describe as describe_stack
 from memplan.trace.attribution import Attribution, finish_phase, register_model
 from memplan.trace.build import build_model
 from memplan.trace.kernels import attention_notes, gemm_4bit_cuda_semantics, meta_params4bit_deepcopy, patched
@@ -70,6 +78,12 @@ class TraceResult:
     wall_s: float = 0.0
     steps: int = 2
     phase_components: dict = field(default_factory=dict)
+    stack: dict = field(default_factory=lambda: stack(0))  # the installed versions the trace ran
+    allocations: list | None = field(repr=False, default=None)  # the allocation stream (record_allocations=True)
+
+    @property
+    def stack_line(self) -> str:
+        return "stack: " + describe_stack(self.stack)
 
     def to_dict(self, timeline_csv: str | None = None) -> dict:
         return {
@@ -86,11 +100,13 @@ class TraceResult:
             "notes": list(self.notes),
             "device": "cpu" if self.real else "meta",
             "wall_s": round(self.wall_s, 3),
+            "stack": {**self.stack, "source": dict(self.stack.get("source", {}))},
         }
 
 
 def run_trace(model: ModelSpec, train: TrainSpec, *, real: bool = False, steps: int = 2,
-              budget_bytes: int | None = None, keep_timeline: bool = True) -> TraceResult:
+              budget_bytes: int | None = None, keep_timeline: bool = True,
+              record_allocations: bool = False) -> TraceResult:
     """Trace `steps` training steps of `model` with `train`; see the module docstring."""
     import torch
 
@@ -98,6 +114,7 @@ def run_trace(model: ModelSpec, train: TrainSpec, *, real: bool = False, steps: 
 
     if steps < 1:
         raise MemplanError("steps must be at least 1")
+    check_runs_installed(train.transformers, "the trace")
     t0 = time.perf_counter()
     notes: list[str] = []
     if train.optimizer.startswith("paged"):
@@ -128,7 +145,8 @@ def run_trace(model: ModelSpec, train: TrainSpec, *, real: bool = False, steps: 
     else:
         input_ids = torch.empty((train.batch_size, train.seq_len), dtype=torch.long, device=device)
 
-    tracker = LiveBytesTracker(budget_bytes=budget_bytes, keep_timeline=keep_timeline)
+    tracker = LiveBytesTracker(budget_bytes=budget_bytes, keep_timeline=keep_timeline,
+                               record_allocations=record_allocations)
     register_model(tracker, peft_model)
     tracker.register(input_ids, "activations", "input_ids")
     tracker.phase_peaks["load"] = tracker.current
@@ -175,7 +193,7 @@ def run_trace(model: ModelSpec, train: TrainSpec, *, real: bool = False, steps: 
         model=model.name, params_total=total, params_trainable=trainable, config=train.to_dict(),
         components={c: components.get(c, 0) for c in CATEGORIES}, peak_bytes=tracker.peak,
         peak_phase=tracker.peak_phase, phases=phases, top_tensors=top,
-        timeline=list(tracker.timeline), notes=notes, real=real, steps=steps,
+        timeline=list(tracker.timeline), notes=notes, real=real, steps=steps, allocations=tracker.allocations,
     )
     tracker.stop()
     del optimizer, peft_model, hf, params, tracker, attribution

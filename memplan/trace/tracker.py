@@ -16,6 +16,10 @@ Shared by the meta trace (memplan/trace/) and the real CPU profiler (memplan/pro
         .by_category(records=None) -> dict   bytes per category (of the peak records by default)
         .budget_bytes: int | None            simulate an out-of-memory: an allocation that would take .current
                                              above it raises TrackerOutOfMemory
+        .allocations: list | None            with record_allocations=True, the allocation stream in the order the
+                                             step made it: (1, handle, nbytes, 0, phase, module) for an allocation,
+                                             (0, handle, 0, 0, phase, "") for its release (memplan/allocator/replay.py
+                                             replays it through the caching-allocator model)
         .module: str                         who is allocating now (set by the caller's module hooks; "" if none)
         .default_category: str               category for new storages that nobody labels ("temporaries")
     StorageRecord                            nbytes, category, module, phase, shape, dtype, event
@@ -81,6 +85,7 @@ class StorageRecord:
     dtype: str
     event: int
     static: bool = False  # registered before/outside the step (parameters, quant states)
+    handle: int = 0  # names this storage's allocation in .allocations
 
     def to_dict(self) -> dict:
         return {"bytes": self.nbytes, "category": self.category, "module": self.module, "phase": self.phase,
@@ -92,8 +97,11 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 class LiveBytesTracker(TorchDispatchMode):
-    def __init__(self, budget_bytes: int | None = None, *, keep_timeline: bool = True):
+    def __init__(self, budget_bytes: int | None = None, *, keep_timeline: bool = True,
+                 record_allocations: bool = False):
         super().__init__()
+        self.allocations: list | None = [] if record_allocations else None
+        self._handles = 0
         self.budget_bytes = budget_bytes
         self.keep_timeline = keep_timeline
         self.phase = "load"
@@ -191,6 +199,12 @@ class LiveBytesTracker(TorchDispatchMode):
         if rec is not None:
             if rec.nbytes != nbytes:  # resized in place (out= arguments, resize_)
                 self._check_budget(nbytes - rec.nbytes)
+                if self.allocations is not None:  # CUDA resize_: a new block, copy, free the old one
+                    old = rec.handle
+                    self._handles += 1
+                    rec.handle = self._handles
+                    self.allocations.append((1, rec.handle, nbytes, 0, self.phase, rec.module))
+                    self.allocations.append((0, old, 0, 0, self.phase, ""))
                 self._change(nbytes - rec.nbytes)
                 rec.nbytes = nbytes
             return
@@ -211,6 +225,10 @@ class LiveBytesTracker(TorchDispatchMode):
             self._static_version += 1
         self._finalizers[key] = fin = weakref.finalize(storage, self._release, key)
         fin.atexit = False
+        if self.allocations is not None:
+            self._handles += 1
+            rec.handle = self._handles
+            self.allocations.append((1, rec.handle, rec.nbytes, 0, self.phase, rec.module))
         self._change(rec.nbytes)
 
     def _release(self, key: int) -> None:
@@ -223,6 +241,8 @@ class LiveBytesTracker(TorchDispatchMode):
             if rec is None:
                 return
             self._static_version += 1
+        if self.allocations is not None:
+            self.allocations.append((0, rec.handle, 0, 0, self.phase, ""))
         self._change(-rec.nbytes)
 
     def _change(self, delta: int) -> None:
