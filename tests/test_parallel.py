@@ -172,3 +172,49 @@ def test_sweep_writes_per_rank_columns(tmp_path):
     assert [r["strategy"] for r in rows] == ["none", "fsdp", "fsdp", "fsdp"]
     peaks = [int(r["peak_bytes"]) for r in rows]
     assert peaks[0] > peaks[1] > peaks[2] > peaks[3]
+
+
+# ----------------------------------------------------------------- the rank trace on a fake process group
+
+TINY_LLAMA = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000,
+              "max_position_embeddings": 512, "tie_word_embeddings": False}
+TINY_MIXTRAL = {"model_type": "mixtral", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 500, "num_local_experts": 4,
+                "num_experts_per_tok": 2}
+
+
+@pytest.mark.parametrize("cfg, train", [
+    (TINY_LLAMA, TrainSpec(seq_len=64, gpus=2)),
+    (TINY_LLAMA, TrainSpec(seq_len=64, gpus=4, parallel="ddp", optimizer="sgd")),
+    (TINY_MIXTRAL, TrainSpec(seq_len=32, gpus=4)),
+    (TINY_MIXTRAL, TrainSpec(seq_len=32, gpus=8, bits=16, method="full", parallel="fsdp-grad-op")),
+], ids=["llama-qlora-fsdp2", "llama-ddp4", "mixtral-qlora-fsdp4", "mixtral-full-gradop8"])
+def test_rank_trace_meta_equals_real_cpu(cfg, train):
+    """The meta rank trace (any size) counts exactly what the same rank's step allocates on real CPU tensors."""
+    pytest.importorskip("torch")
+    pytest.importorskip("bitsandbytes")
+    import logging
+
+    logging.disable(logging.WARNING)
+    from memplan.architectures import from_hf_config
+    from memplan.trace.distributed import run_rank_trace
+
+    model = from_hf_config(cfg, "tiny", "test")
+    real = run_rank_trace(model, train, real=True)
+    meta = run_rank_trace(model, train, real=False)
+    assert meta.phases == real.phases
+    assert meta.components == real.components
+    single = run_rank_trace(model, train.with_(gpus=1, parallel="auto", offload="none"), real=False)
+    if train.strategy == "ddp":  # DDP's buckets: a second copy of every trainable gradient
+        assert meta.components["comm_buffers"] == single.components["lora"]
+    else:  # sharded: the rank's parameters shrink
+        assert meta.phases["load"] < single.phases["load"]
+
+
+def test_untraceable_strategies_say_why():
+    from memplan.trace.distributed import traceable
+
+    assert "DeepSpeed" in traceable(TrainSpec(gpus=2, parallel="zero3"))
+    assert "FSDP1" in traceable(TrainSpec(gpus=2, fsdp_version=1))
+    assert traceable(TrainSpec(gpus=2)) is None
