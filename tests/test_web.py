@@ -59,7 +59,11 @@ def random_settings(rng: random.Random) -> dict:
     """A value for every training flag, drawn from what the form offers (choices, or plausible numbers)."""
     out = {}
     for f in api.form_fields():
-        if f["choices"]:
+        if f["key"] in ("parallel", "offload", "fsdp-version", "quant-storage"):
+            out[f["key"]] = str(f["default"])  # multi-GPU strategy flags: most random mixes are refused (spec.py)
+        elif f["key"] == "gpus":
+            out[f["key"]] = rng.choice(["1", "1", "2", "4", "8"])
+        elif f["choices"]:
             out[f["key"]] = rng.choice(f["choices"])
         elif f["key"] == "seq-len":
             out[f["key"]] = str(rng.choice([128, 512, 1000, 2048, 4096, 8192, 32768]))
