@@ -68,6 +68,13 @@ FLAGS = [
     ("--loss", "loss", _str, "standard (b·s·V logits) | liger (Liger fused linear cross-entropy; 'fused' is an "
      "alias) | cce (Cut Cross-Entropy)"),
     ("--liger", "liger", _bool, "Liger Kernel's RMSNorm / SwiGLU / RoPE kernels: on | off"),
+    ("--gpus", "gpus", _int, "data-parallel ranks (GPUs); memory is per rank"),
+    ("--parallel", "parallel", _str, "auto (none on 1 GPU, fsdp on more) | ddp | fsdp (FULL_SHARD) | fsdp-grad-op "
+                                     "(SHARD_GRAD_OP) | zero1 | zero2 | zero3 (DeepSpeed)"),
+    ("--fsdp-version", "fsdp_version", _int, "torch FSDP 1 (FlatParameter) | 2 (fully_shard, per-parameter shards)"),
+    ("--offload", "offload", _str, "none | optimizer (ZeRO-Offload) | params (FSDP CPUOffload, ZeRO-3 offload_param)"),
+    ("--quant-storage", "quant_storage", _str, "bnb_4bit_quant_storage: auto (uint8; the compute dtype when FSDP or "
+                                               "ZeRO-3 shards 4-bit weights) | uint8 | bf16 | fp16 | fp32"),
     ("--transformers", "transformers", _int, "transformers major version whose behaviour to model: 4 | 5 (MoE experts "
      "are quantized nn.Linear under 4); trace and profile run the installed one"),
 ]

@@ -291,14 +291,18 @@ COSTS = {
     "no-upcast": ("unquantized weights (embeddings, norms, MoE experts), activations and logits stay 16-bit "
                   "instead of fp32: less numerically stable",
                   "PEFT prepare_model_for_kbit_training; not quantified"),
+    "shard-gpus": ("more GPUs, and bytes on the interconnect each step (below); no change to the training",
+                   "torch FSDP2 fully_shard / DeepSpeed ZeRO-3 (Rajbhandari et al. 2020, §7: 1.5x DDP's traffic)"),
+    "offload": ("host RAM (below) and step time: optimizer steps / weights cross PCIe every step",
+                "Ren et al. 2021, ZeRO-Offload; torch FSDP CPUOffload"),
     "micro-batch": ("throughput only: same effective batch and gradients, smaller kernels, more steps",
                     "gradient accumulation is the mean over the same examples"),
     "shorter-context": ("data: longer sequences are truncated or split, losing long-range training signal",
                         "not quantified"),
 }
 TIERS = ["sdpa", "flash-attention-2", "fused-loss", "checkpointing", "optimizer-8bit", "offload-checkpoints",
-         "paged-optimizer", "offload-all", "lora-instead-of-full", "weights-8bit",
-         "weights-4bit", "lora-rank", "micro-batch", "lora-targets", "lora-dropout", "no-upcast", "shorter-context"]
+         "paged-optimizer", "offload-all", "lora-instead-of-full", "weights-8bit", "weights-4bit", "shard-gpus",
+         "offload", "lora-rank", "micro-batch", "lora-targets", "lora-dropout", "no-upcast", "shorter-context"]
 
 _SMALLER_TARGETS = {"all-linear": ["attn", "qv"], "attn": ["qv"]}
 _OPT_8BIT = {"adamw": "adamw-8bit", "paged-adamw": "paged-adamw-8bit"}
@@ -343,7 +347,64 @@ def _variants(key: str, spec: TrainSpec, gpu: str = "") -> list[tuple[str, dict]
         return [("LoRA dropout 0", {"lora_dropout": 0.0})]
     if key == "no-upcast" and spec.upcast_applies:
         return [("no fp32 upcast (--upcast off)", {"upcast": False})]
+    if key in ("shard-gpus", "offload"):
+        return [(label, change) for label, change in
+                (_shard_variants(spec) if key == "shard-gpus" else _offload_variants(spec)) if _valid(spec, change)]
     return []
+
+
+def _valid(spec: TrainSpec, change: dict) -> bool:
+    try:
+        spec.with_(**change)
+    except MemplanError:
+        return False
+    return True
+
+
+SHARD_COUNTS = (2, 4, 8)
+
+
+def _shard_variants(spec: TrainSpec) -> list[tuple[str, dict]]:
+    """Shard over more GPUs of the same kind: FSDP2 FULL_SHARD, then DeepSpeed ZeRO-3, fewest GPUs first."""
+    from memplan.spec import SHARDED_WEIGHTS
+
+    if spec.bits == 8 or spec.offload != "none":
+        return []  # LLM.int8 weights cannot be sharded (spec.py)
+    out = []
+    for n in SHARD_COUNTS:
+        if n <= spec.gpus and spec.strategy in SHARDED_WEIGHTS:
+            continue
+        for strategy, name in (("fsdp", "FSDP2 FULL_SHARD"), ("zero3", "DeepSpeed ZeRO-3")):
+            out.append((f"shard over {max(n, spec.gpus)} GPUs ({name})",
+                        {"gpus": max(n, spec.gpus), "parallel": strategy, "quant_storage": "auto"}))
+    return out
+
+
+def _offload_variants(spec: TrainSpec) -> list[tuple[str, dict]]:
+    """CPU offload on the GPUs already in use: ZeRO-Offload of the optimizer, then parameters too."""
+    if spec.bits == 8 or spec.offload == "params":
+        return []
+    s = spec.strategy
+    out = []
+    if spec.offload == "none" and s in ("none", "ddp", "zero1", "zero2", "zero3"):
+        z = "zero2" if s in ("none", "ddp", "zero1") else s
+        out.append(("offload optimizer states to CPU (DeepSpeed ZeRO-Offload)", {"parallel": z, "offload": "optimizer"}))
+    if s in ("fsdp", "fsdp-grad-op", "zero3") or s == "none":
+        p = "zero3" if s in ("none", "zero3") else s
+        out.append(("offload parameters and optimizer to CPU (ZeRO-3 offload_param / FSDP CPUOffload)",
+                    {"parallel": p, "offload": "params", "quant_storage": "auto"}))
+    return out
+
+
+def parallel_cost(est) -> str:
+    """What a multi-GPU or offload change costs, from the estimate: bytes on the wire per step, host RAM."""
+    p = est.parallel
+    if not p:
+        return ""
+    out = [f"{p['gpus']} GPU(s), {p['comm_bytes_per_step'] / GIB:,.2f} GiB sent per GPU per step (ring collectives)"]
+    if est.host_bytes:
+        out.append(f"{est.host_bytes / GIB:,.2f} GiB host RAM per node")
+    return "; ".join(out)
 
 
 def _searched(s: Searcher, key: str, spec: TrainSpec) -> tuple[str, dict, dict] | None:
@@ -403,7 +464,10 @@ def options(s: Searcher, spec: TrainSpec) -> list[Option]:
                 paged = s.est(new).paging or {}
                 device = paged.get("floor_device_total_bytes", device)
                 fits = device <= s.usable and s.host_fits(new)
-            out.append(Option(key, label, change, device, fits, _link_cost(s, key, new, cost), source, tier))
+            cost = _link_cost(s, key, new, cost)
+            if key in ("shard-gpus", "offload"):
+                cost = f"{cost}: {parallel_cost(s.est(new))}"
+            out.append(Option(key, label, change, device, fits, cost, source, tier))
     return out
 
 

@@ -46,7 +46,7 @@ ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "qkv_pr
 QV_MODULES = {"q_proj", "v_proj"}
 FUSED_QKV = ("qkv_proj", "query_key_value")
 
-_TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+_TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "uint8": "uint8"}
 
 
 def torch_dtype(train: TrainSpec):
@@ -67,6 +67,7 @@ def bnb_config(train: TrainSpec):
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=train.quant_type, bnb_4bit_use_double_quant=train.double_quant,
         bnb_4bit_compute_dtype=getattr(torch, _TORCH_DTYPES[train.compute_dtype]),
+        bnb_4bit_quant_storage=getattr(torch, _TORCH_DTYPES.get(getattr(train, "storage", "uint8"), "uint8")),
     )
 
 

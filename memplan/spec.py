@@ -140,6 +140,15 @@ ATTENTION_ALIASES = {"fa2": "flash_attention_2", "flash-attention-2": "flash_att
 ACTIVATION_OFFLOADS = ("off", "all", "checkpoints")
 LOSSES = ("standard", "liger", "cce")
 LOSS_ALIASES = {"fused": "liger"}  # the issue's --loss fused: Liger's fused linear cross-entropy
+# Multi-GPU data parallelism (#13). "auto": no parallelism on one GPU, fsdp (FULL_SHARD) on more.
+PARALLELS = ("auto", "none", "ddp", "fsdp", "fsdp-grad-op", "zero1", "zero2", "zero3")
+SHARDED_WEIGHTS = ("fsdp", "fsdp-grad-op", "zero3")  # strategies that shard the (frozen) weights
+FSDP_VERSIONS = (1, 2)
+OFFLOADS = ("none", "optimizer", "params")
+# bitsandbytes' bnb_4bit_quant_storage: the dtype the packed 4-bit bytes are stored as ("auto": uint8, the
+# bitsandbytes default, unless FSDP / ZeRO-3 shards the 4-bit weights: then the compute dtype, as PEFT's
+# FSDP-QLoRA and DeepSpeed-QLoRA guides set it).
+QUANT_STORAGES = ("auto", "uint8", "bf16", "fp16", "fp32")
 
 
 @dataclass(frozen=True)
@@ -172,6 +181,11 @@ class TrainSpec:
     activation_offload: str = "off"
     loss: str = "standard"  # standard (logits + cross_entropy) | liger | cce: fused linear cross-entropy (losses.py)
     liger: bool = False  # Liger Kernel's RMSNorm / SwiGLU / RoPE (apply_liger_kernel_to_*); liger.py
+    gpus: int = 1  # data-parallel ranks (GPUs); memory is reported per rank
+    parallel: str = "auto"  # see PARALLELS
+    fsdp_version: int = 2  # torch FSDP1 (FlatParameter) or FSDP2 (fully_shard, per-parameter DTensor shards)
+    offload: str = "none"  # FSDP CPUOffload / ZeRO-Offload: what lives in host RAM instead of on the GPU
+    quant_storage: str = "auto"  # see QUANT_STORAGES
     # The transformers major whose code path the result describes (memplan/stack.py): 0 at construction means
     # the installed one (package metadata, cached), so a built TrainSpec always holds 4 or 5.
     transformers: int = 0
@@ -211,6 +225,7 @@ class TrainSpec:
             raise MemplanError(f"lora-dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.method == "full" and self.bits in (4, 8):
             raise MemplanError("full fine-tuning needs 16- or 32-bit weights (bitsandbytes 4/8-bit weights are frozen)")
+        _check_parallel(self)
         if isinstance(self.lora_targets, str) and self.lora_targets not in LORA_TARGET_SETS:
             object.__setattr__(self, "lora_targets", tuple(t for t in self.lora_targets.split("+") if t))
         if isinstance(self.lora_targets, (list, tuple)):
@@ -226,6 +241,20 @@ class TrainSpec:
     def upcast_applies(self) -> bool:
         return self.upcast and self.quantized
 
+    @property
+    def strategy(self) -> str:
+        """The parallelism that runs: "none" on one GPU unless another was asked for, fsdp for N > 1 by default."""
+        if self.parallel == "auto":
+            return "none" if self.gpus == 1 else "fsdp"
+        return self.parallel
+
+    @property
+    def storage(self) -> str:
+        """The bnb_4bit_quant_storage dtype that runs (see QUANT_STORAGES)."""
+        if self.quant_storage != "auto":
+            return self.quant_storage
+        return self.compute_dtype if self.bits == 4 and self.strategy in SHARDED_WEIGHTS else "uint8"
+
     def to_dict(self) -> dict:
         d = {name: getattr(self, name) for name in TRAIN_FIELDS}  # asdict() deep-copies: 10x slower
         d["lora_targets"] = self.lora_targets if isinstance(self.lora_targets, str) else list(self.lora_targets)
@@ -237,6 +266,51 @@ class TrainSpec:
 
 
 TRAIN_FIELDS = tuple(f.name for f in fields(TrainSpec))
+
+
+def _check_parallel(t: TrainSpec) -> None:
+    """Multi-GPU combinations that the libraries refuse, or that mean nothing, as one-line errors."""
+    _check_choice("parallel", t.parallel, PARALLELS)
+    _check_choice("fsdp-version", t.fsdp_version, FSDP_VERSIONS)
+    _check_choice("offload", t.offload, OFFLOADS)
+    _check_choice("quant-storage", t.quant_storage, QUANT_STORAGES)
+    if isinstance(t.gpus, bool) or not isinstance(t.gpus, int) or t.gpus <= 0:
+        raise MemplanError(f"gpus must be a positive integer, got {t.gpus!r}")
+    s = t.strategy
+    if s == "none" and t.gpus > 1:
+        raise MemplanError(f"--gpus {t.gpus} needs a strategy: --parallel ddp|fsdp|fsdp-grad-op|zero1|zero2|zero3")
+    if t.gpus == 1 and (s == "ddp" or (s in ("zero1", "zero2", "fsdp-grad-op") and t.offload == "none")):
+        raise MemplanError(f"--parallel {s} on one GPU shards nothing (use --gpus N > 1, or --parallel fsdp / zero3, "
+                           "or an --offload)")
+    if t.offload != "none":
+        if s == "none":
+            raise MemplanError("--offload needs --parallel fsdp or zero1/zero2/zero3 (FSDP CPUOffload, ZeRO-Offload)")
+        if t.offload == "optimizer" and s in ("ddp", "fsdp", "fsdp-grad-op"):
+            raise MemplanError(f"--offload optimizer is ZeRO-Offload (zero1/zero2/zero3); {s} offloads parameters, "
+                               "gradients and optimizer together (torch CPUOffload(offload_params=True)): "
+                               "use --offload params" if s != "ddp" else
+                               "--offload optimizer needs --parallel zero1|zero2|zero3 (DDP offloads nothing)")
+        if t.offload == "params" and s in ("ddp", "zero1", "zero2"):
+            raise MemplanError(f"--offload params needs sharded parameters (--parallel fsdp, fsdp-grad-op or zero3); "
+                               f"{s} keeps a full copy on every GPU")
+    if s in ("fsdp", "fsdp-grad-op") and t.fsdp_version == 2 and t.optimizer not in ("adamw", "sgd", "adafactor"):
+        raise MemplanError(f"--optimizer {t.optimizer} with FSDP2: bitsandbytes' optimizer kernels have no DTensor "
+                           "sharding strategy (bitsandbytes.optimizer_update_32bit fails on fully_shard's "
+                           "parameters); use adamw, --fsdp-version 1, or zero2 / zero3")
+    if s in SHARDED_WEIGHTS and t.bits == 8:
+        raise MemplanError(f"--parallel {s} cannot shard LLM.int8 weights: bitsandbytes keeps their scales (SCB, CB) "
+                           "on the Int8Params object, which sharding replaces with flat shards; accelerate and PEFT "
+                           "shard only 4-bit weights (bnb_4bit_quant_storage). Use --bits 4, or ddp / zero1 / zero2")
+    if s in SHARDED_WEIGHTS and t.bits == 4 and t.quant_storage == "uint8":
+        if s == "zero3":
+            raise MemplanError("--parallel zero3 with --quant-storage uint8: DeepSpeed ZeRO-3 partitions only "
+                               "floating-point weights; set bnb_4bit_quant_storage to the compute dtype "
+                               "(--quant-storage bf16, PEFT's DeepSpeed-QLoRA guide)")
+        if t.fsdp_version == 1:
+            raise MemplanError("FSDP1 with --quant-storage uint8: FSDP flattens each unit into one FlatParameter "
+                               "of a single floating dtype, which packed uint8 4-bit weights cannot join; set "
+                               "bnb_4bit_quant_storage to the compute dtype (--quant-storage bf16, PEFT's "
+                               "FSDP-QLoRA guide)")
 
 
 def _check_choice(flag: str, value, choices) -> None:

@@ -56,14 +56,16 @@ def cli_json(capsys, argv):
 
 
 TOOLBOX = ("activation-offload", "loss", "liger")
+MULTI_GPU = ("gpus", "parallel", "offload", "fsdp-version", "quant-storage")  # random mixes are mostly refused
 
 
 def random_settings(rng: random.Random) -> dict:
     """A value for every training flag, drawn from what the form offers (choices, or plausible numbers)."""
     out = {}
     for f in api.form_fields():
-        if f["key"] in TOOLBOX:  # #11's flags stay at their default (no draw: the seeded sample is unchanged); the
-            out[f["key"]] = f["default"]  # estimate-vs-trace sampler (validate --random) covers them
+        if f["key"] in TOOLBOX or f["key"] in MULTI_GPU:  # #11's and #13's flags stay at their default (no draw:
+            # the seeded sample is unchanged); validate --random and tests/test_parallel.py cover them
+            out[f["key"]] = str(f["default"]) if f["key"] in MULTI_GPU else f["default"]
         elif f["choices"]:
             out[f["key"]] = rng.choice(f["choices"])
         elif f["key"] == "seq-len":

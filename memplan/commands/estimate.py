@@ -113,6 +113,8 @@ def describe(cfg: dict) -> str:
         head = f"LoRA on LLM.int8 {cfg['compute_dtype']}"
     else:
         head = f"LoRA on {cfg['bits']}-bit"
+    if cfg.get("gpus", 1) > 1 or cfg.get("parallel", "auto") not in ("auto", "none"):
+        head = f"{cfg['gpus']}× GPU {cfg['parallel']} · " + head
     if cfg["method"] == "lora":
         targets = cfg["lora_targets"] if isinstance(cfg["lora_targets"], str) else "+".join(cfg["lora_targets"])
         head += f" · r={cfg['lora_r']} {targets}{' DoRA' if cfg['dora'] else ''}"
@@ -145,6 +147,14 @@ def print_one(console, model, est, gpu) -> None:
     console.print(f"[bold]{model.name}[/] · {est.params_total / 1e9:.2f} B params, "
                   f"{est.params_trainable / 1e6:,.1f} M trainable")
     console.print(f"[dim]{describe(est.config)}[/]")
+    if est.parallel:
+        p = est.parallel
+        console.print(f"[bold]per GPU[/], rank 0 of {p['gpus']} · {p['strategy']}"
+                      f"{' (FSDP' + str(p['fsdp_version']) + ')' if p['strategy'].startswith('fsdp') else ''}"
+                      f"{' · offload ' + p['offload'] if p['offload'] != 'none' else ''} · 4-bit storage "
+                      f"{p['quant_storage']} · every rank holds the same bytes · sends "
+                      f"{p['comm_bytes_per_step'] / GIB:,.2f} GiB per step"
+                      + (f" · host RAM {est.host_bytes / GIB:,.2f} GiB per node" if est.host_bytes else ""))
     console.print(f"[dim]{stack_line(est.config)}[/]", highlight=False)
     table = Table(title=f"memory at the peak ({est.peak_phase} phase) · GiB = 2^30 bytes", title_justify="left")
     table.add_column("component")
@@ -180,12 +190,17 @@ def print_one(console, model, est, gpu) -> None:
                           " · `memplan gpus` lists all")
     h = est.host
     if h:
-        parts = [f"loading {_gib(h['load_transient_bytes'])} (one tensor at a time from mmapped safetensors)"]
+        ranks = h.get("gpus_per_node", 1)
+        each = f", each of {ranks} ranks" if ranks > 1 else ""
+        parts = [f"loading {_gib(h['load_transient_bytes'])} (one tensor at a time from mmapped safetensors{each})"]
+        if h.get("offloaded_state_bytes"):
+            parts.append(f"offloaded {est.parallel.get('offload')} state {_gib(h['offloaded_state_bytes'])}")
         if h["offloaded_activations_bytes"]:
             parts.append(f"offloaded activations {_gib(h['offloaded_activations_bytes'])} pinned")
         if h["paged_optimizer_bytes"]:
             parts.append(f"paged optimizer states {_gib(h['paged_optimizer_bytes'])} once evicted")
-        console.print(f"host RAM (GiB): peak {_gib(h['peak_bytes'])} · " + " · ".join(parts)
+        node = " per node" if ranks > 1 else ""
+        console.print(f"host RAM (GiB){node}: peak {_gib(h['peak_bytes'])} · " + " · ".join(parts)
                       + " [dim](estimate/host.py; the runtime's own RAM not counted)[/]")
         moved = h["pcie_to_host_bytes_per_step"] + h["pcie_to_device_bytes_per_step"]
         if moved:

@@ -20,6 +20,9 @@ def register(sub) -> None:
                    "local cache (optional with --from FILE: the model the config names)")
     add_budget_flags(p, gpu_required=False)
     add_train_flags(p)
+    p.add_argument("--max-gpus", type=int, default=8, metavar="N",
+                   help="also plan multi-GPU runs: for each GPU type the smallest count of 1, 2, 4, 8 (up to N) and "
+                        "strategy (FSDP2, ZeRO-3, then CPU offload) that fits (default 8; 1 turns it off)")
     p.add_argument("--json", action="store_true", help="print JSON")
     from memplan.integrations.dataset import add_flags
 
@@ -46,6 +49,49 @@ def verdicts(model, spec, margin: str | None = None, overheads=None) -> dict:
     return {"rows": rows}
 
 
+COUNTS = (1, 2, 4, 8)
+# (parallel, offload), tried in this order at each count: sharding first, offload only when no count fits.
+SHARDED = (("fsdp", "none"), ("zero3", "none"))
+OFFLOADED = (("zero3", "optimizer"), ("fsdp", "params"), ("zero3", "params"))
+
+
+def multi_gpu_plan(model, spec, max_gpus: int, margin: str | None = None, overheads=None) -> list[dict]:
+    """Per catalog GPU: the smallest GPU count (and the strategy) whose per-rank device total fits within the
+    margin. The estimates do not depend on the GPU, so each (count, strategy) is estimated once."""
+    from memplan.catalog import gpu_list
+    from memplan.errors import MemplanError
+    from memplan.estimate import estimate
+    from memplan.plan import DEFAULT_MARGIN, parse_margin
+
+    if max_gpus < 1:
+        raise MemplanError(f"--max-gpus must be at least 1, got {max_gpus}")
+    counts = [c for c in COUNTS if c <= max_gpus]
+    candidates = []  # (count, parallel, offload, estimate), cheapest first
+    for pass_ in (SHARDED, OFFLOADED):
+        for n in counts:
+            options = [("none", "none")] if n == 1 and pass_ is SHARDED else []
+            options += [] if (n == 1 and pass_ is SHARDED and spec.gpus == 1) else list(pass_)
+            for par, off in options:
+                try:
+                    t = spec.with_(gpus=n, parallel=par if (n > 1 or par != "none") else "auto", offload=off,
+                                   quant_storage="auto")
+                except MemplanError:
+                    continue
+                candidates.append((n, par, off, estimate(model, t, overheads)))
+    rows = []
+    for gpu in gpu_list():
+        m = parse_margin(margin if margin is not None else DEFAULT_MARGIN, gpu.memory_bytes)
+        hit = next((c for c in candidates if c[3].device_total_bytes <= gpu.memory_bytes - m), None)
+        row = {"gpu": gpu.name, "memory_bytes": gpu.memory_bytes, "gpus": None, "parallel": None, "offload": None,
+               "device_total_bytes": None, "comm_bytes_per_step": None, "host_bytes": None}
+        if hit:
+            n, par, off, e = hit
+            row.update(gpus=n, parallel=par, offload=off, device_total_bytes=e.device_total_bytes,
+                       comm_bytes_per_step=e.parallel.get("comm_bytes_per_step", 0), host_bytes=e.host_bytes)
+        rows.append(row)
+    return rows
+
+
 def _device_total(model, spec, overheads=None) -> int:
     from memplan.estimate import estimate
 
@@ -67,11 +113,12 @@ def run(args) -> int:
     data, spec = from_args(args, model, spec, None, overheads)  # with --dataset: the dataset's peak step
     est = estimate(model, spec, overheads)
     rows = verdicts(model, spec, args.margin, overheads)["rows"]
+    plan = multi_gpu_plan(model, spec, args.max_gpus, args.margin, overheads) if args.max_gpus > 1 else []
     if args.json:
         json.dump({"model": model.name, "config": est.config, "device_total_bytes": est.device_total_bytes,
                    "overhead_source": est.overhead_source,
                    "peak_bytes": est.peak_bytes, "units": "bytes", "stack": est.to_dict()["stack"], "gpus": rows,
-                   **({"dataset": data.to_dict()} if data else {})}, sys.stdout, indent=2)
+                   "multi_gpu": plan, **({"dataset": data.to_dict()} if data else {})}, sys.stdout, indent=2)
         print()
         return 0
     from rich.console import Console
@@ -96,9 +143,32 @@ def run(args) -> int:
                       f"[{color}]{r['headroom_bytes'] / GIB:+,.2f}[/]", f"[{color}]{r['verdict']}[/]",
                       f"{r['max_seq_len']:,}" if r["max_seq_len"] else "—")
     console.print(table)
+    if plan:
+        _print_plan(console, plan, args.max_gpus)
     console.print(f"[dim]device overheads: {est.overhead_source}[/]")
     if data is not None:
         from memplan.integrations.dataset import print_plan
 
         print_plan(data)
     return 0
+
+
+def _print_plan(console, plan, max_gpus) -> None:
+    from rich.table import Table
+
+    table = Table(title_justify="left", title=f"smallest number of each GPU that fits (1, 2, 4, 8 up to {max_gpus}; "
+                  "per-GPU device total; sharding before CPU offload)")
+    for c, j in (("GPU", "left"), ("GPUs", "right"), ("strategy", "left"), ("per-GPU total GiB", "right"),
+                 ("sent / GPU / step GiB", "right"), ("host RAM GiB", "right")):
+        table.add_column(c, justify=j)
+    for r in sorted(plan, key=lambda r: (r["gpus"] or 99, r["memory_bytes"])):
+        if r["gpus"] is None:
+            table.add_row(r["gpu"], f"> {max_gpus}", "[red]none fits[/]", "—", "—", "—")
+            continue
+        strat = {"none": "single GPU"}.get(r["parallel"], r["parallel"])
+        if r["offload"] != "none":
+            strat += f" + offload {r['offload']}"
+        table.add_row(r["gpu"], str(r["gpus"]), strat, f"{r['device_total_bytes'] / GIB:,.2f}",
+                      f"{r['comm_bytes_per_step'] / GIB:,.2f}" if r["gpus"] > 1 else "—",
+                      f"{r['host_bytes'] / GIB:,.2f}" if r["host_bytes"] else "—")
+    console.print(table)

@@ -139,6 +139,10 @@ def build_configs(args) -> list:
 
     for train in specs:  # a profile measures the installed stack (its versions are recorded in the profile)
         check_runs_installed(train.transformers, "profile")
+        if getattr(train, "strategy", "none") != "none":
+            raise MemplanError("multi-GPU profiles (--gpus / --parallel: one process per GPU under accelerate "
+                               "launch) are not built yet; `memplan trace MODEL --gpus N` gives one rank's exact "
+                               "tensor bytes, `memplan estimate` its device total")
     varying = varying_fields(specs)
     configs = []
     for ref in refs:

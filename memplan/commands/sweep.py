@@ -20,8 +20,9 @@ def register(sub) -> None:
     p.add_argument("--kind", choices=("auto", "lines", "bars"), default="auto",
                    help="lines: device total vs sequence length per bit width, GPU capacities as horizontal lines; "
                         "bars: stacked components per configuration; auto: lines when seq-len takes 3+ values")
-    p.add_argument("--gpus", default=DEFAULT_GPUS, metavar="G,G",
-                   help=f"GPU capacities drawn on the lines plot (default: {DEFAULT_GPUS}; 'none' for none)")
+    p.add_argument("--plot-gpus", default=DEFAULT_GPUS, metavar="G,G",
+                   help=f"GPU capacities drawn on the lines plot (default: {DEFAULT_GPUS}; 'none' for none). "
+                        "--gpus is the training flag: GPUs (ranks) per run; rows are then per rank")
     p.add_argument("--title", help="figure title")
     p.set_defaults(func=run)
 
@@ -49,7 +50,8 @@ def run(args) -> int:
     if args.plot:
         output_path(args.plot, "--plot")
     specs = grid_from_args(args)
-    gpus = [] if args.gpus.strip().lower() == "none" else [resolve_gpu(g) for g in args.gpus.split(",") if g.strip()]
+    gpus = ([] if args.plot_gpus.strip().lower() == "none" else
+            [resolve_gpu(g) for g in args.plot_gpus.split(",") if g.strip()])
     results = sweep(args, specs)
     rows = [row(est) for _, _, est in results]
     write_csv(args.out, rows)

@@ -103,7 +103,12 @@ def run(args) -> int:
 
     payload = []
     for i, spec in enumerate(specs):
-        result = run_trace(model, spec, real=args.real, record_allocations=args.allocator)
+        if spec.strategy != "none":  # rank 0 of a data-parallel job, on a fake process group
+            from memplan.trace.distributed import run_rank_trace
+
+            result = run_rank_trace(model, spec, real=args.real, keep_timeline=bool(args.timeline or args.plot))
+        else:
+            result = run_trace(model, spec, real=args.real, record_allocations=args.allocator)
         csv_path = write_timeline_csv(result, _suffixed(args.timeline, i, len(specs))) if args.timeline else None
         if args.plot:
             plot_timeline(result, _suffixed(args.plot, i, len(specs)))

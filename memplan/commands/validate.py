@@ -22,7 +22,13 @@ from pathlib import Path
 GRID = {"seq_len": (512, 2048, 8192), "gradient_checkpointing": (True, False), "bits": (4, 16), "lora_r": (16, 64)}
 CACHE = Path("reports/.trace_cache")
 COMPONENTS = ("weights_quantized", "quant_state", "weights_unquantized", "lora", "gradients", "optimizer_states",
-              "activations", "logits_loss", "temporaries")
+              "activations", "logits_loss", "temporaries", "comm_buffers")
+# Multi-GPU rows (--multi-gpu K): a seeded random sample over these, each traced as rank 0 on a fake process
+# group (memplan.trace.distributed). ZeRO and FSDP1 are not traced (see that module).
+MULTI_GPU_GRID = {"gpus": (2, 4, 8), "parallel": ("ddp", "fsdp", "fsdp-grad-op"), "bits": (4, 16),
+                  "seq_len": (512, 2048, 8192), "gradient_checkpointing": (True, False), "lora_r": (16, 64),
+                  "quant_storage": ("auto", "uint8"), "optimizer": ("adamw", "sgd"), "method": ("lora", "full")}
+MULTI_GPU_MODELS = ("llama-3.2-1b", "llama-2-7b", "mistral-7b", "qwen2.5-7b", "mixtral-8x7b", "llama-2-70b")
 
 
 def register(sub) -> None:
@@ -40,10 +46,15 @@ def register(sub) -> None:
     p.add_argument("--random", type=int, metavar="N", help="with --against trace: instead of the grid, a seeded random "
                    "sample of N traced configurations over every training flag and the catalog's model types "
                    "(memplan/validation/sample.py); writes reports/estimate_vs_trace_random.csv and .png")
-    p.add_argument("--seed", type=int, default=0, help="with --random: the sample's seed (default 0)")
     p.add_argument("--layers", type=int, metavar="K", help="with --random: cap every model's decoder at K layers "
                    "(the same architecture, shallower; estimate and trace both see it): a trace costs time in "
                    "proportion to the layers (default: full depth)")
+    p.add_argument("--multi-gpu", type=int, metavar="K", help="instead of the grid: K configurations drawn at random "
+                   "(--seed) over GPUs 2/4/8 x ddp/fsdp/fsdp-grad-op x bits x seq x checkpointing x rank x "
+                   "quant storage x optimizer x method, each traced as rank 0 on a fake process group; "
+                   "writes reports/estimate_vs_trace_multi_gpu.csv")
+    p.add_argument("--seed", type=int, default=0, help="the seed of --random's or --multi-gpu's sample (default "
+                   "0; the committed reports say theirs)")
     p.add_argument("--jobs", type=int, default=1, help="parallel trace processes (default 1)")
     p.add_argument("--csv", help="output CSV path (default: reports/estimate_vs_trace.csv; with --against profiles "
                    "reports/validation.csv)")
@@ -82,9 +93,13 @@ def _trace_one(job):
     from memplan.trace import run_trace
 
     try:
-        # one steady-state step after a warm optimizer step: the peaks of two steps at half the cost
-        result = run_trace(resolve_model(model_name), train, keep_timeline=False, steps=1,
-                           warm_optimizer=True).to_dict()
+        if train.strategy != "none":  # one rank on a fake process group (trace/distributed.py)
+            from memplan.trace.distributed import run_rank_trace
+
+            result = run_rank_trace(resolve_model(model_name), train).to_dict()
+        else:  # one steady-state step after a warm optimizer step: the peaks of two steps at half the cost
+            result = run_trace(resolve_model(model_name), train, keep_timeline=False, steps=1,
+                               warm_optimizer=True).to_dict()
     except Exception as e:  # noqa: BLE001 - one failing configuration must not stop the grid
         return {"model": model_name, "config": train.to_dict(), "error": f"{e.__class__.__name__}: {e}"}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,6 +121,7 @@ def compare(est: dict, tr: dict) -> dict:
     cfg = tr["config"]
     row = {"model": tr["model"], "seq_len": cfg["seq_len"], "checkpointing": cfg["gradient_checkpointing"],
            "bits": cfg["bits"], "lora_r": cfg["lora_r"], "attention": cfg["attention"],
+           **{k: cfg[k] for k in ("gpus", "parallel", "quant_storage", "optimizer", "method") if k in cfg},
            "trace_peak_bytes": tr["peak_bytes"], "estimate_peak_bytes": est["peak_bytes"],
            "peak_error": (est["peak_bytes"] - tr["peak_bytes"]) / tr["peak_bytes"],
            "trace_peak_phase": tr["peak_phase"], "estimate_peak_phase": est["peak_phase"]}
@@ -152,7 +168,21 @@ def run(args) -> int:
     ranks = _parse(args.r, int, GRID["lora_r"])
     ckpts = _parse(args.checkpointing, bool, GRID["gradient_checkpointing"])
     jobs = []
-    for name in names:
+    if args.multi_gpu:
+        import random
+
+        rng = random.Random(args.seed)
+        pool = [m.strip() for m in args.models.split(",")] if args.models else list(MULTI_GPU_MODELS)
+        args.csv = args.csv if args.csv != "reports/estimate_vs_trace.csv" else "reports/estimate_vs_trace_multi_gpu.csv"
+        while len(jobs) < args.multi_gpu:
+            pick = {k: rng.choice(v) for k, v in MULTI_GPU_GRID.items()}
+            name = resolve_model(rng.choice(pool)).name
+            try:
+                train = TrainSpec(**pick)
+            except MemplanError:
+                continue  # a combination the libraries refuse (spec.py)
+            jobs.append((name, train.to_dict(), args.cache, not args.no_cache))
+    for name in ([] if args.multi_gpu else names):
         for s in seqs:
             for c in ckpts:
                 for b in bits:
@@ -197,8 +227,10 @@ def run(args) -> int:
     if errs:
         worst = max(rows, key=lambda r: abs(r["peak_error"]))
         med = statistics.median(errs)
-        out.print(f"{len(rows)} configurations: |peak error| median {med:.2%}, worst {abs(worst['peak_error']):.2%} "
-                  f"({worst['model']} seq {worst['seq_len']} bits {worst['bits']} r {worst['lora_r']} "
+        where = f" {worst.get('parallel')} x{worst.get('gpus')}" if args.multi_gpu else ""
+        seed = f" (seed {args.seed})" if args.multi_gpu else ""
+        out.print(f"{len(rows)} configurations{seed}: |peak error| median {med:.2%}, worst {abs(worst['peak_error']):.2%} "
+                  f"({worst['model']}{where} seq {worst['seq_len']} bits {worst['bits']} r {worst['lora_r']} "
                   f"ckpt {'on' if worst['checkpointing'] else 'off'}); bar: every row <= 3%, median <= 1%: "
                   f"{'PASS' if med <= 0.01 and max(errs) <= 0.03 else 'FAIL'}")
         out.print(f"wrote {args.csv}")

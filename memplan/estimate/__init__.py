@@ -22,13 +22,14 @@ from memplan.estimate import activations as act_mod
 from memplan.estimate import host as host_mod
 from memplan.estimate import lora, optimizer, weights
 from memplan.estimate.logits import fused_loss, loss_backward, loss_forward
+from memplan.errors import MemplanError
 from memplan.estimate.overhead import Overheads, default_overheads, replay_overheads
 from memplan.spec import ModelSpec, TrainSpec
 from memplan.stack import stack
 
 PHASES = ("load", "forward", "backward", "optimizer")
 COMPONENTS = ("weights_quantized", "quant_state", "weights_unquantized", "lora", "gradients", "optimizer_states",
-              "activations", "logits_loss", "temporaries")
+              "activations", "logits_loss", "temporaries", "comm_buffers")
 
 # Short provenance for each component; the module named holds the formula and its full citation.
 SOURCES = {
@@ -41,6 +42,7 @@ SOURCES = {
     "activations": "saved for backward, op by op (activations.py)",
     "logits_loss": "b·s·V logits, fp32 loss and gradient (logits.py)",
     "temporaries": "dequantized weight, grad working set (coefficients.json)",
+    "comm_buffers": "unsharded params in flight, reduce-scatter input, DDP buckets (parallel.py)",
 }
 
 
@@ -61,10 +63,16 @@ class Estimate:
     notes: list[str] = field(default_factory=list)
     host: dict = field(default_factory=dict)  # host RAM plan and host-link bytes (host.py)
     paging: dict | None = None  # paged optimizers: the device floor with the states evicted (host.py)
+    # Multi-GPU (#13): every figure above is per rank; these say what the ranks share.
+    host_bytes: int = 0  # host RAM per node for offloaded state (FSDP CPUOffload, ZeRO-Offload)
+    parallel: dict = field(default_factory=dict)  # gpus, strategy, comm_bytes_per_step, ... ({} on one GPU)
     stack: dict = field(default_factory=dict)  # the library versions the figures describe (memplan/stack.py)
 
     def to_dict(self) -> dict:
         return {
+            "per_rank": bool(self.parallel),
+            "parallel": dict(self.parallel),
+            "host_bytes": self.host_bytes,
             "model": self.model,
             "params": {"total": self.params_total, "trainable": self.params_trainable},
             "config": self.config,
@@ -99,14 +107,28 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
     tr = lora.trainable(model, train)
     states = optimizer.states(model, train, tr["params"], tr["bytes"])
     grads = tr["bytes"]
+    lora_bytes = 0 if train.method == "full" else tr["bytes"]  # full: the weights are the trainables
+    comm = dict.fromkeys(("load", "forward_loss", "forward_layer", "backward_loss", "backward_layer", "optimizer"), 0)
+    rank = None
+    act_train = train
+    if train.strategy != "none":  # one rank of a data-parallel job (parallel.py)
+        from memplan.estimate import parallel
+
+        if model.derived:
+            raise MemplanError(f"{model.name} is a derived architecture (fitted to single-GPU meta traces): its "
+                               f"per-rank estimate is not modelled; `memplan trace {model.name} --gpus "
+                               f"{train.gpus}` traces rank 0 exactly")
+        rank = parallel.rank_view(model, train, w, tr, states)
+        w, states, grads, lora_bytes, comm = rank.weights, rank.states, rank.gradients, rank.lora, rank.comm
+        act_train = rank.activation_train or train
     if model.derived:  # no hand-written activation formulas: terms fitted to meta traces (derived.py)
         from memplan.estimate import derived
 
         chosen, extra = derived.phase_components(model, train)
         return _finish(model, train, overheads, tr, chosen, extra)
-    a = act_mod.activations(model, train)
+    a = act_mod.activations(model, act_train)
 
-    static = {**w, "lora": 0 if train.method == "full" else tr["bytes"]}  # full: the weights are the trainables
+    static = {**w, "lora": lora_bytes}
     steady = _candidate(static, optimizer_states=states)
     stored = sum(a.stored_per_layer) + a.fixed
     # DoRA with dropout saves each adapted weight (absolute bytes per layer; see activations.dora_saved)
@@ -114,17 +136,19 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
     dora_all, dora_but_last = (sum(dora), sum(dora[:-1])) if dora else (0, 0)
 
     if train.loss == "standard":
-        loss_fwd, loss_bwd = T * loss_forward(model, train), T * loss_backward(model, train)
+        loss_fwd, loss_bwd = T * loss_forward(model, act_train), T * loss_backward(model, act_train)
     else:
-        loss_fwd, loss_bwd = fused_loss(model, train, T)
-    fwd_loss = _candidate(steady, activations=T * stored + dora_all, logits_loss=loss_fwd)
+        loss_fwd, loss_bwd = fused_loss(model, act_train, T)
+    fwd_loss = _candidate(steady, activations=T * stored + dora_all, logits_loss=loss_fwd,
+                          comm_buffers=comm["forward_loss"])
     fwd_layer = _candidate(steady, activations=T * (stored - a.stored_per_layer[-1]) + dora_but_last,
-                           temporaries=T * a.fwd_transient + a.dequant_bytes)
-    bwd_loss = _candidate(steady, activations=T * stored + dora_all, logits_loss=loss_bwd)
+                           temporaries=T * a.fwd_transient + a.dequant_bytes, comm_buffers=comm["forward_layer"])
+    bwd_loss = _candidate(steady, activations=T * stored + dora_all, logits_loss=loss_bwd,
+                          comm_buffers=comm["backward_loss"])
     forward = [fwd_loss, fwd_layer]
     if a.dora_bytes:
         forward.append(_candidate(steady, activations=T * (stored - a.stored_per_layer[-1]) + dora_but_last,
-                                  temporaries=a.dora_bytes))
+                                  temporaries=a.dora_bytes, comm_buffers=comm["forward_layer"]))
 
     def layer_bwd(idx: int, done_grads: int) -> dict[str, int]:
         kept = T * (sum(a.stored_per_layer[: idx + 1]) + a.fixed - a.final_norm)
@@ -133,45 +157,64 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
         recompute = T * recompute + (a.dora_saved[idx] if train.gradient_checkpointing and a.dora_saved else 0)
         work = max(a.bwd_work_mlp, a.bwd_work_attn - (a.layer_saved[idx] - a.layer_saved_attn[idx]))
         start = _candidate(steady, gradients=done_grads, activations=kept + recompute,
-                           temporaries=T * work + a.dequant_bytes)
+                           temporaries=T * work + a.dequant_bytes, comm_buffers=comm["backward_layer"])
         if train.gradient_checkpointing and a.dora_bytes:  # the recompute runs DoRA's forward again
             start = max(start, _candidate(steady, gradients=done_grads, activations=kept + recompute,
-                                          temporaries=a.dora_bytes), key=lambda c: sum(c.values()))
+                                          temporaries=a.dora_bytes, comm_buffers=comm["backward_layer"]),
+                        key=lambda c: sum(c.values()))
         if not a.mlp_mul_work[idx]:
             return start
         mul = _candidate(steady, gradients=done_grads, activations=kept + recompute - T * a.mlp_mul_freed[idx],
-                         temporaries=T * a.mlp_mul_work[idx])
+                         temporaries=T * a.mlp_mul_work[idx], comm_buffers=comm["backward_layer"])
         return max(start, mul, key=lambda c: sum(c.values()))
 
     bwd_last = layer_bwd(len(a.stored_per_layer) - 1, 0)
     bwd_first = layer_bwd(0, grads)
-    opt_step = _candidate(steady, gradients=grads, temporaries=optimizer.step_temporaries(train, tr["bytes"]))
-    load = _candidate(static, temporaries=weights.load_transient(model, train))
+    opt_step = _candidate(steady, gradients=grads, temporaries=optimizer.step_temporaries(train, grads),
+                          comm_buffers=comm["optimizer"])
+    # multi-GPU: the load phase is the rank's shards after wrapping (how each launcher loads differs)
+    load = _candidate(static, temporaries=0 if rank else weights.load_transient(model, train),
+                      comm_buffers=comm["load"])
 
     candidates = {"load": [load], "forward": forward, "backward": [bwd_loss, bwd_last, bwd_first],
                   "optimizer": [opt_step]}
     chosen = {p: max(cs, key=lambda c: sum(c.values())) for p, cs in candidates.items()}
-    return _finish(model, train, overheads, tr, chosen, [], host_mod.host_plan(model, train, a, states, T), states)
+    host = host_mod.host_plan(model, act_train, a, states, T)
+    return _finish(model, train, overheads, tr, chosen, [], host, states, rank, act_train)
 
 
 def _finish(model, train, overheads, tr, chosen: dict, extra_notes: list, host: dict | None = None,
-            states: int = 0) -> Estimate:
+            states: int = 0, rank=None, act_train: TrainSpec | None = None) -> Estimate:
     """The Estimate of the chosen candidate per phase: the peak is the largest phase."""
     phase_components = {p: {k: c.get(k, 0) for k in COMPONENTS} for p, c in chosen.items()}
     phases = {p: sum(c.values()) for p, c in phase_components.items()}
     peak_phase = max(PHASES, key=lambda p: phases[p])
     peak = phases[peak_phase]
     device = overheads.device_bytes(peak)
-    paged = host_mod.paging(train, phase_components, states, tr["params"], _largest_trainable(model, train))
+    per_param = optimizer.states(model, train, tr["params"], tr["bytes"]) / max(tr["params"], 1)
+    paged = host_mod.paging(train, phase_components, states, per_param, _largest_trainable(model, train))
     if paged:
         paged["floor_device_total_bytes"] = paged["floor_bytes"] + sum(overheads.device_bytes(paged["floor_bytes"])
                                                                        .values())
+    par = {}
+    if rank is not None:
+        from memplan.estimate.parallel import nccl_bytes
+
+        if train.gpus > 1:
+            device["nccl_buffers"] = nccl_bytes()
+        extra_notes = extra_notes + rank.notes
+        par = {"gpus": train.gpus, "strategy": train.strategy, "fsdp_version": train.fsdp_version,
+               "offload": train.offload, "quant_storage": train.storage,
+               "comm_bytes_per_step": rank.comm_bytes_per_step, "host_bytes_per_node": rank.host_bytes,
+               "ranks": "every rank holds the same bytes (shards padded to equal size)"}
+        if host is not None:  # one node: each rank's offloaded activations and paged states, and the offloaded state
+            host = host_mod.per_node(host, train.gpus, rank.host_bytes)
     return Estimate(
         model=model.name, params_total=model.total_params, params_trainable=tr["params"], config=train.to_dict(),
         components=phase_components[peak_phase], phases=phases, phase_components=phase_components, peak_bytes=peak,
         peak_phase=peak_phase, device_overheads=device, device_total_bytes=peak + sum(device.values()),
-        overhead_source=overheads.source, notes=notes(model, train) + extra_notes, host=host or {}, paging=paged,
-        stack=stack(train.transformers),
+        overhead_source=overheads.source, notes=notes(model, act_train or train) + extra_notes, host=host or {},
+        paging=paged, stack=stack(train.transformers), host_bytes=rank.host_bytes if rank else 0, parallel=par,
     )
 
 

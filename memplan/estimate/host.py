@@ -67,12 +67,24 @@ def host_plan(model: ModelSpec, train: TrainSpec, a: Activations, states: int, t
     }
 
 
-def paging(train: TrainSpec, phase_components: dict, states: int, trainable_params: int,
+def per_node(host: dict, gpus: int, offloaded_state: int) -> dict:
+    """The host plan of one node running every rank (#13): each rank's process loads, offloads activations and
+    pages its own states, and the node also holds the ranks' offloaded weights / optimizer states (parallel.py's
+    per-node figure). Loading is taken as rank by rank in parallel (every rank reads its largest tensor at once)."""
+    out = {k: v * gpus for k, v in host.items() if k.endswith("_bytes") or k.endswith("_per_step")}
+    out["offloaded_state_bytes"] = offloaded_state
+    training = out["offloaded_activations_bytes"] + out["paged_optimizer_bytes"] + offloaded_state
+    out["peak_bytes"] = max(out["load_transient_bytes"], training)
+    out["peak_phase"] = "load" if out["load_transient_bytes"] >= training else "training"
+    out["gpus_per_node"] = gpus
+    return out
+
+
+def paging(train: TrainSpec, phase_components: dict, states: int, per_param: float,
            largest_trainable: int) -> dict | None:
     """The device floor of a paged optimizer (module docstring), or None when the optimizer is not paged."""
     if not train.optimizer.startswith("paged") or not states:
         return None
-    per_param = states / max(trainable_params, 1)
     floor = 0
     for phase, comps in phase_components.items():
         total = sum(comps.values())

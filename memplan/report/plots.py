@@ -18,7 +18,7 @@ COMPONENT_LABELS = {
     "weights_quantized": "quantized weights", "quant_state": "quantization state",
     "weights_unquantized": "unquantized weights", "lora": "LoRA adapters", "gradients": "gradients",
     "optimizer_states": "optimizer states", "activations": "activations", "logits_loss": "logits + loss",
-    "temporaries": "temporaries",
+    "temporaries": "temporaries", "comm_buffers": "communication buffers",
 }
 
 
@@ -130,7 +130,7 @@ def stacked_components(rows: list[dict], path: str, title: str | None = None) ->
     cmap = plt.get_cmap("tab10")
     palette = [cmap(i) for i in (0, 1, 2, 3, 4, 5, 6, 8, 9)]  # tab10 without its gray (the overheads are gray)
     left = [0.0] * len(rows)
-    parts = [(c, COMPONENT_LABELS[c], [r[f"{c}_bytes"] / GIB for r in rows]) for c in COMPONENTS]
+    parts = [(c, COMPONENT_LABELS[c], [int(r.get(f"{c}_bytes") or 0) / GIB for r in rows]) for c in COMPONENTS]
     parts.append(("device", "device overheads", [(r["device_total_bytes"] - r["peak_bytes"]) / GIB for r in rows]))
     ys = list(range(len(rows)))[::-1]
     for i, (key, name, vals) in enumerate(parts):

@@ -10,6 +10,7 @@ from memplan.spec import ModelSpec, TrainSpec
 
 
 _BNB_READY = False
+_STORAGE_DTYPES: dict = {}  # quant_storage name -> torch dtype (filled where torch is imported)
 
 
 def _bnb_warmup():
@@ -112,6 +113,7 @@ def _quantize(hf, train: TrainSpec, *, real: bool) -> None:
     from memplan.stack import installed_major
 
     _bnb_warmup()
+    _STORAGE_DTYPES.update(uint8=torch.uint8, bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)
     qconfig = recipe.bnb_config(train)
     keep = get_keys_to_not_convert(hf)
     # which modules replace_with_bnb_linear converts: 5.x only `type(m) is nn.Linear`, 4.x any nn.Linear instance
@@ -130,12 +132,17 @@ def _quantize(hf, train: TrainSpec, *, real: bool) -> None:
             w = old.weight.data.to(dtype)
             bias = old.bias
             if isinstance(module, bnb.nn.Linear4bit):
+                # bnb_4bit_quant_storage: the same packed bytes, viewed as a float dtype so FSDP / ZeRO-3 can
+                # shard them; the module keeps the quant state, as bitsandbytes' FSDP path expects
+                # (fix_4bit_weight_quant_state_from_module restores it on the all-gathered weight).
+                storage = _STORAGE_DTYPES[getattr(train, "storage", "uint8")]
                 packed, qs = bf.quantize_4bit(w, blocksize=64, compress_statistics=train.double_quant,
-                                              quant_type=train.quant_type, quant_storage=torch.uint8)
+                                              quant_type=train.quant_type, quant_storage=storage)
                 module.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=qs, blocksize=64,
                                                   compress_statistics=train.double_quant,
-                                                  quant_type=train.quant_type, quant_storage=torch.uint8,
+                                                  quant_type=train.quant_type, quant_storage=storage,
                                                   module=module, bnb_quantized=True)
+                module.quant_state, module.quant_storage = qs, storage
             else:
                 cb, scb, _ = bf.int8_vectorwise_quant(w.to(torch.float16))
                 param = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False)

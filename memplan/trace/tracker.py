@@ -127,6 +127,7 @@ class LiveBytesTracker(TorchDispatchMode):
     # ---------------------------------------------------------------------------------------------- public
     def register(self, tensor: torch.Tensor, category: str, module: str = "") -> StorageRecord | None:
         """Count a tensor that existed before tracking began (or relabel it if it is already counted)."""
+        tensor = getattr(tensor, "_local_tensor", tensor)
         if not isinstance(tensor, torch.Tensor):
             return None
         storage = tensor.untyped_storage()
@@ -148,6 +149,7 @@ class LiveBytesTracker(TorchDispatchMode):
 
     def label(self, tensor: torch.Tensor, category: str) -> None:
         """Relabel the storage of a tracked tensor (no-op for an untracked one)."""
+        tensor = getattr(tensor, "_local_tensor", tensor)
         if not isinstance(tensor, torch.Tensor):
             return
         key = tensor.untyped_storage()._cdata
@@ -156,6 +158,7 @@ class LiveBytesTracker(TorchDispatchMode):
             rec.category = category
 
     def record_of(self, tensor: torch.Tensor) -> StorageRecord | None:
+        tensor = getattr(tensor, "_local_tensor", tensor)
         key = tensor.untyped_storage()._cdata
         return self._live.get(key) or self._static.get(key)
 
@@ -185,6 +188,7 @@ class LiveBytesTracker(TorchDispatchMode):
         return out
 
     def _record(self, tensor: torch.Tensor) -> None:
+        tensor = getattr(tensor, "_local_tensor", tensor)  # a DTensor (FSDP2 shard): this rank's local tensor
         try:
             storage = tensor.untyped_storage()
         except (RuntimeError, NotImplementedError):  # tensors without storage (sparse, nested)
