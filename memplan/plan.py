@@ -184,7 +184,10 @@ class Searcher:
         return self.device(spec) <= self.usable and self.host_fits(spec)
 
     def host_fits(self, spec: TrainSpec) -> bool:
-        return self.host is None or self.est(spec).host.get("peak_bytes", 0) <= self.host
+        return self.host is None or self.host_peak(spec) <= self.host
+
+    def host_peak(self, spec: TrainSpec) -> int:
+        return self.est(spec).host.get("peak_bytes", 0)
 
     def largest(self, spec: TrainSpec, name: str, lo: int, hi: int, step: int = 1) -> int | None:
         """The largest value v of field `name` in lo, lo+step, ..., hi (a multiple-of-step grid) such that the spec
@@ -522,11 +525,31 @@ def combination(s: Searcher, spec: TrainSpec) -> tuple[list[Step], TrainSpec]:
             new = cur.with_(**change)
             if s.device(new) >= s.device(cur):
                 continue  # e.g. 8-bit weights with the fp32 upcast at long context: more activation bytes
+            if not s.host_fits(new) and s.host_peak(new) > s.host_peak(cur):
+                continue  # e.g. sharding over a node's GPUs: each rank loads and offloads into the same host RAM
             cur = new
             ok = s.fits(cur)
             steps.append(Step(key, label, change, s.device(cur), ok))
             if ok:
                 return steps, cur
+    return _without_a_costly_step(s, spec, steps, cur)
+
+
+def _without_a_costly_step(s: Searcher, spec: TrainSpec, steps: list[Step], cur: TrainSpec):
+    """A greedy step can cost what a later one needed (sharding over a node's GPUs multiplies the host RAM that
+    loading takes): when the combination does not fit, undo one earlier change if that makes it fit."""
+    if s.fits(cur):
+        return steps, cur
+    for step in steps[:-1]:
+        fields = set(step.change)
+        back = cur.with_(**{k: getattr(spec, k) for k in fields})
+        if s.fits(back):
+            kept, replay = [], spec
+            for st in steps:
+                if not fields & set(st.change):
+                    replay = replay.with_(**st.change)
+                    kept.append(Step(st.key, st.label, st.change, s.device(replay), s.fits(replay)))
+            return kept, back
     return steps, cur
 
 
@@ -626,6 +649,10 @@ def _too_small(s: Searcher, model: ModelSpec, train: TrainSpec, final: TrainSpec
     floor = final.with_(seq_len=SEQ_STEP, batch_size=1)
     e = s.est(floor)
     w = sum(e.components[k] for k in ("weights_quantized", "quant_state", "weights_unquantized"))
+    if s.device(floor) <= s.usable and not s.host_fits(floor):
+        return (f"{model.name} fits {budget.label}'s memory only with changes whose host RAM exceeds --host-ram "
+                f"({s.host_peak(floor) / GIB:.2f} GiB needed, {s.host / GIB:.2f} GiB given; see estimate's host "
+                "RAM plan)")
     return (f"{model.name} cannot fit {budget.label} ({budget.usable_bytes / GIB:.2f} GiB usable after the "
             f"{budget.margin_bytes / GIB:.2f} GiB margin): even with every change ({final.bits}-bit weights, "
             f"{final.optimizer}, batch 1 × {SEQ_STEP} tokens) it needs {e.device_total_bytes / GIB:.2f} GiB, "

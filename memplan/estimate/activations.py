@@ -38,7 +38,7 @@ from memplan.estimate.experts import router as experts_router
 from memplan.estimate.lora import is_target
 from memplan.estimate.weights import unquantized_dtype_bytes
 from memplan.spec import DTYPES, LayerSpec, Linear, ModelSpec, TrainSpec
-from memplan.trace_free import LIGER_TYPES
+from memplan.library_facts import LIGER_TYPES
 
 
 @lru_cache(maxsize=None)

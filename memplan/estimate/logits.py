@@ -9,7 +9,7 @@ output at once. Per token, bytes; the copy counts are in coefficients.json.
 from __future__ import annotations
 
 from memplan.estimate.activations import Ctx, coefficients
-from memplan.trace_free import liger_chunk_size
+from memplan.library_facts import liger_chunk_size
 from memplan.spec import ModelSpec, TrainSpec
 
 

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from memplan.estimate.lora import targeted
-from memplan.spec import DTYPES, SHARDED_WEIGHTS, ModelSpec, TrainSpec
+from memplan.spec import DTYPES, ModelSpec, TrainSpec
 
 ZERO_REDUCE_BUCKET = 500_000_000  # elements: DeepSpeed reduce_bucket_size default
 ZERO3_PREFETCH = 50_000_000  # elements: stage3_prefetch_bucket_size default

@@ -47,6 +47,8 @@ def traceable(train: TrainSpec) -> str | None:
         return "CPU offload is not traced (host copies are outside the GPU's tensor bytes)"
     if s != "none" and train.bits == 8:
         return "8-bit weights under data parallelism are not traced"
+    if s == "ddp" and train.activation_offload == "all":
+        return "DDP with TRL's OffloadActivations is not traced (the reducer's hooks fire inside its context)"
     return None
 
 
@@ -282,8 +284,13 @@ def run_rank_trace(model: ModelSpec, train: TrainSpec, *, real: bool = False, st
     from memplan import recipe
     from memplan.trace.attribution import Attribution
     from memplan.trace.build import build_model
-    from memplan.trace.kernels import gemm_4bit_cuda_semantics, meta_params4bit_deepcopy, patched
+    from memplan.trace.kernels import (
+        gemm_4bit_cuda_semantics,
+        meta_params4bit_deepcopy,
+        patched,
+    )
     from memplan.trace.runner import TraceResult
+    from memplan.trace.toolbox import int8_mode, offload_notes, toolbox
     from memplan.trace.tracker import CATEGORIES, PHASES, LiveBytesTracker
 
     why = traceable(train)
@@ -294,12 +301,13 @@ def run_rank_trace(model: ModelSpec, train: TrainSpec, *, real: bool = False, st
              f"{'real CPU' if real else 'meta'} tensors"]
     strategy = train.strategy
     threads = torch.get_num_threads()
-    with fake_process_group(train.gpus), warnings.catch_warnings():
+    with fake_process_group(train.gpus), warnings.catch_warnings(), contextlib.ExitStack() as stack:
         warnings.simplefilter("ignore")
         with torch.no_grad():
             hf = build_model(model, train, real=real, notes=notes)
         with meta_params4bit_deepcopy(enabled=not real and train.dora and train.bits == 4):
             peft_model = recipe.apply_recipe(hf, model, train)
+        box = stack.enter_context(toolbox(train, peft_model, model.model_type, notes, real))
         tracker = LiveBytesTracker(keep_timeline=keep_timeline)
         if strategy in ("fsdp", "fsdp-grad-op"):
             _fully_shard(peft_model, train)
@@ -356,7 +364,7 @@ def run_rank_trace(model: ModelSpec, train: TrainSpec, *, real: bool = False, st
             marks[phase] = tracker.events
             attribution.start_phase(phase)
 
-        gemm = gemm_4bit_cuda_semantics() if train.bits == 4 else contextlib.nullcontext()
+        gemm = gemm_4bit_cuda_semantics() if train.bits == 4 else int8_mode(train)
         comm = contextlib.ExitStack()
         if strategy.startswith("fsdp"):
             comm.enter_context(_comm_labels(tracker))
@@ -365,7 +373,8 @@ def run_rank_trace(model: ModelSpec, train: TrainSpec, *, real: bool = False, st
         try:
             with patched(train), comm, tracker, gemm:
                 for _ in range(steps):
-                    recipe.train_step(wrapped, optimizer, input_ids, on_phase)
+                    recipe.train_step(wrapped, optimizer, input_ids, on_phase, box.step_context(), train,
+                                      box.fused_loss)
                     finish("optimizer")
         except MemplanError:
             raise
@@ -375,6 +384,7 @@ def run_rank_trace(model: ModelSpec, train: TrainSpec, *, real: bool = False, st
         finally:
             attribution.close()
             torch.set_num_threads(threads)
+        notes.extend(offload_notes(train, box, steps))
         records = tracker.peak_records()
         comps = tracker.by_category(records)
         top = [r.to_dict() for r in records[:15]]
@@ -383,7 +393,7 @@ def run_rank_trace(model: ModelSpec, train: TrainSpec, *, real: bool = False, st
             config=train.to_dict(), components={c: comps.get(c, 0) for c in (*CATEGORIES, "comm_buffers")},
             peak_bytes=tracker.peak, peak_phase=tracker.peak_phase,
             phases={p: tracker.phase_peaks.get(p, 0) for p in PHASES}, top_tensors=top,
-            timeline=list(tracker.timeline), notes=notes, real=real, steps=steps)
+            timeline=list(tracker.timeline), notes=notes, real=real, steps=steps, host=box.host(steps))
         tracker.stop()
         del optimizer, wrapped, peft_model, hf, params, tracker, attribution
     gc.collect()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from memplan.errors import MemplanError
 from memplan.trace.kernels import _is_meta, _untracked
-from memplan.trace_free import LIGER_TYPES
+from memplan.library_facts import LIGER_TYPES
 
 
 def _models():

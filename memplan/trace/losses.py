@@ -21,7 +21,7 @@ With real CPU tensors the loss value and gradients come from an untracked refere
 from __future__ import annotations
 
 from memplan.trace.kernels import _is_meta, _untracked
-from memplan.trace_free import liger_chunk_size
+from memplan.library_facts import liger_chunk_size
 
 
 def _reference(hidden, weight, labels, softcap):

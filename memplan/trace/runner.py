@@ -43,7 +43,6 @@ quantized), attribution.py (component and module of each tensor), tracker.py (li
 """
 from __future__ import annotations
 
-import contextlib
 import gc
 import time
 import warnings
@@ -55,17 +54,13 @@ from memplan.stack import check_runs_installed, stack
 from memplan.stack import describe as describe_stack
 from memplan.trace.attribution import Attribution, finish_phase, register_model
 from memplan.trace.build import build_model
-from memplan.trace.losses import make_cce, make_liger
-from memplan.trace.offload import HostLedger, OffloadActivationsModel, checkpoint_offload, offload_note
 from memplan.trace.kernels import (
-    INT8_OUTLIER_COLUMNS,
     attention_notes,
     gemm_4bit_cuda_semantics,
-    int8_outliers_mode,
-    meta_adafactor_scalars,
     meta_params4bit_deepcopy,
     patched,
 )
+from memplan.trace.toolbox import int8_mode, offload_notes, toolbox
 from memplan.trace.tracker import CATEGORIES, PHASES, LiveBytesTracker
 
 TOP_TENSORS = 15
@@ -150,12 +145,19 @@ def run_trace(model: ModelSpec, train: TrainSpec, *, real: bool = False, steps: 
     except Exception as e:
         raise MemplanError(f"cannot set up {model.name} for training ({e.__class__.__name__}: "
                            f"{str(e).splitlines()[0] if str(e) else ''})") from e
-    if train.liger:
-        from memplan.trace.liger import apply_liger_models
+    with toolbox(train, peft_model, model.model_type, notes, real) as box:
+        return _run(model, train, peft_model, hf, notes, box, real=real, steps=steps, budget_bytes=budget_bytes,
+                    keep_timeline=keep_timeline, record_allocations=record_allocations,
+                    warm_optimizer=warm_optimizer, t0=t0, torch_threads=torch_threads)
 
-        apply_liger_models(peft_model, model.model_type)
-        notes.append("--liger on: Liger's RMSNorm and SwiGLU/GeGLU are modelled from their source "
-                     "(memplan/trace/liger.py; Triton needs CUDA); RoPE (in place, same saved sizes) left as is")
+
+def _run(model, train, peft_model, hf, notes, box, *, real, steps, budget_bytes, keep_timeline, record_allocations,
+         warm_optimizer, t0, torch_threads) -> TraceResult:
+    """The traced steps of run_trace, inside the toolbox's contexts."""
+    import torch
+
+    from memplan import recipe
+
     params = recipe.trainable_parameters(peft_model)
     total = sum(p.numel() * (2 if p.__class__.__name__ == "Params4bit" else 1)
                 for n, p in _unique_named_params(peft_model) if "lora_" not in n and "modules_to_save" not in n)
@@ -184,21 +186,9 @@ def run_trace(model: ModelSpec, train: TrainSpec, *, real: bool = False, steps: 
         phase_marks[phase] = tracker.events
         attribution.start_phase(phase)
 
-    gemm_mode = gemm_4bit_cuda_semantics() if train.bits == 4 else (
-        int8_outliers_mode() if train.bits == 8 else contextlib.nullcontext())
-    if train.bits == 8 and not real:
-        notes.append(f"LLM.int8 outlier columns are data-dependent: the meta trace takes {INT8_OUTLIER_COLUMNS} per "
-                     "quantized input (Dettmers et al. 2022, §4: emergent outliers sit in ~6 hidden dimensions)")
-    adafactor = meta_adafactor_scalars() if train.optimizer == "adafactor" else contextlib.nullcontext()
-    ledger = HostLedger()
-    fused_loss = {"liger": make_liger, "cce": make_cce}[train.loss]() if train.loss != "standard" else None
-    if fused_loss:
-        notes.append(f"--loss {train.loss}: the fused linear cross-entropy's allocations are modelled from its "
-                     "source (memplan/trace/losses.py: Triton kernels need CUDA); no b·s·V logits")
-    offload_all = OffloadActivationsModel(peft_model, ledger) if train.activation_offload == "all" else None
-    offload_ckpt = checkpoint_offload(ledger) if train.activation_offload == "checkpoints" else contextlib.nullcontext()
+    gemm_mode = gemm_4bit_cuda_semantics() if train.bits == 4 else int8_mode(train)
     try:
-        with patched(train) as fused, warnings.catch_warnings(), offload_ckpt, adafactor:
+        with patched(train) as fused, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with tracker, gemm_mode:
                 if warm_optimizer:
@@ -206,8 +196,8 @@ def run_trace(model: ModelSpec, train: TrainSpec, *, real: bool = False, steps: 
                     recipe.warm_optimizer(optimizer, params)
                     finish_phase(tracker, "optimizer", phase_marks["optimizer"], peft_model, optimizer)
                 for _ in range(steps):
-                    recipe.train_step(peft_model, optimizer, input_ids, on_phase,
-                                      offload_all.step() if offload_all else None, train, fused_loss)
+                    recipe.train_step(peft_model, optimizer, input_ids, on_phase, box.step_context(), train,
+                                      box.fused_loss)
                     finish_phase(tracker, "optimizer", phase_marks["optimizer"], peft_model, optimizer)
         notes.extend(attention_notes(model, fused))
     except MemplanError:
@@ -222,10 +212,7 @@ def run_trace(model: ModelSpec, train: TrainSpec, *, real: bool = False, steps: 
     finally:
         attribution.close()
         torch.set_num_threads(torch_threads)
-        if offload_all:
-            offload_all.remove()
-    if train.activation_offload != "off":
-        notes.append(offload_note(train, ledger, steps))
+    notes.extend(offload_notes(train, box, steps))
 
     records = tracker.peak_records()
     components = tracker.by_category(records)
@@ -238,7 +225,7 @@ def run_trace(model: ModelSpec, train: TrainSpec, *, real: bool = False, steps: 
         components={c: components.get(c, 0) for c in CATEGORIES}, peak_bytes=tracker.peak,
         peak_phase=tracker.peak_phase, phases=phases, top_tensors=top,
         timeline=list(tracker.timeline), notes=notes, real=real, steps=steps, allocations=tracker.allocations,
-        host=ledger.per_step(steps) if train.activation_offload != "off" else {},
+        host=box.host(steps),
     )
     tracker.stop()
     del optimizer, peft_model, hf, params, tracker, attribution

@@ -1,4 +1,4 @@
-"""Small formulas shared by the estimate (torch-free) and the trace's kernel models."""
+"""Facts about the training libraries, shared by the torch-free estimate and the trace's kernel models."""
 from __future__ import annotations
 
 
