@@ -98,6 +98,18 @@ def _device(requested: str) -> str:
     return "cuda" if gpus else "cpu"
 
 
+def _visible_gpus(device: str) -> int | None:
+    """How many GPUs a CUDA run can use (NVML / nvidia-smi, then CUDA_VISIBLE_DEVICES); None on the CPU."""
+    if device != "cuda":
+        return None
+    from memplan.profile.env import detect_gpus
+
+    gpus, _, _ = detect_gpus()
+    listed = [e for e in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if e.strip()]
+    return min(len(gpus), len(listed)) if listed and os.environ.get("CUDA_VISIBLE_DEVICES") is not None \
+        else len(gpus)
+
+
 def build_configs(args) -> list:
     from memplan.catalog import resolve_model
     from memplan.profile.grid import Config
@@ -137,12 +149,14 @@ def build_configs(args) -> list:
         specs = [TrainSpec()]
     from memplan.stack import check_runs_installed
 
+    from memplan.profile.multi import why_not
+
+    visible = _visible_gpus(device) if any(t.strategy != "none" for t in specs) else None
     for train in specs:  # a profile measures the installed stack (its versions are recorded in the profile)
         check_runs_installed(train.transformers, "profile")
-        if getattr(train, "strategy", "none") != "none":
-            raise MemplanError("multi-GPU profiles (--gpus / --parallel: one process per GPU under accelerate "
-                               "launch) are not built yet; `memplan trace MODEL --gpus N` gives one rank's exact "
-                               "tensor bytes, `memplan estimate` its device total")
+        why = why_not(train, device, visible)  # --gpus N: one process per rank (memplan/profile/multi.py)
+        if why:
+            raise MemplanError(why)
     varying = varying_fields(specs)
     configs = []
     for ref in refs:

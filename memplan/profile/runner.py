@@ -109,8 +109,10 @@ def _quant_state_tensors(qs):
 class _Meter:
     """Phase boundaries: closes the previous phase's figures, opens the next."""
 
-    def __init__(self, device: str, phases: dict, tracker=None, sampler=None, nvml_baseline: int = 0):
+    def __init__(self, device: str, phases: dict, tracker=None, sampler=None, nvml_baseline: int = 0,
+                 report: bool = False):
         self.device = device
+        self.report = report  # a rank of a multi-GPU run: print each phase's figures for the launcher
         self.phases = phases
         self.tracker = tracker
         self.sampler = sampler
@@ -166,6 +168,10 @@ class _Meter:
                 self.sampler.sample()
                 if phase in self.sampler.peaks:
                     rec["rss_peak_bytes"] = self.sampler.peaks[phase]
+        if self.report:  # the launcher keeps these if the rank is killed before it writes its record
+            from memplan.profile.multi import RANK_EVENT
+
+            emit(RANK_EVENT, phase=phase, record=rec)
 
 
 def run_job(job: dict) -> dict:
@@ -226,6 +232,8 @@ def run_job(job: dict) -> dict:
             except Exception as e:  # noqa: BLE001 - a snapshot failing must not lose the measurement
                 meas["snapshot_note"] = f"snapshot failed: {e.__class__.__name__}: {e}"[:300]
         _summarize(profile, state)
+        if state.get("rank") is not None:
+            state["rank"].close()
         try:  # after the measurement: torch's device query creates a CUDA context, which must not be counted
             profile["environment"] = environment(device)
         except Exception as e:  # noqa: BLE001 - after a CUDA fault the device may not answer
@@ -271,6 +279,13 @@ def _measure(job: dict, profile: dict, meas: dict, state: dict) -> None:
     steps = int(run.get("steps", 3))
     torch.manual_seed(int(run.get("seed", 0)))
     phases = meas["phases"]
+    rank = None
+    if job.get("dist"):  # one rank of a multi-GPU run (memplan.profile.multi)
+        from memplan.profile.multi import Rank
+
+        rank = state["rank"] = Rank(job, train)
+    dev = rank.torch_device if rank is not None else device
+    local = rank.local_rank if rank is not None else 0
 
     tracker = sampler = None
     nvml_baseline = 0
@@ -278,14 +293,16 @@ def _measure(job: dict, profile: dict, meas: dict, state: dict) -> None:
         if not torch.cuda.is_available():
             raise RuntimeError("--device cuda: torch sees no CUDA device")
         try:  # NVML first: no CUDA call may come before the baseline reading
-            nvml = NVML(uuid=_visible_uuid(), index=_visible_index())
+            nvml = NVML(uuid=_visible_uuid(local), index=_visible_index(local))
             state["nvml"] = nvml
             nvml_baseline = nvml.used()
         except Exception as e:  # noqa: BLE001 - NVML missing: allocator figures only
             nvml = None
             meas["nvml_note"] = f"NVML unavailable: {e.__class__.__name__}: {e}"
         torch.cuda.init()
-        torch.zeros(1, device="cuda")
+        if rank is not None:
+            torch.cuda.set_device(local)
+        torch.zeros(1, device=dev)
         torch.cuda.synchronize()
         if nvml is not None:
             time.sleep(0.05)
@@ -312,7 +329,10 @@ def _measure(job: dict, profile: dict, meas: dict, state: dict) -> None:
     state["sampler"] = sampler
     if sampler is not None:
         sampler.start()
-    meter = _Meter(device, phases, tracker=tracker, sampler=sampler, nvml_baseline=nvml_baseline)
+    if rank is not None:  # after the CUDA context is measured: NCCL's communicator buffers count in NVML's figure
+        rank.init()
+    meter = _Meter(device, phases, tracker=tracker, sampler=sampler, nvml_baseline=nvml_baseline,
+                   report=rank is not None)
     state["meter"] = meter
 
     # ---- load: the base model as users load it, the recipe (k-bit prep, checkpointing, LoRA), the optimizer
@@ -321,7 +341,7 @@ def _measure(job: dict, profile: dict, meas: dict, state: dict) -> None:
     t0 = time.perf_counter()
     load_path = run.get("load_path", "pretrained")
     if load_path == "direct":
-        model = load_direct(job["model"]["hf_config"], train, device, job.get("trust_remote_code", False),
+        model = load_direct(job["model"]["hf_config"], train, dev, job.get("trust_remote_code", False),
                             seed=int(run.get("seed", 0)))
     else:
         if run.get("weights_dir"):
@@ -334,7 +354,7 @@ def _measure(job: dict, profile: dict, meas: dict, state: dict) -> None:
             meas["random_checkpoint_seconds"] = round(time.perf_counter() - t0, 3)
             t0 = time.perf_counter()
         emit("status", text="from_pretrained")
-        model = load_pretrained(folder, train, device, job.get("trust_remote_code", False))
+        model = load_pretrained(folder, train, dev, job.get("trust_remote_code", False))
     meas["load_seconds"] = round(time.perf_counter() - t0, 3)
     if train.liger:
         if device == "cuda":
@@ -344,20 +364,31 @@ def _measure(job: dict, profile: dict, meas: dict, state: dict) -> None:
 
             apply_liger_models(model, spec.model_type)
     state["model"] = model = recipe.apply_recipe(model, spec, train)
+    if rank is not None:  # FSDP2 fully_shard / DDP, as accelerate wraps (memplan.profile.multi)
+        state["model"] = model = rank.wrap(model, tracker)
     params = recipe.trainable_parameters(model)
     meas["trainable_params"] = sum(p.numel() for p in params)
     meas["model_tensor_bytes"] = _tensor_bytes(model)
     state["optimizer"] = optimizer = recipe.make_optimizer(params, train, paged=(device == "cuda"))
-    gen = torch.Generator(device="cpu").manual_seed(int(run.get("seed", 0)))
-    input_ids = torch.randint(0, spec.vocab_size, (train.batch_size, train.seq_len), generator=gen).to(device)
+    if rank is not None and train.strategy.startswith("zero"):
+        state["model"], state["optimizer"] = model, optimizer = rank.make_engine(model, optimizer, train)
+    # each rank its own micro-batch, as a DistributedSampler gives it (the bytes do not depend on the values)
+    gen = torch.Generator(device="cpu").manual_seed(int(run.get("seed", 0)) + (rank.rank if rank else 0))
+    input_ids = torch.randint(0, spec.vocab_size, (train.batch_size, train.seq_len), generator=gen).to(dev)
     if tracker is not None:
-        register_model(tracker, model)
+        if rank is not None:  # the local shards, and the 4-bit quant states FSDP2 leaves on the modules
+            from memplan.trace.distributed import _register
+
+            _register(tracker, model)
+        else:
+            register_model(tracker, model)
         tracker.register(input_ids, "activations", "input_ids")
         budget = run.get("cpu_budget_bytes")
         if budget is not None and tracker.current > budget:
             from memplan.trace.tracker import TrackerOutOfMemory
 
             raise TrackerOutOfMemory(tracker.current, 0, "load", budget, "model")
+        tracker.phase_peaks["load"] = tracker.current  # what is resident after loading (DDP's buckets included)
     meter.enter(None)
 
     # ---- the steps
@@ -374,7 +405,8 @@ def _measure(job: dict, profile: dict, meas: dict, state: dict) -> None:
         fused_loss = {"liger": make_liger, "cce": make_cce}[train.loss]()
     # the tracker outside, the kernel models inside (as the trace nests them): a dispatch mode pushed later sees
     # an op first, so the tracker counts what the gemm_4bit model allocates
-    with ctx, _kernel_models(run, train, device):
+    step_fn = recipe.train_step if rank is None else rank.train_step
+    with ctx, _kernel_models(run, train, device), rank.step_context(tracker) if rank else _Null():
         for step in range(steps):
             state["step"] = step
 
@@ -384,7 +416,7 @@ def _measure(job: dict, profile: dict, meas: dict, state: dict) -> None:
                 meter.enter(name)
 
             t = time.perf_counter()
-            loss = recipe.train_step(model, optimizer, input_ids, on_phase, offload_ctx, train, fused_loss)
+            loss = step_fn(model, optimizer, input_ids, on_phase, offload_ctx, train, fused_loss)
             if device == "cuda":
                 torch.cuda.synchronize()
             times.append(round(time.perf_counter() - t, 6))
@@ -442,19 +474,21 @@ class _Null:
         return False
 
 
-def _first_visible() -> str:
-    return os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
+def _visible(i: int = 0) -> str:
+    """Entry i of CUDA_VISIBLE_DEVICES (CUDA device i), or str(i) when it is unset."""
+    entries = [e.strip() for e in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if e.strip()]
+    return entries[i] if i < len(entries) else str(i)
 
 
-def _visible_uuid() -> str | None:
-    """The NVML UUID of CUDA device 0, from CUDA_VISIBLE_DEVICES, without touching CUDA."""
-    first = _first_visible()
-    return first if first.startswith(("GPU-", "MIG-")) else None
+def _visible_uuid(i: int = 0) -> str | None:
+    """The NVML UUID of CUDA device i, from CUDA_VISIBLE_DEVICES, without touching CUDA."""
+    entry = _visible(i)
+    return entry if entry.startswith(("GPU-", "MIG-")) else None
 
 
-def _visible_index() -> int:
-    first = _first_visible()
-    return int(first) if first.isdigit() else 0
+def _visible_index(i: int = 0) -> int:
+    entry = _visible(i)
+    return int(entry) if entry.isdigit() else i
 
 
 def _tensor_bytes(model) -> int:
