@@ -378,13 +378,19 @@ def print_outcome(outcome) -> None:
     if meas.get("steady_step_time_s"):
         lines.append(f"step {meas['steady_step_time_s']:.3f} s, {meas.get('tokens_per_s') or 0:,.0f} tokens/s "
                      f"({'steady state' if len(meas.get('step_times_s', [])) > 1 else 'first step'})")
+    unit_name = _UNIT[1].split()[0]
+    if prof.get("ranks"):
+        lines += _rank_lines(prof, cuda, unit_name)
     if prof.get("oom"):
         o = prof["oom"]
-        lines.append(f"[bold red]out of memory[/] in {o.get('phase')}: asked for {_g(o.get('requested_bytes'))} GiB"
-                     + (f" with {_g(o.get('live_bytes'))} GiB live of a {_g(o.get('budget_bytes'))} GiB budget"
-                        if o.get("budget_bytes") else ""))
+        on = f" on rank {o['rank']}" if o.get("rank") is not None else ""
+        lines.append(f"[bold red]out of memory[/]{on} in {o.get('phase')}: asked for {_g(o.get('requested_bytes'))} "
+                     f"{unit_name}" + (f" with {_g(o.get('live_bytes'))} {unit_name} live of a "
+                                       f"{_g(o.get('budget_bytes'))} {unit_name} budget" if o.get("budget_bytes")
+                                       else ""))
     if prof.get("error"):
-        lines.append(f"[bold red]error[/] in {prof['error'].get('phase')}: {prof['error']['type']}: "
+        on = f" on rank {prof['error']['rank']}" if prof["error"].get("rank") is not None else ""
+        lines.append(f"[bold red]error[/]{on} in {prof['error'].get('phase')}: {prof['error']['type']}: "
                      f"{prof['error']['message'][:300]}")
     for k in ("estimate", "trace"):
         if (cmp_.get(k) or {}).get("note"):
@@ -401,6 +407,21 @@ def print_outcome(outcome) -> None:
         lines.append(f"profile: {path}")
     for line in lines:
         console.print(line, highlight=False)
+
+
+def _rank_lines(prof: dict, cuda: bool, unit_name: str) -> list[str]:
+    """A multi-GPU profile: the layout, then each rank's status and peak (the table above is rank 0's)."""
+    par = prof["run"].get("parallel") or {}
+    key = "allocated_peak_bytes" if cuda else "tracker_peak_bytes"
+    lines = [f"{par.get('gpus')} ranks, {par.get('strategy')} ({par.get('backend')}); the table is rank 0's; "
+             f"each rank's peak ({'allocated' if cuda else 'tensor'} {unit_name}):"]
+    for r in prof["ranks"]:
+        best = max(((v.get(key) or 0, name) for name, v in r["phases"].items() if not name.startswith("steady_")),
+                   default=(None, "-"))
+        reserved = max((v.get("reserved_peak_bytes") or 0 for v in r["phases"].values()), default=0) if cuda else 0
+        lines.append(f"  rank {r['rank']}: {r['status']}, peak {_g(best[0])} in {best[1]}"
+                     + (f", reserved {_g(reserved)}" if reserved else ""))
+    return lines
 
 
 def print_summary(outcomes) -> None:

@@ -104,6 +104,7 @@ def launch(job: dict) -> dict:
                "oom": None, "error": None, "comparison": {}, "environment": {}}
     workdir = Path(tempfile.mkdtemp(prefix="memplan-ranks-"))
     results: dict[int, dict] = {}
+    interrupted = False
     try:
         weights_dir = run.get("weights_dir")
         if run.get("load_path", "pretrained") == "pretrained" and not weights_dir:
@@ -115,18 +116,21 @@ def launch(job: dict) -> dict:
                                                       run.get("weights_cache"),
                                                       trust_remote_code=job.get("trust_remote_code", False)))
             profile["measurements"]["random_checkpoint_seconds"] = round(time.perf_counter() - t0, 3)
-        results = _run_ranks(job, n, device, weights_dir, workdir)
+        results, interrupted = _run_ranks(job, n, device, weights_dir, workdir)
     except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        profile["status"] = "interrupted"
+        interrupted = True
     except Exception as e:  # noqa: BLE001 - the launcher's own failure is recorded, never raised past the profile
         profile["error"] = {"type": e.__class__.__name__, "message": str(e)[:2000], "phase": "launch"}
     finally:
         import shutil
 
         shutil.rmtree(workdir, ignore_errors=True)
+    if interrupted:  # a second Ctrl-C must not cut the profile's writing
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     merge(profile, results, n)
+    if interrupted and not results:  # stopped before any rank ran (e.g. while writing the checkpoint)
+        profile["status"] = "interrupted"
     if profile["status"] in ("ok", "oom") and job.get("compare", True):
         try:
             from memplan.profile.compare import compare
@@ -154,8 +158,9 @@ def launch(job: dict) -> dict:
     return profile
 
 
-def _run_ranks(job: dict, n: int, device: str, weights_dir: str | None, workdir: Path) -> dict[int, dict]:
-    """Start the N workers, watch them, stop the others when one fails; {rank: what it measured}."""
+def _run_ranks(job: dict, n: int, device: str, weights_dir: str | None, workdir: Path) -> tuple[dict, bool]:
+    """Start the N workers, watch them, stop the others when one fails: ({rank: what it measured}, whether this
+    process was interrupted)."""
     port = free_port()
     procs, outputs, streams = [], {}, {}
     root = str(Path(__file__).resolve().parents[2])
@@ -181,16 +186,16 @@ def _run_ranks(job: dict, n: int, device: str, weights_dir: str | None, workdir:
     readers = [threading.Thread(target=_read, args=(p, r, streams[r]), daemon=True) for r, p in enumerate(procs)]
     for t in readers:
         t.start()
+    interrupted = False
     try:
         supervise(procs)
+    except KeyboardInterrupt:  # the ranks were stopped and have written what they measured
+        interrupted = True
     finally:
         for t in readers:
             t.join(timeout=5)
-    results = {}
-    for rank, out in outputs.items():
-        rec = _rank_record(rank, out, streams[rank], procs[rank].returncode)
-        results[rank] = rec
-    return results
+    results = {rank: _rank_record(rank, out, streams[rank], procs[rank].returncode) for rank, out in outputs.items()}
+    return results, interrupted
 
 
 def _read(proc, rank: int, stream: dict) -> None:

@@ -49,7 +49,11 @@ def _model_spec(job: dict):
     return from_hf_config(dict(m["hf_config"]), m["name"], m.get("source") or m["name"])
 
 
+_STOPPED = []  # set once SIGTERM / SIGINT arrived: a failure after it is part of being stopped
+
+
 def _sigterm(signum, frame):
+    _STOPPED.append(signum)
     raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -200,7 +204,14 @@ def run_job(job: dict) -> dict:
         profile["status"] = "interrupted"
     except BaseException as e:  # noqa: BLE001 - every failure is recorded, never raised past the profile
         oom = _oom_record(e, state)
-        if oom is not None:
+        if oom is None and _STOPPED and job.get("dist"):
+            # a rank stopped by its launcher while it waited in a collective: the peers that left make the
+            # collective fail before the signal's KeyboardInterrupt is seen
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            profile["status"] = "interrupted"
+            meas["stop_note"] = f"stopped; the collective then failed: {e.__class__.__name__}: {e}"[:300]
+        elif oom is not None:
             profile["status"] = "oom"
             profile["oom"] = oom
         else:
