@@ -57,9 +57,11 @@ SHARDED = (("fsdp", "none"), ("zero3", "none"))
 OFFLOADED = (("zero3", "optimizer"), ("fsdp", "params"), ("zero3", "params"))
 
 
-def multi_gpu_plan(model, spec, max_gpus: int, margin: str | None = None, overheads=None) -> list[dict]:
+def multi_gpu_plan(model, spec, max_gpus: int, margin: str | None = None, overheads=None,
+                   known: dict | None = None) -> list[dict]:
     """Per catalog GPU: the smallest GPU count (and the strategy) whose per-rank device total fits within the
-    margin. The estimates do not depend on the GPU, so each (count, strategy) is estimated once."""
+    margin. The estimates do not depend on the GPU, so each (count, strategy) is estimated once; `known` maps
+    TrainSpecs already estimated (the configuration itself) to their estimates."""
     from memplan.catalog import gpu_list
     from memplan.errors import MemplanError
     from memplan.estimate import estimate
@@ -79,7 +81,8 @@ def multi_gpu_plan(model, spec, max_gpus: int, margin: str | None = None, overhe
                                    quant_storage="auto")
                 except MemplanError:
                     continue
-                candidates.append((n, par, off, estimate(model, t, overheads)))
+                e = (known or {}).get(t) or estimate(model, t, overheads)
+                candidates.append((n, par, off, e))
     rows = []
     for gpu in gpu_list():
         m = parse_margin(margin if margin is not None else DEFAULT_MARGIN, gpu.memory_bytes)
@@ -115,7 +118,8 @@ def run(args) -> int:
     data, spec = from_args(args, model, spec, None, overheads)  # with --dataset: the dataset's peak step
     est = estimate(model, spec, overheads)
     rows = verdicts(model, spec, args.margin, overheads, est.device_total_bytes)["rows"]
-    plan = multi_gpu_plan(model, spec, args.max_gpus, args.margin, overheads) if args.max_gpus > 1 else []
+    plan = multi_gpu_plan(model, spec, args.max_gpus, args.margin, overheads, {spec: est}) if args.max_gpus > 1 \
+        else []
     if args.json:
         json.dump({"model": model.name, "config": est.config, "device_total_bytes": est.device_total_bytes,
                    "overhead_source": est.overhead_source,
