@@ -162,12 +162,35 @@ def _run_ranks(job: dict, n: int, device: str, weights_dir: str | None, workdir:
     """Start the N workers, watch them, stop the others when one fails: ({rank: what it measured}, whether this
     process was interrupted)."""
     port = free_port()
-    procs, outputs, streams = [], {}, {}
+    procs, outputs, streams, readers = [], {}, {}, []
     root = str(Path(__file__).resolve().parents[2])
     base_env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                     MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n),
                     GROUP_RANK="0", ROLE_RANK="0", TORCHELASTIC_RUN_ID="memplan")
     base_env["PYTHONPATH"] = root + (os.pathsep + base_env["PYTHONPATH"] if base_env.get("PYTHONPATH") else "")
+    try:
+        _start(job, n, device, weights_dir, workdir, base_env, procs, outputs, streams, readers)
+    except KeyboardInterrupt:  # stopped while starting: the ranks already started record what they measured
+        stop(procs)
+        return _collect(outputs, streams, procs), True
+    interrupted = False
+    try:
+        supervise(procs)
+    except KeyboardInterrupt:  # the ranks were stopped and have written what they measured
+        interrupted = True
+    finally:
+        for t in readers:
+            t.join(timeout=5)
+    return _collect(outputs, streams, procs), interrupted
+
+
+def _collect(outputs: dict, streams: dict, procs: list) -> dict[int, dict]:
+    return {rank: _rank_record(rank, out, streams[rank], procs[rank].returncode if rank < len(procs) else None)
+            for rank, out in outputs.items() if rank < len(procs)}
+
+
+def _start(job, n, device, weights_dir, workdir, base_env, procs, outputs, streams, readers) -> None:
+    """Start the N rank processes (appending to procs, outputs, streams and readers as each starts)."""
     for rank in range(n):
         out = workdir / f"rank{rank}.json"
         run = dict(job["run"])
@@ -183,19 +206,8 @@ def _run_ranks(job: dict, n: int, device: str, weights_dir: str | None, workdir:
         procs.append(proc)
         outputs[rank] = out
         streams[rank] = {"phases": {}, "tail": []}
-    readers = [threading.Thread(target=_read, args=(p, r, streams[r]), daemon=True) for r, p in enumerate(procs)]
-    for t in readers:
-        t.start()
-    interrupted = False
-    try:
-        supervise(procs)
-    except KeyboardInterrupt:  # the ranks were stopped and have written what they measured
-        interrupted = True
-    finally:
-        for t in readers:
-            t.join(timeout=5)
-    results = {rank: _rank_record(rank, out, streams[rank], procs[rank].returncode) for rank, out in outputs.items()}
-    return results, interrupted
+        readers.append(threading.Thread(target=_read, args=(proc, rank, streams[rank]), daemon=True))
+        readers[-1].start()
 
 
 def _read(proc, rank: int, stream: dict) -> None:
@@ -238,18 +250,23 @@ def supervise(procs: list, grace_s: float = GRACE_S, poll_s: float = 0.1) -> Non
             time.sleep(poll_s)
     except KeyboardInterrupt:
         interrupted = True
-        for p in procs:
-            if p.poll() is None:
-                _signal(p, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        for p in procs:
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                _signal(p, signal.SIGKILL)
-                p.wait()
+        stop(procs, grace_s)
     if interrupted:
         raise KeyboardInterrupt
+
+
+def stop(procs: list, grace_s: float = GRACE_S) -> None:
+    """SIGTERM every running process, SIGKILL those still running after grace_s; wait for all."""
+    for p in procs:
+        if p.poll() is None:
+            _signal(p, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _signal(p, signal.SIGKILL)
+            p.wait()
 
 
 def _signal(proc, sig) -> None:
