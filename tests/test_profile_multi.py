@@ -194,3 +194,30 @@ def test_what_cannot_be_profiled_is_one_line(tmp_path, tiny, env, flags, message
     r = _memplan(["profile", tiny, "--gpus", "2", *flags, "--no-progress"], env, tmp_path, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and message in r.stderr, r.stderr
     assert not (tmp_path / "profiles").exists()
+
+
+def test_each_rank_reads_its_own_gpu(monkeypatch):
+    """Rank r measures CUDA device r: NVML is opened on entry r of CUDA_VISIBLE_DEVICES (an index or a UUID)."""
+    from memplan.profile.runner import _visible_index, _visible_uuid
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert (_visible_index(0), _visible_index(1)) == (2, 3) and _visible_uuid(1) is None
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-aaa,GPU-bbb")
+    assert _visible_uuid(1) == "GPU-bbb"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert _visible_index(1) == 1
+
+
+def test_zero_flags_make_deepspeeds_config():
+    """--parallel zero3 --offload params: ZeRO stage 3 with optimizer and parameter offload to the CPU; zero2 with
+    --offload optimizer: ZeRO-Offload only; the micro-batch is the --batch-size, per GPU."""
+    from memplan.profile.multi import deepspeed_config
+    from memplan.spec import TrainSpec
+
+    c = deepspeed_config(TrainSpec(gpus=4, parallel="zero3", offload="params", batch_size=2))
+    assert c["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": True},
+                                      "offload_param": {"device": "cpu", "pin_memory": True}}
+    assert c["train_micro_batch_size_per_gpu"] == 2 and c["bf16"]["enabled"] and not c["fp16"]["enabled"]
+    c = deepspeed_config(TrainSpec(gpus=2, parallel="zero2", offload="optimizer", compute_dtype="fp16"))
+    assert c["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": True}}
+    assert c["fp16"]["enabled"] and not c["bf16"]["enabled"]

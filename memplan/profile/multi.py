@@ -398,19 +398,8 @@ class Rank:
         """DeepSpeed's engine over the model and the recipe's optimizer (ZeRO stage and offload from the flags)."""
         import deepspeed
 
-        stage = int(train.strategy[-1])
-        zero = {"stage": stage}
-        if train.offload in ("optimizer", "params"):
-            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-        if train.offload == "params":
-            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-        config = {"train_micro_batch_size_per_gpu": train.batch_size, "gradient_accumulation_steps": 1,
-                  "zero_optimization": zero, "zero_allow_untested_optimizer": True,
-                  "zero_force_ds_cpu_optimizer": False,
-                  "bf16": {"enabled": train.compute_dtype == "bf16" and train.bits != 32},
-                  "fp16": {"enabled": train.compute_dtype == "fp16" and train.bits != 32}}
-        engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
-                                                          dist_init_required=False)
+        engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                          config=deepspeed_config(train), dist_init_required=False)
         self.engine = engine
         return engine, ds_optimizer
 
@@ -439,6 +428,23 @@ class Rank:
 
             return _comm_labels(tracker)
         return contextlib.nullcontext()
+
+
+def deepspeed_config(train) -> dict:
+    """The DeepSpeed config for --parallel zero1|zero2|zero3 (--offload optimizer: ZeRO-Offload of the optimizer
+    states; params: also ZeRO-3's parameter offload), as accelerate's DeepSpeed plugin writes it: one micro-batch per
+    GPU, no accumulation, bf16 / fp16 mixed precision as the compute dtype. The recipe's torch optimizer is kept
+    (zero_force_ds_cpu_optimizer off: with offload DeepSpeed would otherwise insist on its DeepSpeedCPUAdam)."""
+    zero = {"stage": int(train.strategy[-1])}
+    if train.offload in ("optimizer", "params"):
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if train.offload == "params":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    mixed = train.bits != 32
+    return {"train_micro_batch_size_per_gpu": train.batch_size, "gradient_accumulation_steps": 1,
+            "zero_optimization": zero, "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False,
+            "bf16": {"enabled": mixed and train.compute_dtype == "bf16"},
+            "fp16": {"enabled": mixed and train.compute_dtype == "fp16"}}
 
 
 @contextlib.contextmanager
