@@ -1,7 +1,9 @@
 """memplan profile --gpus N on the CPU: one process per rank on gloo (memplan/profile/multi.py), a tiny Llama written
 from a config by the test. Rank 0's live tensor bytes per phase equal the rank trace's (a fake process group, meta
 tensors) byte for byte; failures and interruptions are results. Each profile starts three processes (launcher and
-two ranks) that import torch/transformers/PEFT: ~20-30 s on 2 cores.
+two ranks) that import torch/transformers/PEFT: ~20-30 s on 2 cores. One profile loads as users load
+(from_pretrained on a random-weight checkpoint); the others use --load direct (the same tensors, no checkpoint to
+write: tests/test_profile.py checks that) to save the launcher that work.
 """
 from __future__ import annotations
 
@@ -58,22 +60,17 @@ def _profile(tmp_path, tiny, env, parallel, *extra):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
-def test_rank0_equals_the_rank_trace(tmp_path, tiny, env, parallel):
+@pytest.mark.parametrize("parallel, load", [("fsdp", "pretrained"), ("ddp", "direct")])
+def test_rank0_equals_the_rank_trace(tmp_path, tiny, env, parallel, load):
     """FSDP2 (fully_shard per decoder layer, then the root) and DDP on gloo, two real processes: rank 0's live tensor
-    bytes per phase equal `memplan trace --gpus 2` (rank 0 of 2 on a fake process group, meta tensors), byte for
-    byte; both ranks hold the same bytes (FSDP2 pads every shard to the same size)."""
+    bytes per phase equal the rank trace's (rank 0 of 2 on a fake process group, meta tensors: the profile's
+    comparison runs memplan.trace.distributed.run_rank_trace, what `memplan trace --gpus 2` runs), byte for byte;
+    both ranks hold the same bytes (FSDP2 pads every shard to the same size)."""
     from memplan.profile import schema
 
-    if parallel == "fsdp":  # the trace as the user runs it
-        prof = _profile(tmp_path, tiny, env, parallel, "--no-trace")
-        r = _memplan(["trace", tiny, *FLAGS, "--parallel", parallel, "--json"], env, tmp_path)
-        assert r.returncode == 0, r.stderr[-2000:]
-        trace = json.loads(r.stdout)["phases"]
-    else:  # the trace the profile runs for its comparison (the same run_rank_trace)
-        prof = _profile(tmp_path, tiny, env, parallel)
-        trace = prof["comparison"]["trace"]["phases"]
-        assert prof["comparison"]["trace"]["error_pct"] == 0.0
+    prof = _profile(tmp_path, tiny, env, parallel, "--load", load)
+    trace = prof["comparison"]["trace"]["phases"]
+    assert prof["comparison"]["trace"]["error_pct"] == 0.0
     assert schema.validate(prof) is None
     assert prof["status"] == "ok"
     assert prof["run"]["parallel"]["gpus"] == 2 and prof["run"]["parallel"]["strategy"] == parallel
@@ -90,7 +87,8 @@ def test_rank0_equals_the_rank_trace(tmp_path, tiny, env, parallel):
     assert [(r["gpus"], r["parallel"], r["status"]) for r in rows] == [("2", parallel, "ok")]
     if parallel == "ddp":  # resumable as every profile: the same configuration is not run again
         r = _memplan(["profile", tiny, "--device", "cpu", *FLAGS, "--parallel", parallel, "--steps", "2",
-                      "--kernels", "gpu", "--no-progress", "--csv", tmp_path / "p.csv"], env, tmp_path, timeout=120)
+                      "--kernels", "gpu", "--load", load, "--no-progress", "--csv", tmp_path / "p.csv"], env, tmp_path,
+                     timeout=120)
         assert r.returncode == 0 and "skipped 1 configuration" in r.stderr
         assert len(list((tmp_path / "profiles").glob("*.json"))) == 1
 
@@ -100,7 +98,7 @@ def test_out_of_memory_on_the_ranks_is_a_result(tmp_path, tiny, env):
     resumed grid skips), naming the rank, with what was measured before it."""
     from memplan.profile import schema
 
-    prof = _profile(tmp_path, tiny, env, "fsdp", "--cpu-budget", "1.5MiB", "--no-trace")
+    prof = _profile(tmp_path, tiny, env, "fsdp", "--cpu-budget", "1.5MiB", "--no-trace", "--load", "direct")
     assert schema.validate(prof) is None
     assert prof["status"] == "oom" and prof["oom"]["rank"] == 0 and prof["oom"]["kind"] == "tracker-budget"
     assert prof["oom"]["budget_bytes"] == int(1.5 * 2**20)

@@ -3,7 +3,8 @@
 Each configuration runs in its own process so that an out-of-memory error, a CUDA fault or a leaked allocation
 cannot poison the next one. The job file is written by memplan.profile.grid; the child writes the profile to
 job["output"] atomically (runner.run_job) and prints progress lines starting with '@memplan '.
-Exit status: 0 for ok/oom, 3 for error, 130 for interrupted, 4 when the parent is gone (nothing written).
+Exit status: 0 for ok/oom, 3 for error, 130 for interrupted, 4 when the parent is gone (nothing written); a rank
+of a multi-GPU run exits 5 for oom, so that its launcher stops the ranks waiting for it in a collective.
 
 With --gpus N (a strategy other than none) the child is the launcher of N rank processes
 (memplan.profile.multi), each of which runs this same main() on its rank's job.
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         profile = launch(job)
     else:
         profile = run_job(job)
+    if job.get("dist") is not None:  # a rank: any end but ok makes its launcher stop the others (multi.supervise)
+        return {"ok": 0, "oom": 5, "interrupted": 130}.get(profile["status"], 3)
     return {"ok": 0, "oom": 0, "interrupted": 130}.get(profile["status"], 3)
 
 

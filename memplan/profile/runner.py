@@ -220,6 +220,8 @@ def run_job(job: dict) -> dict:
                                 "phase": state.get("phase"),
                                 "traceback": traceback.format_exc()[-4000:]}
     finally:
+        if job.get("dist"):  # a rank has measured: its launcher's stop request must not cut the record's writing
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         meter = state.get("meter")
         if meter is not None and meter.current is not None:
             try:
