@@ -284,7 +284,7 @@ def show_profiles(args) -> int:
         cfg = Config(prof["model"]["name"], prof["model"]["hf_config"], prof["model"].get("source") or "",
                      prof["train"], prof["run"].get("device", "cpu"), {k: v for k, v in prof["run"].items()
                                                                       if k != "device"}, key=prof["key"],
-                     label=prof["model"]["name"])
+                     label=prof["model"]["name"] + _layout(prof))
         outcomes.append(Outcome(cfg, prof["status"], prof, prof.get("_path")))
     if args.json:
         for o in outcomes:
@@ -294,6 +294,12 @@ def show_profiles(args) -> int:
     else:
         print_summary(outcomes)
     return 0
+
+
+def _layout(prof: dict) -> str:
+    """" 2×fsdp" for a multi-GPU profile, "" for one process."""
+    par = prof["run"].get("parallel") or {}
+    return f" {par['gpus']}×{par['strategy']}" if par.get("gpus") else ""
 
 
 # ------------------------------------------------------------------------------------------------ printing
