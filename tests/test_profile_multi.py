@@ -138,6 +138,39 @@ def test_ctrl_c_keeps_what_every_rank_measured(tmp_path, tiny):
     assert schema.done_keys(tmp_path / "profiles") == {}
 
 
+def test_a_killed_rank_is_a_result(tmp_path):
+    """A rank killed outright (the host's OOM killer, a segfault) mid-step: the launcher stops the rank waiting for it
+    in a collective, and the profile is an "error" naming the killed rank, with the phases that rank had reported
+    (from its per-phase lines) and what the surviving rank measured."""
+    pytest.importorskip("torch")
+    from memplan.profile import schema
+    from memplan.profile.grid import Config, run_one
+    from memplan.spec import TrainSpec
+
+    train = TrainSpec(seq_len=128, lora_r=8, gpus=2, parallel="fsdp")
+    run = {"steps": 3, "load_path": "direct", "seed": 0, "weights_dir": None, "weights_cache": None,
+           "cpu_budget_bytes": None, "memory_fraction": None, "kernels": "gpu"}
+    cfg = Config("tiny-llama", dict(TINY), "test", train.to_dict(), "cpu", run, label="tiny")
+    pids = {}
+
+    def on_event(ev):
+        if ev["event"] == "ranks":
+            pids["ranks"] = ev["pids"]
+        elif ev["event"] == "phase" and ev["phase"] == "backward" and "killed" not in pids:
+            pids["killed"] = True
+            os.kill(pids["ranks"][1], signal.SIGKILL)
+
+    out = run_one(cfg, tmp_path / "profiles", on_event=on_event, trace=False, threads=1)
+    assert out.status == "error", out.log_tail
+    prof = json.loads(Path(out.path).read_text())
+    assert schema.validate(prof) is None
+    assert prof["error"]["rank"] == 1 and prof["error"]["type"] == "RankKilled"
+    zero, one = prof["ranks"]
+    assert one["status"] == "killed" and one["phases"]["load"]["tracker_peak_bytes"] > 0
+    assert zero["status"] in ("interrupted", "error") and zero["phases"]["forward"]["tracker_peak_bytes"] > 0
+    assert schema.done_keys(tmp_path / "profiles") == {}  # an error is not final: a resumed grid runs it again
+
+
 # ------------------------------------------------------------------------- the launcher's bookkeeping (no torch)
 
 def test_a_failed_rank_stops_the_others():
@@ -157,13 +190,15 @@ def test_a_failed_rank_stops_the_others():
 
 
 def test_merge_names_the_failed_rank_and_keeps_a_killed_ranks_phases(tmp_path):
-    """A rank killed before it wrote its record is rebuilt from the per-phase lines it printed; the profile's
-    status is the worst rank's (an OOM on rank 1), its measurements rank 0's."""
+    """A rank killed before it wrote its record is rebuilt from the per-phase lines it printed ("interrupted" when
+    the launcher stopped it, "killed" otherwise); the profile's status is the cause's (an OOM on rank 1 before a
+    kill), its measurements rank 0's."""
     from memplan.profile.multi import _rank_record, merge
 
     stream = {"phases": {"load": {"tracker_peak_bytes": 100}, "forward": {"tracker_peak_bytes": 400}}, "tail": []}
+    assert _rank_record(0, tmp_path / "missing.json", stream, -9, stopped=True)["status"] == "interrupted"
     killed = _rank_record(0, tmp_path / "missing.json", stream, -9)
-    assert killed["status"] == "interrupted" and killed["phases"]["forward"]["tracker_peak_bytes"] == 400
+    assert killed["status"] == "killed" and killed["phases"]["forward"]["tracker_peak_bytes"] == 400
     oom = {"rank": 1, "status": "oom", "phases": {"load": {"tracker_peak_bytes": 100},
                                                   "forward": {"tracker_peak_bytes": 500}},
            "peak": None, "oom": {"phase": "forward", "requested_bytes": 64}, "error": None, "measurements": None}
@@ -171,7 +206,7 @@ def test_merge_names_the_failed_rank_and_keeps_a_killed_ranks_phases(tmp_path):
                "error": None}
     merge(profile, {0: killed, 1: oom}, 2)
     assert profile["status"] == "oom" and profile["oom"] == {"phase": "forward", "requested_bytes": 64, "rank": 1}
-    assert [r["status"] for r in profile["ranks"]] == ["interrupted", "oom"]
+    assert [r["status"] for r in profile["ranks"]] == ["killed", "oom"]
     assert profile["measurements"]["phases"] == stream["phases"]
     assert profile["measurements"]["largest_rank_peak"] == {"rank": 1, "phase": "forward", "bytes": 500,
                                                             "measure": "tracker_peak_bytes"}

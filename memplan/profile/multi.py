@@ -24,8 +24,9 @@ FSDP1 is not profiled (the FSDP2 path is what accelerate's fsdp_version 2 and th
 Failures are results. A rank that runs out of memory or raises writes its own record and exits; the launcher then
 stops the other ranks (they would wait in a collective for ever): SIGTERM, which each rank records as
 "interrupted" keeping what it measured, then SIGKILL after a grace period. A rank killed before it could write
-is rebuilt from the per-phase lines it printed as it went. The profile's status is the worst rank's (oom, then
-error, then interrupted), with the rank that failed named in `oom` / `error`.
+is rebuilt from the per-phase lines it printed as it went. The profile's status is the cause's: an OOM, else a rank
+killed from outside (status "killed"; its peers then fail in their collectives), else an error, else
+"interrupted", with the rank named in `oom` / `error`.
 """
 from __future__ import annotations
 
@@ -173,6 +174,9 @@ def _run_ranks(job: dict, n: int, device: str, weights_dir: str | None, workdir:
     except KeyboardInterrupt:  # stopped while starting: the ranks already started record what they measured
         stop(procs)
         return _collect(outputs, streams, procs), True
+    from memplan.profile.runner import emit
+
+    emit("ranks", pids=[p.pid for p in procs])  # for tools that watch the ranks (the tests kill one)
     interrupted = False
     try:
         supervise(procs)
@@ -185,8 +189,8 @@ def _run_ranks(job: dict, n: int, device: str, weights_dir: str | None, workdir:
 
 
 def _collect(outputs: dict, streams: dict, procs: list) -> dict[int, dict]:
-    return {rank: _rank_record(rank, out, streams[rank], procs[rank].returncode if rank < len(procs) else None)
-            for rank, out in outputs.items() if rank < len(procs)}
+    return {rank: _rank_record(rank, out, streams[rank], procs[rank].returncode,
+                               getattr(procs[rank], "memplan_stopped", False)) for rank, out in outputs.items()}
 
 
 def _start(job, n, device, weights_dir, workdir, base_env, procs, outputs, streams, readers) -> None:
@@ -270,12 +274,14 @@ def stop(procs: list, grace_s: float = GRACE_S) -> None:
 
 
 def _signal(proc, sig) -> None:
+    proc.memplan_stopped = True  # stopped by the launcher: not the cause of the run's end (_rank_record)
     with contextlib.suppress(ProcessLookupError, OSError):
         proc.send_signal(sig)
 
 
-def _rank_record(rank: int, out: Path, stream: dict, returncode) -> dict:
-    """What one rank measured: its own profile document if it wrote one, else what its per-phase lines said."""
+def _rank_record(rank: int, out: Path, stream: dict, returncode, stopped: bool = False) -> dict:
+    """What one rank measured: its own profile document if it wrote one, else what its per-phase lines said
+    (status "interrupted" if the launcher stopped it, "killed" if something else ended it: a root cause)."""
     from memplan.profile.schema import read_json_validated
 
     data = read_json_validated(out, lambda d: None if isinstance(d, dict) and "measurements" in d else "no "
@@ -286,7 +292,7 @@ def _rank_record(rank: int, out: Path, stream: dict, returncode) -> dict:
                 "peak": meas.get("peak"), "oom": data.get("oom"), "error": data.get("error"),
                 "measurements": meas, "returncode": returncode}
     phases = stream["phases"]
-    return {"rank": rank, "status": "interrupted" if phases else "crashed", "phases": phases, "peak": None,
+    return {"rank": rank, "status": "interrupted" if stopped else "killed", "phases": phases, "peak": None,
             "oom": None, "error": {"type": "RankKilled", "message": f"rank {rank} exited with status {returncode} "
                                    "without writing its record; last output: " + " | ".join(stream["tail"][-5:])},
             "measurements": None, "returncode": returncode}
@@ -319,13 +325,15 @@ def merge(profile: dict, results: dict[int, dict], n: int) -> None:
         rank = -rank  # the lowest rank among equals
         profile["measurements"]["largest_rank_peak"] = {"rank": rank, "phase": phase, "bytes": b, "measure": key}
     statuses = [r["status"] for r in ranks]
-    for status in ("oom", "error", "crashed", "interrupted"):
+    # the cause first: an OOM, then a rank killed from outside (its peers then fail in their collectives), then an
+    # error, then ranks the launcher stopped
+    for status in ("oom", "killed", "error", "interrupted"):
         if status in statuses:
             first = next(r for r in ranks if r["status"] == status)
-            profile["status"] = "error" if status == "crashed" else status
+            profile["status"] = "error" if status == "killed" else status
             if status == "oom":
                 profile["oom"] = {**(first["oom"] or {}), "rank": first["rank"]}
-            elif status in ("error", "crashed"):
+            elif status in ("error", "killed"):
                 profile["error"] = {**(first["error"] or {"type": "RankFailed", "message": ""}),
                                     "rank": first["rank"]}
             break
