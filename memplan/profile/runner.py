@@ -5,6 +5,8 @@ Phases: load (from_pretrained + recipe + optimizer construction), forward, backw
 the optimizer creates its states here) and steady (every step after the first, forward to optimizer, as one
 phase). An out-of-memory error is a result (status "oom", with the phase and the bytes asked for); Ctrl-C or
 SIGTERM ends the run as "interrupted" keeping what was measured; any other exception is "error".
+A rank of a multi-GPU run (job["dist"], started by memplan.profile.multi) runs the same steps on its own device,
+with memplan.profile.multi.Rank's hooks: the process group, the wrapping after the recipe, the step.
 """
 from __future__ import annotations
 
