@@ -149,6 +149,8 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
     if comm.get("forward_copy_out"):  # FSDP: the last layer's parameters being copied out (parallel.py)
         forward.append(_candidate(steady, activations=T * (stored - a.stored_per_layer[-1]) + dora_but_last,
                                   comm_buffers=comm["forward_copy_out"]))
+    if comm.get("forward_tail_copy_out"):
+        forward.append(_candidate(steady, activations=T * stored + dora_all, comm_buffers=comm["forward_tail_copy_out"]))
     if a.dora_bytes:
         forward.append(_candidate(steady, activations=T * (stored - a.stored_per_layer[-1]) + dora_but_last,
                                   temporaries=a.dora_bytes, comm_buffers=comm["forward_layer"]))

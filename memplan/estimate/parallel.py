@@ -193,6 +193,7 @@ def _fsdp(model, train, w, trainable, states) -> RankView:
         # the last layer's copy-out: the previous unit's flat result is freed only once this unit's parameters
         # are copied out of its own (FSDPParamGroup.wait_for_unshard): 3 x a layer for that moment
         "forward_copy_out": 0 if grad_op else 3 * big_layer,
+        "forward_tail_copy_out": kept_fwd + big_layer + 2 * tail,  # the same when the tail (lm_head) copies out
         "forward_loss": kept_fwd + 2 * tail,
         "backward_loss": kept_fwd + tail,
         # the tail (final norm, lm_head) is resharded after its own backward (post_backward reshards every unit).
