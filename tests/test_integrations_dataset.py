@@ -196,3 +196,69 @@ def test_dataset_path_imports_no_torch(data):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+# ---- tokencount: the piece count is the tokenizer's count, or the tokenizer counts
+
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+AWKWARD = ["I'LL say it's 12345 tokens\t\tthen  two spaces\n\n\nnewlines", "  lead and trail  ", "a\x1cb\x1fc \x0b d",
+           "café naïve Ünïcödé 中文字符 😀 emoji", "e\u0301 (e + combining acute: NFC composes it)",
+           "<|im_start|>user\nhi<|im_end|><|im_start|><|im_end|>", "", " ", "\n", "'''quotes''' \"and\" ---dashes--- 3.14159 1,000,000",
+           "x" * 300, "tab\tmix \t \n end"]
+
+
+def _trained(pre, normalizer=None, model="bpe"):
+    from tokenizers import Tokenizer, models, trainers
+
+    rng = random.Random(2)
+    corpus = [_text(rng, 30) + " " + " ".join(AWKWARD) for _ in range(200)]
+    if model == "bpe":
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=["<unk>", "<|im_start|>", "<|im_end|>"])
+    else:
+        tok = Tokenizer(models.WordPiece(unk_token="<unk>"))
+        trainer = trainers.WordPieceTrainer(vocab_size=300, special_tokens=["<unk>", "<|im_start|>", "<|im_end|>"])
+    tok.pre_tokenizer = pre
+    if normalizer is not None:
+        tok.normalizer = normalizer
+    tok.train_from_iterator(corpus, trainer)
+    return tok
+
+
+def test_token_counter_equals_the_tokenizer_on_awkward_text():
+    from tokenizers import Regex, normalizers, pre_tokenizers
+
+    from memplan.integrations.tokencount import TokenCounter
+
+    rng = random.Random(5)
+    texts = AWKWARD + [_text(rng, rng.randint(0, 60)) + rng.choice(AWKWARD) for _ in range(300)]
+    llama3 = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), "isolated"),
+                                      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    for tok in (_trained(llama3, normalizers.NFC()), _trained(pre_tokenizers.ByteLevel(add_prefix_space=False))):
+        c = TokenCounter(tok)
+        assert c.fast, c.why_slow
+        want = [len(e.ids) for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
+        fast = [c._pieces(t) for t in texts]
+        # every text is counted by pieces (the regex module covers the non-ASCII ones), and each count is exact
+        assert None not in fast and fast == want
+        c.batches = 5  # not a checked batch: the piece count alone
+        assert c.count(texts, True) == want
+
+
+def test_token_counter_falls_back_to_the_tokenizer(data, monkeypatch):
+    from tokenizers import pre_tokenizers
+
+    from memplan.integrations import tokencount
+
+    wordpiece = _trained(pre_tokenizers.Whitespace(), model="wordpiece")
+    c = tokencount.TokenCounter(wordpiece)
+    assert not c.fast and "WordPiece" in c.why_slow
+    assert c.count(AWKWARD, True) == [len(e.ids) for e in wordpiece.encode_batch_fast(AWKWARD)]
+    # a wrong piece count on a checked batch: the file is counted again by the tokenizer, with the same lengths
+    tok = ds.load_tokenizer(str(data["root"]))
+    right = ds.token_lengths(str(data["root"] / "chat.jsonl"), tok)
+    assert right.counted_by.startswith("pieces")
+    monkeypatch.setattr(tokencount._Memo, "__missing__", lambda self, piece: (len(piece) << 32) + 1)
+    again = ds.token_lengths(str(data["root"] / "chat.jsonl"), tok)
+    assert list(again.lengths) == list(right.lengths) and "disagreed" in again.counted_by

@@ -10,7 +10,7 @@ document (a list of rows, or {"data"|"train": [...]}). Each row becomes text the
 - alpaca rows (instruction/input/output; axolotl `type: alpaca`) in the Stanford Alpaca prompt;
 - otherwise the text field (`text`, or the one the config or --text-field names), with special tokens.
 Tokenizing uses the Rust `tokenizers` library (a tokenizer.json in a local folder, or a hub id in the local cache:
-never downloaded), in batches (`encode_batch_fast`, parallel in Rust).
+never downloaded), counted in batches by tokencount.py (the tokenizer's counts without its per-byte bookkeeping).
 
 The per-step shapes the trainer builds from the lengths, and their memory: memplan/integrations/steps.py.
 """
@@ -124,8 +124,9 @@ def _compile_template(template: str):
 
 # ----------------------------------------------------------------------------------------------- the rows
 
-def iter_rows(path: str):
-    """Rows of a dataset file, streamed (JSON is read whole)."""
+def iter_rows(path: str, columns_for=None):
+    """Rows of a dataset file, streamed (JSON is read whole). Parquet reads only the columns that
+    `columns_for(first_row)` names (all when it returns None): the text, not the ids and metadata beside it."""
     p = Path(path).expanduser()
     if p.is_dir():
         raise MemplanError(f"--dataset {path!r} is a directory; give a .jsonl, .json, .csv or .parquet file")
@@ -136,18 +137,14 @@ def iter_rows(path: str):
         raise MemplanError(f"--dataset {path!r}: unknown format {suffix or '(none)'}; memplan reads "
                            f"{', '.join(FORMATS)}")
     if suffix in (".jsonl", ".ndjson"):
-        with open(p, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        yield json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise MemplanError(f"{path}: line {n}: malformed JSON: {e.msg}") from None
+        yield from _jsonl_rows(p, path)
     elif suffix == ".json":
         try:
             data = json.loads(p.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise MemplanError(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from None
+        except UnicodeDecodeError:
+            raise MemplanError(f"{path}: not UTF-8 text") from None
         if isinstance(data, dict):
             data = next((data[k] for k in ("data", "train", "rows") if isinstance(data.get(k), list)), None)
         if not isinstance(data, list):
@@ -157,16 +154,54 @@ def iter_rows(path: str):
         with open(p, newline="", encoding="utf-8") as f:
             yield from csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
     else:
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise MemplanError("reading Parquet needs pyarrow: pip install 'memplan[data]'") from None
-        try:
-            pf = pq.ParquetFile(p)
-        except Exception as e:  # noqa: BLE001 - pyarrow's ArrowInvalid and friends
-            raise MemplanError(f"{path}: not a Parquet file: {str(e).splitlines()[0][:200]}") from None
-        for batch in pf.iter_batches(batch_size=8192):
-            yield from batch.to_pylist()
+        yield from _parquet_rows(p, path, columns_for)
+
+
+def _jsonl_rows(p: Path, path: str):
+    """JSON lines, parsed by orjson when it is installed (several times faster than json; any line it refuses,
+    such as NaN, is parsed again by json, so the rows are json's)."""
+    try:
+        from orjson import loads as fast_loads
+    except ImportError:
+        fast_loads = None
+    with open(p, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if fast_loads is not None:
+                try:
+                    yield fast_loads(line)
+                    continue
+                except ValueError:
+                    if not line.strip():
+                        continue
+            elif not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as e:
+                raise MemplanError(f"{path}: line {n}: malformed JSON: {e.msg}") from None
+            except UnicodeDecodeError:
+                raise MemplanError(f"{path}: line {n}: not UTF-8 text") from None
+
+
+def _parquet_rows(p: Path, path: str, columns_for=None):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise MemplanError("reading Parquet needs pyarrow: pip install 'memplan[data]'") from None
+    try:
+        pf = pq.ParquetFile(p)
+    except Exception as e:  # noqa: BLE001 - pyarrow's ArrowInvalid and friends
+        raise MemplanError(f"{path}: not a Parquet file: {str(e).splitlines()[0][:200]}") from None
+    columns = None
+    if columns_for is not None:
+        first = next(pf.iter_batches(batch_size=1), None)
+        if first is None:
+            return
+        wanted = columns_for(first.to_pylist()[0])
+        names = set(pf.schema_arrow.names)
+        columns = [c for c in wanted if c in names] if wanted is not None else None
+    for batch in pf.iter_batches(batch_size=8192, columns=columns or None):
+        yield from batch.to_pylist()
 
 
 def detect_format(row, text_field: str | None) -> str:
@@ -191,6 +226,8 @@ _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "ass
 
 
 def _messages(value) -> list[dict]:
+    if all(type(m) is dict and "role" in m and m.get("content") is not None for m in value):
+        return value  # already what the template reads (it cannot change them: immutable sandbox)
     out = []
     for m in value:
         if not isinstance(m, dict):
@@ -204,6 +241,38 @@ def _messages(value) -> list[dict]:
     return out
 
 
+class _Chat:
+    """The chat template rendered as `Template.render(messages=..., add_generation_prompt=False, **special)`,
+    without render's per-call setup: jinja2's new_context (runtime.py, jinja2 3.1) copies the template globals, a
+    ChainMap, into every context, most of a short render. The same context is built here from one flat copy made
+    once. Checked on the first chat against render(); any difference and render() is used."""
+
+    def __init__(self, source: str, special: dict):
+        self.template = t = _compile_template(source)
+        self.vars = {"add_generation_prompt": False, **{k: v for k, v in special.items() if v}}
+        self.base = {**dict(t.globals), **self.vars}
+        self.fast: bool | None = None  # undecided until the first chat
+
+    def __call__(self, messages) -> str:
+        if self.fast is None:
+            want = self.template.render(messages=messages, **self.vars)
+            try:
+                self.fast = self._render(messages) == want
+            except Exception:  # noqa: BLE001 - another jinja2 version's internals: render() it is
+                self.fast = False
+            return want
+        if self.fast:
+            return self._render(messages)
+        return self.template.render(messages=messages, **self.vars)
+
+    def _render(self, messages) -> str:
+        t = self.template
+        parent = self.base.copy()
+        parent["messages"] = messages
+        ctx = t.environment.context_class(t.environment, parent, t.name, t.blocks)
+        return "".join(t.root_render_func(ctx))
+
+
 # ------------------------------------------------------------------------------------------------ lengths
 
 @dataclass
@@ -212,40 +281,75 @@ class Lengths:
     format: str
     seconds: float
     rows_skipped: int = 0  # rows with no text
+    counted_by: str = ""  # how the tokens were counted (tokencount.TokenCounter)
+
+
+FORMAT_NAMES = ("chat", "text", "alpaca", "prompt_completion")
 
 
 def token_lengths(path: str, tokenizer: Tokenizer, text_field: str | None = None, fmt: str | None = None,
                   chat_template: str | None = None) -> Lengths:
-    """Tokens per row of the dataset file, streamed and tokenized in batches."""
+    """Tokens per row of the dataset file, streamed and counted in batches by tokencount.TokenCounter (the
+    tokenizer's own counts; should a checked batch disagree, the file is counted again by the tokenizer)."""
+    from memplan.integrations.tokencount import Mismatch, TokenCounter
+
     t0 = time.perf_counter()
+    counter = TokenCounter(tokenizer.tok)
+    try:
+        out, fmt, skipped = _count(path, tokenizer, counter, text_field, fmt, chat_template)
+    except Mismatch as e:
+        counter.fast, counter.why_slow = False, f"the piece count disagreed with the tokenizer on {e}"
+        out, fmt, skipped = _count(path, tokenizer, counter, text_field, fmt, chat_template)
+    if not out:
+        raise MemplanError(f"--dataset {path!r}: no rows with text" + (f" ({skipped} rows without it)" if skipped
+                                                                       else ""))
+    how = ("pieces of the byte-level BPE, memoized, checked against the tokenizer" if counter.fast else
+           f"the tokenizer (encode_batch_fast){': ' + counter.why_slow if counter.why_slow else ''}")
+    return Lengths(out, fmt or "text", time.perf_counter() - t0, skipped, how)
+
+
+def _columns(fmt: str, row: dict, text_field: str | None) -> list[str]:
+    """The columns a row's text comes from (Parquet reads only these)."""
+    if text_field and text_field in row:
+        return [text_field]
+    return {"chat": ["messages", "conversations"], "alpaca": ["instruction", "input", "output"],
+            "prompt_completion": ["prompt", "completion"]}.get(fmt, [text_field or "text"])
+
+
+def _count(path: str, tokenizer: Tokenizer, counter, text_field, fmt, chat_template):
     out = array("I")
-    rows = iter_rows(path)
-    template = None
-    first = True
     skipped = 0
     texts: list[str] = []
-    extra: list[int] = []  # prompt/completion: the completion's tokens, added to the prompt's
+    completions: list[str] = []  # prompt/completion: the completion's tokens, added to the prompt's
+    chat = None
+
+    def pick(row):
+        nonlocal fmt
+        fmt = fmt if fmt in FORMAT_NAMES else detect_format(row, text_field)
+        return _columns(fmt, row, text_field) if isinstance(row, dict) else None
 
     def flush(special: bool):
         if not texts:
             return
-        encs = tokenizer.tok.encode_batch_fast(texts, add_special_tokens=special)
-        if extra:
-            out.extend(len(e.ids) + x for e, x in zip(encs, extra))
+        counts = counter.count(texts, special)
+        if completions:
+            out.extend(n + x for n, x in zip(counts, counter.count(completions, False)))
         else:
-            out.extend(len(e.ids) for e in encs)
+            out.extend(counts)
         texts.clear()
-        extra.clear()
+        completions.clear()
 
-    for row in rows:
+    first = True
+    for row in iter_rows(path, pick):
         if first:
-            fmt = fmt if fmt in ("chat", "text", "alpaca", "prompt_completion") else detect_format(row, text_field)
+            if fmt not in FORMAT_NAMES:
+                pick(row)
             if fmt == "chat":
                 source = chat_template or tokenizer.chat_template
                 if not source:
                     raise MemplanError(f"the rows are chats but {tokenizer.path} has no chat_template (and the "
                                        "config names none); give a tokenizer folder with tokenizer_config.json")
-                template = _compile_template(source)
+                chat = _Chat(source, tokenizer.special)
             first = False
         if not isinstance(row, dict):
             raise MemplanError(f"{path}: a row must be an object, got {type(row).__name__}")
@@ -256,8 +360,9 @@ def token_lengths(path: str, tokenizer: Tokenizer, text_field: str | None = None
                 skipped += 1
                 continue
             try:
-                texts.append(template.render(messages=_messages(value), add_generation_prompt=False,
-                                             **{k: v for k, v in tokenizer.special.items() if v}))
+                texts.append(chat(_messages(value)))
+            except MemplanError:
+                raise
             except Exception as e:  # noqa: BLE001 - jinja errors, raise_exception() in templates
                 raise MemplanError(f"{path}: the chat template failed on row {len(out) + len(texts) + skipped + 1}: "
                                    f"{str(e)[:200]}") from None
@@ -274,14 +379,11 @@ def token_lengths(path: str, tokenizer: Tokenizer, text_field: str | None = None
                                        input=f"### Input:\n{inp}\n\n" if inp else "", output=row.get("output") or ""))
         else:  # prompt / completion: two texts, the completion without special tokens (TRL tokenizes them apart)
             texts.append(str(row.get("prompt") or ""))
-            extra.append(len(tokenizer.tok.encode(str(row.get("completion") or ""), add_special_tokens=False).ids))
+            completions.append(str(row.get("completion") or ""))
         if len(texts) >= CHUNK:
             flush(fmt != "chat")
     flush(fmt != "chat")
-    if not out:
-        raise MemplanError(f"--dataset {path!r}: no rows with text" + (f" ({skipped} rows without it)" if skipped
-                                                                       else ""))
-    return Lengths(out, fmt or "text", time.perf_counter() - t0, skipped)
+    return out, fmt, skipped
 
 
 # -------------------------------------------------------------------------------------------- the commands
