@@ -8,22 +8,28 @@ Each reader applies its trainer's own defaults where they differ from memplan's 
 per_device_train_batch_size is 8, LLaMA-Factory's lora_rank 8, ...), so the settings are the run the file
 describes, not memplan's default recipe.
 
-Every key ends in exactly one list: mapped (key -> setting), recognized but not yet modelled by this memplan (a
-setting that belongs to a TrainSpec field this checkout lacks, or a value it does not accept: mapped as soon as the
-field exists), or ignored (with why). A key of the wrong type, an unknown optimizer or target, or a contradiction
-(4-bit and 8-bit both on) is one line naming the key and the file (MemplanError, exit 2). Command-line flags
-override the file: an unmodelled value (an optimizer memplan has no formula for) is an error only when no flag
-replaces it.
+Every key ends in exactly one list: mapped (key -> setting), recognized but not modelled by memplan (with why), or
+ignored (with why). The simple keys of each reader are a table of `Key`s (key -> TrainSpec field, converter, the
+trainer's default, why), applied by `Reader.apply`; the rest (adapters and bits, targets, DeepSpeed / FSDP) are
+small functions. A key of the wrong type, an unknown optimizer or target, or a contradiction (4-bit and 8-bit both
+on) is one line naming the key and the file (MemplanError, exit 2). Command-line flags override the file: an
+unmodelled value (an optimizer memplan has no formula for) is an error only when no flag replaces it.
+
+The GPU count is never in these files (it is the launcher's: `accelerate launch --num_processes`, `torchrun
+--nproc_per_node`, `deepspeed --num_gpus`, `axolotl train --num-processes`): a file that asks for DeepSpeed or FSDP
+needs `--gpus N` on the command line (one line saying so otherwise; `--parallel` on the command line replaces the
+file's strategy and lifts it), and the estimate is per rank of those N.
 """
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from memplan.errors import MemplanError
-from memplan.spec import TRAIN_FIELDS, TrainSpec
+from memplan.spec import TrainSpec
 
 FORMATS = ("axolotl", "llamafactory", "trl", "torchtune")
 MAX_BYTES = 4 * 2**20  # a training config is a few KiB
@@ -54,9 +60,6 @@ HF_UNMODELLED = {
 FUSED_NOTE = ("fused / foreach AdamW keep the same states; memplan models torch's foreach AdamW, whose step "
               "temporaries the fused kernel does not allocate (estimate high by at most those)")
 
-# transformers attn_implementation -> memplan attention. flash_attention_2 is its own value once the attention
-# field accepts it (#11a); until then SDPA's fused kernels have the same O(s) memory signature on CUDA.
-ATTENTION = {"sdpa": "sdpa", "eager": "eager", "flash_attention_2": "flash_attention_2"}
 
 
 def _kind_name(kind) -> str:
@@ -85,6 +88,8 @@ class Mapping:
     pending: list = field(default_factory=list)  # (key, value, why) recognized, not yet modelled by this memplan
     ignored: list = field(default_factory=list)  # (key, why)
     deferred: dict = field(default_factory=dict)  # field -> error unless the command line sets the field
+    waivers: dict = field(default_factory=dict)  # field -> other fields whose flag also lifts its deferred error
+    given: dict = field(default_factory=dict)  # the training flags of the command line (resolve)
     notes: list = field(default_factory=list)
     data: dict = field(default_factory=dict)  # dataset hints: text_field, packing, order, max_length, ...
     overridden: list = field(default_factory=list)  # (field, config value, command-line value)
@@ -151,25 +156,39 @@ class Reader:
         self.m.rows.append((key, _show(shown) if shown is not None else "(not set)",
                             text + (f" ({note})" if note else "")))
 
-    def set_guarded(self, setting: str, value, key: str, shown=None, note: str = "", absent: str = "") -> bool:
-        """A setting whose TrainSpec field (or value) belongs to another memplan feature: mapped when this
-        checkout's TrainSpec has the field and accepts the value, else recorded as recognized, not modelled."""
-        if setting in TRAIN_FIELDS and accepts(setting, value):
-            self.set(setting, value, key, shown, note)
-            return True
-        why = (f"{setting}={_show(value)}: not yet modelled by this memplan"
-               + (f"; {absent}" if absent else ""))
-        self.m.pending.append((key, _show(shown) if shown is not None else "", why))
-        return False
+    def apply(self, keys, where: dict | None = None, prefix: str = "") -> dict:
+        """Each `Key` of the table: its value (or the trainer's default) converted and set. Returns field -> value
+        of the keys that set something."""
+        src = self.raw if where is None else where
+        out = {}
+        for k in keys:
+            if where is None:
+                self.used.add(k.key)
+            value = src.get(k.key)
+            default = k.default(self.m.settings) if callable(k.default) else k.default
+            if value is None and default is None:
+                continue
+            try:
+                setting = k.convert(value if value is not None else default) if k.convert else value
+            except ValueError as e:
+                raise self.error(prefix + k.key, str(e)) from None
+            if setting is None:  # an off switch: read, nothing to set
+                continue
+            shown = value if value is not None else (k.origin or f"(default {_show(default)})")
+            self.set(k.field, setting, prefix + k.key, shown, k.why)
+            out[k.field] = setting
+        return out
 
     def not_modelled(self, key: str, why: str, shown=None) -> None:
         self.used.add(key)
         self.m.pending.append((key, _show(shown if shown is not None else self.raw.get(key, "")), why))
 
-    def defer(self, setting: str, key: str, message: str) -> None:
-        """An error raised only if the command line does not set `setting`."""
+    def defer(self, setting: str, key: str, message: str, waived_by: tuple = ()) -> None:
+        """An error raised only if the command line sets neither `setting` nor a field of `waived_by`."""
         self.m.deferred[setting] = f"{self.path}: {key}: {message}"
         self.m.keys.setdefault(setting, key)
+        if waived_by:
+            self.m.waivers[setting] = tuple(waived_by)
 
     def ignore(self, key: str, why: str) -> None:
         self.used.add(key)
@@ -207,15 +226,54 @@ def _prefix_reason(key: str, reasons: dict[str, str]) -> str | None:
     return None
 
 
-def accepts(setting: str, value) -> bool:
-    """Whether this checkout's TrainSpec takes `value` for `setting` (checked alone, on the defaults; for
-    method=full with 16-bit weights, since full fine-tuning refuses 4/8-bit)."""
-    extra = {"bits": 16} if setting == "method" and value == "full" else {}
-    try:
-        TrainSpec(**{setting: value, **extra})
-    except (MemplanError, TypeError, ValueError):
-        return False
-    return True
+@dataclass(frozen=True)
+class Key:
+    """One config key onto one TrainSpec field (Reader.apply)."""
+
+    key: str
+    field: str
+    convert: Callable | None = None  # raw value -> setting; ValueError(why) for a bad value; None: nothing to set
+    default: object = None  # the trainer's default when the key is absent (a callable: of the settings so far)
+    why: str = ""  # shown next to the setting: where its meaning comes from
+    origin: str = ""  # how an absent key is shown, e.g. "(axolotl default 512)"
+
+
+def positive(value) -> int:
+    if not _is(value, int):
+        raise ValueError(f"expected an integer, got {_show(value)!r}")
+    if value <= 0:
+        raise ValueError(f"must be a positive integer, got {value}")
+    return value
+
+
+def dropout(value) -> float:
+    if not _is(value, float):
+        raise ValueError(f"expected a number, got {_show(value)!r}")
+    if not 0 <= value < 1:
+        raise ValueError(f"must be in [0, 1), got {value}")
+    return float(value)
+
+
+def boolean(value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {_show(value)!r}")
+    return value
+
+
+def when_on(setting):
+    """A switch: `setting` when it is true, nothing when false."""
+    def convert(value):
+        return setting if boolean(value) else None
+    return convert
+
+
+def one_of(table: dict):
+    """A name from `table` (name -> setting)."""
+    def convert(value):
+        if not isinstance(value, str) or value not in table:
+            raise ValueError(f"expected {', '.join(map(str, table))}, got {_show(value)!r}")
+        return table[value]
+    return convert
 
 
 def check_contradictions(r: Reader) -> None:
@@ -244,8 +302,7 @@ def attention_from_hf(r: Reader, key: str, impl: str) -> None:
     if low in ("sdpa", "eager"):
         r.set("attention", low, key, impl)
     elif low == "flash_attention_2":
-        r.set_guarded("attention", "flash_attention_2", key, impl,
-                      absent="modelled as sdpa, whose fused CUDA kernels keep the same O(s) attention memory")
+        r.set("attention", "flash_attention_2", key, impl, "flash-attn's kernels (memplan --attention flash_attention_2)")
     else:
         r.not_modelled(key, f"attention {impl!r}: not modelled; the estimate uses sdpa (O(s) fused kernels)", impl)
 
@@ -275,30 +332,58 @@ def lora_targets_from_names(r: Reader, key: str, names: list[str]) -> None:
         r.set("lora_targets", clean, key, names, "checked against the model's linear names")
 
 
-def multi_gpu(r: Reader, key: str, gpus=None, parallel=None, fsdp_version=None, offload=None, shown=None) -> None:
-    """deepspeed / fsdp settings onto the multi-GPU fields (#13's gpus, parallel, fsdp_version, offload)."""
-    why = "multi-GPU settings are modelled by memplan's parallel feature; this checkout estimates one GPU"
-    for setting, value in (("parallel", parallel), ("fsdp_version", fsdp_version), ("offload", offload),
-                           ("gpus", gpus)):
-        if value is not None:
-            r.set_guarded(setting, value, key, shown, absent=why)
+LAUNCHER = ("the GPU count is the launcher's, not the file's (accelerate launch --num_processes, torchrun "
+            "--nproc_per_node, deepspeed --num_gpus, axolotl train --num-processes)")
+
+
+def multi_gpu(r: Reader, key: str, parallel: str, fsdp_version=None, offload: str = "none", shown=None,
+              why: str = "") -> None:
+    """A DeepSpeed / FSDP strategy onto parallel, fsdp_version and offload; the GPU count must come from --gpus
+    (or --parallel replaces the strategy)."""
+    r.set("parallel", parallel, key, shown, why)
+    if fsdp_version is not None:
+        r.set("fsdp_version", fsdp_version, key, shown)
+    r.set("offload", offload, key, shown)
+    r.defer("gpus", key, f"--parallel {parallel} runs on several GPUs and {LAUNCHER}: give --gpus N (the number of "
+            "processes; --gpus 1 for one GPU) and the estimate is per rank of those N", waived_by=("parallel",))
+
+
+# The DeepSpeed configs the trainers ship, read from their names when the file is not on this machine: axolotl's
+# deepspeed_configs/zero{1,2,3}.json, zero3_bf16_cpuoffload_{params,all}.json, zero3_cpuoffload.json (axolotl 0.19)
+# and LLaMA-Factory's examples/deepspeed/ds_z{0,2,3}_config.json, ds_z{2,3}_offload_config.json (0.9.5). In all of
+# them "offload" at stage 3 offloads the parameters (offload_param), at stage 1/2 the optimizer (offload_optimizer).
+DEEPSPEED_NAME = r"(?:zero|ds_z)_?(\d)"
 
 
 def deepspeed_settings(r: Reader, key: str, value) -> None:
-    """A DeepSpeed config (a path to a JSON file, or inline) onto parallel zero1/2/3 and offload."""
-    cfg = value
+    """A DeepSpeed config (a path to a JSON file, or inline) onto parallel zero1/2/3 (stage 0: ddp) and offload.
+    A path not on this machine is read from its name, as axolotl's deepspeed_configs/zero{1,2,3}*.json."""
+    import re
+
+    cfg, how = value, ""
     if isinstance(value, str):
         path = Path(value).expanduser()
         if not path.is_absolute():
             path = Path(r.path).parent / path
         if not path.is_file():
-            r.not_modelled(key, f"DeepSpeed config {value!r} not found next to the config; its ZeRO stage is "
-                                "unknown", value)
+            name = Path(value).name.lower()
+            found = re.search(DEEPSPEED_NAME, name)
+            if not found or int(found.group(1)) > 3:
+                r.not_modelled(key, f"DeepSpeed config {value!r} is not next to the config and its name gives no "
+                                    "ZeRO stage; pass --parallel zero1|zero2|zero3 and --offload", value)
+                return
+            stage = int(found.group(1))
+            offload = "none" if "offload" not in name else "params" if stage == 3 else "optimizer"
+            r.used.add(key)
+            multi_gpu(r, key, f"zero{stage}" if stage else "ddp", offload=offload, shown=value,
+                      why="from the file name (the trainer's shipped DeepSpeed configs): the file is not on this "
+                          "machine")
             return
         try:
             cfg = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise r.error(key, f"cannot read DeepSpeed config {value!r}: {e.__class__.__name__}") from None
+        how = f"read from {path.name}"
     if not isinstance(cfg, dict):
         raise r.error(key, f"expected a DeepSpeed config path or mapping, got {_show(value)!r}")
     zero = cfg.get("zero_optimization") or {}
@@ -306,15 +391,68 @@ def deepspeed_settings(r: Reader, key: str, value) -> None:
     if stage not in (0, 1, 2, 3):
         r.not_modelled(key, f"DeepSpeed config without a ZeRO stage ({_show(stage)})", value)
         return
-    offload = None
+    offload = "none"
     if isinstance(zero, dict):
-        dev = lambda k: ((zero.get(k) or {}).get("device") if isinstance(zero.get(k), dict) else None)  # noqa: E731
-        if dev("offload_param") in ("cpu", "nvme"):
+        def device(k):
+            return (zero.get(k) or {}).get("device") if isinstance(zero.get(k), dict) else None
+
+        params, optim = device("offload_param") in ("cpu", "nvme"), device("offload_optimizer") in ("cpu", "nvme")
+        if params:
             offload = "params"
-        elif dev("offload_optimizer") in ("cpu", "nvme"):
+            if not optim:
+                r.m.notes.append(f"{key}: offload_param without offload_optimizer: memplan's --offload params also "
+                                 "moves the fp32 optimizer states to the host (the GPU estimate is low by their shard)")
+        elif optim:
             offload = "optimizer"
+        if "nvme" in (device("offload_param"), device("offload_optimizer")):
+            r.m.notes.append(f"{key}: offload to NVMe: memplan counts it as host RAM")
     r.used.add(key)
-    multi_gpu(r, key, parallel=f"zero{stage}" if stage else "ddp", offload=offload or "none", shown=value)
+    multi_gpu(r, key, f"zero{stage}" if stage else "ddp", offload=offload, shown=value, why=how)
+
+
+FSDP_STRATEGIES = {"full_shard": "fsdp", "shard_grad_op": "fsdp-grad-op", "hybrid_shard": "fsdp",
+                   "hybrid_shard_zero2": "fsdp-grad-op"}
+
+
+def fsdp_settings(r: Reader, key: str, options, cfg: dict, default_version: int) -> None:
+    """FSDP as transformers' TrainingArguments (5.24 training_args.py _process_fsdp_args) and axolotl read it:
+    `fsdp` options (full_shard / shard_grad_op / offload / auto_wrap, a string or a list, or true) and fsdp_config
+    (keys with or without the fsdp_ prefix: version / fsdp_version, reshard_after_forward, cpu_offload /
+    offload_params, sharding_strategy). FULL_SHARD = reshard_after_forward true (fsdp); SHARD_GRAD_OP = false
+    (fsdp-grad-op); hybrid sharding shards within a node, which memplan models as one node."""
+    cfg = {k[5:] if k.startswith("fsdp_") else k: v for k, v in (cfg or {}).items()}
+    opts = options.split() if isinstance(options, str) else list(options) if isinstance(options, list) else []
+    unknown = [o for o in opts if o not in (*FSDP_STRATEGIES, "no_shard", "offload", "auto_wrap")]
+    if unknown:
+        raise r.error(key, f"unknown fsdp option {unknown[0]!r}; transformers has full_shard, shard_grad_op, "
+                      "hybrid_shard, hybrid_shard_zero2, no_shard, offload, auto_wrap")
+    version = cfg.get("version", default_version)
+    if version not in (1, 2, "1", "2"):
+        raise r.error("fsdp_config.version", f"expected 1 or 2, got {_show(version)!r}")
+    version = int(version)
+    strategy = next((FSDP_STRATEGIES[o] for o in opts if o in FSDP_STRATEGIES), None)
+    reshard = cfg.get("reshard_after_forward")
+    sharding = cfg.get("sharding_strategy")
+    if isinstance(reshard, str):  # FSDP1 keeps the strategy name here
+        sharding = sharding or reshard
+        reshard = None
+    if isinstance(sharding, str):
+        low = sharding.lower()
+        if low == "no_shard" or low == "3":
+            r.not_modelled(key, "FSDP NO_SHARD is DDP: pass --parallel ddp", sharding)
+            return
+        strategy = FSDP_STRATEGIES.get(low, {"1": "fsdp", "2": "fsdp-grad-op", "4": "fsdp", "5": "fsdp-grad-op"}
+                                       .get(low, strategy))
+    if isinstance(reshard, bool):
+        strategy = "fsdp" if reshard else "fsdp-grad-op"
+    if "no_shard" in opts and strategy is None:
+        r.not_modelled(key, "FSDP no_shard is DDP: pass --parallel ddp", options)
+        return
+    offload = "offload" in opts or any(cfg.get(k) is True for k in ("cpu_offload", "offload_params"))
+    hybrid = any("hybrid" in str(x).lower() for x in (*opts, sharding or ""))
+    multi_gpu(r, key, strategy or "fsdp", fsdp_version=version, offload="params" if offload else "none",
+              shown=options if options not in (None, True) else cfg,
+              why="hybrid sharding: shards within a node, modelled as one node" if hybrid else "")
 
 
 # --------------------------------------------------------------------------------------------- reading files
@@ -408,8 +546,9 @@ def resolve(mapping: Mapping, given: dict) -> None:
     for setting, value in list(mapping.settings.items()):
         if setting in given:
             mapping.overridden.append((setting, _show(value), given[setting]))
+    mapping.given = dict(given)
     for setting, message in mapping.deferred.items():
-        if setting not in given:
+        if setting not in given and not any(w in given for w in mapping.waivers.get(setting, ())):
             raise MemplanError(message)
 
 
@@ -429,6 +568,9 @@ def print_mapping(mapping: Mapping, out=None) -> None:
         field_name = setting.split(" ", 1)[0]
         mark = "  [overridden on the command line]" if field_name in over else ""
         print(f"  {key:<{w}}  {value}  -> {setting}{mark}", file=out)
+    if "gpus" in mapping.deferred and "gpus" in mapping.given:
+        print(f"  {'(GPU count)':<{w}}  not in the file  -> gpus {mapping.given['gpus']} (--gpus; {LAUNCHER}): "
+              "the estimate is per rank", file=out)
     for f, conf, cli in mapping.overridden:
         print(f"  command line: {flag_of(f)} {cli} (the config says {conf})", file=out)
     if mapping.pending:
