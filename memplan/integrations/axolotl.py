@@ -183,9 +183,9 @@ def read(r: Reader) -> Mapping:
     if impl:
         attention_from_hf(r, "attn_implementation", impl)
     elif r.get("flash_attention", bool):
-        attention_from_hf(r, "flash_attention", "flash_attention_2")
+        attention_from_hf(r, "flash_attention", "flash_attention_2", True)
     elif r.get("eager_attention", bool):
-        attention_from_hf(r, "eager_attention", "eager")
+        attention_from_hf(r, "eager_attention", "eager", True)
     elif r.get("flex_attention", bool):
         attention_from_hf(r, "flex_attention", "flex_attention")
     else:
@@ -220,8 +220,6 @@ def read(r: Reader) -> Mapping:
     other = [p for p in plugins if p not in (LIGER_PLUGIN, CCE_PLUGIN)]
     if other:
         r.not_modelled("plugins", f"plugins not modelled: {', '.join(map(str, other))}", other)
-    elif plugins:
-        r.m.read.append(("plugins", ", ".join(p.rsplit(".", 1)[-1] for p in plugins)))
 
     # ---- multi-GPU (the GPU count is the launcher's: --gpus)
     if deepspeed is not None:

@@ -23,6 +23,7 @@ file's strategy and lifts it), and the estimate is per rank of those N.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -196,8 +197,11 @@ class Reader:
 
     def finish(self, reasons: dict[str, str], default_why: str) -> Mapping:
         """Every key not read yet goes to `ignored`, with the reason its table gives or `default_why`."""
-        shown = ({k.split(".")[0] for k, _, _ in self.m.rows} | {k.split(".")[0] for k, _, _ in self.m.pending}
-                 | {(self.m.model_key or "").split(".")[0]})
+        def roots(key: str) -> set[str]:  # "a.b" -> a; "x+y" and "x/y" (one row from several keys) -> x, y
+            return {part.split(".")[0] for part in re.split(r"[+/]", key)}
+
+        shown = set().union(*(roots(k) for k, _, _ in self.m.rows), *(roots(k) for k, _, _ in self.m.pending),
+                            roots(self.m.model_key or ""))
         for key in self.raw:
             if key in self.used and key not in shown and self.raw[key] is not None:
                 self.m.read.append((key, _show(self.raw[key])))
@@ -256,7 +260,7 @@ def dropout(value) -> float:
 
 def boolean(value) -> bool:
     if not isinstance(value, bool):
-        raise ValueError(f"expected true or false, got {_show(value)!r}")
+        raise ValueError(f"expected true or false, got {_show(value)!r}")  # noqa: TRY004 - the converters' contract
     return value
 
 
@@ -297,12 +301,15 @@ def optimizer_from_hf(r: Reader, key: str, name: str) -> None:
         raise r.error(key, f"unknown optimizer {name!r}; known: {', '.join(sorted(HF_OPTIMIZERS))}")
 
 
-def attention_from_hf(r: Reader, key: str, impl: str) -> None:
+def attention_from_hf(r: Reader, key: str, impl: str, shown=None) -> None:
+    """transformers' attn_implementation (or a trainer's switch for one: `shown` is how the file says it)."""
     low = impl.strip().lower()
+    shown = impl if shown is None else shown
     if low in ("sdpa", "eager"):
-        r.set("attention", low, key, impl)
+        r.set("attention", low, key, shown)
     elif low == "flash_attention_2":
-        r.set("attention", "flash_attention_2", key, impl, "flash-attn's kernels (memplan --attention flash_attention_2)")
+        r.set("attention", "flash_attention_2", key, shown, "attn_implementation flash_attention_2: flash-attn's "
+              "kernels")
     else:
         r.not_modelled(key, f"attention {impl!r}: not modelled; the estimate uses sdpa (O(s) fused kernels)", impl)
 
@@ -420,7 +427,7 @@ def fsdp_settings(r: Reader, key: str, options, cfg: dict, default_version: int)
     (keys with or without the fsdp_ prefix: version / fsdp_version, reshard_after_forward, cpu_offload /
     offload_params, sharding_strategy). FULL_SHARD = reshard_after_forward true (fsdp); SHARD_GRAD_OP = false
     (fsdp-grad-op); hybrid sharding shards within a node, which memplan models as one node."""
-    cfg = {k[5:] if k.startswith("fsdp_") else k: v for k, v in (cfg or {}).items()}
+    cfg = {k.removeprefix("fsdp_"): v for k, v in (cfg or {}).items()}
     opts = options.split() if isinstance(options, str) else list(options) if isinstance(options, list) else []
     unknown = [o for o in opts if o not in (*FSDP_STRATEGIES, "no_shard", "offload", "auto_wrap")]
     if unknown:

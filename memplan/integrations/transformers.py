@@ -96,9 +96,9 @@ def spec_from_live(model, args, seq_len: int):
         on = getattr(model, "is_gradient_checkpointing", False)
     s["gradient_checkpointing"] = bool(getattr(args, "gradient_checkpointing", False) or on)
     impl = getattr(cfg, "_attn_implementation", None) or "sdpa"
-    from memplan.integrations.config import accepts
+    from memplan.spec import ATTENTIONS
 
-    s["attention"] = impl if accepts("attention", impl) else "sdpa"
+    s["attention"] = impl if impl in ATTENTIONS else "sdpa"
     return TrainSpec(**s)
 
 
