@@ -262,3 +262,52 @@ def test_token_counter_falls_back_to_the_tokenizer(data, monkeypatch):
     monkeypatch.setattr(tokencount._Memo, "__missing__", lambda self, piece: (len(piece) << 32) + 1)
     again = ds.token_lengths(str(data["root"] / "chat.jsonl"), tok)
     assert list(again.lengths) == list(right.lengths) and "disagreed" in again.counted_by
+
+
+# ---- chat: the template's text, from a skeleton per role sequence where the template only outputs the contents
+
+QWEN25 = (  # Qwen2.5's chat template (tokenizer_config.json), the branches without tools
+    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    "<|im_end|>\\n' }}{%- endif %}{%- for message in messages %}{%- if (message.role == \"user\") or (message.role "
+    "== \"system\" and not loop.first) or (message.role == \"assistant\" and not message.tool_calls) %}{{- "
+    "'<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}{%- elif message.role == "
+    "\"assistant\" %}{{- '<|im_start|>' + message.role }}{%- if message.content %}{{- '\\n' + message.content }}"
+    "{%- endif %}{{- '<|im_end|>\\n' }}{%- endif %}{%- endfor %}{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+TRIM = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] | trim + '\\n' }}{% endfor %}")
+TOJSON = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] | tojson }}\n{% endfor %}"
+CONCAT_THEN_FILTER = "{% for m in messages %}{{ ('[' + m['content']) | upper }}]{% endfor %}"
+
+
+@pytest.mark.parametrize("template,skeleton", [(QWEN25, True), (TEMPLATE, True), (TRIM, False), (TOJSON, False),
+                                               (CONCAT_THEN_FILTER, False)])
+def test_chat_text_equals_apply_chat_template(data, template, skeleton):
+    from transformers import PreTrainedTokenizerFast
+
+    from memplan.integrations.chat import Chat
+
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(data["root"] / "tokenizer.json"), bos_token="<s>",
+                                 eos_token="</s>", chat_template=template)
+    rng = random.Random(7)
+    odd = ["  padded  ", "{braces} {0} {{x}}", "\ue000 0 \ue001", "", "quote\" and\nnewline", "<|im_end|>"]
+    rows = [[{"role": "system", "content": rng.choice(odd)}, {"role": "user", "content": _text(rng, 5)},
+             {"role": "assistant", "content": rng.choice(odd) + _text(rng, 3)}] for _ in range(30)]
+    rows += [[{"from": "human", "value": _text(rng, 4)}, {"from": "gpt", "value": rng.choice(odd)}] for _ in range(10)]
+    rows += [[{"role": "user", "content": "hi", "name": "x"}]]  # a key beyond role/content: rendered in full
+    chat = Chat(template, {"bos_token": "<s>", "eos_token": "</s>"})
+    from memplan.integrations.chat import messages
+
+    for row in rows:
+        assert chat(row) == hf.apply_chat_template(messages(row), tokenize=False)
+    assert all(v is not None for v in chat.skeletons.values()) is skeleton and chat.skeletons
+
+
+def test_chat_skeleton_mismatch_reads_again(data, monkeypatch):
+    from memplan.integrations import chat
+
+    tok = ds.load_tokenizer(str(data["root"]))
+    right = ds.token_lengths(str(data["root"] / "chat.jsonl"), tok)
+    monkeypatch.setattr(chat.Chat, "_skeleton", lambda self, msgs: lambda value: "wrong")
+    again = ds.token_lengths(str(data["root"] / "chat.jsonl"), tok)
+    assert list(again.lengths) == list(right.lengths)

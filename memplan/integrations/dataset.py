@@ -4,8 +4,8 @@ from them, so that the plan is for the step that sets the peak, not for one nomi
 Reading (torch-free, streamed): JSONL line by line, CSV row by row, Parquet by record batches (pyarrow), JSON as one
 document (a list of rows, or {"data"|"train": [...]}). Each row becomes text the way the trainers build it:
 - chat rows (`messages` / `conversations`, role/content or ShareGPT from/value) through the tokenizer's chat template
-  (tokenizer_config.json `chat_template`, rendered with jinja2's sandbox as transformers' apply_chat_template does,
-  then tokenized without special tokens: the template writes them);
+  (tokenizer_config.json `chat_template`, rendered as transformers' apply_chat_template does: chat.py), then
+  tokenized without special tokens (the template writes them);
 - prompt/completion rows (TRL) as the two texts tokenized separately and added (prompt with special tokens);
 - alpaca rows (instruction/input/output; axolotl `type: alpaca`) in the Stanford Alpaca prompt;
 - otherwise the text field (`text`, or the one the config or --text-field names), with special tokens.
@@ -101,25 +101,6 @@ def _hub_snapshot(repo_id: str) -> Path | None:
         ("models--" + repo_id.replace("/", "--")) / "snapshots"
     found = sorted(snaps.glob("*/tokenizer.json")) if snaps.is_dir() else []
     return found[-1].parent if found else None
-
-
-def _compile_template(template: str):
-    import jinja2
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **{k: v for k, v in kw.items()
-                                                                                  if k in ("indent", "sort_keys")})
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
-    try:
-        return env.from_string(template)
-    except jinja2.exceptions.TemplateError as e:
-        raise MemplanError(f"the tokenizer's chat template does not compile: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------- the rows
@@ -221,58 +202,6 @@ def detect_format(row, text_field: str | None) -> str:
     raise MemplanError(f"which column holds the text? the rows have {', '.join(map(str, row))}; give --text-field")
 
 
-_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
-          "tool": "tool", "function_call": "assistant", "observation": "tool"}
-
-
-def _messages(value) -> list[dict]:
-    if all(type(m) is dict and "role" in m and m.get("content") is not None for m in value):
-        return value  # already what the template reads (it cannot change them: immutable sandbox)
-    out = []
-    for m in value:
-        if not isinstance(m, dict):
-            raise MemplanError(f"a chat message must be an object, got {type(m).__name__}")
-        if "role" in m:
-            out.append({**m, "content": m.get("content") if m.get("content") is not None else ""})
-        elif "from" in m:  # ShareGPT
-            out.append({"role": _ROLES.get(m["from"], m["from"]), "content": m.get("value") or ""})
-        else:
-            raise MemplanError(f"a chat message needs role/content or from/value, got {', '.join(m)}")
-    return out
-
-
-class _Chat:
-    """The chat template rendered as `Template.render(messages=..., add_generation_prompt=False, **special)`,
-    without render's per-call setup: jinja2's new_context (runtime.py, jinja2 3.1) copies the template globals, a
-    ChainMap, into every context, most of a short render. The same context is built here from one flat copy made
-    once. Checked on the first chat against render(); any difference and render() is used."""
-
-    def __init__(self, source: str, special: dict):
-        self.template = t = _compile_template(source)
-        self.vars = {"add_generation_prompt": False, **{k: v for k, v in special.items() if v}}
-        self.base = {**dict(t.globals), **self.vars}
-        self.fast: bool | None = None  # undecided until the first chat
-
-    def __call__(self, messages) -> str:
-        if self.fast is None:
-            want = self.template.render(messages=messages, **self.vars)
-            try:
-                self.fast = self._render(messages) == want
-            except Exception:  # noqa: BLE001 - another jinja2 version's internals: render() it is
-                self.fast = False
-            return want
-        if self.fast:
-            return self._render(messages)
-        return self.template.render(messages=messages, **self.vars)
-
-    def _render(self, messages) -> str:
-        t = self.template
-        parent = self.base.copy()
-        parent["messages"] = messages
-        ctx = t.environment.context_class(t.environment, parent, t.name, t.blocks)
-        return "".join(t.root_render_func(ctx))
-
-
 # ------------------------------------------------------------------------------------------------ lengths
 
 @dataclass
@@ -293,13 +222,20 @@ def token_lengths(path: str, tokenizer: Tokenizer, text_field: str | None = None
     tokenizer's own counts; should a checked batch disagree, the file is counted again by the tokenizer)."""
     from memplan.integrations.tokencount import Mismatch, TokenCounter
 
+    from memplan.integrations.chat import SkeletonMismatch
+
     t0 = time.perf_counter()
     counter = TokenCounter(tokenizer.tok)
-    try:
-        out, fmt, skipped = _count(path, tokenizer, counter, text_field, fmt, chat_template)
-    except Mismatch as e:
-        counter.fast, counter.why_slow = False, f"the piece count disagreed with the tokenizer on {e}"
-        out, fmt, skipped = _count(path, tokenizer, counter, text_field, fmt, chat_template)
+    skeletons = True
+    for _ in range(3):  # at most: once as planned, once without the skeletons, once without the piece count
+        try:
+            out, fmt_read, skipped = _count(path, tokenizer, counter, text_field, fmt, chat_template, skeletons)
+            break
+        except Mismatch as e:
+            counter.fast, counter.why_slow = False, f"the piece count disagreed with the tokenizer on {e}"
+        except SkeletonMismatch:
+            skeletons = False
+    fmt = fmt_read
     if not out:
         raise MemplanError(f"--dataset {path!r}: no rows with text" + (f" ({skipped} rows without it)" if skipped
                                                                        else ""))
@@ -316,7 +252,9 @@ def _columns(fmt: str, row: dict, text_field: str | None) -> list[str]:
             "prompt_completion": ["prompt", "completion"]}.get(fmt, [text_field or "text"])
 
 
-def _count(path: str, tokenizer: Tokenizer, counter, text_field, fmt, chat_template):
+def _count(path: str, tokenizer: Tokenizer, counter, text_field, fmt, chat_template, skeletons: bool):
+    from memplan.integrations.chat import Chat, SkeletonMismatch
+
     out = array("I")
     skipped = 0
     texts: list[str] = []
@@ -349,7 +287,7 @@ def _count(path: str, tokenizer: Tokenizer, counter, text_field, fmt, chat_templ
                 if not source:
                     raise MemplanError(f"the rows are chats but {tokenizer.path} has no chat_template (and the "
                                        "config names none); give a tokenizer folder with tokenizer_config.json")
-                chat = _Chat(source, tokenizer.special)
+                chat = Chat(source, tokenizer.special, skeletons)
             first = False
         if not isinstance(row, dict):
             raise MemplanError(f"{path}: a row must be an object, got {type(row).__name__}")
@@ -360,8 +298,8 @@ def _count(path: str, tokenizer: Tokenizer, counter, text_field, fmt, chat_templ
                 skipped += 1
                 continue
             try:
-                texts.append(chat(_messages(value)))
-            except MemplanError:
+                texts.append(chat(value))
+            except (MemplanError, SkeletonMismatch):
                 raise
             except Exception as e:  # noqa: BLE001 - jinja errors, raise_exception() in templates
                 raise MemplanError(f"{path}: the chat template failed on row {len(out) + len(texts) + skipped + 1}: "
