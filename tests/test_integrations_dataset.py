@@ -311,3 +311,18 @@ def test_chat_skeleton_mismatch_reads_again(data, monkeypatch):
     monkeypatch.setattr(chat.Chat, "_skeleton", lambda self, msgs: lambda value: "wrong")
     again = ds.token_lengths(str(data["root"] / "chat.jsonl"), tok)
     assert list(again.lengths) == list(right.lengths)
+
+
+def test_jsonl_read_by_several_processes(data, tmp_path):
+    """A JSONL file split into byte ranges (one process each) gives the lengths in file order, and an error's line
+    number is the file's."""
+    tok = ds.load_tokenizer(str(data["root"]))
+    one = ds.token_lengths(str(data["root"] / "chat.jsonl"), tok)
+    three = ds.token_lengths(str(data["root"] / "chat.jsonl"), tok, workers=3)
+    assert list(three.lengths) == list(one.lengths) and three.counted_by.endswith("3 processes")
+    lines = (data["root"] / "chat.jsonl").read_text().splitlines()
+    lines[350] = lines[350][:-5]  # truncated JSON in the last third
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ds.MemplanError, match="line 351: malformed JSON"):
+        ds.token_lengths(str(bad), tok, workers=3)

@@ -86,7 +86,7 @@ class Mapping:
     settings: dict = field(default_factory=dict)  # TrainSpec field -> value
     keys: dict = field(default_factory=dict)  # TrainSpec field -> the config key(s) it came from
     rows: list = field(default_factory=list)  # (key, value as written, setting) mapped
-    pending: list = field(default_factory=list)  # (key, value, why) recognized, not yet modelled by this memplan
+    pending: list = field(default_factory=list)  # (key, value, why) recognized, not modelled by memplan
     ignored: list = field(default_factory=list)  # (key, why)
     deferred: dict = field(default_factory=dict)  # field -> error unless the command line sets the field
     waivers: dict = field(default_factory=dict)  # field -> other fields whose flag also lifts its deferred error
@@ -581,7 +581,7 @@ def print_mapping(mapping: Mapping, out=None) -> None:
     for f, conf, cli in mapping.overridden:
         print(f"  command line: {flag_of(f)} {cli} (the config says {conf})", file=out)
     if mapping.pending:
-        print("  recognized, not yet modelled by this memplan:", file=out)
+        print("  recognized, not modelled by memplan:", file=out)
         for key, value, why in mapping.pending:
             print(f"    {key}{' = ' + value if value else ''}: {why}", file=out)
     if mapping.read:

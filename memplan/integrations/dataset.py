@@ -105,9 +105,10 @@ def _hub_snapshot(repo_id: str) -> Path | None:
 
 # ----------------------------------------------------------------------------------------------- the rows
 
-def iter_rows(path: str, columns_for=None):
+def iter_rows(path: str, columns_for=None, part: tuple | None = None):
     """Rows of a dataset file, streamed (JSON is read whole). Parquet reads only the columns that
-    `columns_for(first_row)` names (all when it returns None): the text, not the ids and metadata beside it."""
+    `columns_for(first_row)` names (all when it returns None): the text, not the ids and metadata beside it.
+    JSONL reads only `part` when given: (start byte, end byte, lines before start), from split.ranges."""
     p = Path(path).expanduser()
     if p.is_dir():
         raise MemplanError(f"--dataset {path!r} is a directory; give a .jsonl, .json, .csv or .parquet file")
@@ -118,7 +119,7 @@ def iter_rows(path: str, columns_for=None):
         raise MemplanError(f"--dataset {path!r}: unknown format {suffix or '(none)'}; memplan reads "
                            f"{', '.join(FORMATS)}")
     if suffix in (".jsonl", ".ndjson"):
-        yield from _jsonl_rows(p, path)
+        yield from _jsonl_rows(p, path, *(part or (0, None, 0)))
     elif suffix == ".json":
         try:
             data = json.loads(p.read_text(encoding="utf-8"))
@@ -138,15 +139,17 @@ def iter_rows(path: str, columns_for=None):
         yield from _parquet_rows(p, path, columns_for)
 
 
-def _jsonl_rows(p: Path, path: str):
+def _jsonl_rows(p: Path, path: str, start: int = 0, end: int | None = None, lines_before: int = 0):
     """JSON lines, parsed by orjson when it is installed (several times faster than json; any line it refuses,
-    such as NaN, is parsed again by json, so the rows are json's)."""
+    such as NaN, is parsed again by json, so the rows are json's). From byte `start` (a line start) to `end`."""
     try:
         from orjson import loads as fast_loads
     except ImportError:
         fast_loads = None
     with open(p, "rb") as f:
-        for n, line in enumerate(f, 1):
+        f.seek(start)
+        lines = f if end is None else _until(f, end - start)
+        for n, line in enumerate(lines, lines_before + 1):
             if fast_loads is not None:
                 try:
                     yield fast_loads(line)
@@ -162,6 +165,15 @@ def _jsonl_rows(p: Path, path: str):
                 raise MemplanError(f"{path}: line {n}: malformed JSON: {e.msg}") from None
             except UnicodeDecodeError:
                 raise MemplanError(f"{path}: line {n}: not UTF-8 text") from None
+
+
+def _until(f, size: int):
+    """The lines of `f` that start within the next `size` bytes."""
+    for line in f:
+        if size <= 0:
+            return
+        size -= len(line)
+        yield line
 
 
 def _parquet_rows(p: Path, path: str, columns_for=None):
@@ -217,31 +229,55 @@ FORMAT_NAMES = ("chat", "text", "alpaca", "prompt_completion")
 
 
 def token_lengths(path: str, tokenizer: Tokenizer, text_field: str | None = None, fmt: str | None = None,
-                  chat_template: str | None = None) -> Lengths:
+                  chat_template: str | None = None, workers: int | None = None) -> Lengths:
     """Tokens per row of the dataset file, streamed and counted in batches by tokencount.TokenCounter (the
-    tokenizer's own counts; should a checked batch disagree, the file is counted again by the tokenizer)."""
-    from memplan.integrations.tokencount import Mismatch, TokenCounter
-
+    tokenizer's own counts; should a checked batch disagree, the file is counted again by the tokenizer). A large
+    JSONL file is read by one process per core (split.py; `workers` sets how many, whatever the file's size)."""
+    from memplan.integrations import split
     from memplan.integrations.chat import SkeletonMismatch
+    from memplan.integrations.tokencount import Mismatch
 
     t0 = time.perf_counter()
-    counter = TokenCounter(tokenizer.tok)
-    skeletons = True
-    for _ in range(3):  # at most: once as planned, once without the skeletons, once without the piece count
+    parts = split.ranges(path, workers, 0 if workers else split.MIN_BYTES)
+    if parts:  # every process reads its rows as the first row says (as one process would)
+        first = next(iter_rows(path), None)
+        if fmt not in FORMAT_NAMES and first is not None:
+            fmt = detect_format(first, text_field)
+    fast, why_slow, skeletons = True, "", True
+    for _ in range(3):  # at most: as planned, then without the skeletons, then without the piece count
+        args = (path, tokenizer, text_field, fmt, chat_template, fast, why_slow, skeletons)
         try:
-            out, fmt_read, skipped = _count(path, tokenizer, counter, text_field, fmt, chat_template, skeletons)
+            results = split.run(_count_part, parts, *args) if parts else [_count_part(None, *args)]
             break
         except Mismatch as e:
-            counter.fast, counter.why_slow = False, f"the piece count disagreed with the tokenizer on {e}"
+            fast, why_slow = False, f"the piece count disagreed with the tokenizer on {e}"
         except SkeletonMismatch:
             skeletons = False
-    fmt = fmt_read
+    out = array("I")
+    for lengths, _, _, _ in results:
+        out.extend(lengths)
+    skipped = sum(r[2] for r in results)
+    fmt = results[0][1]
+    why = next((r[3] for r in results if r[3] is not None), None)
     if not out:
         raise MemplanError(f"--dataset {path!r}: no rows with text" + (f" ({skipped} rows without it)" if skipped
                                                                        else ""))
-    how = ("pieces of the byte-level BPE, memoized, checked against the tokenizer" if counter.fast else
-           f"the tokenizer (encode_batch_fast){': ' + counter.why_slow if counter.why_slow else ''}")
+    how = ("pieces of the byte-level BPE, memoized, checked against the tokenizer" if why is None else
+           f"the tokenizer (encode_batch_fast){': ' + why if why else ''}")
+    if parts:
+        how += f"; {len(parts)} processes"
     return Lengths(out, fmt or "text", time.perf_counter() - t0, skipped, how)
+
+
+def _count_part(part, path, tokenizer, text_field, fmt, chat_template, fast, why_slow, skeletons):
+    """One process's share: (lengths, format, rows skipped, None if counted by pieces else why not)."""
+    from memplan.integrations.tokencount import TokenCounter
+
+    counter = TokenCounter(tokenizer.tok)
+    if not fast:
+        counter.fast, counter.why_slow = False, why_slow
+    out, fmt, skipped = _count(path, tokenizer, counter, text_field, fmt, chat_template, skeletons, part)
+    return out, fmt, skipped, None if counter.fast else counter.why_slow
 
 
 def _columns(fmt: str, row: dict, text_field: str | None) -> list[str]:
@@ -252,7 +288,8 @@ def _columns(fmt: str, row: dict, text_field: str | None) -> list[str]:
             "prompt_completion": ["prompt", "completion"]}.get(fmt, [text_field or "text"])
 
 
-def _count(path: str, tokenizer: Tokenizer, counter, text_field, fmt, chat_template, skeletons: bool):
+def _count(path: str, tokenizer: Tokenizer, counter, text_field, fmt, chat_template, skeletons: bool,
+           part: tuple | None = None):
     from memplan.integrations.chat import Chat, SkeletonMismatch
 
     out = array("I")
@@ -278,7 +315,8 @@ def _count(path: str, tokenizer: Tokenizer, counter, text_field, fmt, chat_templ
         completions.clear()
 
     first = True
-    for row in iter_rows(path, pick):
+    rows_before = part[2] if part else 0  # for the row numbers of errors (a blank line counts as a row here)
+    for row in iter_rows(path, pick, part):
         if first:
             if fmt not in FORMAT_NAMES:
                 pick(row)
@@ -302,7 +340,8 @@ def _count(path: str, tokenizer: Tokenizer, counter, text_field, fmt, chat_templ
             except (MemplanError, SkeletonMismatch):
                 raise
             except Exception as e:  # noqa: BLE001 - jinja errors, raise_exception() in templates
-                raise MemplanError(f"{path}: the chat template failed on row {len(out) + len(texts) + skipped + 1}: "
+                raise MemplanError(f"{path}: the chat template failed on row "
+                                   f"{rows_before + len(out) + len(texts) + skipped + 1}: "
                                    f"{str(e)[:200]}") from None
         elif fmt == "text":
             value = row.get(text_field or "text")
