@@ -12,9 +12,9 @@ What axolotl does with them, where it changes memory (axolotl/loaders/model.py, 
 """
 from __future__ import annotations
 
-from memplan.integrations.config import (Key, Mapping, Reader, attention_from_hf, compute_dtype, deepspeed_settings,
-                                         dropout, fsdp_settings, lora_targets_from_names, optimizer_from_hf, positive,
-                                         when_on)
+from memplan.integrations.config import (Key, Mapping, Reader, attention_from_hf, compute_dtype, dropout,
+                                         lora_targets_from_names, optimizer_from_hf, positive, when_on)
+from memplan.integrations.distributed import deepspeed_settings, fsdp_settings
 
 NO_EFFECT = "no effect on per-step memory"
 REASONS = {

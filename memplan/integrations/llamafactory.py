@@ -13,8 +13,9 @@ What LLaMA-Factory does with them, where it changes memory (llamafactory/model/,
 """
 from __future__ import annotations
 
-from memplan.integrations.config import (Key, Mapping, Reader, compute_dtype, deepspeed_settings, dropout,
-                                         optimizer_from_hf, positive, when_on)
+from memplan.integrations.config import (Key, Mapping, Reader, compute_dtype, dropout, optimizer_from_hf, positive,
+                                         when_on)
+from memplan.integrations.distributed import deepspeed_settings
 from memplan.integrations.trl import REASONS as HF_REASONS
 
 REASONS = {

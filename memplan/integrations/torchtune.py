@@ -20,7 +20,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from memplan.integrations.config import Key, Mapping, Reader, boolean, dropout, multi_gpu, positive, when_on
+from memplan.integrations.config import Key, Mapping, Reader, boolean, dropout, positive, when_on
+from memplan.integrations.distributed import multi_gpu
 
 # torchtune model builders (torchtune/models/*/_model_builders.py) -> catalog names.
 MODELS = {

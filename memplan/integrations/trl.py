@@ -13,9 +13,9 @@ What the stack does with them, where it changes memory (TRL 1.16, transformers 5
 """
 from __future__ import annotations
 
-from memplan.integrations.config import (Key, Mapping, Reader, attention_from_hf, compute_dtype, deepspeed_settings,
-                                         dropout, fsdp_settings, lora_targets_from_names, optimizer_from_hf, positive,
-                                         when_on)
+from memplan.integrations.config import (Key, Mapping, Reader, attention_from_hf, compute_dtype, dropout,
+                                         lora_targets_from_names, optimizer_from_hf, positive, when_on)
+from memplan.integrations.distributed import deepspeed_settings, fsdp_settings
 
 NO_EFFECT = "no effect on per-step memory"
 LOGGING = "logging / saving / evaluation: not the training step"
