@@ -326,3 +326,30 @@ def test_jsonl_read_by_several_processes(data, tmp_path):
     bad.write_text("\n".join(lines) + "\n")
     with pytest.raises(ds.MemplanError, match="line 351: malformed JSON"):
         ds.token_lengths(str(bad), tok, workers=3)
+
+
+def test_token_counter_on_random_text():
+    """Random strings over the characters that change a split (letters of several scripts, digits, apostrophes,
+    punctuation, every kind of whitespace, combining marks, emoji, added tokens): the piece count is the
+    tokenizer's, or None (then the tokenizer counts). Derandomized: the same examples every run."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+    from tokenizers import Regex, normalizers, pre_tokenizers
+
+    from memplan.integrations.tokencount import TokenCounter
+
+    llama3 = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), "isolated"),
+                                      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    counters = [TokenCounter(t) for t in (_trained(llama3, normalizers.NFC()),
+                                          _trained(pre_tokenizers.ByteLevel(add_prefix_space=False)))]
+    alphabet = st.sampled_from(list("aZé中ж7٣'sSdlLtT \t\n\r\x0b\x0c\x1c\x85\xa0\u2028\u3000.,!?-_\"()\u0301😀")
+                               + ["<|im_start|>", "<|im_end|>", "'ll", "'RE", "123456"])
+
+    @settings(derandomize=True, max_examples=300, deadline=None)
+    @given(st.lists(alphabet, max_size=40).map("".join))
+    def check(text):
+        for c in counters:
+            got = c._pieces(text)
+            assert got is None or got == len(c.tok.encode(text, add_special_tokens=False).ids), text
+
+    check()
