@@ -24,8 +24,10 @@ def ranges(path: str, workers: int | None = None, min_bytes: int = MIN_BYTES) ->
     size = p.stat().st_size
     if workers is None:
         workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
-    if workers < 2 or size < max(min_bytes, 1):
-        return None
+    import multiprocessing
+
+    if workers < 2 or size < max(min_bytes, 1) or "fork" not in multiprocessing.get_all_start_methods():
+        return None  # (no fork on Windows: one process)
     starts = [0]
     with open(p, "rb") as f:
         for i in range(1, workers):
