@@ -1,5 +1,6 @@
 """How long `--dataset` takes on a large file: write N rows (default 1,000,000) of chat JSONL and of text Parquet
-with a byte-level BPE tokenizer trained here (`tokenizers`) in a temporary folder, then time the command a user
+(row groups of at most 100 MB, as `datasets` writes them) with a byte-level BPE tokenizer trained here
+(`tokenizers`) in a temporary folder, then time the command a user
 runs, `memplan estimate llama-3-8b --dataset FILE --tokenizer DIR --batch-size 4 --seq-len 2048 --gpu rtx-4090`,
 end to end (a fresh process: imports, reading, chat template, token counts, steps, estimates), and each stage
 in this process.
@@ -59,7 +60,10 @@ def make(folder: Path, rows: int, words: int) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"text": bodies}), folder / "text.parquet")
+    # row groups of at most 100 MB uncompressed, as `datasets` writes Parquet (datasets 5.2 arrow_writer.py
+    # get_writer_batch_size_from_data_size)
+    table = pa.table({"text": bodies})
+    pq.write_table(table, folder / "text.parquet", row_group_size=max(1, int(table.num_rows * 100e6 / table.nbytes)))
 
 
 def cli(folder: Path, name: str) -> None:

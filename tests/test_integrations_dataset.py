@@ -314,12 +314,16 @@ def test_chat_skeleton_mismatch_reads_again(data, monkeypatch):
 
 
 def test_jsonl_read_by_several_processes(data, tmp_path):
-    """A JSONL file split into byte ranges (one process each) gives the lengths in file order, and an error's line
-    number is the file's."""
+    """A JSONL file split into byte ranges, a Parquet file into runs of row groups (one process each), give the
+    lengths in file order, and an error's line number is the file's."""
     tok = ds.load_tokenizer(str(data["root"]))
     one = ds.token_lengths(str(data["root"] / "chat.jsonl"), tok)
     three = ds.token_lengths(str(data["root"] / "chat.jsonl"), tok, workers=3)
     assert list(three.lengths) == list(one.lengths) and three.counted_by.endswith("3 processes")
+    # Parquet by runs of row groups (the fixture's file has 5 groups of up to 64 rows)
+    one = ds.token_lengths(str(data["root"] / "text.parquet"), tok, text_field="body")
+    two = ds.token_lengths(str(data["root"] / "text.parquet"), tok, text_field="body", workers=2)
+    assert list(two.lengths) == list(one.lengths) and two.counted_by.endswith("2 processes")
     lines = (data["root"] / "chat.jsonl").read_text().splitlines()
     lines[350] = lines[350][:-5]  # truncated JSON in the last third
     bad = tmp_path / "bad.jsonl"

@@ -108,7 +108,8 @@ def _hub_snapshot(repo_id: str) -> Path | None:
 def iter_rows(path: str, columns_for=None, part: tuple | None = None):
     """Rows of a dataset file, streamed (JSON is read whole). Parquet reads only the columns that
     `columns_for(first_row)` names (all when it returns None): the text, not the ids and metadata beside it.
-    JSONL reads only `part` when given: (start byte, end byte, lines before start), from split.ranges."""
+    Reads only `part` when given (split.ranges): JSONL (start byte, end byte, lines before), Parquet (first row
+    group, end row group, rows before)."""
     p = Path(path).expanduser()
     if p.is_dir():
         raise MemplanError(f"--dataset {path!r} is a directory; give a .jsonl, .json, .csv or .parquet file")
@@ -136,7 +137,7 @@ def iter_rows(path: str, columns_for=None, part: tuple | None = None):
         with open(p, newline="", encoding="utf-8") as f:
             yield from csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
     else:
-        yield from _parquet_rows(p, path, columns_for)
+        yield from _parquet_rows(p, path, columns_for, part)
 
 
 def _jsonl_rows(p: Path, path: str, start: int = 0, end: int | None = None, lines_before: int = 0):
@@ -176,7 +177,7 @@ def _until(f, size: int):
         yield line
 
 
-def _parquet_rows(p: Path, path: str, columns_for=None):
+def _parquet_rows(p: Path, path: str, columns_for=None, part: tuple | None = None):
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -193,7 +194,8 @@ def _parquet_rows(p: Path, path: str, columns_for=None):
         wanted = columns_for(first.to_pylist()[0])
         names = set(pf.schema_arrow.names)
         columns = [c for c in wanted if c in names] if wanted is not None else None
-    for batch in pf.iter_batches(batch_size=8192, columns=columns or None):
+    groups = range(part[0], part[1]) if part else None
+    for batch in pf.iter_batches(batch_size=8192, columns=columns or None, row_groups=groups):
         yield from batch.to_pylist()
 
 
@@ -232,7 +234,8 @@ def token_lengths(path: str, tokenizer: Tokenizer, text_field: str | None = None
                   chat_template: str | None = None, workers: int | None = None) -> Lengths:
     """Tokens per row of the dataset file, streamed and counted in batches by tokencount.TokenCounter (the
     tokenizer's own counts; should a checked batch disagree, the file is counted again by the tokenizer). A large
-    JSONL file is read by one process per core (split.py; `workers` sets how many, whatever the file's size)."""
+    JSONL or Parquet file is read by one process per core (split.py; `workers` sets how many, whatever the file's
+    size)."""
     from memplan.integrations import split
     from memplan.integrations.chat import SkeletonMismatch
     from memplan.integrations.tokencount import Mismatch
@@ -315,7 +318,7 @@ def _count(path: str, tokenizer: Tokenizer, counter, text_field, fmt, chat_templ
         completions.clear()
 
     first = True
-    rows_before = part[2] if part else 0  # for the row numbers of errors (a blank line counts as a row here)
+    rows_before = part[2] if part else 0  # for the row numbers of errors (a blank JSONL line counts as a row here)
     for row in iter_rows(path, pick, part):
         if first:
             if fmt not in FORMAT_NAMES:

@@ -1,8 +1,8 @@
-"""A large JSONL file read by several processes: one byte range each, cut at line ends, the lengths joined in file
-order. Counting tokens is Python-bound (the regex, the memo, the chat template), so on a machine with more than one
-core the processes divide the wall time.
+"""A large JSONL or Parquet file read by several processes: a JSONL file by byte ranges cut at line ends, a Parquet
+file by runs of row groups; the lengths are joined in file order. Counting tokens is Python-bound (the regex, the
+memo, the chat template), so on a machine with more than one core the processes divide the wall time.
 
-Only JSONL splits this way (a range starts at any line end); other formats are read by one process. The workers
+A Parquet file with a single row group, JSON and CSV are read by one process. The workers
 are forked after the tokenizer is loaded and before it has encoded anything in them, so each starts with the
 same state and no thread of the Rust library is copied mid-work.
 """
@@ -16,10 +16,11 @@ _JOB: tuple = ()  # (function, arguments) the forked workers run: inherited, nev
 
 
 def ranges(path: str, workers: int | None = None, min_bytes: int = MIN_BYTES) -> list[tuple[int, int, int]] | None:
-    """[(start byte, end byte, lines before start)] for `workers` processes (default: the usable cores, at most
-    8), or None when the file is small, not JSONL, or one core is all there is."""
+    """[(start byte, end byte, lines before start)] of a JSONL file, or [(first row group, end row group, rows
+    before)] of a Parquet file, for `workers` processes (default: the usable cores, at most 8); None when the file
+    is small, of another format, or one core is all there is."""
     p = Path(path).expanduser()
-    if p.suffix.lower() not in (".jsonl", ".ndjson") or not p.is_file():
+    if p.suffix.lower() not in (".jsonl", ".ndjson", ".parquet") or not p.is_file():
         return None
     size = p.stat().st_size
     if workers is None:
@@ -28,6 +29,8 @@ def ranges(path: str, workers: int | None = None, min_bytes: int = MIN_BYTES) ->
 
     if workers < 2 or size < max(min_bytes, 1) or "fork" not in multiprocessing.get_all_start_methods():
         return None  # (no fork on Windows: one process)
+    if p.suffix.lower() == ".parquet":
+        return _row_groups(p, workers)
     starts = [0]
     with open(p, "rb") as f:
         for i in range(1, workers):
@@ -45,6 +48,27 @@ def ranges(path: str, workers: int | None = None, min_bytes: int = MIN_BYTES) ->
             offsets.append(lines)
     ends = starts[1:] + [size]
     return list(zip(starts, ends, offsets)) if len(starts) > 1 else None
+
+
+def _row_groups(p: Path, workers: int) -> list[tuple[int, int, int]] | None:
+    """[(first row group, end row group, rows before)]: contiguous runs of about equal rows."""
+    try:
+        import pyarrow.parquet as pq
+
+        meta = pq.ParquetFile(p).metadata
+    except Exception:  # noqa: BLE001 - not readable here: the one-process path reports why
+        return None
+    rows = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+    if len(rows) < 2:
+        return None
+    total, parts, start, before, acc = sum(rows), [], 0, 0, 0
+    for i, n in enumerate(rows):
+        acc += n
+        if acc >= total * (len(parts) + 1) / workers and i + 1 < len(rows) and len(parts) < workers - 1:
+            parts.append((start, i + 1, before))
+            start, before = i + 1, acc
+    parts.append((start, len(rows), before))
+    return parts if len(parts) > 1 else None
 
 
 def run(function, parts: list, *args) -> list:
