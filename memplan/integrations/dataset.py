@@ -437,7 +437,8 @@ def print_plan(p: DatasetPlan, out=None) -> None:
     gib = 2**30
     pct = " · ".join(f"{k} {v:,}" for k, v in p.percentiles.items())
     print(f"dataset {p.path}: {p.rows:,} rows ({p.format}), tokens per row {pct} (mean {p.mean:,}); "
-          f"tokenized in {p.read_seconds:.1f} s with {p.tokenizer}", file=out)
+          f"tokenized in {p.read_seconds:.1f} s with {p.tokenizer}" + (f" ({p.counted_by})" if p.counted_by else ""),
+          file=out)
     cut = []
     if p.truncated_rows:
         cut.append(f"{p.truncated_rows:,} rows ({p.truncated_rows / p.rows:.1%}) truncated at {p.max_length:,}, "
