@@ -62,7 +62,6 @@ FUSED_NOTE = ("fused / foreach AdamW keep the same states; memplan models torch'
               "temporaries the fused kernel does not allocate (estimate high by at most those)")
 
 
-
 def _kind_name(kind) -> str:
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
             dict: "a mapping"}.get(kind, getattr(kind, "__name__", str(kind)))
@@ -268,15 +267,6 @@ def when_on(setting):
     """A switch: `setting` when it is true, nothing when false."""
     def convert(value):
         return setting if boolean(value) else None
-    return convert
-
-
-def one_of(table: dict):
-    """A name from `table` (name -> setting)."""
-    def convert(value):
-        if not isinstance(value, str) or value not in table:
-            raise ValueError(f"expected {', '.join(map(str, table))}, got {_show(value)!r}")
-        return table[value]
     return convert
 
 
