@@ -163,12 +163,9 @@ def read(r: Reader) -> Mapping:
         r.not_modelled("gradient_checkpointing", "checkpoints offloaded to disk: the estimate keeps them on the GPU")
     if offload:
         if gc == "offload":
-            raise r.error("activation_offloading", "gradient_checkpointing: offload already offloads the "
-                          "checkpoints; set one of the two")
+            m.notes.append("gradient_checkpointing: offload and activation_offloading are both set: the estimate "
+                           "follows activation_offloading")
         legacy = offload == "legacy"
-        if legacy and not gc:
-            raise r.error("activation_offloading", "legacy offloading offloads the checkpointed layer inputs: "
-                          "it needs gradient_checkpointing: true")
         r.set("activation_offload", "checkpoints" if legacy else "all", "activation_offloading", offload,
               "legacy: the checkpointed layer inputs to host RAM" if legacy else
               "TRL's OffloadActivations: every saved tensor to host RAM")
