@@ -169,7 +169,8 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
         return max(start, mul, key=lambda c: sum(c.values()))
 
     bwd_last = layer_bwd(len(a.stored_per_layer) - 1, 0)
-    bwd_first = layer_bwd(0, grads)
+    bwd_first = layer_bwd(0, rank.gradients_first_layer if rank and rank.gradients_first_layer is not None
+                          else grads)
     opt_step = _candidate(steady, gradients=grads, temporaries=optimizer.step_temporaries(train, grads),
                           comm_buffers=comm["optimizer"])
     # multi-GPU: the load phase is the rank's shards after wrapping (how each launcher loads differs)

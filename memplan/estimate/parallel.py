@@ -66,6 +66,9 @@ class RankView:
     host_bytes: int  # host RAM per node for offloaded state
     comm_bytes_per_step: int  # bytes each rank sends per step (ring collectives)
     activation_train: TrainSpec | None = None  # the spec activations follow (ZeRO: 16-bit, no upcast)
+    # gradients held while the first decoder layer runs its backward: FSDP reduce-scatters a unit's gradients
+    # after its backward, so that layer's and the embedding's shards do not exist yet (None: all of them)
+    gradients_first_layer: int | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -187,7 +190,9 @@ def _fsdp(model, train, w, trainable, states) -> RankView:
         "forward_layer": kept_fwd + 2 * big_layer,
         "forward_loss": kept_fwd + 2 * tail,
         "backward_loss": kept_fwd + tail,
-        "backward_layer": kept_fwd + tail + 2 * big_layer + big_layer_grads,
+        # SHARD_GRAD_OP: the layer's parameters are among those kept since forward, and the tail (lm_head) was
+        # resharded after its backward (post_backward reshards every unit): no all-gather in flight
+        "backward_layer": (kept_fwd + big_layer_grads) if grad_op else tail + 2 * big_layer + big_layer_grads,
         "optimizer": 0,
     }
     total = sum(cnt * d0 * rest * eb for _, cnt, d0, rest, eb, k in params if not (k == "q" and q_whole))
@@ -204,8 +209,10 @@ def _fsdp(model, train, w, trainable, states) -> RankView:
         weights = {"weights_quantized": 0, "quant_state": w["quant_state"], "weights_unquantized": 0}
         return RankView(weights=weights, lora=0, gradients=0, states=0, comm=comm, host_bytes=int(host),
                         comm_bytes_per_step=3 * _ring(n, total), notes=notes)
+    pending = sum(_ceil(d0, n) * rest * eb for u, _, d0, rest, eb, k in params
+                  if k == "t" and (u == "embed" or u == layer_units[0]))  # one layer of the first group
     return RankView(weights=weights, lora=0 if train.method == "full" else shard_t, gradients=shard_t,
-                    states=int(states * frac), comm=comm, host_bytes=0,
+                    gradients_first_layer=shard_t - pending, states=int(states * frac), comm=comm, host_bytes=0,
                     comm_bytes_per_step=2 * _ring(n, total) + _ring(n, trainable["bytes"]), notes=notes)
 
 

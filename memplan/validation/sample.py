@@ -170,6 +170,12 @@ def model_names_by_type(names: list[str]) -> dict[str, list[str]]:
     return {t: sorted(v) for t, v in sorted(by_type.items())}
 
 
+def untraceable(train: TrainSpec) -> str | None:
+    from memplan.trace.distributed import traceable  # torch-free at import
+
+    return traceable(train)
+
+
 def draw_configs(seed: int, model_names: list[str], max_tries: int = 50):
     """Yield (draw index, model name, TrainSpec) forever, deterministically from `seed`. A combination TrainSpec
     rejects (it says why on the command line too) is drawn again."""
@@ -192,6 +198,8 @@ def draw_configs(seed: int, model_names: list[str], max_tries: int = 50):
                 train = TrainSpec(**drawn)
             except MemplanError:
                 continue
+            if train.strategy != "none" and untraceable(train):
+                continue  # DeepSpeed ZeRO, FSDP1, CPU offload: estimated, not traced (trace/distributed.py says why)
             break
         else:
             raise MemplanError(f"validate --random: no valid training settings drawn for {name} in {max_tries} tries")
