@@ -189,7 +189,8 @@ def _fsdp(model, train, w, trainable, states) -> RankView:
     # a time. Checked against the rank trace (memplan validate --against trace, multi-GPU rows).
     comm = {
         "load": 0,
-        "forward_layer": kept_fwd + 2 * big_layer,
+        # a layer's parameters (kept anyway under SHARD_GRAD_OP) and its flat all-gather result
+        "forward_layer": kept_fwd + big_layer if grad_op else 2 * big_layer,
         # the last layer's copy-out: the previous unit's flat result is freed only once this unit's parameters
         # are copied out of its own (FSDPParamGroup.wait_for_unshard): 3 x a layer for that moment
         "forward_copy_out": 0 if grad_op else 3 * big_layer,
