@@ -146,6 +146,11 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
     bwd_loss = _candidate(steady, activations=T * stored + dora_all, logits_loss=loss_bwd,
                           comm_buffers=comm["backward_loss"])
     forward = [fwd_loss, fwd_layer]
+    if comm.get("forward_copy_out"):  # FSDP: the last layer's parameters being copied out (parallel.py)
+        forward.append(_candidate(steady, activations=T * (stored - a.stored_per_layer[-1]) + dora_but_last,
+                                  comm_buffers=comm["forward_copy_out"]))
+    if comm.get("forward_tail_copy_out"):
+        forward.append(_candidate(steady, activations=T * stored + dora_all, comm_buffers=comm["forward_tail_copy_out"]))
     if a.dora_bytes:
         forward.append(_candidate(steady, activations=T * (stored - a.stored_per_layer[-1]) + dora_but_last,
                                   temporaries=a.dora_bytes, comm_buffers=comm["forward_layer"]))
@@ -156,28 +161,38 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
         recompute = (a.layer_saved[idx] if train.gradient_checkpointing else 0) + a.reload
         recompute = T * recompute + (a.dora_saved[idx] if train.gradient_checkpointing and a.dora_saved else 0)
         work = max(a.bwd_work_mlp, a.bwd_work_attn - (a.layer_saved[idx] - a.layer_saved_attn[idx]))
+        in_flight = comm.get("backward_first_layer", comm["backward_layer"]) if idx == 0 else comm["backward_layer"]
         start = _candidate(steady, gradients=done_grads, activations=kept + recompute,
-                           temporaries=T * work + a.dequant_bytes, comm_buffers=comm["backward_layer"])
+                           temporaries=T * work + a.dequant_bytes, comm_buffers=in_flight)
         if train.gradient_checkpointing and a.dora_bytes:  # the recompute runs DoRA's forward again
             start = max(start, _candidate(steady, gradients=done_grads, activations=kept + recompute,
-                                          temporaries=a.dora_bytes, comm_buffers=comm["backward_layer"]),
+                                          temporaries=a.dora_bytes, comm_buffers=in_flight),
+                        key=lambda c: sum(c.values()))
+        reduce = comm.get("reduce_first_layer" if idx == 0 else "reduce_layer")
+        if reduce:  # FSDP's post-backward: the layer's gradients and their reduce-scatter input (parallel.py)
+            start = max(start, _candidate(steady, gradients=done_grads, activations=kept, comm_buffers=reduce),
                         key=lambda c: sum(c.values()))
         if not a.mlp_mul_work[idx]:
             return start
         mul = _candidate(steady, gradients=done_grads, activations=kept + recompute - T * a.mlp_mul_freed[idx],
-                         temporaries=T * a.mlp_mul_work[idx], comm_buffers=comm["backward_layer"])
+                         temporaries=T * a.mlp_mul_work[idx], comm_buffers=in_flight)
         return max(start, mul, key=lambda c: sum(c.values()))
 
     bwd_last = layer_bwd(len(a.stored_per_layer) - 1, 0)
     bwd_first = layer_bwd(0, rank.gradients_first_layer if rank and rank.gradients_first_layer is not None
                           else grads)
+    backward = [bwd_loss, bwd_last, bwd_first]
+    if rank and rank.gradients_second_layer is not None and len(a.stored_per_layer) > 2:
+        # FSDP: the second layer's backward overlaps the first-in-line reduce-scatter of the layer above with the
+        # most gradients already reduced (parallel.py's reduce_layer)
+        backward.append(layer_bwd(1, rank.gradients_second_layer))
     opt_step = _candidate(steady, gradients=grads, temporaries=optimizer.step_temporaries(train, grads),
                           comm_buffers=comm["optimizer"])
     # multi-GPU: the load phase is the rank's shards after wrapping (how each launcher loads differs)
     load = _candidate(static, temporaries=0 if rank else weights.load_transient(model, train),
                       comm_buffers=comm["load"])
 
-    candidates = {"load": [load], "forward": forward, "backward": [bwd_loss, bwd_last, bwd_first],
+    candidates = {"load": [load], "forward": forward, "backward": backward,
                   "optimizer": [opt_step]}
     chosen = {p: max(cs, key=lambda c: sum(c.values())) for p, cs in candidates.items()}
     host = host_mod.host_plan(model, act_train, a, states, T)
