@@ -246,7 +246,7 @@ class MemplanCallback(TrainerCallback):
                                    "allocated_end_bytes": torch.cuda.memory_allocated()}
             torch.cuda.reset_peak_memory_stats()
         else:
-            from memplan.profile.runner import register_model
+            from memplan.trace.attribution import register_model
             from memplan.trace.tracker import LiveBytesTracker
 
             self.device_bytes = self.device_bytes or self.cpu_budget_bytes

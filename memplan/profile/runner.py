@@ -59,57 +59,6 @@ def _sigterm(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-# -------------------------------------------------------------------------------------------- registration
-
-def register_model(tracker, model) -> None:
-    """Count the tensors that exist before the step (parameters, buffers, bitsandbytes quant states) in the
-    tracker, by category (memplan.trace.tracker.CATEGORIES)."""
-    try:
-        import bitsandbytes as bnb
-
-        quant_types = (bnb.nn.Params4bit, bnb.nn.Int8Params)
-    except ImportError:
-        quant_types = ()
-    for name, p in model.named_parameters(remove_duplicate=True):
-        module = name.rsplit(".", 1)[0]
-        if quant_types and isinstance(p, quant_types) and p.dtype in _int_dtypes():
-            tracker.register(p, "weights_quantized", module)
-            qs = getattr(p, "quant_state", None)
-            if qs is not None:
-                for t in _quant_state_tensors(qs):
-                    tracker.register(t, "quant_state", module)
-            scb = getattr(p, "SCB", None)
-            if scb is not None:
-                tracker.register(scb, "quant_state", module)
-        elif p.requires_grad:
-            tracker.register(p, "lora" if "lora_" in name else "weights_unquantized", module)
-        else:
-            tracker.register(p, "weights_unquantized", module)
-    for name, b in model.named_buffers(remove_duplicate=True):
-        tracker.register(b, "weights_unquantized", name.rsplit(".", 1)[0])
-
-
-def _int_dtypes():
-    import torch
-
-    return (torch.uint8, torch.int8)
-
-
-def _quant_state_tensors(qs):
-    import torch
-
-    seen = []
-    stack = [qs]
-    while stack:
-        s = stack.pop()
-        for v in vars(s).values():
-            if isinstance(v, torch.Tensor):
-                seen.append(v)
-            elif v.__class__.__name__ == "QuantState":
-                stack.append(v)
-    return seen
-
-
 # ------------------------------------------------------------------------------------------------- the run
 
 class _Meter:
@@ -391,12 +340,9 @@ def _measure(job: dict, profile: dict, meas: dict, state: dict) -> None:
     gen = torch.Generator(device="cpu").manual_seed(int(run.get("seed", 0)) + (rank.rank if rank else 0))
     input_ids = torch.randint(0, spec.vocab_size, (train.batch_size, train.seq_len), generator=gen).to(dev)
     if tracker is not None:
-        if rank is not None:  # the local shards, and the 4-bit quant states FSDP2 leaves on the modules
-            from memplan.trace.distributed import _register
+        from memplan.trace.attribution import register_model  # the trace's attribution, local shards included
 
-            _register(tracker, model)
-        else:
-            register_model(tracker, model)
+        register_model(tracker, model)
         tracker.register(input_ids, "activations", "input_ids")
         budget = run.get("cpu_budget_bytes")
         if budget is not None and tracker.current > budget:
