@@ -116,7 +116,7 @@ def fit(model: ModelSpec, train: TrainSpec) -> dict:
             t = train.with_(seq_len=s, batch_size=b)
             static, states = steady_static(spec, t)
             base = sum(static.values())
-            r = run_trace(spec, t, keep_timeline=False)
+            r = run_trace(spec, t, keep_timeline=False, steps=1, warm_optimizer=True)  # = 2 steps' peaks
             dyn = {p: r.phases[p] - base - (states if p != "load" else 0) for p in PHASES}
             comps = {c: r.components.get(c, 0) for c in DYNAMIC}
             rows.append((dyn, comps, r.peak_phase))
