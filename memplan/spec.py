@@ -264,6 +264,13 @@ class TrainSpec:
     def with_(self, **changes) -> "TrainSpec":
         return replace(self, **changes)
 
+    def variant(self, **changes) -> "TrainSpec":
+        """A copy with fields changed and no checks (a cache key derived from this valid spec: with_() re-runs
+        every check, a fifth of an estimate's time)."""
+        new = object.__new__(TrainSpec)
+        new.__dict__.update(self.__dict__, **changes)
+        return new
+
 
 TRAIN_FIELDS = tuple(f.name for f in fields(TrainSpec))
 # The values each choice field accepts: the checks below and the web form's selects read the same tuples.

@@ -458,7 +458,7 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     # per-token layer figures do not depend on batch, optimizer or (for fused attention) sequence length
     masked = ctx.attention == "sdpa" and sdpa_gets_a_mask(model, train.seq_len, train.transformers)
     per_seq = ctx.attention not in FUSED or masked
-    layer_key = train.with_(batch_size=1, optimizer="adamw", seq_len=train.seq_len if per_seq else 1)
+    layer_key = train.variant(batch_size=1, optimizer="adamw", seq_len=train.seq_len if per_seq else 1)
     widest = cast = 0
     for n, layer in model.layers:
         total, attn, x_kept, freed, work = _layer_totals(model, layer, layer_key)
