@@ -195,18 +195,9 @@ def run(args) -> int:
     from rich.console import Console
 
     console = Console(stderr=True)
-    results = []
-    if args.jobs > 1:
-        import multiprocessing as mp
+    from memplan.validation.against_trace import _trace_all
 
-        with mp.get_context("spawn").Pool(args.jobs, maxtasksperchild=8) as pool:
-            for i, res in enumerate(pool.imap(_trace_one, jobs)):
-                results.append(res)
-                console.print(f"[dim]{i + 1}/{len(jobs)} {res['model']}[/]", highlight=False)
-    else:
-        for i, job in enumerate(jobs):
-            results.append(_trace_one(job))
-            console.print(f"[dim]{i + 1}/{len(jobs)} {job[0]}[/]", highlight=False)
+    results = _trace_all(jobs, args.jobs, console)
     rows, failures = [], []
     for tr in results:
         if "error" in tr:

@@ -28,15 +28,11 @@ STACK = ("torch", "transformers", "peft", "bitsandbytes")
 
 
 def stack_versions() -> dict[str, str | None]:
-    import importlib.metadata
+    """The installed versions the traces ran with (memplan/stack.py reads them from package metadata)."""
+    from memplan.stack import installed
 
-    out = {}
-    for name in STACK:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
+    have = installed()
+    return {name: have.get(name) for name in STACK}
 
 
 def _job(name: str, train, args) -> tuple:
@@ -143,13 +139,16 @@ def run_random(args) -> int:
 
 
 def _trace_all(jobs: list[tuple], n_jobs: int, console) -> list[dict]:
+    """Trace every job (validate's cached _trace_one), in n_jobs spawned processes when n_jobs > 1: the grid, the
+    multi-GPU sample and the random sample all run here."""
     from memplan.commands.validate import _trace_one
 
     results = []
     if n_jobs > 1:
         import multiprocessing as mp
 
-        with mp.get_context("spawn").Pool(n_jobs, maxtasksperchild=64) as pool:
+        # a fresh worker every 8 traces: a full-depth model's meta trace leaves its process's heap grown
+        with mp.get_context("spawn").Pool(n_jobs, maxtasksperchild=8) as pool:
             for i, res in enumerate(pool.imap(_trace_one, jobs)):
                 results.append(res)
                 console.print(f"[dim]{i + 1}/{len(jobs)} {res['model']}[/]", highlight=False)
