@@ -170,7 +170,7 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
 
     bwd_last = layer_bwd(len(a.stored_per_layer) - 1, 0)
     bwd_first = layer_bwd(0, grads)
-    opt_step = _candidate(steady, gradients=grads, temporaries=optimizer.step_temporaries(train, grads),
+    opt_step = _candidate(steady, gradients=grads, temporaries=optimizer.step_temporaries(train, grads, model),
                           comm_buffers=comm["optimizer"])
     # multi-GPU: the load phase is the rank's shards after wrapping (how each launcher loads differs)
     load = _candidate(static, temporaries=0 if rank else weights.load_transient(model, train),

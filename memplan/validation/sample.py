@@ -108,18 +108,39 @@ CHOICES: list[Choice] = [
     Choice("batch_size", lambda rng, m, d: rng.randint(1, 8)),
     Choice("seq_len", log_uniform_int(64, 8192)),
     Choice("gradient_checkpointing", pick(True, False)),
-    Choice("attention", pick_from("ATTENTIONS", ("sdpa", "eager"))),
-    # Flags other issues add (#11 techniques, #13 multi-GPU): drawn once TrainSpec has the field.
-    Choice("activation_offload", pick("off", "all", "checkpoints")),
-    Choice("loss", pick("standard", "liger", "cce")),
+    Choice("attention", pick_from("ATTENTIONS", ("sdpa", "eager", "flash_attention_2"))),
+    # #11's toolbox (activation offloading, fused losses, Liger's kernels)
+    Choice("activation_offload", pick_from("ACTIVATION_OFFLOADS", ("off", "all", "checkpoints"))),
+    Choice("loss", pick_from("LOSSES", ("standard", "liger", "cce"))),
     Choice("liger", pick(False, True)),
-    Choice("gpus", pick(1, 2, 4, 8)),
+    # The trace runs the installed transformers only (stack.check_runs_installed): the row keeps it, so a sample
+    # says which major it describes; scripts/validate_tf4.py samples the other one in its own environment.
+    Choice("transformers", lambda rng, m, d: 0),
+    # #13's multi-GPU rows stay at one GPU here: `validate --against trace --multi-gpu K` samples them against the
+    # rank trace (DeepSpeed's engine and CPU offload are not traced: most random strategy mixes are refused).
+    Choice("gpus", pick(1)),
     Choice("parallel", pick("auto", "ddp", "fsdp", "fsdp-grad-op", "zero1", "zero2", "zero3"),
            lambda m, d: d.get("gpus", 1) > 1),
     Choice("fsdp_version", pick(1, 2), lambda m, d: str(d.get("parallel", "")).startswith("fsdp")),
     Choice("offload", pick("none", "optimizer", "params"), lambda m, d: d.get("gpus", 1) > 1),
     Choice("quant_storage", pick("uint8", "bf16", "fp16", "fp32"), four_bit),
 ]
+
+
+def refusal(model: ModelSpec, train: TrainSpec) -> str | None:
+    """Why the trace refuses this combination on this stack (the sampler draws again), or None. Each reason is the
+    one-line error the trace (or the estimate) gives for it, so the report can name it."""
+    from memplan.library_facts import LIGER_TYPES
+
+    if model.derived and train.bits == 8:  # memplan/derive/__init__.py: its fitting traces refuse 8-bit
+        return "--bits 8 on a derived architecture: its activation terms are fitted without an 8-bit meta trace"
+    if train.liger and model.model_type not in LIGER_TYPES:
+        return "--liger on: liger-kernel has no RMSNorm/SwiGLU kernels for this model type"
+    head = {"gpt_neox": "embed_out"}.get(model.model_type, "lm_head")
+    if train.loss != "standard" and (head in train.modules_to_save or "lm_head" in train.modules_to_save):
+        return (f"--loss {train.loss} takes the output layer's weight as a plain tensor (recipe.compute_loss): "
+                "a modules_to_save-wrapped output layer is not supported")
+    return None
 
 
 def active_rows() -> list[Choice]:
@@ -170,9 +191,10 @@ def model_names_by_type(names: list[str]) -> dict[str, list[str]]:
     return {t: sorted(v) for t, v in sorted(by_type.items())}
 
 
-def draw_configs(seed: int, model_names: list[str], max_tries: int = 50):
+def draw_configs(seed: int, model_names: list[str], max_tries: int = 50, refused: dict | None = None):
     """Yield (draw index, model name, TrainSpec) forever, deterministically from `seed`. A combination TrainSpec
-    rejects (it says why on the command line too) is drawn again."""
+    rejects (it says why on the command line too) or the trace refuses (refusal()) is drawn again; `refused`, when
+    given, counts the redraws by reason."""
     from memplan.catalog import resolve_model
 
     rng = random.Random(seed)
@@ -190,9 +212,14 @@ def draw_configs(seed: int, model_names: list[str], max_tries: int = 50):
                     drawn[row.field] = row.draw(rng, model, drawn)
             try:
                 train = TrainSpec(**drawn)
-            except MemplanError:
-                continue
-            break
+            except MemplanError as e:
+                why = str(e)
+            else:
+                why = refusal(model, train)
+                if why is None:
+                    break
+            if refused is not None:
+                refused[why] = refused.get(why, 0) + 1
         else:
             raise MemplanError(f"validate --random: no valid training settings drawn for {name} in {max_tries} tries")
         yield index, name, train
