@@ -547,25 +547,30 @@ def eager_softmax_backward(model: ModelSpec, train: TrainSpec, e: int) -> int:
 
 
 def dora_transient(model: ModelSpec, train: TrainSpec) -> int:
-    """DoRA recomputes its weight norm in every forward (peft/tuners/lora/dora.py, DoraLinearLayer.forward; PEFT
-    caches it only in eval mode): lora_weight = lora_B(lora_A(eye(in))).T builds an in x in identity and the
-    out x in product in the adapter dtype; then the base weight is dequantized (4-bit: out x in in the compute
-    dtype) and cast to the adapter dtype, and weight + scaling * lora_weight makes two more out x in tensors.
-    The largest adapted linear sets the figure, in absolute bytes; it rides on top of the layer's forward (and of
-    its recompute under checkpointing)."""
+    """DoRA recomputes its weight norm in every forward (peft/tuners/lora/dora.py 0.21, DoraLinearLayer.forward;
+    PEFT caches it only in eval mode). get_lora_weight builds x_eye = eye(in) in the adapter dtype and
+    lora_weight = lora_B(lora_A(x_eye)).T (out x in): both stay alive to the end of forward, since lora_A saves
+    x_eye for its weight gradient and the graph hangs on lora_weight. Then `weight` = the base weight, dequantized
+    for 4/8-bit (out x in in the compute dtype), `.to(x.dtype)` (the adapter dtype: a copy when it differs), and
+    get_weight_norm's `weight + scaling * lora_weight` makes two more out x in tensors. The largest adapted
+    linear sets the figure, in absolute bytes; it rides on top of the layer's forward (and of its recompute under
+    checkpointing)."""
     if train.method != "lora" or not train.dora:
         return 0
     lb, c = DTYPES[train.lora_dtype], DTYPES[train.compute_dtype]
-    weight_bytes = 4 if train.bits == 32 else c
     out = 0
     for _, layer in model.layers:
         for lin in layer.linears:
             if not is_target(lin, train):
                 continue
             i, o = lin.in_features, lin.out_features
-            eye = i * i * lb + i * o * lb  # the identity and lora_B(lora_A(eye))
-            deq = o * i * c if (train.quantized and lin.quantizable) else 0
-            cast = o * i * lb if (deq and c != lb) or (not deq and weight_bytes != lb) else 0
-            norm = o * i * lb * 3 + deq + cast  # lora_weight, scaling * lora_weight, their sum with the weight
-            out = max(out, eye, norm)
+            held = i * i * lb + i * o * lb  # x_eye and lora_weight
+            if train.quantized and lin.quantizable:
+                deq = o * i * c
+                weight = deq if c == lb else o * i * lb  # the dequantized copy, or its cast (deq freed)
+                at_cast = deq + (o * i * lb if c != lb else 0)
+            else:  # the parameter itself, in its training dtype (weights.unquantized_dtype_bytes)
+                weight = 0 if unquantized_dtype_bytes(train) == lb else o * i * lb
+                at_cast = weight
+            out = max(out, held + max(at_cast, weight + 2 * o * i * lb))
     return out
