@@ -168,15 +168,24 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
                          temporaries=T * a.mlp_mul_work[idx], comm_buffers=comm["backward_layer"])
         return max(start, mul, key=lambda c: sum(c.values()))
 
-    bwd_last = layer_bwd(len(a.stored_per_layer) - 1, 0)
-    bwd_first = layer_bwd(0, grads)
+    # a trained output layer's gradient exists from the loss's backward on, a trained embedding's only after the
+    # layers' (lora.head_and_embedding_grads); multi-GPU ranks keep the sharded total (parallel.py)
+    ends = lora.head_and_embedding_grads(model, train) if rank is None else {"head": 0, "embed": 0, "tied": False}
+    bwd_last = layer_bwd(len(a.stored_per_layer) - 1, ends["head"])
+    bwd_first = layer_bwd(0, grads - (0 if ends["tied"] else ends["embed"]))
+    backward = [bwd_loss, bwd_last, bwd_first]
+    if ends["embed"]:  # EmbeddingBackward0: every gradient but the embedding's done, its own being made; tied:
+        # the head's gradient waiting beside it, then their sum (3 V x H at once, one counted in grads)
+        backward.append(_candidate(steady, gradients=grads, activations=T * (a.fixed - a.final_norm),
+                                   temporaries=2 * ends["head"] if ends["tied"] else 0,
+                                   comm_buffers=comm["backward_layer"]))
     opt_step = _candidate(steady, gradients=grads, temporaries=optimizer.step_temporaries(train, grads, model),
                           comm_buffers=comm["optimizer"])
     # multi-GPU: the load phase is the rank's shards after wrapping (how each launcher loads differs)
     load = _candidate(static, temporaries=0 if rank else weights.load_transient(model, train),
                       comm_buffers=comm["load"])
 
-    candidates = {"load": [load], "forward": forward, "backward": [bwd_loss, bwd_last, bwd_first],
+    candidates = {"load": [load], "forward": forward, "backward": backward,
                   "optimizer": [opt_step]}
     chosen = {p: max(cs, key=lambda c: sum(c.values())) for p, cs in candidates.items()}
     host = host_mod.host_plan(model, act_train, a, states, T)
