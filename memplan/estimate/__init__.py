@@ -146,9 +146,14 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
     bwd_loss = _candidate(steady, activations=T * stored + dora_all, logits_loss=loss_bwd,
                           comm_buffers=comm["backward_loss"])
     forward = [fwd_loss, fwd_layer]
-    if a.dora_bytes:
-        forward.append(_candidate(steady, activations=T * (stored - a.stored_per_layer[-1]) + dora_but_last,
-                                  temporaries=a.dora_bytes, comm_buffers=comm["forward_layer"]))
+    if a.dora_bytes:  # DoRA's weight norm inside the last layer's forward (activations.dora_transient); under
+        # checkpointing every layer input is kept and nothing else, else the layer's saved set so far
+        before = T * stored if train.gradient_checkpointing else T * (stored - a.stored_per_layer[-1]) + dora_but_last
+        forward.append(_candidate(steady, activations=before, temporaries=a.dora_bytes,
+                                  comm_buffers=comm["forward_layer"]))
+        if a.dora_last_bytes:  # in the layer's last linear: its whole saved set but that linear's own weight
+            forward.append(_candidate(steady, activations=T * stored + dora_all - a.dora_last_weight,
+                                      temporaries=a.dora_last_bytes, comm_buffers=comm["forward_layer"]))
 
     def layer_bwd(idx: int, done_grads: int) -> dict[str, int]:
         kept = T * (sum(a.stored_per_layer[: idx + 1]) + a.fixed - a.final_norm)

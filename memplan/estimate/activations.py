@@ -250,9 +250,12 @@ def _attention(sv: Saved, ctx: Ctx, model: ModelSpec, layer: LayerSpec, x_norm: 
         sv.keep(q, "attn")
         if softcapped(model):  # tanh(scores / cap) saves its output
             sv.new("scores.tanh", a * ctx.s * e, "attn")
-        sv.new("probs.fp32", a * ctx.s * 4, "attn")  # softmax(dtype=float32) saves its result
-        if e != 4:
-            sv.new("probs", a * ctx.s * e, "attn")  # .to(q.dtype), saved by probs @ v
+        if _softmax_in_dtype(model):
+            sv.new("probs", a * ctx.s * e, "attn")  # saved by softmax and by probs @ v
+        else:
+            sv.new("probs.fp32", a * ctx.s * 4, "attn")  # softmax(dtype=float32) saves its result
+            if e != 4:
+                sv.new("probs", a * ctx.s * e, "attn")  # .to(q.dtype), saved by probs @ v
     # o_proj's input: transpose(1, 2).contiguous(). The fused kernels already write their output in the
     # (b, s, heads, d) layout, so the copy is a no-op there; eager's matmul output needs a real copy.
     ctx_t = "attn.out" if ctx.attention in FUSED else sv.tensor("attn.ctx", a * d * e)
@@ -440,6 +443,10 @@ class Activations:
     dequant_bytes: int  # absolute: bitsandbytes' dequantized copy of the largest linear
     dora_bytes: int = 0  # absolute: DoRA's weight-sized temporaries inside the largest adapted linear's forward
     dora_saved: tuple[int, ...] = ()  # absolute, per layer: weights DoRA's F.linear saves (dropout > 0)
+    # ... DoRA's temporaries in a layer's last linear (down_proj, fc2), the largest: by then the layer has saved
+    # nearly all of its set; and that linear's own dropout-path weight (dora_saved), not saved yet at that moment
+    dora_last_bytes: int = 0
+    dora_last_weight: int = 0
     # activation offloading (memplan/estimate/offload.py): per token
     host_per_layer: tuple = ()  # what each layer's saved set puts in pinned host memory
     reload: int = 0  # brought back to the device during one layer's backward
@@ -494,6 +501,7 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
         stored, host, reload = _offloaded(model, train, layer_key, stored, h * e)
     return Activations(stored, saved, saved_attn, fixed, final_norm, fwd_transient, bwd_mlp, bwd_attn, mul_freed,
                        mul_work, dequant, dora_transient(model, train), dora_saved(model, train),
+                       *dora_transient_last(model, train),
                        host_per_layer=host, reload=reload)
 
 
@@ -536,6 +544,13 @@ def dora_saved(model: ModelSpec, train: TrainSpec) -> tuple[int, ...]:
     return tuple(out)
 
 
+def _softmax_in_dtype(model: ModelSpec) -> bool:
+    """Falcon's eager attention (no ALiBi) takes the softmax in the activations' dtype:
+    F.softmax(scores + mask, dim=-1, dtype=hidden_states.dtype) (transformers/models/falcon/modeling_falcon.py,
+    FalconAttention.forward, 5.24); the other eager paths take it in fp32 and cast back."""
+    return model.model_type == "falcon" and not model.hf_config.get("alibi", False)
+
+
 def eager_softmax_backward(model: ModelSpec, train: TrainSpec, e: int) -> int:
     """Eager attention's backward peaks in softmax's backward (per token): the fp32 gradient of the
     probabilities (ToCopyBackward of the .to(q.dtype) cast, or the matmul's own gradient when the activations
@@ -543,6 +558,8 @@ def eager_softmax_backward(model: ModelSpec, train: TrainSpec, e: int) -> int:
     so the 16-bit copy of the probabilities it saved (a*s*e, counted in the saved set) is released: torch
     derivatives.yaml (_softmax: result; mm/bmm: self, mat2), checked on the meta trace's live tensors."""
     a, s = model.num_heads, train.seq_len
+    if _softmax_in_dtype(model):  # the gradient of the probabilities and softmax's backward output, in the
+        return a * s * 2 * e  # activations' dtype; the saved probabilities stay until softmax's backward ends
     return a * s * (4 + 4) - (a * s * e if e != 4 else 0)
 
 
@@ -551,26 +568,39 @@ def dora_transient(model: ModelSpec, train: TrainSpec) -> int:
     PEFT caches it only in eval mode). get_lora_weight builds x_eye = eye(in) in the adapter dtype and
     lora_weight = lora_B(lora_A(x_eye)).T (out x in): both stay alive to the end of forward, since lora_A saves
     x_eye for its weight gradient and the graph hangs on lora_weight. Then `weight` = the base weight, dequantized
-    for 4/8-bit (out x in in the compute dtype), `.to(x.dtype)` (the adapter dtype: a copy when it differs), and
+    for 4/8-bit (out x in: 4-bit in the compute dtype, 8-bit in fp32), `.to(x.dtype)` (the adapter dtype: a copy when it differs), and
     get_weight_norm's `weight + scaling * lora_weight` makes two more out x in tensors. The largest adapted
     linear sets the figure, in absolute bytes; it rides on top of the layer's forward (and of its recompute under
     checkpointing)."""
+    return max((b for b, _, _ in _dora_per_linear(model, train)), default=0)
+
+
+def dora_transient_last(model: ModelSpec, train: TrainSpec) -> tuple[int, int]:
+    """(transient, dropout-path weight) of the largest DoRA linear that is its layer's last linear."""
+    last = [(b, w) for b, is_last, w in _dora_per_linear(model, train) if is_last]
+    return max(last, default=(0, 0))
+
+
+def _dora_per_linear(model: ModelSpec, train: TrainSpec) -> list[tuple[int, bool, int]]:
+    """(DoRA's transient bytes, is the layer's last linear, its dropout-path saved weight) per adapted linear."""
     if train.method != "lora" or not train.dora:
-        return 0
+        return []
     lb, c = DTYPES[train.lora_dtype], DTYPES[train.compute_dtype]
-    out = 0
+    out = []
     for _, layer in model.layers:
         for lin in layer.linears:
             if not is_target(lin, train):
                 continue
             i, o = lin.in_features, lin.out_features
             held = i * i * lb + i * o * lb  # x_eye and lora_weight
-            if train.quantized and lin.quantizable:
-                deq = o * i * c
-                weight = deq if c == lb else o * i * lb  # the dequantized copy, or its cast (deq freed)
-                at_cast = deq + (o * i * lb if c != lb else 0)
+            if train.quantized and lin.quantizable:  # dequantize_bnb_weight: 4-bit to the compute dtype,
+                db = 4 if train.bits == 8 else c  # 8-bit int8_vectorwise_dequant to fp32 (bitsandbytes/_ops.py)
+                deq = o * i * db
+                weight = deq if db == lb else o * i * lb  # the dequantized copy, or its cast (deq freed)
+                at_cast = deq + (o * i * lb if db != lb else 0)
             else:  # the parameter itself, in its training dtype (weights.unquantized_dtype_bytes)
                 weight = 0 if unquantized_dtype_bytes(train) == lb else o * i * lb
                 at_cast = weight
-            out = max(out, held + max(at_cast, weight + 2 * o * i * lb))
+            saved = o * i * lb if train.lora_dropout and not train.gradient_checkpointing else 0
+            out.append((held + max(at_cast, weight + 2 * o * i * lb), lin is layer.linears[-1], saved))
     return out

@@ -63,6 +63,9 @@ def modules_to_save_params(model: ModelSpec, train: TrainSpec) -> int:
     for name in train.modules_to_save:
         if name not in sizes:
             raise MemplanError(f"modules-to-save {name!r} is not supported; choose from: {', '.join(sizes)}")
+        if name == "embed_out" and train.transformers >= 5:  # PEFT would match nothing and train no copy
+            raise MemplanError("modules-to-save embed_out: transformers 5 names GPT-NeoX's output layer lm_head "
+                               "(transformers/conversion_mapping.py renames embed_out.*); use lm_head")
         total += sizes[name]
     return total
 

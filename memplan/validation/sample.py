@@ -72,10 +72,17 @@ def lora_targets(rng: random.Random, model: ModelSpec, drawn: dict):
 
 
 def modules_to_save(rng: random.Random, model: ModelSpec, drawn: dict):
-    """None (most runs), the output layer, the input embeddings, or both, by the names the model type uses."""
-    emb, head = {"gpt_neox": ("embed_in", "embed_out"), "falcon": ("word_embeddings", "lm_head")}.get(
-        model.model_type, ("embed_tokens", "lm_head"))
+    """None (most runs), the output layer, the input embeddings, or both, by the names the model type uses
+    (transformers 5 names GPT-NeoX's output layer lm_head; 4.x called it embed_out)."""
+    emb = {"gpt_neox": "embed_in", "falcon": "word_embeddings"}.get(model.model_type, "embed_tokens")
+    head = "embed_out" if model.model_type == "gpt_neox" and drawn["transformers"] == 4 else "lm_head"
     return rng.choice(((), (), (head,), (emb,), (emb, head)))
+
+
+def _installed_major() -> int:
+    from memplan.stack import installed_major
+
+    return installed_major()
 
 
 def quantized(model: ModelSpec, drawn: dict) -> bool:
@@ -92,6 +99,9 @@ def lora(model: ModelSpec, drawn: dict) -> bool:
 
 # Every training flag, in the order they are drawn. Values come from spec.py's constants where it has them.
 CHOICES: list[Choice] = [
+    # The trace runs the installed transformers only (stack.check_runs_installed): the row keeps that major, so a
+    # sample says which one it describes (rows below may depend on it); scripts/validate_tf4.py samples 4.x.
+    Choice("transformers", lambda rng, m, d: _installed_major()),
     Choice("bits", pick_from("BITS", (4, 8, 16, 32))),
     Choice("quant_type", pick_from("QUANT_TYPES", ("nf4", "fp4")), four_bit),
     Choice("double_quant", pick(True, False), four_bit),
@@ -113,9 +123,6 @@ CHOICES: list[Choice] = [
     Choice("activation_offload", pick_from("ACTIVATION_OFFLOADS", ("off", "all", "checkpoints"))),
     Choice("loss", pick_from("LOSSES", ("standard", "liger", "cce"))),
     Choice("liger", pick(False, True)),
-    # The trace runs the installed transformers only (stack.check_runs_installed): the row keeps it, so a sample
-    # says which major it describes; scripts/validate_tf4.py samples the other one in its own environment.
-    Choice("transformers", lambda rng, m, d: 0),
     # #13's multi-GPU rows stay at one GPU here: `validate --against trace --multi-gpu K` samples them against the
     # rank trace (DeepSpeed's engine and CPU offload are not traced: most random strategy mixes are refused).
     Choice("gpus", pick(1)),
@@ -136,8 +143,7 @@ def refusal(model: ModelSpec, train: TrainSpec) -> str | None:
         return "--bits 8 on a derived architecture: its activation terms are fitted without an 8-bit meta trace"
     if train.liger and model.model_type not in LIGER_TYPES:
         return "--liger on: liger-kernel has no RMSNorm/SwiGLU kernels for this model type"
-    head = {"gpt_neox": "embed_out"}.get(model.model_type, "lm_head")
-    if train.loss != "standard" and (head in train.modules_to_save or "lm_head" in train.modules_to_save):
+    if train.loss != "standard" and {"lm_head", "embed_out"} & set(train.modules_to_save):
         return (f"--loss {train.loss} takes the output layer's weight as a plain tensor (recipe.compute_loss): "
                 "a modules_to_save-wrapped output layer is not supported")
     return None
