@@ -402,10 +402,15 @@ def _mlp_product_backward(model: ModelSpec, layer: LayerSpec, train: TrainSpec, 
 
 
 @lru_cache(maxsize=4096)
-def _int8_held(model: ModelSpec, layer: LayerSpec, train: TrainSpec, checkpointed: bool) -> int:
+def _int8_held(model: ModelSpec, layer: LayerSpec, train: TrainSpec, checkpointed: bool,
+               offloaded: bool = False) -> int:
     """Bytes per token of LLM.int8 linear inputs held by their graph nodes beyond what the layer stores anyway:
-    under checkpointing all but the layer input; without it, those no op saves."""
+    under checkpointing all but the layer input; without it, those no op saves. bitsandbytes' MatMul8bitLt keeps
+    them as ctx attributes, not through save_for_backward, so saved-tensor hooks never see them: under activation
+    offloading (offloaded=True) every one stays on the device, whatever else saves it (the meta trace shows them)."""
     sv = layer_saved(model, layer, Ctx.of(train, model))
+    if offloaded:
+        return sum(sv.size[n] for n in set(sv.int8_inputs) if n != "x")
     return sum(sv.size[n] for n in sv.int8_inputs if n != "x" and (checkpointed or n not in sv.kept))
 
 
@@ -461,7 +466,7 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     ctx = Ctx.of(train, model)
     k = coefficients()["backward"]
     h, e = model.hidden_size, ctx.e
-    stored, saved, saved_attn, mul_freed, mul_work = [], [], [], [], []
+    stored, saved, saved_attn, mul_freed, mul_work, int8_device = [], [], [], [], [], []
     # per-token layer figures do not depend on batch, optimizer or (for fused attention) sequence length
     masked = ctx.attention == "sdpa" and sdpa_gets_a_mask(model, train.seq_len, train.transformers)
     per_seq = ctx.attention not in FUSED or masked
@@ -475,6 +480,8 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
         saved_attn += [attn] * n
         int8 = _int8_held(model, layer, layer_key, train.gradient_checkpointing) if train.bits == 8 else 0
         stored += [(h * e if train.gradient_checkpointing else total + x_kept) + int8] * n
+        # offloaded: LLM.int8 nodes hold their inputs outside the saved-tensor hooks, so those stay on the device
+        int8_device += [_int8_held(model, layer, layer_key, True, offloaded=True) if train.bits == 8 else 0] * n
         i = max((lin.out_features for lin in layer.linears), default=h)
         moe_slots = layer.experts_per_token  # 5.x grouped_mm: every token-slot's gate_up output at once;
         if linear_experts(train) and layer.num_experts:  # 4.x loop: one expert's share of the slots at a time
@@ -499,6 +506,7 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     host, reload = (), 0
     if train.activation_offload != "off":
         stored, host, reload = _offloaded(model, train, layer_key, stored, h * e)
+        stored = [d + i for d, i in zip(stored, int8_device)]
     return Activations(stored, saved, saved_attn, fixed, final_norm, fwd_transient, bwd_mlp, bwd_attn, mul_freed,
                        mul_work, dequant, dora_transient(model, train), dora_saved(model, train),
                        *dora_transient_last(model, train),
