@@ -146,6 +146,9 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
     bwd_loss = _candidate(steady, activations=T * stored + dora_all, logits_loss=loss_bwd,
                           comm_buffers=comm["backward_loss"])
     forward = [fwd_loss, fwd_layer]
+    if a.moe_tail:  # the last layer's experts combine their outputs (activations._moe_tail)
+        forward.append(_candidate(steady, activations=T * stored + dora_but_last, temporaries=T * a.moe_tail,
+                                  comm_buffers=comm["forward_layer"]))
     if a.dora_bytes:  # DoRA's weight norm inside the last layer's forward (activations.dora_transient); under
         # checkpointing every layer input is kept and nothing else, else the layer's saved set so far
         before = T * stored if train.gradient_checkpointing else T * (stored - a.stored_per_layer[-1]) + dora_but_last

@@ -452,6 +452,7 @@ class Activations:
     # nearly all of its set; and that linear's own dropout-path weight (dora_saved), not saved yet at that moment
     dora_last_bytes: int = 0
     dora_last_weight: int = 0
+    moe_tail: int = 0  # per token: transformers 5 grouped_mm experts' transient as they combine their outputs
     # activation offloading (memplan/estimate/offload.py): per token
     host_per_layer: tuple = ()  # what each layer's saved set puts in pinned host memory
     reload: int = 0  # brought back to the device during one layer's backward
@@ -503,14 +504,28 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     bwd_attn = int(k["attn_h"] * h * e + k["attn_qkv"] * (model.num_heads + 2 * model.num_kv_heads) * model.head_dim * e
                    + (eager_softmax_backward(model, train, e) if ctx.attention not in FUSED else 0))
     dequant = max_quantized_numel(model, train) * ctx.c if train.quantized else 0
+    tail = _moe_tail(model, model.layers[-1][1], layer_key)
     host, reload = (), 0
     if train.activation_offload != "off":
         stored, host, reload = _offloaded(model, train, layer_key, stored, h * e)
         stored = [d + i for d, i in zip(stored, int8_device)]
     return Activations(stored, saved, saved_attn, fixed, final_norm, fwd_transient, bwd_mlp, bwd_attn, mul_freed,
                        mul_work, dequant, dora_transient(model, train), dora_saved(model, train),
-                       *dora_transient_last(model, train),
+                       *dora_transient_last(model, train), moe_tail=tail,
                        host_per_layer=host, reload=reload)
+
+
+def _moe_tail(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> int:
+    """The end of transformers 5's grouped_mm_experts_forward (integrations/moe.py, 5.24), per token: with S = tokens
+    x top-k rows of hidden width, `weighted_out[inv_perm]` runs while the gathered input selected_hidden_states_g
+    (a local until the function returns), the down projection's output (saved by the routing-weight mul; a local
+    under checkpointing), weighted_out and its permuted copy are all alive. By then the layer has saved all but
+    what follows its experts (Qwen2-MoE runs its shared expert first; only the shared gate's few bytes follow).
+    0 off transformers 5 or without experts."""
+    if not layer.num_experts or linear_experts(train):
+        return 0
+    k, h, e = layer.experts_per_token, model.hidden_size, Ctx.of(train, model).e
+    return (4 if train.gradient_checkpointing else 3) * k * h * e
 
 
 def _offloaded(model: ModelSpec, train: TrainSpec, layer_key: TrainSpec, stored: list[int], x_bytes: int):
