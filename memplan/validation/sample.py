@@ -141,6 +141,10 @@ def refusal(model: ModelSpec, train: TrainSpec) -> str | None:
 
     if model.derived and train.bits == 8:  # memplan/derive/__init__.py: its fitting traces refuse 8-bit
         return "--bits 8 on a derived architecture: its activation terms are fitted without an 8-bit meta trace"
+    if train.attention == "flash_attention_2" and model.model_type == "falcon":
+        return ("flash_attention_2 on Falcon: FalconFlashAttention2 calls _flash_attention_forward, which "
+                "modeling_falcon.py imports only when flash-attn is installed (it is not here), outside the "
+                "attention interface the trace's flash-attention model serves")
     if train.liger and model.model_type not in LIGER_TYPES:
         return "--liger on: liger-kernel has no RMSNorm/SwiGLU kernels for this model type"
     if train.loss != "standard" and {"lm_head", "embed_out"} & set(train.modules_to_save):
