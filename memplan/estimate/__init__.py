@@ -24,7 +24,7 @@ from memplan.estimate import host as host_mod
 from memplan.estimate import lora, optimizer, weights
 from memplan.estimate.logits import fused_loss, loss_backward, loss_forward
 from memplan.estimate.overhead import Overheads, default_overheads, replay_overheads
-from memplan.spec import ModelSpec, TrainSpec
+from memplan.spec import DTYPES, ModelSpec, TrainSpec
 from memplan.stack import stack
 
 PHASES = ("load", "forward", "backward", "optimizer")
@@ -158,7 +158,7 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
             forward.append(_candidate(steady, activations=T * stored + dora_all - a.dora_last_weight,
                                       temporaries=a.dora_last_bytes, comm_buffers=comm["forward_layer"]))
 
-    def layer_bwd(idx: int, done_grads: int) -> dict[str, int]:
+    def layer_bwd(idx: int, done_grads: int, mul_grads: int = 0) -> dict[str, int]:
         kept = T * (sum(a.stored_per_layer[: idx + 1]) + a.fixed - a.final_norm)
         kept += sum(dora[: idx + 1]) if dora else 0
         recompute = (a.layer_saved[idx] if train.gradient_checkpointing else 0) + a.reload
@@ -172,15 +172,27 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
                         key=lambda c: sum(c.values()))
         if not a.mlp_mul_work[idx]:
             return start
-        mul = _candidate(steady, gradients=done_grads, activations=kept + recompute - T * a.mlp_mul_freed[idx],
+        mul = _candidate(steady, gradients=done_grads + mul_grads,
+                         activations=kept + recompute - T * a.mlp_mul_freed[idx],
                          temporaries=T * a.mlp_mul_work[idx], comm_buffers=comm["backward_layer"])
         return max(start, mul, key=lambda c: sum(c.values()))
 
     # a trained output layer's gradient exists from the loss's backward on, a trained embedding's only after the
     # layers' (lora.head_and_embedding_grads); multi-GPU ranks keep the sharded total (parallel.py)
     ends = lora.head_and_embedding_grads(model, train) if rank is None else {"head": 0, "embed": 0, "tied": False}
-    bwd_last = layer_bwd(len(a.stored_per_layer) - 1, ends["head"])
-    bwd_first = layer_bwd(0, grads - (0 if ends["tied"] else ends["embed"]))
+    if train.method == "full" and rank is None:  # a layer's weight gradients appear during its own backward:
+        # at its start only the later layers', the head's and the final norm's exist; at the gated MLP's product
+        # backward, down_proj's too
+        gb = 4 if train.bits == 32 else DTYPES[train.compute_dtype]
+        per_layer = [layer.params * gb for n, layer in model.layers for _ in range(n)]
+        down = [next((lin.numel for lin in layer.linears if lin.name == "down_proj"), 0) * gb
+                for n, layer in model.layers for _ in range(n)]
+        done = ends["head"] + model.other_params * gb
+        bwd_last = layer_bwd(len(per_layer) - 1, done, down[-1])
+        bwd_first = layer_bwd(0, done + sum(per_layer[1:]), down[0])
+    else:
+        bwd_last = layer_bwd(len(a.stored_per_layer) - 1, ends["head"])
+        bwd_first = layer_bwd(0, grads - (0 if ends["tied"] else ends["embed"]))
     backward = [bwd_loss, bwd_last, bwd_first]
     if ends["embed"]:  # EmbeddingBackward0: every gradient but the embedding's done, its own being made; tied:
         # the head's gradient waiting beside it, then their sum (3 V x H at once, one counted in grads)
