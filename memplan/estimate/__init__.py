@@ -99,6 +99,10 @@ def _candidate(base: dict[str, int], **extra: int) -> dict[str, int]:
     return out
 
 
+# the attention's linears (the rest of a layer's parameters get their gradients in its MLP's backward, first)
+ATTENTION_LINEARS = lora.ATTN | {"q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"}
+
+
 def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = None) -> Estimate:
     if overheads is None or overheads is default_overheads():  # uncalibrated: the replay-fitted allocator figure
         overheads = replay_overheads(model.model_type)
@@ -158,14 +162,19 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
             forward.append(_candidate(steady, activations=T * stored + dora_all - a.dora_last_weight,
                                       temporaries=a.dora_last_bytes, comm_buffers=comm["forward_layer"]))
 
-    def layer_bwd(idx: int, done_grads: int, mul_grads: int = 0) -> dict[str, int]:
+    def layer_bwd(idx: int, done_grads: int, mul_grads: int = 0, mlp_grads: int = 0) -> dict[str, int]:
+        """The peak of layer idx's backward; done_grads exist at its start, the gated product's backward adds
+        mul_grads (down_proj's), the attention's backward comes after the whole MLP's (mlp_grads)."""
         kept = T * (sum(a.stored_per_layer[: idx + 1]) + a.fixed - a.final_norm)
         kept += sum(dora[: idx + 1]) if dora else 0
         recompute = (a.layer_saved[idx] if train.gradient_checkpointing else 0) + a.reload
         recompute = T * recompute + (a.dora_saved[idx] if train.gradient_checkpointing and a.dora_saved else 0)
-        work = max(a.bwd_work_mlp, a.bwd_work_attn - (a.layer_saved[idx] - a.layer_saved_attn[idx]))
         start = _candidate(steady, gradients=done_grads, activations=kept + recompute,
-                           temporaries=T * work + a.dequant_bytes, comm_buffers=comm["backward_layer"])
+                           temporaries=T * a.bwd_work_mlp + a.dequant_bytes, comm_buffers=comm["backward_layer"])
+        attn_work = a.bwd_work_attn - (a.layer_saved[idx] - a.layer_saved_attn[idx])
+        attn = _candidate(steady, gradients=done_grads + mlp_grads, activations=kept + recompute,
+                          temporaries=T * attn_work + a.dequant_bytes, comm_buffers=comm["backward_layer"])
+        start = max(start, attn, key=lambda c: sum(c.values()))
         if train.gradient_checkpointing and a.dora_bytes:  # the recompute runs DoRA's forward again
             start = max(start, _candidate(steady, gradients=done_grads, activations=kept + recompute,
                                           temporaries=a.dora_bytes, comm_buffers=comm["backward_layer"]),
@@ -184,12 +193,14 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
         # at its start only the later layers', the head's and the final norm's exist; at the gated MLP's product
         # backward, down_proj's too
         gb = 4 if train.bits == 32 else DTYPES[train.compute_dtype]
-        per_layer = [layer.params * gb for n, layer in model.layers for _ in range(n)]
-        down = [next((lin.numel for lin in layer.linears if lin.name == "down_proj"), 0) * gb
-                for n, layer in model.layers for _ in range(n)]
+        layers = [layer for n, layer in model.layers for _ in range(n)]
+        per_layer = [layer.params * gb for layer in layers]
+        down = [next((lin.numel for lin in layer.linears if lin.name == "down_proj"), 0) * gb for layer in layers]
+        mlp = [(layer.params - sum(lin.numel for lin in layer.linears if lin.name in ATTENTION_LINEARS)) * gb
+               for layer in layers]
         done = ends["head"] + model.other_params * gb
-        bwd_last = layer_bwd(len(per_layer) - 1, done, down[-1])
-        bwd_first = layer_bwd(0, done + sum(per_layer[1:]), down[0])
+        bwd_last = layer_bwd(len(per_layer) - 1, done, down[-1], mlp[-1])
+        bwd_first = layer_bwd(0, done + sum(per_layer[1:]), down[0], mlp[0])
     else:
         bwd_last = layer_bwd(len(a.stored_per_layer) - 1, ends["head"])
         bwd_first = layer_bwd(0, grads - (0 if ends["tied"] else ends["embed"]))
