@@ -156,9 +156,9 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
     if a.dora_bytes:  # DoRA's weight norm inside the last layer's forward (activations.dora_transient); under
         # checkpointing every layer input is kept and nothing else, else the layer's saved set so far
         before = T * stored if train.gradient_checkpointing else T * (stored - a.stored_per_layer[-1]) + dora_but_last
-        forward.append(_candidate(steady, activations=before, temporaries=a.dora_bytes,
+        forward.append(_candidate(steady, activations=before, temporaries=a.dora_ckpt_forward or a.dora_bytes,
                                   comm_buffers=comm["forward_layer"]))
-        if a.dora_last_bytes:  # in the layer's last linear: its whole saved set but that linear's own weight
+        if a.dora_last_bytes and not train.gradient_checkpointing:  # in the layer's last linear: its whole saved set but that linear's own weight
             forward.append(_candidate(steady, activations=T * stored + dora_all - a.dora_last_weight,
                                       temporaries=a.dora_last_bytes, comm_buffers=comm["forward_layer"]))
 

@@ -452,6 +452,7 @@ class Activations:
     # nearly all of its set; and that linear's own dropout-path weight (dora_saved), not saved yet at that moment
     dora_last_bytes: int = 0
     dora_last_weight: int = 0
+    dora_ckpt_forward: int = 0  # dora_bytes in a checkpointed forward (x_eye not held)
     moe_tail: int = 0  # per token: transformers 5 grouped_mm experts' transient as they combine their outputs
     # activation offloading (memplan/estimate/offload.py): per token
     host_per_layer: tuple = ()  # what each layer's saved set puts in pinned host memory
@@ -512,6 +513,7 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     return Activations(stored, saved, saved_attn, fixed, final_norm, fwd_transient, bwd_mlp, bwd_attn, mul_freed,
                        mul_work, dequant, dora_transient(model, train), dora_saved(model, train),
                        *dora_transient_last(model, train), moe_tail=tail,
+                       dora_ckpt_forward=dora_transient_checkpointed(model, train) if train.gradient_checkpointing else 0,
                        host_per_layer=host, reload=reload)
 
 
@@ -598,17 +600,25 @@ def dora_transient(model: ModelSpec, train: TrainSpec) -> int:
     return max((b for b, _, _ in _dora_per_linear(model, train)), default=0)
 
 
+def dora_transient_checkpointed(model: ModelSpec, train: TrainSpec) -> int:
+    """dora_transient inside a checkpointed layer's first forward, where nothing is saved."""
+    return max((b for b, _, _ in _dora_per_linear(model, train, not_saved=True)), default=0)
+
+
 def dora_transient_last(model: ModelSpec, train: TrainSpec) -> tuple[int, int]:
     """(transient, dropout-path weight) of the largest DoRA linear that is its layer's last linear."""
     last = [(b, w) for b, is_last, w in _dora_per_linear(model, train) if is_last]
     return max(last, default=(0, 0))
 
 
-def _dora_per_linear(model: ModelSpec, train: TrainSpec) -> list[tuple[int, bool, int]]:
+def _dora_per_linear(model: ModelSpec, train: TrainSpec, not_saved: bool = False) -> list[tuple[int, bool, int]]:
     """(DoRA's transient bytes, is the layer's last linear, its dropout-path saved weight) per adapted linear."""
     if train.method != "lora" or not train.dora:
         return []
-    lb, c = DTYPES[train.lora_dtype], DTYPES[train.compute_dtype]
+    la = train.lora_dtype
+    lb = DTYPES[la]
+    # dtypes by name: a bf16 weight cast to fp16 adapters is a copy of the same size
+    plain = "fp32" if unquantized_dtype_bytes(train) == 4 else train.compute_dtype
     out = []
     for _, layer in model.layers:
         for lin in layer.linears:
@@ -617,13 +627,16 @@ def _dora_per_linear(model: ModelSpec, train: TrainSpec) -> list[tuple[int, bool
             i, o = lin.in_features, lin.out_features
             held = i * i * lb + i * o * lb  # x_eye and lora_weight
             if train.quantized and lin.quantizable:  # dequantize_bnb_weight: 4-bit to the compute dtype,
-                db = 4 if train.bits == 8 else c  # 8-bit int8_vectorwise_dequant to fp32 (bitsandbytes/_ops.py)
-                deq = o * i * db
-                weight = deq if db == lb else o * i * lb  # the dequantized copy, or its cast (deq freed)
-                at_cast = deq + (o * i * lb if db != lb else 0)
+                dt = "fp32" if train.bits == 8 else train.compute_dtype  # 8-bit int8_vectorwise_dequant to fp32
+                deq = o * i * DTYPES[dt]  # (bitsandbytes/_ops.py)
+                weight = deq if dt == la else o * i * lb  # the dequantized copy, or its cast (deq freed)
+                at_cast = deq + (o * i * lb if dt != la else 0)
             else:  # the parameter itself, in its training dtype (weights.unquantized_dtype_bytes)
-                weight = 0 if unquantized_dtype_bytes(train) == lb else o * i * lb
+                weight = 0 if plain == la else o * i * lb
                 at_cast = weight
             saved = o * i * lb if train.lora_dropout and not train.gradient_checkpointing else 0
-            out.append((held + max(at_cast, weight + 2 * o * i * lb), lin is layer.linears[-1], saved))
+            peak = held + max(at_cast, weight + 2 * o * i * lb)
+            if not_saved:  # a checkpointed forward: the checkpoint's pack hook drops what lora_A saves, so x_eye
+                peak = max(held, i * o * lb + max(at_cast, weight + 2 * o * i * lb))  # dies with get_lora_weight
+            out.append((peak, lin is layer.linears[-1], saved))
     return out
