@@ -22,7 +22,7 @@
 """
 from __future__ import annotations
 
-from memplan.estimate.lora import targeted
+from memplan.estimate.lora import is_target, targeted
 from memplan.estimate.weights import unquantized_dtype_bytes
 from memplan.spec import DTYPES, ModelSpec, TrainSpec
 
@@ -97,22 +97,61 @@ def states(model: ModelSpec, train: TrainSpec, trainable_params: int, trainable_
 def step_temporaries(train: TrainSpec, trainable_bytes: int, model: ModelSpec | None = None) -> int:
     """Transient bytes inside optimizer.step(): foreach AdamW's sqrt(exp_avg_sq) copy of the whole group; the
     bitsandbytes and SGD kernels update in place. Adafactor (transformers/optimization.py, Adafactor.step) steps
-    one parameter at a time: its largest trainable tensor holds, at once, the fp32 grad.float() and
-    p.float() copies when the parameter is 16-bit, and two fp32 param-sized tensors at each of
-    `update = grad**2 + eps` (grad**2, then the sum), `update = _approx_sq_grad(..)` / `exp_avg_sq.rsqrt()` (the new
-    update beside the old) and `p.add_(-update)` (the negation beside update): 8 B per element, 16 B if 16-bit."""
+    one parameter at a time, in fp32: a 16-bit parameter gets grad.float() and p.float() copies, and two
+    param-sized fp32 tensors meet at each of `update = grad**2 + eps` (grad**2, then the sum),
+    `update = _approx_sq_grad(..)` / `exp_avg_sq.rsqrt()` (the new update beside the old) and `p.add_(-update)`
+    (the negation beside update): 8 B per element, 16 B if 16-bit. The previous parameter's `update` is still
+    bound to the loop variable until `update = grad**2 + eps` replaces it, so it rides on top (4 B per element
+    of the previous parameter, in model.parameters() order)."""
     if train.optimizer == "adamw":
         return trainable_bytes
     if train.optimizer != "adafactor" or model is None:
         return 0
-    worst = 0
-    for _, shape in _param_shapes(model, train):
-        numel = _numel(shape)
-        if train.method == "full":
-            elem = 4 if train.bits == 32 else DTYPES[train.compute_dtype]
-        elif len(shape) == 2 and shape == (model.vocab_size, model.hidden_size) and train.modules_to_save:
-            elem = unquantized_dtype_bytes(train)  # a modules_to_save copy keeps the base weights' dtype
-        else:
-            elem = DTYPES[train.lora_dtype]
-        worst = max(worst, numel * (8 + (8 if elem == 2 else 0)))
+    worst, prev = 0, 0
+    for numel, elem in _param_sequence(model, train):
+        worst = max(worst, prev * 4 + numel * (16 if elem == 2 else 8))
+        prev = numel
     return worst
+
+
+def _param_sequence(model: ModelSpec, train: TrainSpec):
+    """(elements, bytes per element) of the trainable tensors in model.parameters() order: the input embedding,
+    each layer (its linears in order, then norms / experts / router), the final norm, the output layer; under
+    LoRA each adapted linear's lora_A then lora_B (then DoRA's magnitude), the modules_to_save copies where their
+    modules sit. Each group of alike layers is walked twice: enough for every consecutive pair."""
+    if train.method == "full":
+        elem = 4 if train.bits == 32 else DTYPES[train.compute_dtype]
+        yield model.embedding_params, elem
+        for n, layer in model.layers:
+            for _ in range(min(n, 2)):
+                for lin in layer.linears:
+                    yield lin.numel, elem
+                e, i, h = layer.num_experts, layer.expert_intermediate, model.hidden_size
+                if layer.expert_params and layer.expert_params == 3 * e * i * h:
+                    yield e * 2 * i * h, elem
+                    yield e * h * i, elem
+                elif layer.expert_params:
+                    yield layer.expert_params, elem
+                if layer.router_params:
+                    yield layer.router_params, elem
+                yield layer.norm_params, elem
+        yield model.other_params, elem
+        if model.lm_head_params:
+            yield model.lm_head_params, elem
+        return
+    lb, ub = DTYPES[train.lora_dtype], unquantized_dtype_bytes(train)
+    vh = model.vocab_size * model.hidden_size
+    if set(train.modules_to_save) & {"embed_tokens", "embed_in", "word_embeddings"}:
+        yield model.embedding_params, ub
+    for n, layer in model.layers:
+        for _ in range(min(n, 2)):
+            for lin in layer.linears:
+                if is_target(lin, train):
+                    yield train.lora_r * lin.in_features, lb
+                    yield lin.out_features * train.lora_r, lb
+                    if train.dora:
+                        yield lin.out_features, lb
+    if set(train.modules_to_save) & {"lm_head", "embed_out"}:
+        yield model.lm_head_params or vh, ub
+
+
