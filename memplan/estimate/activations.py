@@ -499,7 +499,9 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
         fixed += (2 if model.model_type == "gemma2" else 1) * train.seq_len * e  # builds a second, sliding
     elif masked and train.transformers == 4:  # the (b, 1, s, s) boolean mask, alive for the whole step
         fixed += train.seq_len
-    eager = model.num_heads * train.seq_len * (2 * e + 4) if ctx.attention not in FUSED else 0
+    # eager: the scaled (and masked) scores beside softmax's fp32 output, then that output beside its cast to the
+    # activations' dtype; fp32 activations make the cast a no-op, so two fp32 score tensors at most
+    eager = model.num_heads * train.seq_len * (2 * e + 4 if e != 4 else 8) if ctx.attention not in FUSED else 0
     fwd_transient = widest * (e + ctx.c) + h * ctx.c + eager
     bwd_mlp = int(k["mlp_h"] * h * e + k["mlp_i"] * widest * e) + cast  # a copy alive beside the recompute
     bwd_attn = int(k["attn_h"] * h * e + k["attn_qkv"] * (model.num_heads + 2 * model.num_kv_heads) * model.head_dim * e
