@@ -542,7 +542,10 @@ def _without_a_costly_step(s: Searcher, spec: TrainSpec, steps: list[Step], cur:
         return steps, cur
     for step in steps[:-1]:
         fields = set(step.change)
-        back = cur.with_(**{k: getattr(spec, k) for k in fields})
+        try:
+            back = cur.with_(**{k: getattr(spec, k) for k in fields})
+        except MemplanError:  # a later change needs this one (an --offload needs its sharding strategy)
+            continue
         if s.fits(back):
             kept, replay = [], spec
             for st in steps:

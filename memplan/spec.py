@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 
 from memplan.errors import MemplanError
-from memplan.stack import check_major
+from memplan.stack import MAJORS, check_major
 
 # --------------------------------------------------------------------------------------------------- the model
 
@@ -266,6 +266,12 @@ class TrainSpec:
 
 
 TRAIN_FIELDS = tuple(f.name for f in fields(TrainSpec))
+# The values each choice field accepts: the checks below and the web form's selects read the same tuples.
+CHOICES = {"bits": BITS, "quant_type": QUANT_TYPES, "compute_dtype": tuple(DTYPES), "method": METHODS,
+           "optimizer": OPTIMIZERS, "attention": ATTENTIONS, "lora_dtype": tuple(DTYPES),
+           "activation_offload": ACTIVATION_OFFLOADS, "loss": LOSSES, "parallel": PARALLELS,
+           "fsdp_version": FSDP_VERSIONS, "offload": OFFLOADS, "quant_storage": QUANT_STORAGES,
+           "transformers": MAJORS}
 
 
 def _check_parallel(t: TrainSpec) -> None:

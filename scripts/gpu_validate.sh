@@ -13,6 +13,10 @@
 #   OUTDIR/profiles.tar.gz    the memplan.profile/1 JSON files (unpack into profiles/)
 #   OUTDIR/profiles.csv       one row per run (docs/profile.md)
 #   OUTDIR/summary.json       one line per configuration: status, peaks, estimate error
+#   OUTDIR/multi_gpu/         with more than one GPU visible (nvidia-smi -L): `memplan profile --gpus 2` of a small
+#                             catalog model under FSDP2 and DDP (one process per GPU, NCCL), its profiles/ (every
+#                             rank's per-phase peaks), profiles.csv and multi_gpu.log; OUTDIR/multi_gpu_profiles.tar.gz
+#                             bundles them. With one GPU the section says it skipped and writes nothing.
 #
 # Environment:
 #   DEVICE=cuda|cpu   cpu = dry run of the same logic with tiny stand-in models (a few minutes on a laptop CPU)
@@ -22,6 +26,8 @@
 #   PYTHON=python3    the interpreter that has torch
 #   LIMIT=N           only the first N configurations of the plan
 #   TRACE=1           also run the meta trace in each child (CPU seconds per configuration)
+#   MULTI_MODEL=llama-3.2-1b   the multi-GPU section's model; MULTI_PARALLEL="fsdp ddp" its strategies (zero2 /
+#                     zero3 run DeepSpeed's engine if deepspeed is installed); MULTI_BUDGET_S=240 its share of BUDGET_S
 #   ALLOC_CHECK=1     first, the caching-allocator check (scripts/gpu_allocator.py, ALLOC_BUDGET_S=240 of the
 #                     budget): real profiles with and without expandable_segments, each recording the allocator's
 #                     own trace (torch.cuda.memory._record_memory_history) into OUTDIR/snapshots.tar.gz, and
@@ -89,9 +95,17 @@ if [ "${ALLOC_CHECK:-0}" = 1 ]; then
     || echo "gpu_validate: allocator check exit status $?"
 fi
 
-# the grid gets what is left of the budget after setup
+# the multi-GPU section (issue #13) runs when more than one GPU is visible; DEVICE=cpu dry-runs it on gloo
+NGPU=0
+[ "$DEVICE" = cuda ] && NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ')
+MULTI=0
+MULTI_BUDGET_S=${MULTI_BUDGET_S:-240}
+if [ "$DEVICE" = cpu ] || [ "$NGPU" -gt 1 ]; then MULTI=1; fi
+
+# the grid gets what is left of the budget after setup (and the multi-GPU section's share)
 SETUP=$(( $(date +%s) - START ))
 GRID_S=$(( BUDGET_S - SETUP ))
+[ "$MULTI" = 1 ] && [ "$DEVICE" = cuda ] && GRID_S=$(( GRID_S - MULTI_BUDGET_S ))
 echo "gpu_validate: setup took ${SETUP}s; grid budget ${GRID_S}s"
 args=("$OUTDIR" --device "$DEVICE" --budget "$GRID_S" --timeout "$TIMEOUT_S")
 [ -n "${LIMIT:-}" ] && args+=(--limit "$LIMIT")
@@ -99,5 +113,35 @@ args=("$OUTDIR" --device "$DEVICE" --budget "$GRID_S" --timeout "$TIMEOUT_S")
 "$PYTHON" scripts/gpu_grid.py "${args[@]}"
 rc=$?
 echo "gpu_validate: grid exit status $rc after $(( $(date +%s) - START ))s"
+
+# multi-GPU: two ranks (one process per GPU, NCCL; gloo in the CPU dry run), FSDP2 then DDP, every rank's
+# per-phase peaks in one profile each. Nothing is written here unless a run produced it.
+if [ "$MULTI" = 1 ]; then
+  MDIR="$OUTDIR/multi_gpu"
+  mkdir -p "$MDIR"
+  if [ "$DEVICE" = cuda ]; then
+    MODEL=${MULTI_MODEL:-llama-3.2-1b}
+    margs=(--load direct --seq-len 2048 --timeout "$(( MULTI_BUDGET_S / 2 ))")
+  else  # a tiny stand-in (as scripts/gpu_grid.py's dry run), the trace's kernel models: comparable byte for byte
+    MODEL="$MDIR/tiny-llama.json"
+    echo '{"model_type": "llama", "hidden_size": 128, "intermediate_size": 344, "num_hidden_layers": 2,
+ "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 1024,
+ "tie_word_embeddings": false}' > "$MODEL"
+    margs=(--seq-len 128 --kernels gpu --threads 1)
+  fi
+  [ "${TRACE:-0}" = 1 ] || [ "$DEVICE" = cpu ] || margs+=(--no-trace)
+  echo "gpu_validate: multi-GPU section: $NGPU GPU(s) visible; $MODEL on 2 ranks: ${MULTI_PARALLEL:-fsdp ddp}"
+  for par in ${MULTI_PARALLEL:-fsdp ddp}; do
+    "$PYTHON" -m memplan profile "$MODEL" --device "$DEVICE" --gpus 2 --parallel "$par" --steps 3 \
+      --profiles "$MDIR/profiles" --csv "$MDIR/profiles.csv" --no-progress "${margs[@]}" 2>&1 \
+      | tee -a "$MDIR/multi_gpu.log"
+    echo "gpu_validate: multi-GPU $par exit status ${PIPESTATUS[0]}"
+  done
+  if ls "$MDIR"/profiles/*.json >/dev/null 2>&1; then
+    tar czf "$OUTDIR/multi_gpu_profiles.tar.gz" -C "$MDIR" profiles
+  fi
+else
+  echo "gpu_validate: multi-GPU section skipped: $NGPU GPU visible (it needs 2 or more)"
+fi
 ls -la "$OUTDIR"
 exit $rc

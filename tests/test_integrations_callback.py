@@ -171,6 +171,11 @@ def test_spec_from_a_quantized_live_model_and_errors_never_stop_training(tmp_pat
     # the embeddings are fp32 while the base model is "4-bit": prepare_model_for_kbit_training's upcast
     assert (spec.bits, spec.quant_type, spec.double_quant, spec.compute_dtype, spec.upcast, spec.optimizer,
             spec.batch_size, spec.seq_len) == (4, "fp4", False, "fp16", True, "paged-adamw-8bit", 3, 700)
+    # Liger through the Trainer (its fused linear cross-entropy unless the config turns it off, as SFTTrainer does)
+    args.use_liger_kernel = True
+    assert (spec_from_live(model, args, 700).liger, spec_from_live(model, args, 700).loss) == (True, "liger")
+    args.liger_kernel_config = {"fused_linear_cross_entropy": False}
+    assert spec_from_live(model, args, 700).loss == "standard"
     cb = MemplanCallback(output_dir=str(tmp_path / "p"))
     bad = TrainingArguments(output_dir=str(tmp_path), optim="adagrad", use_cpu=True, report_to="none")
     cb.on_train_begin(bad, TrainerState(), TrainerControl(), model=_model(), train_dataloader=None)

@@ -195,3 +195,112 @@ def test_from_estimate_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+# ---- multi-GPU, flash-attention, Liger / CCE and activation offloading keys
+
+def test_multi_gpu_kernels_and_offload_examples():
+    s = read_config(str(EXAMPLES / "axolotl/llama-3-70b-qlora-fsdp2.yml")).settings
+    assert (s["parallel"], s["fsdp_version"], s["offload"], s["attention"], s["liger"], s["loss"]) == \
+        ("fsdp", 2, "none", "flash_attention_2", True, "liger")
+    assert s["upcast"] is False and s["quant_storage"] == "bf16"  # FSDP-QLoRA: no kbit upcast, bf16 storage
+    m = read_config(str(EXAMPLES / "trl/sft_fsdp_liger.yaml"))
+    s = m.settings
+    assert (s["parallel"], s["fsdp_version"], s["attention"], s["liger"], s["activation_offload"]) == \
+        ("fsdp", 2, "flash_attention_2", True, "all")
+    assert "loss" not in s and any("layer kernels only" in n for n in m.notes)  # SFTTrainer drops Liger's FLCE
+    s = read_config(str(EXAMPLES / "llamafactory/llama3_lora_sft_ds3.yaml")).settings
+    assert (s["parallel"], s["offload"], s["attention"], s["liger"], s["loss"]) == \
+        ("zero3", "none", "flash_attention_2", True, "liger")
+    assert "gpus" not in s  # the launcher's: --gpus
+
+
+def test_sharding_config_asks_for_gpus(capsys):
+    path = str(EXAMPLES / "llamafactory/llama3_lora_sft_ds3.yaml")
+    r = run("estimate", "--from", path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and path in err[0] and "deepspeed" in err[0] and "--gpus N" in err[0], err
+    assert main(["estimate", "--from", path, "--gpus", "4", "--json"]) == 0
+    out = capsys.readouterr()
+    d = json.loads(out.out)
+    assert (d["config"]["gpus"], d["config"]["parallel"]) == (4, "zero3")
+    assert "(GPU count)" in out.err and "gpus 4" in out.err and "per rank" in out.err
+    # --parallel on the command line replaces the file's strategy: one GPU, no --gpus needed
+    assert main(["estimate", "--from", path, "--parallel", "none", "--json"]) == 0
+    d1 = json.loads(capsys.readouterr().out)
+    assert (d1["config"]["gpus"], d1["config"]["parallel"]) == (1, "none")
+    assert d1["device_total_bytes"] > d["device_total_bytes"]  # ZeRO-3 over 4 GPUs holds less per rank
+
+
+AXO = "base_model: llama-3-8b\nadapter: lora\nlora_target_linear: true\nbf16: true\n"
+
+
+def test_deepspeed_from_the_file_or_its_name(tmp_path):
+    # not on this machine: the stage and offload from axolotl's / LLaMA-Factory's file names
+    for name, want in (("deepspeed_configs/zero3_bf16_cpuoffload_all.json", ("zero3", "params")),
+                       ("deepspeed_configs/zero1.json", ("zero1", "none")),
+                       ("examples/deepspeed/ds_z2_offload_config.json", ("zero2", "optimizer")),
+                       ("examples/deepspeed/ds_z0_config.json", ("ddp", "none"))):
+        m = read_config(bad(tmp_path, AXO + f"deepspeed: {name}\n"))
+        assert (m.settings["parallel"], m.settings["offload"]) == want, name
+        assert any("file name" in setting for _, _, setting in m.rows)
+    # on this machine: its JSON decides (offload_param alone is said to be modelled with the optimizer states)
+    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_param": {
+        "device": "cpu"}}}))
+    m = read_config(bad(tmp_path, AXO + "deepspeed: ds.json\nload_in_8bit: true\n"))
+    assert (m.settings["parallel"], m.settings["offload"], m.settings["upcast"]) == ("zero3", "params", False)
+    assert any("offload_param without offload_optimizer" in n for n in m.notes)
+    m = read_config(bad(tmp_path, AXO + "deepspeed: my_config.json\n"))
+    assert "parallel" not in m.settings and any(k == "deepspeed" for k, _, _ in m.pending)
+
+
+def test_fsdp_options_as_transformers_reads_them(tmp_path):
+    m = read_config(bad(tmp_path, json.dumps({"per_device_train_batch_size": 2, "fsdp": "shard_grad_op offload",
+                                              "fsdp_config": {"fsdp_version": 1}}), "args.json"))
+    assert (m.settings["parallel"], m.settings["fsdp_version"], m.settings["offload"]) == ("fsdp-grad-op", 1, "params")
+    m = read_config(bad(tmp_path, json.dumps({"per_device_train_batch_size": 2, "fsdp": True,
+                                              "fsdp_config": {"reshard_after_forward": False}}), "args.json"))
+    assert (m.settings["parallel"], m.settings["fsdp_version"]) == ("fsdp-grad-op", 2)  # transformers 5.24 default
+    m = read_config(bad(tmp_path, AXO + "fsdp: [full_shard, auto_wrap]\nfsdp_config:\n  fsdp_offload_params: true\n"
+                        "  fsdp_sharding_strategy: SHARD_GRAD_OP\n"))
+    assert (m.settings["parallel"], m.settings["fsdp_version"], m.settings["offload"]) == ("fsdp-grad-op", 1, "params")
+    with pytest.raises(MemplanError, match="fsdp.*unknown fsdp option 'full_shrad'"):
+        read_config(bad(tmp_path, json.dumps({"per_device_train_batch_size": 2, "fsdp": "full_shrad"}), "a.json"))
+    with pytest.raises(MemplanError, match="DeepSpeed and FSDP are both set"):
+        read_config(bad(tmp_path, AXO + "deepspeed: zero2.json\nfsdp_config:\n  offload_params: false\n"))
+
+
+def test_plugin_keys_and_offloading(tmp_path):
+    liger = "liger_rms_norm: true\nliger_fused_linear_cross_entropy: true\n"
+    m = read_config(bad(tmp_path, AXO + liger))  # no plugin: axolotl neither validates nor applies them
+    assert "liger" not in m.settings and "loss" not in m.settings
+    assert "LigerPlugin" in dict(m.ignored)["liger_rms_norm"]
+    m = read_config(bad(tmp_path, AXO + "plugins:\n  - axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin\n"
+                        "cut_cross_entropy: true\n"))
+    assert m.settings["loss"] == "cce"
+    for value, want in (("true", "all"), ("legacy", "checkpoints")):
+        m = read_config(bad(tmp_path, AXO + f"gradient_checkpointing: true\nactivation_offloading: {value}\n"))
+        assert m.settings["activation_offload"] == want
+    m = read_config(bad(tmp_path, AXO + "gradient_checkpointing: offload\nactivation_offloading: true\n"))
+    assert m.settings["activation_offload"] == "all" and any("both set" in n for n in m.notes)
+    # TrainingArguments (the Trainer, not SFTTrainer): Liger's fused linear cross-entropy is on unless configured off
+    args = {"per_device_train_batch_size": 2, "use_liger_kernel": True}
+    assert read_config(bad(tmp_path, json.dumps(args), "a.json")).settings["loss"] == "liger"
+    args["liger_kernel_config"] = {"fused_linear_cross_entropy": False}
+    s = read_config(bad(tmp_path, json.dumps(args), "a.json")).settings
+    assert s["liger"] is True and "loss" not in s
+
+
+def test_torchtune_distributed_keys(tmp_path):
+    text = (EXAMPLES / "torchtune/llama3_2_1B_lora_single_device.yaml").read_text()
+    text += ("fsdp_cpu_offload: True\nenable_activation_offloading: True\n"
+             "loss:\n  _component_: torchtune.modules.loss.LinearCrossEntropyLoss\n")
+    m = read_config(bad(tmp_path, text.replace("CEWithChunkedOutputLoss", "X"), "1B_lora.yaml"))
+    s = m.settings
+    assert (s["parallel"], s["fsdp_version"], s["offload"], s["activation_offload"], s["loss"]) == \
+        ("fsdp", 2, "params", "all", "cce")
+    # a distributed config without those keys: the recipe is on tune run's command line, and the mapping says so
+    m = read_config(bad(tmp_path, (EXAMPLES / "torchtune/llama3_2_1B_lora_single_device.yaml").read_text(),
+                        "1B_lora.yaml"))
+    assert "parallel" not in m.settings and any("--parallel fsdp --fsdp-version 2 --gpus N" in n for n in m.notes)

@@ -196,3 +196,164 @@ def test_dataset_path_imports_no_torch(data):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+# ---- tokencount: the piece count is the tokenizer's count, or the tokenizer counts
+
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+AWKWARD = ["I'LL say it's 12345 tokens\t\tthen  two spaces\n\n\nnewlines", "  lead and trail  ", "a\x1cb\x1fc \x0b d",
+           "café naïve Ünïcödé 中文字符 😀 emoji", "e\u0301 (e + combining acute: NFC composes it)",
+           "<|im_start|>user\nhi<|im_end|><|im_start|><|im_end|>", "", " ", "\n", "'''quotes''' \"and\" ---dashes--- 3.14159 1,000,000",
+           "x" * 300, "tab\tmix \t \n end"]
+
+
+def _trained(pre, normalizer=None, model="bpe"):
+    from tokenizers import Tokenizer, models, trainers
+
+    rng = random.Random(2)
+    corpus = [_text(rng, 30) + " " + " ".join(AWKWARD) for _ in range(200)]
+    if model == "bpe":
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=["<unk>", "<|im_start|>", "<|im_end|>"])
+    else:
+        tok = Tokenizer(models.WordPiece(unk_token="<unk>"))
+        trainer = trainers.WordPieceTrainer(vocab_size=300, special_tokens=["<unk>", "<|im_start|>", "<|im_end|>"])
+    tok.pre_tokenizer = pre
+    if normalizer is not None:
+        tok.normalizer = normalizer
+    tok.train_from_iterator(corpus, trainer)
+    return tok
+
+
+def test_token_counter_equals_the_tokenizer_on_awkward_text():
+    from tokenizers import Regex, normalizers, pre_tokenizers
+
+    from memplan.integrations.tokencount import TokenCounter
+
+    rng = random.Random(5)
+    texts = AWKWARD + [_text(rng, rng.randint(0, 60)) + rng.choice(AWKWARD) for _ in range(300)]
+    llama3 = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), "isolated"),
+                                      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    for tok in (_trained(llama3, normalizers.NFC()), _trained(pre_tokenizers.ByteLevel(add_prefix_space=False))):
+        c = TokenCounter(tok)
+        assert c.fast, c.why_slow
+        want = [len(e.ids) for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
+        fast = [c._pieces(t) for t in texts]
+        # every text is counted by pieces (the regex module covers the non-ASCII ones), and each count is exact
+        assert None not in fast and fast == want
+        c.batches = 5  # not a checked batch: the piece count alone
+        assert c.count(texts, True) == want
+
+
+def test_token_counter_falls_back_to_the_tokenizer(data, monkeypatch):
+    from tokenizers import pre_tokenizers
+
+    from memplan.integrations import tokencount
+
+    wordpiece = _trained(pre_tokenizers.Whitespace(), model="wordpiece")
+    c = tokencount.TokenCounter(wordpiece)
+    assert not c.fast and "WordPiece" in c.why_slow
+    assert c.count(AWKWARD, True) == [len(e.ids) for e in wordpiece.encode_batch_fast(AWKWARD)]
+    # a wrong piece count on a checked batch: the file is counted again by the tokenizer, with the same lengths
+    tok = ds.load_tokenizer(str(data["root"]))
+    right = ds.token_lengths(str(data["root"] / "chat.jsonl"), tok)
+    assert right.counted_by.startswith("pieces")
+    monkeypatch.setattr(tokencount._Memo, "__missing__", lambda self, piece: (len(piece) << 32) + 1)
+    again = ds.token_lengths(str(data["root"] / "chat.jsonl"), tok)
+    assert list(again.lengths) == list(right.lengths) and "disagreed" in again.counted_by
+
+
+# ---- chat: the template's text, from a skeleton per role sequence where the template only outputs the contents
+
+QWEN25 = (  # Qwen2.5's chat template (tokenizer_config.json), the branches without tools
+    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    "<|im_end|>\\n' }}{%- endif %}{%- for message in messages %}{%- if (message.role == \"user\") or (message.role "
+    "== \"system\" and not loop.first) or (message.role == \"assistant\" and not message.tool_calls) %}{{- "
+    "'<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}{%- elif message.role == "
+    "\"assistant\" %}{{- '<|im_start|>' + message.role }}{%- if message.content %}{{- '\\n' + message.content }}"
+    "{%- endif %}{{- '<|im_end|>\\n' }}{%- endif %}{%- endfor %}{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+TRIM = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] | trim + '\\n' }}{% endfor %}")
+TOJSON = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] | tojson }}\n{% endfor %}"
+CONCAT_THEN_FILTER = "{% for m in messages %}{{ ('[' + m['content']) | upper }}]{% endfor %}"
+
+
+@pytest.mark.parametrize("template,skeleton", [(QWEN25, True), (TEMPLATE, True), (TRIM, False), (TOJSON, False),
+                                               (CONCAT_THEN_FILTER, False)])
+def test_chat_text_equals_apply_chat_template(data, template, skeleton):
+    from transformers import PreTrainedTokenizerFast
+
+    from memplan.integrations.chat import Chat
+
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(data["root"] / "tokenizer.json"), bos_token="<s>",
+                                 eos_token="</s>", chat_template=template)
+    rng = random.Random(7)
+    odd = ["  padded  ", "{braces} {0} {{x}}", "\ue000 0 \ue001", "", "quote\" and\nnewline", "<|im_end|>"]
+    rows = [[{"role": "system", "content": rng.choice(odd)}, {"role": "user", "content": _text(rng, 5)},
+             {"role": "assistant", "content": rng.choice(odd) + _text(rng, 3)}] for _ in range(30)]
+    rows += [[{"from": "human", "value": _text(rng, 4)}, {"from": "gpt", "value": rng.choice(odd)}] for _ in range(10)]
+    rows += [[{"role": "user", "content": "hi", "name": "x"}]]  # a key beyond role/content: rendered in full
+    chat = Chat(template, {"bos_token": "<s>", "eos_token": "</s>"})
+    from memplan.integrations.chat import messages
+
+    for row in rows:
+        assert chat(row) == hf.apply_chat_template(messages(row), tokenize=False)
+    assert all(v is not None for v in chat.skeletons.values()) is skeleton and chat.skeletons
+
+
+def test_chat_skeleton_mismatch_reads_again(data, monkeypatch):
+    from memplan.integrations import chat
+
+    tok = ds.load_tokenizer(str(data["root"]))
+    right = ds.token_lengths(str(data["root"] / "chat.jsonl"), tok)
+    monkeypatch.setattr(chat.Chat, "_skeleton", lambda self, msgs: lambda value: "wrong")
+    again = ds.token_lengths(str(data["root"] / "chat.jsonl"), tok)
+    assert list(again.lengths) == list(right.lengths)
+
+
+def test_jsonl_read_by_several_processes(data, tmp_path):
+    """A JSONL file split into byte ranges, a Parquet file into runs of row groups (one process each), give the
+    lengths in file order, and an error's line number is the file's."""
+    tok = ds.load_tokenizer(str(data["root"]))
+    one = ds.token_lengths(str(data["root"] / "chat.jsonl"), tok)
+    three = ds.token_lengths(str(data["root"] / "chat.jsonl"), tok, workers=3)
+    assert list(three.lengths) == list(one.lengths) and three.counted_by.endswith("3 processes")
+    # Parquet by runs of row groups (the fixture's file has 5 groups of up to 64 rows)
+    one = ds.token_lengths(str(data["root"] / "text.parquet"), tok, text_field="body")
+    two = ds.token_lengths(str(data["root"] / "text.parquet"), tok, text_field="body", workers=2)
+    assert list(two.lengths) == list(one.lengths) and two.counted_by.endswith("2 processes")
+    lines = (data["root"] / "chat.jsonl").read_text().splitlines()
+    lines[350] = lines[350][:-5]  # truncated JSON in the last third
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ds.MemplanError, match="line 351: malformed JSON"):
+        ds.token_lengths(str(bad), tok, workers=3)
+
+
+def test_token_counter_on_random_text():
+    """Random strings over the characters that change a split (letters of several scripts, digits, apostrophes,
+    punctuation, every kind of whitespace, combining marks, emoji, added tokens): the piece count is the
+    tokenizer's, or None (then the tokenizer counts). Derandomized: the same examples every run."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+    from tokenizers import Regex, normalizers, pre_tokenizers
+
+    from memplan.integrations.tokencount import TokenCounter
+
+    llama3 = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), "isolated"),
+                                      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    counters = [TokenCounter(t) for t in (_trained(llama3, normalizers.NFC()),
+                                          _trained(pre_tokenizers.ByteLevel(add_prefix_space=False)))]
+    alphabet = st.sampled_from(list("aZé中ж7٣'sSdlLtT \t\n\r\x0b\x0c\x1c\x85\xa0\u2028\u3000.,!?-_\"()\u0301😀")
+                               + ["<|im_start|>", "<|im_end|>", "'ll", "'RE", "123456"])
+
+    @settings(derandomize=True, max_examples=300, deadline=None)
+    @given(st.lists(alphabet, max_size=40).map("".join))
+    def check(text):
+        for c in counters:
+            got = c._pieces(text)
+            assert got is None or got == len(c.tok.encode(text, add_special_tokens=False).ids), text
+
+    check()

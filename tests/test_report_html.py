@@ -19,14 +19,7 @@ TINY = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 344, "nu
         "tie_word_embeddings": False}
 
 
-@pytest.fixture(autouse=True)
-def no_calibration(tmp_path, monkeypatch):
-    from memplan import calibrate
-
-    monkeypatch.setenv(calibrate.ENV_DIR, str(tmp_path / "calibrations"))
-    calibrate.select.cache_clear()
-    yield
-    calibrate.select.cache_clear()
+pytestmark = pytest.mark.usefixtures("no_calibration")  # tests/conftest.py
 
 
 def results(path) -> dict:

@@ -31,14 +31,7 @@ TINY = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 344, "nu
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 1024}
 
 
-@pytest.fixture(autouse=True)
-def no_calibration(tmp_path, monkeypatch):
-    from memplan import calibrate
-
-    monkeypatch.setenv(calibrate.ENV_DIR, str(tmp_path / "calibrations"))
-    calibrate.select.cache_clear()
-    yield
-    calibrate.select.cache_clear()
+pytestmark = pytest.mark.usefixtures("no_calibration")  # tests/conftest.py
 
 
 @pytest.fixture

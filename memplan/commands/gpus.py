@@ -30,15 +30,17 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def verdicts(model, spec, margin: str | None = None, overheads=None) -> dict:
+def verdicts(model, spec, margin: str | None = None, overheads=None, device_total: int | None = None) -> dict:
     """The estimate and, per GPU (headroom ascending), headroom, margin, verdict and the longest sequence that fits
-    within the margin at the configuration's batch."""
+    within the margin at the configuration's batch (device_total: the configuration's, when already estimated)."""
     from memplan.commands.estimate import gpu_verdicts
     from memplan.plan import DEFAULT_MARGIN, Searcher, max_seq_len, parse_margin
 
     shared: dict = {}  # one memo for every GPU: only the budget differs
     rows = []
-    for gpu, room in sorted(gpu_verdicts(_device_total(model, spec, overheads)), key=lambda x: (x[1], x[0].name)):
+    if device_total is None:
+        device_total = _device_total(model, spec, overheads)
+    for gpu, room in sorted(gpu_verdicts(device_total), key=lambda x: (x[1], x[0].name)):
         m = parse_margin(margin if margin is not None else DEFAULT_MARGIN, gpu.memory_bytes)
         s = Searcher(model, gpu.memory_bytes - m, overheads)
         s.cache = shared
@@ -55,9 +57,11 @@ SHARDED = (("fsdp", "none"), ("zero3", "none"))
 OFFLOADED = (("zero3", "optimizer"), ("fsdp", "params"), ("zero3", "params"))
 
 
-def multi_gpu_plan(model, spec, max_gpus: int, margin: str | None = None, overheads=None) -> list[dict]:
+def multi_gpu_plan(model, spec, max_gpus: int, margin: str | None = None, overheads=None,
+                   known: dict | None = None) -> list[dict]:
     """Per catalog GPU: the smallest GPU count (and the strategy) whose per-rank device total fits within the
-    margin. The estimates do not depend on the GPU, so each (count, strategy) is estimated once."""
+    margin. The estimates do not depend on the GPU, so each (count, strategy) is estimated once; `known` maps
+    TrainSpecs already estimated (the configuration itself) to their estimates."""
     from memplan.catalog import gpu_list
     from memplan.errors import MemplanError
     from memplan.estimate import estimate
@@ -77,7 +81,8 @@ def multi_gpu_plan(model, spec, max_gpus: int, margin: str | None = None, overhe
                                    quant_storage="auto")
                 except MemplanError:
                     continue
-                candidates.append((n, par, off, estimate(model, t, overheads)))
+                e = (known or {}).get(t) or estimate(model, t, overheads)
+                candidates.append((n, par, off, e))
     rows = []
     for gpu in gpu_list():
         m = parse_margin(margin if margin is not None else DEFAULT_MARGIN, gpu.memory_bytes)
@@ -112,8 +117,9 @@ def run(args) -> int:
 
     data, spec = from_args(args, model, spec, None, overheads)  # with --dataset: the dataset's peak step
     est = estimate(model, spec, overheads)
-    rows = verdicts(model, spec, args.margin, overheads)["rows"]
-    plan = multi_gpu_plan(model, spec, args.max_gpus, args.margin, overheads) if args.max_gpus > 1 else []
+    rows = verdicts(model, spec, args.margin, overheads, est.device_total_bytes)["rows"]
+    plan = multi_gpu_plan(model, spec, args.max_gpus, args.margin, overheads, {spec: est}) if args.max_gpus > 1 \
+        else []
     if args.json:
         json.dump({"model": model.name, "config": est.config, "device_total_bytes": est.device_total_bytes,
                    "overhead_source": est.overhead_source,
@@ -123,10 +129,12 @@ def run(args) -> int:
         return 0
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from memplan.commands.estimate import describe, stack_line
 
-    console = Console(highlight=False)
+    # cells are pre-styled Text (no markup parsing), no emoji scan: rendering was most of this command's time
+    console = Console(highlight=False, emoji=False)
     console.print(f"[bold]{model.name}[/] · {describe(est.config)}")
     console.print(f"[dim]{stack_line(est.config)}[/]")
     console.print(f"device total {est.device_total_bytes / GIB:,.2f} GiB (tensor peak {est.peak_bytes / GIB:,.2f}); "
@@ -138,10 +146,10 @@ def run(args) -> int:
     first_fit = next((r["gpu"] for r in rows if r["verdict"] == "fits"), None)
     for r in rows:
         color = {"fits": "green", "tight": "yellow", "short": "red"}[r["verdict"]]
-        name = f"[bold]{r['gpu']}[/] ←smallest" if r["gpu"] == first_fit else r["gpu"]
-        table.add_row(name, r["kind"], f"{r['memory_bytes'] / GIB:,.2f}",
-                      f"[{color}]{r['headroom_bytes'] / GIB:+,.2f}[/]", f"[{color}]{r['verdict']}[/]",
-                      f"{r['max_seq_len']:,}" if r["max_seq_len"] else "—")
+        name = Text.assemble((r["gpu"], "bold"), " ←smallest") if r["gpu"] == first_fit else Text(r["gpu"])
+        table.add_row(name, Text(r["kind"]), Text(f"{r['memory_bytes'] / GIB:,.2f}"),
+                      Text(f"{r['headroom_bytes'] / GIB:+,.2f}", color), Text(r["verdict"], color),
+                      Text(f"{r['max_seq_len']:,}" if r["max_seq_len"] else "—"))
     console.print(table)
     if plan:
         _print_plan(console, plan, args.max_gpus)
@@ -155,6 +163,7 @@ def run(args) -> int:
 
 def _print_plan(console, plan, max_gpus) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title_justify="left", title=f"smallest number of each GPU that fits (1, 2, 4, 8 up to {max_gpus}; "
                   "per-GPU device total; sharding before CPU offload)")
@@ -163,12 +172,12 @@ def _print_plan(console, plan, max_gpus) -> None:
         table.add_column(c, justify=j)
     for r in sorted(plan, key=lambda r: (r["gpus"] or 99, r["memory_bytes"])):
         if r["gpus"] is None:
-            table.add_row(r["gpu"], f"> {max_gpus}", "[red]none fits[/]", "—", "—", "—")
+            table.add_row(Text(r["gpu"]), Text(f"> {max_gpus}"), Text("none fits", "red"), *[Text("—")] * 3)
             continue
         strat = {"none": "single GPU"}.get(r["parallel"], r["parallel"])
         if r["offload"] != "none":
             strat += f" + offload {r['offload']}"
-        table.add_row(r["gpu"], str(r["gpus"]), strat, f"{r['device_total_bytes'] / GIB:,.2f}",
-                      f"{r['comm_bytes_per_step'] / GIB:,.2f}" if r["gpus"] > 1 else "—",
-                      f"{r['host_bytes'] / GIB:,.2f}" if r["host_bytes"] else "—")
+        table.add_row(*map(Text, (r["gpu"], str(r["gpus"]), strat, f"{r['device_total_bytes'] / GIB:,.2f}",
+                                  f"{r['comm_bytes_per_step'] / GIB:,.2f}" if r["gpus"] > 1 else "—",
+                                  f"{r['host_bytes'] / GIB:,.2f}" if r["host_bytes"] else "—")))
     console.print(table)

@@ -34,7 +34,9 @@ def register(subparsers) -> None:
                     "BitsAndBytesConfig, PEFT LoRA, the chosen optimizer, random tokens) in a child process per "
                     "configuration, measure every phase, and print measured vs estimate (and trace). "
                     "Weights are random, written from the config (memory does not depend on weight values), "
-                    "or your own safetensors checkpoint with --weights. Sizes are GiB (2^30 bytes).")
+                    "or your own safetensors checkpoint with --weights. With --gpus N, one process per rank "
+                    "(torchrun-style; FSDP2 / DDP, or DeepSpeed ZeRO on CUDA; NCCL on CUDA, gloo on the CPU) and "
+                    "every rank's peaks in one profile. Sizes are GiB (2^30 bytes).")
     p.add_argument("model", nargs="*", metavar="MODEL",
                    help="catalog name, config.json path or model folder (comma-separated or several: a grid); "
                         "optional with --weights")
@@ -98,6 +100,18 @@ def _device(requested: str) -> str:
     return "cuda" if gpus else "cpu"
 
 
+def _visible_gpus(device: str) -> int | None:
+    """How many GPUs a CUDA run can use (NVML / nvidia-smi, then CUDA_VISIBLE_DEVICES); None on the CPU."""
+    if device != "cuda":
+        return None
+    from memplan.profile.env import detect_gpus
+
+    gpus, _, _ = detect_gpus()
+    listed = [e for e in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if e.strip()]
+    return min(len(gpus), len(listed)) if listed and os.environ.get("CUDA_VISIBLE_DEVICES") is not None \
+        else len(gpus)
+
+
 def build_configs(args) -> list:
     from memplan.catalog import resolve_model
     from memplan.profile.grid import Config
@@ -137,12 +151,14 @@ def build_configs(args) -> list:
         specs = [TrainSpec()]
     from memplan.stack import check_runs_installed
 
+    from memplan.profile.multi import why_not
+
+    visible = _visible_gpus(device) if any(t.strategy != "none" for t in specs) else None
     for train in specs:  # a profile measures the installed stack (its versions are recorded in the profile)
         check_runs_installed(train.transformers, "profile")
-        if getattr(train, "strategy", "none") != "none":
-            raise MemplanError("multi-GPU profiles (--gpus / --parallel: one process per GPU under accelerate "
-                               "launch) are not built yet; `memplan trace MODEL --gpus N` gives one rank's exact "
-                               "tensor bytes, `memplan estimate` its device total")
+        why = why_not(train, device, visible)  # --gpus N: one process per rank (memplan/profile/multi.py)
+        if why:
+            raise MemplanError(why)
     varying = varying_fields(specs)
     configs = []
     for ref in refs:
@@ -268,7 +284,7 @@ def show_profiles(args) -> int:
         cfg = Config(prof["model"]["name"], prof["model"]["hf_config"], prof["model"].get("source") or "",
                      prof["train"], prof["run"].get("device", "cpu"), {k: v for k, v in prof["run"].items()
                                                                       if k != "device"}, key=prof["key"],
-                     label=prof["model"]["name"])
+                     label=prof["model"]["name"] + _layout(prof))
         outcomes.append(Outcome(cfg, prof["status"], prof, prof.get("_path")))
     if args.json:
         for o in outcomes:
@@ -278,6 +294,12 @@ def show_profiles(args) -> int:
     else:
         print_summary(outcomes)
     return 0
+
+
+def _layout(prof: dict) -> str:
+    """" 2×fsdp" for a multi-GPU profile, "" for one process."""
+    par = prof["run"].get("parallel") or {}
+    return f" {par['gpus']}×{par['strategy']}" if par.get("gpus") else ""
 
 
 # ------------------------------------------------------------------------------------------------ printing
@@ -364,13 +386,19 @@ def print_outcome(outcome) -> None:
     if meas.get("steady_step_time_s"):
         lines.append(f"step {meas['steady_step_time_s']:.3f} s, {meas.get('tokens_per_s') or 0:,.0f} tokens/s "
                      f"({'steady state' if len(meas.get('step_times_s', [])) > 1 else 'first step'})")
+    unit_name = _UNIT[1].split()[0]
+    if prof.get("ranks"):
+        lines += _rank_lines(prof, cuda, unit_name)
     if prof.get("oom"):
         o = prof["oom"]
-        lines.append(f"[bold red]out of memory[/] in {o.get('phase')}: asked for {_g(o.get('requested_bytes'))} GiB"
-                     + (f" with {_g(o.get('live_bytes'))} GiB live of a {_g(o.get('budget_bytes'))} GiB budget"
-                        if o.get("budget_bytes") else ""))
+        on = f" on rank {o['rank']}" if o.get("rank") is not None else ""
+        lines.append(f"[bold red]out of memory[/]{on} in {o.get('phase')}: asked for {_g(o.get('requested_bytes'))} "
+                     f"{unit_name}" + (f" with {_g(o.get('live_bytes'))} {unit_name} live of a "
+                                       f"{_g(o.get('budget_bytes'))} {unit_name} budget" if o.get("budget_bytes")
+                                       else ""))
     if prof.get("error"):
-        lines.append(f"[bold red]error[/] in {prof['error'].get('phase')}: {prof['error']['type']}: "
+        on = f" on rank {prof['error']['rank']}" if prof["error"].get("rank") is not None else ""
+        lines.append(f"[bold red]error[/]{on} in {prof['error'].get('phase')}: {prof['error']['type']}: "
                      f"{prof['error']['message'][:300]}")
     for k in ("estimate", "trace"):
         if (cmp_.get(k) or {}).get("note"):
@@ -387,6 +415,21 @@ def print_outcome(outcome) -> None:
         lines.append(f"profile: {path}")
     for line in lines:
         console.print(line, highlight=False)
+
+
+def _rank_lines(prof: dict, cuda: bool, unit_name: str) -> list[str]:
+    """A multi-GPU profile: the layout, then each rank's status and peak (the table above is rank 0's)."""
+    par = prof["run"].get("parallel") or {}
+    key = "allocated_peak_bytes" if cuda else "tracker_peak_bytes"
+    lines = [f"{par.get('gpus')} ranks, {par.get('strategy')} ({par.get('backend')}); the table is rank 0's; "
+             f"each rank's peak ({'allocated' if cuda else 'tensor'} {unit_name}):"]
+    for r in prof["ranks"]:
+        best = max(((v.get(key) or 0, name) for name, v in r["phases"].items() if not name.startswith("steady_")),
+                   default=(None, "-"))
+        reserved = max((v.get("reserved_peak_bytes") or 0 for v in r["phases"].values()), default=0) if cuda else 0
+        lines.append(f"  rank {r['rank']}: {r['status']}, peak {_g(best[0])} in {best[1]}"
+                     + (f", reserved {_g(reserved)}" if reserved else ""))
+    return lines
 
 
 def print_summary(outcomes) -> None:

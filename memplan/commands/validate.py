@@ -46,7 +46,7 @@ def register(sub) -> None:
     p.add_argument("--random", type=int, metavar="N", help="with --against trace: instead of the grid, a seeded random "
                    "sample of N traced configurations over every training flag and the catalog's model types "
                    "(memplan/validation/sample.py); writes reports/estimate_vs_trace_random.csv and .png")
-    p.add_argument("--layers", type=int, metavar="K", help="with --random: cap every model's decoder at K layers "
+    p.add_argument("--layers", type=int, metavar="K", help="with --random or --multi-gpu: cap every model's decoder at K layers "
                    "(the same architecture, shallower; estimate and trace both see it): a trace costs time in "
                    "proportion to the layers (default: full depth)")
     p.add_argument("--multi-gpu", type=int, metavar="K", help="instead of the grid: K configurations drawn at random "
@@ -160,6 +160,7 @@ def run(args) -> int:
     from memplan.errors import MemplanError
     from memplan.estimate import estimate
     from memplan.spec import TrainSpec
+    from memplan.validation.sample import capped_name, resolve_sampled
 
     names = [m["name"] for m in models().values()] if not args.models else \
         [resolve_model(n.strip()).name for n in args.models.split(",") if n.strip()]
@@ -176,7 +177,7 @@ def run(args) -> int:
         args.csv = args.csv if args.csv != "reports/estimate_vs_trace.csv" else "reports/estimate_vs_trace_multi_gpu.csv"
         while len(jobs) < args.multi_gpu:
             pick = {k: rng.choice(v) for k, v in MULTI_GPU_GRID.items()}
-            name = resolve_model(rng.choice(pool)).name
+            name = capped_name(resolve_model(rng.choice(pool)).name, args.layers)
             try:
                 train = TrainSpec(**pick)
             except MemplanError:
@@ -212,7 +213,7 @@ def run(args) -> int:
             failures.append(tr)
             continue
         train = TrainSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in tr["config"].items()})
-        rows.append(compare(estimate(resolve_model(tr["model"]), train).to_dict(), tr))
+        rows.append(compare(estimate(resolve_sampled(tr["model"]), train).to_dict(), tr))
     if rows:
         import csv
 

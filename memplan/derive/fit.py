@@ -31,11 +31,20 @@ DYNAMIC = ("activations", "logits_loss", "temporaries", "gradients")
 PHASES = ("load", "forward", "backward", "optimizer")
 
 
+# TrainSpec fields added after derived.json's schema (#11's toolbox, #13's multi-GPU), at their defaults
+LATER_DEFAULTS = {"activation_offload": "off", "loss": "standard", "liger": False, "gpus": 1, "parallel": "auto",
+                  "fsdp_version": 2, "offload": "none", "quant_storage": "auto"}
+LATER_FIELDS = tuple(LATER_DEFAULTS)
+
+
 def activation_key(model: ModelSpec, train: TrainSpec) -> str:
     """The settings a fit is valid for, and the sequence regime (below / at or above a sliding window)."""
     d = train.to_dict()
     for k in ("batch_size", "seq_len", "optimizer", "lora_alpha"):
         d.pop(k, None)
+    for k in LATER_FIELDS:  # in the key only when set: fits made before they existed ran at their default
+        if d.get(k) == LATER_DEFAULTS[k]:
+            d.pop(k)
     parts = [f"{k}={d[k]}" for k in sorted(d)]
     return ";".join(parts) + f";anchors={','.join(map(str, anchors(model, train.seq_len)))}"
 

@@ -151,6 +151,11 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
     bwd_loss = _candidate(steady, activations=T * (stored + a.fwd_stash_last) + dora_all, logits_loss=loss_bwd,
                           comm_buffers=comm["backward_loss"])
     forward = [fwd_loss, fwd_layer]
+    if comm.get("forward_copy_out"):  # FSDP: the last layer's parameters being copied out (parallel.py)
+        forward.append(_candidate(steady, activations=T * (stored - a.stored_per_layer[-1]) + dora_but_last,
+                                  comm_buffers=comm["forward_copy_out"]))
+    if comm.get("forward_tail_copy_out"):
+        forward.append(_candidate(steady, activations=T * stored + dora_all, comm_buffers=comm["forward_tail_copy_out"]))
     if a.fwd_stash:  # the stash's newest entry is the op output just made: the rest of the working set is the stream
         forward.append(_candidate(steady, activations=T * (stored - a.stored_per_layer[-1] + a.fwd_stash)
                                   + dora_but_last, temporaries=T * model.hidden_size * act_mod.Ctx.of(train).e
@@ -163,7 +168,8 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
         before = T * stored if train.gradient_checkpointing else T * (stored - a.stored_per_layer[-1]) + dora_but_last
         forward.append(_candidate(steady, activations=before, temporaries=a.dora_ckpt_forward or a.dora_bytes,
                                   comm_buffers=comm["forward_layer"]))
-        if a.dora_last_bytes and not train.gradient_checkpointing:  # in the layer's last linear: its whole saved set but that linear's own weight
+        if a.dora_last_bytes and not train.gradient_checkpointing:  # in the layer's last linear: its whole saved
+            # set but that linear's own weight
             forward.append(_candidate(steady, activations=T * stored + dora_all - a.dora_last_weight,
                                       temporaries=a.dora_last_bytes, comm_buffers=comm["forward_layer"]))
 
@@ -174,21 +180,26 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
         kept += sum(dora[: idx + 1]) if dora else 0
         recompute = (a.layer_saved[idx] if train.gradient_checkpointing else 0) + a.reload
         recompute = T * recompute + (a.dora_saved[idx] if train.gradient_checkpointing and a.dora_saved else 0)
+        in_flight = comm.get("backward_first_layer", comm["backward_layer"]) if idx == 0 else comm["backward_layer"]
         start = _candidate(steady, gradients=done_grads, activations=kept + recompute,
-                           temporaries=T * a.bwd_work_mlp + a.dequant_bytes, comm_buffers=comm["backward_layer"])
+                           temporaries=T * a.bwd_work_mlp + a.dequant_bytes, comm_buffers=in_flight)
         attn_work = a.bwd_work_attn - (a.layer_saved[idx] - a.layer_saved_attn[idx])
         attn = _candidate(steady, gradients=done_grads + mlp_grads, activations=kept + recompute,
-                          temporaries=T * attn_work + a.dequant_bytes, comm_buffers=comm["backward_layer"])
+                          temporaries=T * attn_work + a.dequant_bytes, comm_buffers=in_flight)
         start = max(start, attn, key=lambda c: sum(c.values()))
         if train.gradient_checkpointing and a.dora_bytes:  # the recompute runs DoRA's forward again
             start = max(start, _candidate(steady, gradients=done_grads, activations=kept + recompute,
-                                          temporaries=a.dora_bytes, comm_buffers=comm["backward_layer"]),
+                                          temporaries=a.dora_bytes, comm_buffers=in_flight),
+                        key=lambda c: sum(c.values()))
+        reduce = comm.get("reduce_first_layer" if idx == 0 else "reduce_layer")
+        if reduce:  # FSDP's post-backward: the layer's gradients and their reduce-scatter input (parallel.py)
+            start = max(start, _candidate(steady, gradients=done_grads, activations=kept, comm_buffers=reduce),
                         key=lambda c: sum(c.values()))
         if not a.mlp_mul_work[idx]:
             return start
         mul = _candidate(steady, gradients=done_grads + mul_grads,
                          activations=kept + recompute - T * a.mlp_mul_freed[idx],
-                         temporaries=T * a.mlp_mul_work[idx], comm_buffers=comm["backward_layer"])
+                         temporaries=T * a.mlp_mul_work[idx], comm_buffers=in_flight)
         return max(start, mul, key=lambda c: sum(c.values()))
 
     # a trained output layer's gradient exists from the loss's backward on, a trained embedding's only after the
@@ -206,10 +217,17 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
         done = ends["head"] + model.other_params * gb
         bwd_last = layer_bwd(len(per_layer) - 1, done, down[-1], mlp[-1])
         bwd_first = layer_bwd(0, done + sum(per_layer[1:]), down[0], mlp[0])
+    elif rank is not None:
+        bwd_last = layer_bwd(len(a.stored_per_layer) - 1, 0)
+        bwd_first = layer_bwd(0, rank.gradients_first_layer if rank.gradients_first_layer is not None else grads)
     else:
         bwd_last = layer_bwd(len(a.stored_per_layer) - 1, ends["head"])
         bwd_first = layer_bwd(0, grads - (0 if ends["tied"] else ends["embed"]))
     backward = [bwd_loss, bwd_last, bwd_first]
+    if rank and rank.gradients_second_layer is not None and len(a.stored_per_layer) > 2:
+        # FSDP: the second layer's backward overlaps the first-in-line reduce-scatter of the layer above with the
+        # most gradients already reduced (parallel.py's reduce_layer)
+        backward.append(layer_bwd(1, rank.gradients_second_layer))
     if ends["embed"]:  # EmbeddingBackward0: every gradient but the embedding's done, its own being made; tied:
         # the head's gradient waiting beside it, then their sum (3 V x H at once, one counted in grads)
         backward.append(_candidate(steady, gradients=grads, activations=T * (a.fixed - a.final_norm),

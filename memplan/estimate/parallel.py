@@ -62,10 +62,15 @@ class RankView:
     lora: int  # trainable parameters this rank holds (0 for full fine-tuning: they are the weights)
     gradients: int  # persistent gradients after backward (this rank)
     states: int  # optimizer states on the GPU (this rank)
-    comm: dict[str, int]  # buffers in flight: load, forward_loss, forward_layer, backward_loss, backward_layer, optimizer
+    comm: dict[str, int]  # buffers in flight: load, forward_loss, forward_layer, backward_loss, backward_layer,
+    # backward_first_layer (optional; else backward_layer), optimizer
     host_bytes: int  # host RAM per node for offloaded state
     comm_bytes_per_step: int  # bytes each rank sends per step (ring collectives)
     activation_train: TrainSpec | None = None  # the spec activations follow (ZeRO: 16-bit, no upcast)
+    # gradients held while the first decoder layer runs its backward: FSDP reduce-scatters a unit's gradients
+    # after its backward, so that layer's and the embedding's shards do not exist yet (None: all of them)
+    gradients_first_layer: int | None = None
+    gradients_second_layer: int | None = None  # the same when the second layer runs (its shards, too, pending)
     notes: list[str] = field(default_factory=list)
 
 
@@ -184,10 +189,25 @@ def _fsdp(model, train, w, trainable, states) -> RankView:
     # a time. Checked against the rank trace (memplan validate --against trace, multi-GPU rows).
     comm = {
         "load": 0,
-        "forward_layer": kept_fwd + 2 * big_layer,
+        # a layer's parameters (kept anyway under SHARD_GRAD_OP) and its flat all-gather result
+        "forward_layer": kept_fwd + big_layer if grad_op else 2 * big_layer,
+        # the last layer's copy-out: the previous unit's flat result is freed only once this unit's parameters
+        # are copied out of its own (FSDPParamGroup.wait_for_unshard): 3 x a layer for that moment
+        "forward_copy_out": 0 if grad_op else 3 * big_layer,
+        "forward_tail_copy_out": kept_fwd + big_layer + 2 * tail,  # the same when the tail (lm_head) copies out
         "forward_loss": kept_fwd + 2 * tail,
         "backward_loss": kept_fwd + tail,
-        "backward_layer": kept_fwd + tail + 2 * big_layer + big_layer_grads,
+        # the tail (final norm, lm_head) is resharded after its own backward (post_backward reshards every unit).
+        # SHARD_GRAD_OP: the last layer's parameters are among those kept since forward, no all-gather in flight
+        "backward_layer": (kept_fwd + big_layer_grads) if grad_op else 2 * big_layer + big_layer_grads,
+        # the first layer (last in backward): its parameters, the unit backward prefetches next (the embedding,
+        # or the tail when it holds the tied embedding) and its gradients; every other layer is resharded
+        "backward_first_layer": unit_bytes(layer_units[0]) + (tail if tied else embed) + big_layer_grads,
+        # post-backward (foreach_reduce): the recompute's tensors are gone, the unsharded gradients are copied
+        # into the reduce-scatter input while they are still alive (2 x the layer's gradients)
+        "reduce_layer": ((kept_fwd if grad_op else 2 * big_layer) + 2 * big_layer_grads) if big_layer_grads else 0,
+        "reduce_first_layer": (unit_bytes(layer_units[0]) + (tail if tied else embed) + 2 * big_layer_grads)
+        if big_layer_grads else 0,
         "optimizer": 0,
     }
     total = sum(cnt * d0 * rest * eb for _, cnt, d0, rest, eb, k in params if not (k == "q" and q_whole))
@@ -204,8 +224,14 @@ def _fsdp(model, train, w, trainable, states) -> RankView:
         weights = {"weights_quantized": 0, "quant_state": w["quant_state"], "weights_unquantized": 0}
         return RankView(weights=weights, lora=0, gradients=0, states=0, comm=comm, host_bytes=int(host),
                         comm_bytes_per_step=3 * _ring(n, total), notes=notes)
+    def pending(*units):  # one layer's (or the embedding's) gradient shards
+        return sum(_ceil(d0, n) * rest * eb for u, _, d0, rest, eb, k in params if k == "t" and u in units)
+
+    first = pending("embed", layer_units[0])
+    second = first + (pending(layer_units[1]) if len(layer_units) > 1 else
+                      pending(layer_units[0]) if model.layers[0][0] > 1 else 0)
     return RankView(weights=weights, lora=0 if train.method == "full" else shard_t, gradients=shard_t,
-                    states=int(states * frac), comm=comm, host_bytes=0,
+                    gradients_first_layer=shard_t - first, gradients_second_layer=shard_t - second, states=int(states * frac), comm=comm, host_bytes=0,
                     comm_bytes_per_step=2 * _ring(n, total) + _ring(n, trainable["bytes"]), notes=notes)
 
 

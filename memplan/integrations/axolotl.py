@@ -12,9 +12,9 @@ What axolotl does with them, where it changes memory (axolotl/loaders/model.py, 
 """
 from __future__ import annotations
 
-from memplan.integrations.config import (Mapping, Reader, attention_from_hf, compute_dtype, deepspeed_settings,
-                                         lora_targets_from_names, multi_gpu, optimizer_from_hf)
-from memplan.spec import TRAIN_FIELDS
+from memplan.integrations.config import (Key, Mapping, Reader, attention_from_hf, compute_dtype, dropout,
+                                         lora_targets_from_names, optimizer_from_hf, positive, when_on)
+from memplan.integrations.distributed import deepspeed_settings, fsdp_settings
 
 NO_EFFECT = "no effect on per-step memory"
 REASONS = {
@@ -40,6 +40,22 @@ REASONS = {
     "flash_attn_cross_entropy": "flash-attn's fused loss is not modelled", "flash_attn_rms_norm": NO_EFFECT,
     "flash_attn_fuse_mlp": NO_EFFECT, "flash_optimum": NO_EFFECT, "unfrozen_parameters": "not modelled",
 }
+
+
+LORA = (Key("lora_r", "lora_r", positive, 8, origin="(PEFT default 8)"),
+        Key("lora_alpha", "lora_alpha", positive, 8, origin="(PEFT default 8)"),
+        Key("lora_dropout", "lora_dropout", dropout, 0.0, origin="(axolotl default 0.0)"),
+        Key("peft_use_dora", "dora", when_on(True)))
+SHAPES = (Key("sequence_len", "seq_len", positive, 512, "the longest step; --dataset gives each step's length",
+              "(axolotl default 512)"),
+          Key("micro_batch_size", "batch_size", positive, 1, origin="(axolotl default 1)"))
+# Plugins (axolotl/integrations/*): their keys join the schema, and act, only when the plugin is listed.
+LIGER_PLUGIN = "axolotl.integrations.liger.LigerPlugin"
+CCE_PLUGIN = "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"
+LIGER_KERNELS = ("liger_rms_norm", "liger_glu_activation", "liger_swiglu", "liger_rope", "liger_layer_norm")
+LIGER_LOSS = (Key("liger_fused_linear_cross_entropy", "loss", when_on("liger"),
+                  why="Liger's fused linear cross-entropy (LigerPlugin: no b·s·V logits)"),)
+CCE_LOSS = (Key("cut_cross_entropy", "loss", when_on("cce"), why="Cut Cross-Entropy (CutCrossEntropyPlugin)"),)
 
 
 def read(r: Reader) -> Mapping:
@@ -87,28 +103,19 @@ def read(r: Reader) -> Mapping:
               dq if "bnb_4bit_use_double_quant" in bnb else "(axolotl default true)")
         storage = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "uint8": "uint8"}
         qs = str(bnb.get("bnb_4bit_quant_storage", "bfloat16")).replace("torch.", "")
-        if "quant_storage" in TRAIN_FIELDS or "bnb_4bit_quant_storage" in bnb:
-            r.set_guarded("quant_storage", storage.get(qs, qs), "bnb_config_kwargs.bnb_4bit_quant_storage",
-                          qs, absent="the storage dtype matters only for FSDP sharding of 4-bit weights")
+        if qs not in storage:
+            raise r.error("bnb_config_kwargs.bnb_4bit_quant_storage", f"expected one of {', '.join(storage)}, got {qs!r}")
+        r.set("quant_storage", storage[qs], "bnb_config_kwargs.bnb_4bit_quant_storage",
+              qs if "bnb_4bit_quant_storage" in bnb else "(axolotl default bfloat16)",
+              "the packed 4-bit bytes' dtype: what FSDP / ZeRO-3 shard")
     deepspeed, fsdp_cfg = r.get("deepspeed", (str, dict)), r.get("fsdp_config", dict)
-    zero3 = isinstance(deepspeed, (str, dict)) and "zero3" in str(deepspeed)
-    if adapter and (four or eight):
-        skip = (four and fsdp_cfg) or zero3
-        r.set("upcast", not skip, "adapter", adapter,
-              "axolotl skips prepare_model_for_kbit_training under FSDP-QLoRA / ZeRO-3" if skip else
-              "axolotl calls PEFT prepare_model_for_kbit_training on 4/8-bit weights")
     if r.get("embeddings_skip_upcast", bool):
         r.not_modelled("embeddings_skip_upcast", "axolotl's patched upcast keeps embed_tokens/lm_head 16-bit; "
                                                  "memplan models PEFT's upcast of every non-quantized weight")
 
     # ---- LoRA
     if adapter:
-        r.set("lora_r", r.positive("lora_r", 8), "lora_r", r.raw.get("lora_r", "(PEFT default 8)"))
-        r.set("lora_alpha", r.positive("lora_alpha", 8), "lora_alpha", r.raw.get("lora_alpha", "(PEFT default 8)"))
-        drop = r.get("lora_dropout", float, 0.0)
-        if not 0 <= drop < 1:
-            raise r.error("lora_dropout", f"must be in [0, 1), got {drop}")
-        r.set("lora_dropout", drop, "lora_dropout", r.raw.get("lora_dropout", "(axolotl default 0.0)"))
+        r.apply(LORA)
         linear = r.get("lora_target_linear", bool, False)
         names = r.get("lora_target_modules", (list, str))
         if isinstance(names, str):
@@ -125,18 +132,12 @@ def read(r: Reader) -> Mapping:
         save = r.get("lora_modules_to_save", list)
         if save:
             r.set("modules_to_save", tuple(save), "lora_modules_to_save", save)
-        if r.get("peft_use_dora", bool, False):
-            r.set("dora", True, "peft_use_dora", True)
         if r.get("peft_autocast_adapter_dtype", bool) is False:
             r.set("lora_dtype", m.settings.get("compute_dtype", "fp32"), "peft_autocast_adapter_dtype", False,
                   "adapters stay in the base dtype")
 
     # ---- shapes
-    seq = r.positive("sequence_len", 512)
-    r.set("seq_len", seq, "sequence_len", r.raw.get("sequence_len", "(axolotl default 512)"),
-          "the longest step; --dataset gives each step's length")
-    r.set("batch_size", r.positive("micro_batch_size", 1), "micro_batch_size",
-          r.raw.get("micro_batch_size", "(axolotl default 1)"))
+    seq = r.apply(SHAPES)["seq_len"]
     packing = r.get("sample_packing", bool, False)
     pad = r.get("pad_to_sequence_len", bool, packing)
     strategy = r.get("excess_length_strategy", str, "drop")
@@ -151,18 +152,26 @@ def read(r: Reader) -> Mapping:
     if isinstance(gc, str) and gc not in ("offload", "offload_disk"):
         raise r.error("gradient_checkpointing", f"expected true, false, offload or offload_disk, got {gc!r}")
     r.set("gradient_checkpointing", bool(gc), "gradient_checkpointing", gc)
+    offload = r.get("activation_offloading", (bool, str), False)
+    if offload not in (True, False, "legacy"):
+        raise r.error("activation_offloading", f"expected true, false or legacy, got {offload!r}")
     if gc == "offload":
-        r.set_guarded("activation_offload", "checkpoints", "gradient_checkpointing", gc,
-                      absent="the checkpointed layer inputs go to host memory; the estimate keeps them on the GPU")
+        # axolotl/monkeypatch/gradient_checkpointing (Unsloth-style): each checkpointed layer input to pinned host
+        r.set("activation_offload", "checkpoints", "gradient_checkpointing", gc,
+              "the checkpointed layer inputs go to host RAM (axolotl's CPU-offloaded checkpointing)")
     elif gc == "offload_disk":
         r.not_modelled("gradient_checkpointing", "checkpoints offloaded to disk: the estimate keeps them on the GPU")
+    if offload:
+        if gc == "offload":
+            m.notes.append("gradient_checkpointing: offload and activation_offloading are both set: the estimate "
+                           "follows activation_offloading")
+        legacy = offload == "legacy"
+        r.set("activation_offload", "checkpoints" if legacy else "all", "activation_offloading", offload,
+              "legacy: the checkpointed layer inputs to host RAM" if legacy else
+              "TRL's OffloadActivations: every saved tensor to host RAM")
     kw = r.get("gradient_checkpointing_kwargs", dict, {})
     if kw.get("use_reentrant") is True:
         m.notes.append("use_reentrant: true keeps the same layer inputs; memplan models non-reentrant checkpointing")
-    offload = r.get("activation_offloading", (bool, str), False)
-    if offload:
-        r.set_guarded("activation_offload", "all", "activation_offloading", offload,
-                      absent="activations go to host memory; the estimate keeps them on the GPU")
     impl = r.get("attn_implementation", str)
     flags = [k for k in ("flash_attention", "sdp_attention", "eager_attention", "flex_attention", "xformers_attention")
              if r.get(k, bool)]
@@ -171,9 +180,9 @@ def read(r: Reader) -> Mapping:
     if impl:
         attention_from_hf(r, "attn_implementation", impl)
     elif r.get("flash_attention", bool):
-        attention_from_hf(r, "flash_attention", "flash_attention_2")
+        attention_from_hf(r, "flash_attention", "flash_attention_2", True)
     elif r.get("eager_attention", bool):
-        attention_from_hf(r, "eager_attention", "eager")
+        attention_from_hf(r, "eager_attention", "eager", True)
     elif r.get("flex_attention", bool):
         attention_from_hf(r, "flex_attention", "flex_attention")
     else:
@@ -182,37 +191,55 @@ def read(r: Reader) -> Mapping:
     if "optimizer" not in r.raw:
         m.rows[-1] = (m.rows[-1][0], "(axolotl default adamw_torch_fused)", m.rows[-1][2])
 
-    # ---- kernels and loss (Liger / Cut Cross Entropy plugins, #11a's loss and liger fields)
-    if r.get("cut_cross_entropy", bool):
-        r.set_guarded("loss", "cce", "cut_cross_entropy", True,
-                      absent="the loss without materialized logits; the estimate keeps the standard loss")
-    elif r.get("liger_fused_linear_cross_entropy", bool):
-        r.set_guarded("loss", "liger", "liger_fused_linear_cross_entropy", True,
-                      absent="Liger's fused linear cross-entropy; the estimate keeps the standard loss")
-    kernels = [k for k in ("liger_rms_norm", "liger_glu_activation", "liger_rope") if r.get(k, bool)]
-    if kernels:
-        r.set_guarded("liger", True, "+".join(kernels), True, absent="Liger's RMSNorm/SwiGLU/RoPE kernels")
-    r.get("plugins", list)
-    r.used.add("plugins")
-    if r.has("plugins"):
-        r.ignore("plugins", "the plugins' settings are read from their own keys")
+    # ---- kernels and loss: Liger and Cut Cross-Entropy plugins
+    plugins = r.get("plugins", list, [])
+    liger_keys = [k for k in (*LIGER_KERNELS, "liger_fused_linear_cross_entropy", "liger_cross_entropy")
+                  if r.has(k)]
+    if LIGER_PLUGIN in plugins:
+        kernels = [k for k in LIGER_KERNELS if r.get(k, bool)]
+        for k in LIGER_KERNELS:
+            r.get(k, bool)
+        if kernels:
+            r.set("liger", True, "+".join(kernels), True, "Liger's RMSNorm / SwiGLU / RoPE kernels (LigerPlugin)")
+        r.apply(LIGER_LOSS)
+        if r.get("liger_cross_entropy", bool):
+            r.not_modelled("liger_cross_entropy", "Liger's (unfused) cross-entropy still takes the b·s·V logits: "
+                                                  "the estimate keeps the standard loss", True)
+    else:
+        for k in liger_keys:
+            r.ignore(k, f"takes effect only with plugins: [{LIGER_PLUGIN}]")
+    if CCE_PLUGIN in plugins:
+        if "loss" in m.settings and r.get("cut_cross_entropy", bool):
+            raise r.error("cut_cross_entropy", "Liger's fused linear cross-entropy is on too; choose one")
+        r.apply(CCE_LOSS)
+    elif r.has("cut_cross_entropy"):
+        r.ignore("cut_cross_entropy", f"takes effect only with plugins: [{CCE_PLUGIN}]")
+    other = [p for p in plugins if p not in (LIGER_PLUGIN, CCE_PLUGIN)]
+    if other:
+        r.not_modelled("plugins", f"plugins not modelled: {', '.join(map(str, other))}", other)
 
-    # ---- multi-GPU
+    # ---- multi-GPU (the GPU count is the launcher's: --gpus)
     if deepspeed is not None:
+        if fsdp_cfg or r.has("fsdp"):
+            raise r.error("deepspeed/fsdp", "DeepSpeed and FSDP are both set; choose one")
         deepspeed_settings(r, "deepspeed", deepspeed)
-    if fsdp_cfg:
-        version = r.get("fsdp_version", int, None, where=fsdp_cfg, prefix="fsdp_config.") or \
-            fsdp_cfg.get("version") or 1
-        offload_params = fsdp_cfg.get("offload_params") or fsdp_cfg.get("fsdp_offload_params")
-        reshard = fsdp_cfg.get("reshard_after_forward", True)
-        multi_gpu(r, "fsdp_config", parallel="fsdp" if reshard is not False else "fsdp-grad-op",
-                  fsdp_version=version, offload="params" if offload_params else "none", shown=fsdp_cfg)
-    if r.has("fsdp"):
-        r.get("fsdp", list)
-        if not fsdp_cfg:
-            multi_gpu(r, "fsdp", parallel="fsdp", shown=r.raw["fsdp"])
-        else:
-            r.ignore("fsdp", "deprecated list form; fsdp_config is read")
+    version = r.get("fsdp_version", int)
+    if fsdp_cfg or r.has("fsdp"):
+        options = r.get("fsdp", list)
+        cfg = dict(fsdp_cfg or {})
+        if version is not None:
+            cfg.setdefault("fsdp_version", version)
+        fsdp_settings(r, "fsdp_config" if fsdp_cfg else "fsdp", options, cfg, default_version=1)
+    if adapter and (four or eight):
+        parallel = m.settings.get("parallel")
+        skip = (four and parallel in ("fsdp", "fsdp-grad-op")) or parallel == "zero3"
+        r.set("upcast", not skip, "adapter", adapter,
+              "axolotl skips prepare_model_for_kbit_training under FSDP-QLoRA / ZeRO-3" if skip else
+              "axolotl calls PEFT prepare_model_for_kbit_training on 4/8-bit weights")
+    for k in ("tensor_parallel_size", "context_parallel_size", "dp_replicate_size"):
+        if (r.get(k, int) or 1) > 1:
+            r.not_modelled(k, "tensor / context / replicated parallelism is not modelled (memplan models data "
+                              "parallelism: DDP, FSDP, ZeRO)")
     return r.finish(REASONS, "not a memory setting memplan reads")
 
 

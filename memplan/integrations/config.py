@@ -8,22 +8,29 @@ Each reader applies its trainer's own defaults where they differ from memplan's 
 per_device_train_batch_size is 8, LLaMA-Factory's lora_rank 8, ...), so the settings are the run the file
 describes, not memplan's default recipe.
 
-Every key ends in exactly one list: mapped (key -> setting), recognized but not yet modelled by this memplan (a
-setting that belongs to a TrainSpec field this checkout lacks, or a value it does not accept: mapped as soon as the
-field exists), or ignored (with why). A key of the wrong type, an unknown optimizer or target, or a contradiction
-(4-bit and 8-bit both on) is one line naming the key and the file (MemplanError, exit 2). Command-line flags
-override the file: an unmodelled value (an optimizer memplan has no formula for) is an error only when no flag
-replaces it.
+Every key ends in exactly one list: mapped (key -> setting), recognized but not modelled by memplan (with why), or
+ignored (with why). The simple keys of each reader are a table of `Key`s (key -> TrainSpec field, converter, the
+trainer's default, why), applied by `Reader.apply`; the rest (adapters and bits, targets, DeepSpeed / FSDP) are
+small functions. A key of the wrong type, an unknown optimizer or target, or a contradiction (4-bit and 8-bit both
+on) is one line naming the key and the file (MemplanError, exit 2). Command-line flags override the file: an
+unmodelled value (an optimizer memplan has no formula for) is an error only when no flag replaces it.
+
+The GPU count is never in these files (it is the launcher's: `accelerate launch --num_processes`, `torchrun
+--nproc_per_node`, `deepspeed --num_gpus`, `axolotl train --num-processes`): a file that asks for DeepSpeed or FSDP
+needs `--gpus N` on the command line (one line saying so otherwise; `--parallel` on the command line replaces the
+file's strategy and lifts it), and the estimate is per rank of those N.
 """
 from __future__ import annotations
 
 import json
+import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from memplan.errors import MemplanError
-from memplan.spec import TRAIN_FIELDS, TrainSpec
+from memplan.spec import TrainSpec
 
 FORMATS = ("axolotl", "llamafactory", "trl", "torchtune")
 MAX_BYTES = 4 * 2**20  # a training config is a few KiB
@@ -54,10 +61,6 @@ HF_UNMODELLED = {
 FUSED_NOTE = ("fused / foreach AdamW keep the same states; memplan models torch's foreach AdamW, whose step "
               "temporaries the fused kernel does not allocate (estimate high by at most those)")
 
-# transformers attn_implementation -> memplan attention. flash_attention_2 is its own value once the attention
-# field accepts it (#11a); until then SDPA's fused kernels have the same O(s) memory signature on CUDA.
-ATTENTION = {"sdpa": "sdpa", "eager": "eager", "flash_attention_2": "flash_attention_2"}
-
 
 def _kind_name(kind) -> str:
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
@@ -82,9 +85,11 @@ class Mapping:
     settings: dict = field(default_factory=dict)  # TrainSpec field -> value
     keys: dict = field(default_factory=dict)  # TrainSpec field -> the config key(s) it came from
     rows: list = field(default_factory=list)  # (key, value as written, setting) mapped
-    pending: list = field(default_factory=list)  # (key, value, why) recognized, not yet modelled by this memplan
+    pending: list = field(default_factory=list)  # (key, value, why) recognized, not modelled by memplan
     ignored: list = field(default_factory=list)  # (key, why)
     deferred: dict = field(default_factory=dict)  # field -> error unless the command line sets the field
+    waivers: dict = field(default_factory=dict)  # field -> other fields whose flag also lifts its deferred error
+    given: dict = field(default_factory=dict)  # the training flags of the command line (resolve)
     notes: list = field(default_factory=list)
     data: dict = field(default_factory=dict)  # dataset hints: text_field, packing, order, max_length, ...
     overridden: list = field(default_factory=list)  # (field, config value, command-line value)
@@ -151,25 +156,39 @@ class Reader:
         self.m.rows.append((key, _show(shown) if shown is not None else "(not set)",
                             text + (f" ({note})" if note else "")))
 
-    def set_guarded(self, setting: str, value, key: str, shown=None, note: str = "", absent: str = "") -> bool:
-        """A setting whose TrainSpec field (or value) belongs to another memplan feature: mapped when this
-        checkout's TrainSpec has the field and accepts the value, else recorded as recognized, not modelled."""
-        if setting in TRAIN_FIELDS and accepts(setting, value):
-            self.set(setting, value, key, shown, note)
-            return True
-        why = (f"{setting}={_show(value)}: not yet modelled by this memplan"
-               + (f"; {absent}" if absent else ""))
-        self.m.pending.append((key, _show(shown) if shown is not None else "", why))
-        return False
+    def apply(self, keys, where: dict | None = None, prefix: str = "") -> dict:
+        """Each `Key` of the table: its value (or the trainer's default) converted and set. Returns field -> value
+        of the keys that set something."""
+        src = self.raw if where is None else where
+        out = {}
+        for k in keys:
+            if where is None:
+                self.used.add(k.key)
+            value = src.get(k.key)
+            default = k.default(self.m.settings) if callable(k.default) else k.default
+            if value is None and default is None:
+                continue
+            try:
+                setting = k.convert(value if value is not None else default) if k.convert else value
+            except ValueError as e:
+                raise self.error(prefix + k.key, str(e)) from None
+            if setting is None:  # an off switch: read, nothing to set
+                continue
+            shown = value if value is not None else (k.origin or f"(default {_show(default)})")
+            self.set(k.field, setting, prefix + k.key, shown, k.why)
+            out[k.field] = setting
+        return out
 
     def not_modelled(self, key: str, why: str, shown=None) -> None:
         self.used.add(key)
         self.m.pending.append((key, _show(shown if shown is not None else self.raw.get(key, "")), why))
 
-    def defer(self, setting: str, key: str, message: str) -> None:
-        """An error raised only if the command line does not set `setting`."""
+    def defer(self, setting: str, key: str, message: str, waived_by: tuple = ()) -> None:
+        """An error raised only if the command line sets neither `setting` nor a field of `waived_by`."""
         self.m.deferred[setting] = f"{self.path}: {key}: {message}"
         self.m.keys.setdefault(setting, key)
+        if waived_by:
+            self.m.waivers[setting] = tuple(waived_by)
 
     def ignore(self, key: str, why: str) -> None:
         self.used.add(key)
@@ -177,8 +196,11 @@ class Reader:
 
     def finish(self, reasons: dict[str, str], default_why: str) -> Mapping:
         """Every key not read yet goes to `ignored`, with the reason its table gives or `default_why`."""
-        shown = ({k.split(".")[0] for k, _, _ in self.m.rows} | {k.split(".")[0] for k, _, _ in self.m.pending}
-                 | {(self.m.model_key or "").split(".")[0]})
+        def roots(key: str) -> set[str]:  # "a.b" -> a; "x+y" and "x/y" (one row from several keys) -> x, y
+            return {part.split(".")[0] for part in re.split(r"[+/]", key)}
+
+        shown = set().union(*(roots(k) for k, _, _ in self.m.rows), *(roots(k) for k, _, _ in self.m.pending),
+                            roots(self.m.model_key or ""))
         for key in self.raw:
             if key in self.used and key not in shown and self.raw[key] is not None:
                 self.m.read.append((key, _show(self.raw[key])))
@@ -207,15 +229,45 @@ def _prefix_reason(key: str, reasons: dict[str, str]) -> str | None:
     return None
 
 
-def accepts(setting: str, value) -> bool:
-    """Whether this checkout's TrainSpec takes `value` for `setting` (checked alone, on the defaults; for
-    method=full with 16-bit weights, since full fine-tuning refuses 4/8-bit)."""
-    extra = {"bits": 16} if setting == "method" and value == "full" else {}
-    try:
-        TrainSpec(**{setting: value, **extra})
-    except (MemplanError, TypeError, ValueError):
-        return False
-    return True
+@dataclass(frozen=True)
+class Key:
+    """One config key onto one TrainSpec field (Reader.apply)."""
+
+    key: str
+    field: str
+    convert: Callable | None = None  # raw value -> setting; ValueError(why) for a bad value; None: nothing to set
+    default: object = None  # the trainer's default when the key is absent (a callable: of the settings so far)
+    why: str = ""  # shown next to the setting: where its meaning comes from
+    origin: str = ""  # how an absent key is shown, e.g. "(axolotl default 512)"
+
+
+def positive(value) -> int:
+    if not _is(value, int):
+        raise ValueError(f"expected an integer, got {_show(value)!r}")
+    if value <= 0:
+        raise ValueError(f"must be a positive integer, got {value}")
+    return value
+
+
+def dropout(value) -> float:
+    if not _is(value, float):
+        raise ValueError(f"expected a number, got {_show(value)!r}")
+    if not 0 <= value < 1:
+        raise ValueError(f"must be in [0, 1), got {value}")
+    return float(value)
+
+
+def boolean(value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {_show(value)!r}")  # noqa: TRY004 - the converters' contract
+    return value
+
+
+def when_on(setting):
+    """A switch: `setting` when it is true, nothing when false."""
+    def convert(value):
+        return setting if boolean(value) else None
+    return convert
 
 
 def check_contradictions(r: Reader) -> None:
@@ -239,13 +291,15 @@ def optimizer_from_hf(r: Reader, key: str, name: str) -> None:
         raise r.error(key, f"unknown optimizer {name!r}; known: {', '.join(sorted(HF_OPTIMIZERS))}")
 
 
-def attention_from_hf(r: Reader, key: str, impl: str) -> None:
+def attention_from_hf(r: Reader, key: str, impl: str, shown=None) -> None:
+    """transformers' attn_implementation (or a trainer's switch for one: `shown` is how the file says it)."""
     low = impl.strip().lower()
+    shown = impl if shown is None else shown
     if low in ("sdpa", "eager"):
-        r.set("attention", low, key, impl)
+        r.set("attention", low, key, shown)
     elif low == "flash_attention_2":
-        r.set_guarded("attention", "flash_attention_2", key, impl,
-                      absent="modelled as sdpa, whose fused CUDA kernels keep the same O(s) attention memory")
+        r.set("attention", "flash_attention_2", key, shown, "attn_implementation flash_attention_2: flash-attn's "
+              "kernels")
     else:
         r.not_modelled(key, f"attention {impl!r}: not modelled; the estimate uses sdpa (O(s) fused kernels)", impl)
 
@@ -275,46 +329,8 @@ def lora_targets_from_names(r: Reader, key: str, names: list[str]) -> None:
         r.set("lora_targets", clean, key, names, "checked against the model's linear names")
 
 
-def multi_gpu(r: Reader, key: str, gpus=None, parallel=None, fsdp_version=None, offload=None, shown=None) -> None:
-    """deepspeed / fsdp settings onto the multi-GPU fields (#13's gpus, parallel, fsdp_version, offload)."""
-    why = "multi-GPU settings are modelled by memplan's parallel feature; this checkout estimates one GPU"
-    for setting, value in (("parallel", parallel), ("fsdp_version", fsdp_version), ("offload", offload),
-                           ("gpus", gpus)):
-        if value is not None:
-            r.set_guarded(setting, value, key, shown, absent=why)
-
-
-def deepspeed_settings(r: Reader, key: str, value) -> None:
-    """A DeepSpeed config (a path to a JSON file, or inline) onto parallel zero1/2/3 and offload."""
-    cfg = value
-    if isinstance(value, str):
-        path = Path(value).expanduser()
-        if not path.is_absolute():
-            path = Path(r.path).parent / path
-        if not path.is_file():
-            r.not_modelled(key, f"DeepSpeed config {value!r} not found next to the config; its ZeRO stage is "
-                                "unknown", value)
-            return
-        try:
-            cfg = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise r.error(key, f"cannot read DeepSpeed config {value!r}: {e.__class__.__name__}") from None
-    if not isinstance(cfg, dict):
-        raise r.error(key, f"expected a DeepSpeed config path or mapping, got {_show(value)!r}")
-    zero = cfg.get("zero_optimization") or {}
-    stage = zero.get("stage") if isinstance(zero, dict) else None
-    if stage not in (0, 1, 2, 3):
-        r.not_modelled(key, f"DeepSpeed config without a ZeRO stage ({_show(stage)})", value)
-        return
-    offload = None
-    if isinstance(zero, dict):
-        dev = lambda k: ((zero.get(k) or {}).get("device") if isinstance(zero.get(k), dict) else None)  # noqa: E731
-        if dev("offload_param") in ("cpu", "nvme"):
-            offload = "params"
-        elif dev("offload_optimizer") in ("cpu", "nvme"):
-            offload = "optimizer"
-    r.used.add(key)
-    multi_gpu(r, key, parallel=f"zero{stage}" if stage else "ddp", offload=offload or "none", shown=value)
+LAUNCHER = ("the GPU count is the launcher's, not the file's (accelerate launch --num_processes, torchrun "
+            "--nproc_per_node, deepspeed --num_gpus, axolotl train --num-processes)")
 
 
 # --------------------------------------------------------------------------------------------- reading files
@@ -408,8 +424,9 @@ def resolve(mapping: Mapping, given: dict) -> None:
     for setting, value in list(mapping.settings.items()):
         if setting in given:
             mapping.overridden.append((setting, _show(value), given[setting]))
+    mapping.given = dict(given)
     for setting, message in mapping.deferred.items():
-        if setting not in given:
+        if setting not in given and not any(w in given for w in mapping.waivers.get(setting, ())):
             raise MemplanError(message)
 
 
@@ -429,10 +446,13 @@ def print_mapping(mapping: Mapping, out=None) -> None:
         field_name = setting.split(" ", 1)[0]
         mark = "  [overridden on the command line]" if field_name in over else ""
         print(f"  {key:<{w}}  {value}  -> {setting}{mark}", file=out)
+    if "gpus" in mapping.deferred and "gpus" in mapping.given:
+        print(f"  {'(GPU count)':<{w}}  not in the file  -> gpus {mapping.given['gpus']} (--gpus; {LAUNCHER}): "
+              "the estimate is per rank", file=out)
     for f, conf, cli in mapping.overridden:
         print(f"  command line: {flag_of(f)} {cli} (the config says {conf})", file=out)
     if mapping.pending:
-        print("  recognized, not yet modelled by this memplan:", file=out)
+        print("  recognized, not modelled by memplan:", file=out)
         for key, value, why in mapping.pending:
             print(f"    {key}{' = ' + value if value else ''}: {why}", file=out)
     if mapping.read:

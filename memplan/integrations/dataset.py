@@ -4,13 +4,13 @@ from them, so that the plan is for the step that sets the peak, not for one nomi
 Reading (torch-free, streamed): JSONL line by line, CSV row by row, Parquet by record batches (pyarrow), JSON as one
 document (a list of rows, or {"data"|"train": [...]}). Each row becomes text the way the trainers build it:
 - chat rows (`messages` / `conversations`, role/content or ShareGPT from/value) through the tokenizer's chat template
-  (tokenizer_config.json `chat_template`, rendered with jinja2's sandbox as transformers' apply_chat_template does,
-  then tokenized without special tokens: the template writes them);
+  (tokenizer_config.json `chat_template`, rendered as transformers' apply_chat_template does: chat.py), then
+  tokenized without special tokens (the template writes them);
 - prompt/completion rows (TRL) as the two texts tokenized separately and added (prompt with special tokens);
 - alpaca rows (instruction/input/output; axolotl `type: alpaca`) in the Stanford Alpaca prompt;
 - otherwise the text field (`text`, or the one the config or --text-field names), with special tokens.
 Tokenizing uses the Rust `tokenizers` library (a tokenizer.json in a local folder, or a hub id in the local cache:
-never downloaded), in batches (`encode_batch_fast`, parallel in Rust).
+never downloaded), counted in batches by tokencount.py (the tokenizer's counts without its per-byte bookkeeping).
 
 The per-step shapes the trainer builds from the lengths, and their memory: memplan/integrations/steps.py.
 """
@@ -103,29 +103,13 @@ def _hub_snapshot(repo_id: str) -> Path | None:
     return found[-1].parent if found else None
 
 
-def _compile_template(template: str):
-    import jinja2
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **{k: v for k, v in kw.items()
-                                                                                  if k in ("indent", "sort_keys")})
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
-    try:
-        return env.from_string(template)
-    except jinja2.exceptions.TemplateError as e:
-        raise MemplanError(f"the tokenizer's chat template does not compile: {e}") from None
-
-
 # ----------------------------------------------------------------------------------------------- the rows
 
-def iter_rows(path: str):
-    """Rows of a dataset file, streamed (JSON is read whole)."""
+def iter_rows(path: str, columns_for=None, part: tuple | None = None):
+    """Rows of a dataset file, streamed (JSON is read whole). Parquet reads only the columns that
+    `columns_for(first_row)` names (all when it returns None): the text, not the ids and metadata beside it.
+    Reads only `part` when given (split.ranges): JSONL (start byte, end byte, lines before), Parquet (first row
+    group, end row group, rows before)."""
     p = Path(path).expanduser()
     if p.is_dir():
         raise MemplanError(f"--dataset {path!r} is a directory; give a .jsonl, .json, .csv or .parquet file")
@@ -136,18 +120,14 @@ def iter_rows(path: str):
         raise MemplanError(f"--dataset {path!r}: unknown format {suffix or '(none)'}; memplan reads "
                            f"{', '.join(FORMATS)}")
     if suffix in (".jsonl", ".ndjson"):
-        with open(p, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        yield json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise MemplanError(f"{path}: line {n}: malformed JSON: {e.msg}") from None
+        yield from _jsonl_rows(p, path, *(part or (0, None, 0)))
     elif suffix == ".json":
         try:
             data = json.loads(p.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise MemplanError(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from None
+        except UnicodeDecodeError:
+            raise MemplanError(f"{path}: not UTF-8 text") from None
         if isinstance(data, dict):
             data = next((data[k] for k in ("data", "train", "rows") if isinstance(data.get(k), list)), None)
         if not isinstance(data, list):
@@ -157,16 +137,66 @@ def iter_rows(path: str):
         with open(p, newline="", encoding="utf-8") as f:
             yield from csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
     else:
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise MemplanError("reading Parquet needs pyarrow: pip install 'memplan[data]'") from None
-        try:
-            pf = pq.ParquetFile(p)
-        except Exception as e:  # noqa: BLE001 - pyarrow's ArrowInvalid and friends
-            raise MemplanError(f"{path}: not a Parquet file: {str(e).splitlines()[0][:200]}") from None
-        for batch in pf.iter_batches(batch_size=8192):
-            yield from batch.to_pylist()
+        yield from _parquet_rows(p, path, columns_for, part)
+
+
+def _jsonl_rows(p: Path, path: str, start: int = 0, end: int | None = None, lines_before: int = 0):
+    """JSON lines, parsed by orjson when it is installed (several times faster than json; any line it refuses,
+    such as NaN, is parsed again by json, so the rows are json's). From byte `start` (a line start) to `end`."""
+    try:
+        from orjson import loads as fast_loads
+    except ImportError:
+        fast_loads = None
+    with open(p, "rb") as f:
+        f.seek(start)
+        lines = f if end is None else _until(f, end - start)
+        for n, line in enumerate(lines, lines_before + 1):
+            if fast_loads is not None:
+                try:
+                    yield fast_loads(line)
+                    continue
+                except ValueError:
+                    if not line.strip():
+                        continue
+            elif not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as e:
+                raise MemplanError(f"{path}: line {n}: malformed JSON: {e.msg}") from None
+            except UnicodeDecodeError:
+                raise MemplanError(f"{path}: line {n}: not UTF-8 text") from None
+
+
+def _until(f, size: int):
+    """The lines of `f` that start within the next `size` bytes."""
+    for line in f:
+        if size <= 0:
+            return
+        size -= len(line)
+        yield line
+
+
+def _parquet_rows(p: Path, path: str, columns_for=None, part: tuple | None = None):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise MemplanError("reading Parquet needs pyarrow: pip install 'memplan[data]'") from None
+    try:
+        pf = pq.ParquetFile(p)
+    except Exception as e:  # noqa: BLE001 - pyarrow's ArrowInvalid and friends
+        raise MemplanError(f"{path}: not a Parquet file: {str(e).splitlines()[0][:200]}") from None
+    columns = None
+    if columns_for is not None:
+        first = next(pf.iter_batches(batch_size=1), None)
+        if first is None:
+            return
+        wanted = columns_for(first.to_pylist()[0])
+        names = set(pf.schema_arrow.names)
+        columns = [c for c in wanted if c in names] if wanted is not None else None
+    groups = range(part[0], part[1]) if part else None
+    for batch in pf.iter_batches(batch_size=8192, columns=columns or None, row_groups=groups):
+        yield from batch.to_pylist()
 
 
 def detect_format(row, text_field: str | None) -> str:
@@ -186,24 +216,6 @@ def detect_format(row, text_field: str | None) -> str:
     raise MemplanError(f"which column holds the text? the rows have {', '.join(map(str, row))}; give --text-field")
 
 
-_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
-          "tool": "tool", "function_call": "assistant", "observation": "tool"}
-
-
-def _messages(value) -> list[dict]:
-    out = []
-    for m in value:
-        if not isinstance(m, dict):
-            raise MemplanError(f"a chat message must be an object, got {type(m).__name__}")
-        if "role" in m:
-            out.append({**m, "content": m.get("content") if m.get("content") is not None else ""})
-        elif "from" in m:  # ShareGPT
-            out.append({"role": _ROLES.get(m["from"], m["from"]), "content": m.get("value") or ""})
-        else:
-            raise MemplanError(f"a chat message needs role/content or from/value, got {', '.join(m)}")
-    return out
-
-
 # ------------------------------------------------------------------------------------------------ lengths
 
 @dataclass
@@ -212,40 +224,111 @@ class Lengths:
     format: str
     seconds: float
     rows_skipped: int = 0  # rows with no text
+    counted_by: str = ""  # how the tokens were counted (tokencount.TokenCounter)
+
+
+FORMAT_NAMES = ("chat", "text", "alpaca", "prompt_completion")
 
 
 def token_lengths(path: str, tokenizer: Tokenizer, text_field: str | None = None, fmt: str | None = None,
-                  chat_template: str | None = None) -> Lengths:
-    """Tokens per row of the dataset file, streamed and tokenized in batches."""
+                  chat_template: str | None = None, workers: int | None = None) -> Lengths:
+    """Tokens per row of the dataset file, streamed and counted in batches by tokencount.TokenCounter (the
+    tokenizer's own counts; should a checked batch disagree, the file is counted again by the tokenizer). A large
+    JSONL or Parquet file is read by one process per core (split.py; `workers` sets how many, whatever the file's
+    size)."""
+    from memplan.integrations import split
+    from memplan.integrations.chat import SkeletonMismatch
+    from memplan.integrations.tokencount import Mismatch
+
     t0 = time.perf_counter()
+    parts = split.ranges(path, workers, 0 if workers else split.MIN_BYTES)
+    if parts:  # every process reads its rows as the first row says (as one process would)
+        first = next(iter_rows(path), None)
+        if fmt not in FORMAT_NAMES and first is not None:
+            fmt = detect_format(first, text_field)
+    fast, why_slow, skeletons = True, "", True
+    for _ in range(3):  # at most: as planned, then without the skeletons, then without the piece count
+        args = (path, tokenizer, text_field, fmt, chat_template, fast, why_slow, skeletons)
+        try:
+            results = split.run(_count_part, parts, *args) if parts else [_count_part(None, *args)]
+            break
+        except Mismatch as e:
+            fast, why_slow = False, f"the piece count disagreed with the tokenizer on {e}"
+        except SkeletonMismatch:
+            skeletons = False
     out = array("I")
-    rows = iter_rows(path)
-    template = None
-    first = True
+    for lengths, _, _, _ in results:
+        out.extend(lengths)
+    skipped = sum(r[2] for r in results)
+    fmt = results[0][1]
+    why = next((r[3] for r in results if r[3] is not None), None)
+    if not out:
+        raise MemplanError(f"--dataset {path!r}: no rows with text" + (f" ({skipped} rows without it)" if skipped
+                                                                       else ""))
+    how = ("pieces of the byte-level BPE, memoized, checked against the tokenizer" if why is None else
+           f"the tokenizer (encode_batch_fast){': ' + why if why else ''}")
+    if parts:
+        how += f"; {len(parts)} processes"
+    return Lengths(out, fmt or "text", time.perf_counter() - t0, skipped, how)
+
+
+def _count_part(part, path, tokenizer, text_field, fmt, chat_template, fast, why_slow, skeletons):
+    """One process's share: (lengths, format, rows skipped, None if counted by pieces else why not)."""
+    from memplan.integrations.tokencount import TokenCounter
+
+    counter = TokenCounter(tokenizer.tok)
+    if not fast:
+        counter.fast, counter.why_slow = False, why_slow
+    out, fmt, skipped = _count(path, tokenizer, counter, text_field, fmt, chat_template, skeletons, part)
+    return out, fmt, skipped, None if counter.fast else counter.why_slow
+
+
+def _columns(fmt: str, row: dict, text_field: str | None) -> list[str]:
+    """The columns a row's text comes from (Parquet reads only these)."""
+    if text_field and text_field in row:
+        return [text_field]
+    return {"chat": ["messages", "conversations"], "alpaca": ["instruction", "input", "output"],
+            "prompt_completion": ["prompt", "completion"]}.get(fmt, [text_field or "text"])
+
+
+def _count(path: str, tokenizer: Tokenizer, counter, text_field, fmt, chat_template, skeletons: bool,
+           part: tuple | None = None):
+    from memplan.integrations.chat import Chat, SkeletonMismatch
+
+    out = array("I")
     skipped = 0
     texts: list[str] = []
-    extra: list[int] = []  # prompt/completion: the completion's tokens, added to the prompt's
+    completions: list[str] = []  # prompt/completion: the completion's tokens, added to the prompt's
+    chat = None
+
+    def pick(row):
+        nonlocal fmt
+        fmt = fmt if fmt in FORMAT_NAMES else detect_format(row, text_field)
+        return _columns(fmt, row, text_field) if isinstance(row, dict) else None
 
     def flush(special: bool):
         if not texts:
             return
-        encs = tokenizer.tok.encode_batch_fast(texts, add_special_tokens=special)
-        if extra:
-            out.extend(len(e.ids) + x for e, x in zip(encs, extra))
+        counts = counter.count(texts, special)
+        if completions:
+            out.extend(n + x for n, x in zip(counts, counter.count(completions, False)))
         else:
-            out.extend(len(e.ids) for e in encs)
+            out.extend(counts)
         texts.clear()
-        extra.clear()
+        completions.clear()
 
-    for row in rows:
+    first = True
+    rows_before = part[2] if part else 0  # for the row numbers of errors (a blank JSONL line counts as a row here)
+    for row in iter_rows(path, pick, part):
         if first:
-            fmt = fmt if fmt in ("chat", "text", "alpaca", "prompt_completion") else detect_format(row, text_field)
+            if fmt not in FORMAT_NAMES:
+                pick(row)
             if fmt == "chat":
                 source = chat_template or tokenizer.chat_template
                 if not source:
                     raise MemplanError(f"the rows are chats but {tokenizer.path} has no chat_template (and the "
                                        "config names none); give a tokenizer folder with tokenizer_config.json")
-                template = _compile_template(source)
+                chat = Chat(source, tokenizer.special, skeletons)
             first = False
         if not isinstance(row, dict):
             raise MemplanError(f"{path}: a row must be an object, got {type(row).__name__}")
@@ -256,10 +339,12 @@ def token_lengths(path: str, tokenizer: Tokenizer, text_field: str | None = None
                 skipped += 1
                 continue
             try:
-                texts.append(template.render(messages=_messages(value), add_generation_prompt=False,
-                                             **{k: v for k, v in tokenizer.special.items() if v}))
+                texts.append(chat(value))
+            except (MemplanError, SkeletonMismatch):
+                raise
             except Exception as e:  # noqa: BLE001 - jinja errors, raise_exception() in templates
-                raise MemplanError(f"{path}: the chat template failed on row {len(out) + len(texts) + skipped + 1}: "
+                raise MemplanError(f"{path}: the chat template failed on row "
+                                   f"{rows_before + len(out) + len(texts) + skipped + 1}: "
                                    f"{str(e)[:200]}") from None
         elif fmt == "text":
             value = row.get(text_field or "text")
@@ -274,14 +359,11 @@ def token_lengths(path: str, tokenizer: Tokenizer, text_field: str | None = None
                                        input=f"### Input:\n{inp}\n\n" if inp else "", output=row.get("output") or ""))
         else:  # prompt / completion: two texts, the completion without special tokens (TRL tokenizes them apart)
             texts.append(str(row.get("prompt") or ""))
-            extra.append(len(tokenizer.tok.encode(str(row.get("completion") or ""), add_special_tokens=False).ids))
+            completions.append(str(row.get("completion") or ""))
         if len(texts) >= CHUNK:
             flush(fmt != "chat")
     flush(fmt != "chat")
-    if not out:
-        raise MemplanError(f"--dataset {path!r}: no rows with text" + (f" ({skipped} rows without it)" if skipped
-                                                                       else ""))
-    return Lengths(out, fmt or "text", time.perf_counter() - t0, skipped)
+    return out, fmt, skipped
 
 
 # -------------------------------------------------------------------------------------------- the commands
@@ -355,7 +437,8 @@ def print_plan(p: DatasetPlan, out=None) -> None:
     gib = 2**30
     pct = " · ".join(f"{k} {v:,}" for k, v in p.percentiles.items())
     print(f"dataset {p.path}: {p.rows:,} rows ({p.format}), tokens per row {pct} (mean {p.mean:,}); "
-          f"tokenized in {p.read_seconds:.1f} s with {p.tokenizer}", file=out)
+          f"tokenized in {p.read_seconds:.1f} s with {p.tokenizer}" + (f" ({p.counted_by})" if p.counted_by else ""),
+          file=out)
     cut = []
     if p.truncated_rows:
         cut.append(f"{p.truncated_rows:,} rows ({p.truncated_rows / p.rows:.1%}) truncated at {p.max_length:,}, "

@@ -13,7 +13,9 @@ What LLaMA-Factory does with them, where it changes memory (llamafactory/model/,
 """
 from __future__ import annotations
 
-from memplan.integrations.config import (Mapping, Reader, compute_dtype, deepspeed_settings, optimizer_from_hf)
+from memplan.integrations.config import (Key, Mapping, Reader, compute_dtype, dropout, optimizer_from_hf, positive,
+                                         when_on)
+from memplan.integrations.distributed import deepspeed_settings
 from memplan.integrations.trl import REASONS as HF_REASONS
 
 REASONS = {
@@ -29,6 +31,18 @@ REASONS = {
     "create_new_adapter": "same adapter shapes", "adapter_name_or_path": "resumed adapters: same bytes",
     "print_param_status": "logging",
 }
+
+LORA = (Key("lora_rank", "lora_r", positive, 8, origin="(default 8)"),
+        Key("lora_alpha", "lora_alpha", positive, lambda s: 2 * s["lora_r"], origin="(default 2 x lora_rank)"),
+        Key("lora_dropout", "lora_dropout", dropout, 0.0, origin="(default 0)"),
+        Key("use_dora", "dora", when_on(True)))
+SHAPES = (Key("cutoff_len", "seq_len", positive, 2048, "the longest step; --dataset gives each step's length",
+              "(default 2048)"),
+          Key("per_device_train_batch_size", "batch_size", positive, 8, origin="(transformers default 8)"))
+# liger_kernel.py apply_liger_kernel (LLaMA-Factory 0.9.5): the model's RMSNorm / SwiGLU / RoPE and, for training,
+# the fused linear cross-entropy (require_logits is false for SFT).
+LIGER = (Key("enable_liger_kernel", "liger", when_on(True), why="Liger's RMSNorm / SwiGLU / RoPE kernels"),
+         Key("enable_liger_kernel", "loss", when_on("liger"), why="Liger's fused linear cross-entropy"))
 
 
 def read(r: Reader) -> Mapping:
@@ -87,14 +101,7 @@ def read(r: Reader) -> Mapping:
 
     # ---- LoRA
     if method == "lora":
-        rank = r.positive("lora_rank", 8)
-        r.set("lora_r", rank, "lora_rank", r.raw.get("lora_rank", "(default 8)"))
-        r.set("lora_alpha", r.positive("lora_alpha", rank * 2), "lora_alpha",
-              r.raw.get("lora_alpha", f"(default 2 x rank = {rank * 2})"))
-        drop = r.get("lora_dropout", float, 0.0)
-        if not 0 <= drop < 1:
-            raise r.error("lora_dropout", f"must be in [0, 1), got {drop}")
-        r.set("lora_dropout", drop, "lora_dropout", r.raw.get("lora_dropout", "(default 0)"))
+        r.apply(LORA)
         target = r.get("lora_target", str, "all")
         names = [t.strip() for t in target.split(",") if t.strip()]
         if names == ["all"]:
@@ -108,19 +115,13 @@ def read(r: Reader) -> Mapping:
         if extra:
             r.set("modules_to_save", tuple(t.strip() for t in extra.split(",") if t.strip()), "additional_target",
                   extra)
-        if r.get("use_dora", bool, False):
-            r.set("dora", True, "use_dora", True)
         r.set("lora_dtype", m.settings.get("compute_dtype", "fp32") if pure else "fp32",
               "pure_bf16" if pure else "finetuning_type", pure if pure else method,
               "pure_bf16 keeps adapters 16-bit" if pure else "adapter.py casts trainable parameters to fp32")
 
     # ---- shapes
-    cutoff = r.positive("cutoff_len", 2048)
+    cutoff = r.apply(SHAPES)["seq_len"]
     packing = bool(r.get("packing", bool, False) or r.get("neat_packing", bool, False))
-    r.set("seq_len", cutoff, "cutoff_len", r.raw.get("cutoff_len", "(default 2048)"),
-          "the longest step; --dataset gives each step's length")
-    r.set("batch_size", r.positive("per_device_train_batch_size", 8), "per_device_train_batch_size",
-          r.raw.get("per_device_train_batch_size", "(transformers default 8)"))
     order = "group_by_length" if r.get("group_by_length", bool, False) else \
         {"random": "shuffled"}.get(r.get("train_sampling_strategy", str, "random"), "shuffled")
     m.data.update(packing=packing, max_length=cutoff, too_long="truncate", order=order, format="chat")
@@ -134,15 +135,18 @@ def read(r: Reader) -> Mapping:
         m.notes.append("LLaMA-Factory checkpoints reentrant by default (use_reentrant_gc); it keeps the same layer "
                        "inputs as the non-reentrant checkpointing memplan models")
     if r.get("use_unsloth_gc", bool, False):
-        r.set_guarded("activation_offload", "checkpoints", "use_unsloth_gc", True,
-                      absent="Unsloth's checkpointing offloads layer inputs to the host; the estimate keeps them")
+        if off:
+            raise r.error("use_unsloth_gc", "Unsloth's checkpointing is checkpointing: "
+                          "disable_gradient_checkpointing is true")
+        r.set("activation_offload", "checkpoints", "use_unsloth_gc", True,
+              "Unsloth's checkpointing: each checkpointed layer input to host RAM")
     fa = r.get("flash_attn", str, "auto")
     table = {"auto": "sdpa", "sdpa": "sdpa", "disabled": "eager", "fa2": "flash_attention_2"}
     if fa not in table and fa != "fa3":
         raise r.error("flash_attn", f"expected auto, disabled, sdpa, fa2 or fa3, got {fa!r}")
     if fa == "fa2":
-        r.set_guarded("attention", "flash_attention_2", "flash_attn", fa,
-                      absent="modelled as sdpa, whose fused CUDA kernels keep the same O(s) attention memory")
+        r.set("attention", "flash_attention_2", "flash_attn", fa, "attn_implementation flash_attention_2 "
+              "(llamafactory/model/model_utils/attention.py)")
     elif fa == "fa3":
         r.not_modelled("flash_attn", "FlashAttention-3: the estimate uses sdpa (O(s) fused kernels)", fa)
     else:
@@ -150,15 +154,12 @@ def read(r: Reader) -> Mapping:
     optimizer_from_hf(r, "optim", r.get("optim", str, "adamw_torch_fused"))
     if "optim" not in r.raw:
         m.rows[-1] = (m.rows[-1][0], "(transformers default adamw_torch_fused)", m.rows[-1][2])
-    if r.get("enable_liger_kernel", bool, False):
-        r.set_guarded("liger", True, "enable_liger_kernel", True, absent="Liger's RMSNorm/SwiGLU/RoPE kernels")
-        r.set_guarded("loss", "liger", "enable_liger_kernel", True,
-                      absent="Liger's fused linear cross-entropy; the estimate keeps the standard loss")
+    r.apply(LIGER)
     for k in ("use_unsloth", "use_galore", "use_apollo", "use_badam", "shift_attn"):
         if r.get(k, bool, False):
             r.not_modelled(k, "not modelled by memplan")
 
-    # ---- multi-GPU
+    # ---- multi-GPU (the GPU count is the launcher's: --gpus; FSDP comes from an accelerate config, not this file)
     ds = r.get("deepspeed", (str, dict))
     if ds is not None:
         deepspeed_settings(r, "deepspeed", ds)

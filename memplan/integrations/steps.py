@@ -169,6 +169,7 @@ class DatasetPlan:
     steps_over_budget: int | None = None
     first_step_over_budget: int | None = None
     seq_len_histogram: list = field(default_factory=list)  # (padded length, steps) for the 10 longest shapes
+    counted_by: str = ""  # how the token lengths were counted (tokencount.py)
     notes: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -212,7 +213,7 @@ def plan(model, spec, lengths: Lengths, *, path: str, tokenizer: str, packing: b
         truncated_tokens=st.truncated_tokens, dropped_rows=st.dropped_rows, total_tokens=st.total_tokens,
         padded_tokens=st.padded_tokens, peak_step=peak_i + 1, peak_rows=int(st.rows[peak_i]),
         peak_seq_len=int(st.seq[peak_i]), peak_bytes=peak.peak_bytes, peak_device_total_bytes=peak.device_total_bytes,
-        seq_len_histogram=hist)
+        seq_len_histogram=hist, counted_by=getattr(lengths, "counted_by", ""))
     p._lengths = lengths
     p._steps_seq = st.seq
     if lengths.rows_skipped:

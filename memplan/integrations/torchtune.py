@@ -20,7 +20,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from memplan.integrations.config import Mapping, Reader, multi_gpu
+from memplan.integrations.config import Key, Mapping, Reader, boolean, dropout, positive, when_on
+from memplan.integrations.distributed import multi_gpu
 
 # torchtune model builders (torchtune/models/*/_model_builders.py) -> catalog names.
 MODELS = {
@@ -52,6 +53,20 @@ REASONS = {
     "its checkpoint_dir locates the model", "dataset": "its packed flag is read; the data comes from --dataset",
     "run_val_every_n_steps": "evaluation only", "dataset_val": "evaluation only",
 }
+
+# keys only the *_distributed recipes' configs carry (torchtune 0.6.1)
+DISTRIBUTED = ("fsdp_cpu_offload", "fsdp_reshard_after_forward", "data_parallel_shard_dim",
+               "data_parallel_replicate_dim", "memory_efficient_fsdp_wrap", "custom_sharded_layers")
+BATCH = (Key("batch_size", "batch_size", positive, 1, origin="(default 1)"),)
+LORA = (Key("lora_rank", "lora_r", positive, 8, origin="(default 8)"),  # torchtune's lora_* builders' defaults
+        Key("lora_alpha", "lora_alpha", positive, 16, origin="(default 16)"),
+        Key("lora_dropout", "lora_dropout", dropout, 0.0, origin="(default 0.0)"),
+        Key("use_dora", "dora", when_on(True)))
+# training.py OffloadActivations (torchtune 0.6.1): every saved tensor to pinned host memory, checkpointing or not
+CHECKPOINTING = (Key("enable_activation_checkpointing", "gradient_checkpointing", boolean, False,
+                     origin="(default false)"),
+                 Key("enable_activation_offloading", "activation_offload", when_on("all"),
+                     why="torchtune's OffloadActivations: every saved tensor to host RAM"))
 
 
 def read(r: Reader) -> Mapping:
@@ -91,7 +106,7 @@ def read(r: Reader) -> Mapping:
             m.ignored.append((f"model.{key}", "not a memory setting memplan reads"))
 
     # ---- shapes
-    r.set("batch_size", r.positive("batch_size", 1), "batch_size", r.raw.get("batch_size", "(default 1)"))
+    r.apply(BATCH)
     tok = r.get("tokenizer", dict, {})
     max_len = r.get("max_seq_len", int, where=tok, prefix="tokenizer.")
     if max_len is not None:
@@ -112,12 +127,7 @@ def read(r: Reader) -> Mapping:
         m.data["tokenizer"] = ckpt_dir
 
     # ---- checkpointing, offloading, optimizer, loss
-    ac = r.get("enable_activation_checkpointing", bool, False)
-    r.set("gradient_checkpointing", ac, "enable_activation_checkpointing",
-          r.raw.get("enable_activation_checkpointing", "(default false)"))
-    if r.get("enable_activation_offloading", bool, False):
-        r.set_guarded("activation_offload", "checkpoints" if ac else "all", "enable_activation_offloading", True,
-                      absent="activations go to host memory; the estimate keeps them on the GPU")
+    r.apply(CHECKPOINTING)
     r.set("attention", "sdpa", "model._component_", builder, "torchtune's attention calls SDPA")
     opt = r.get("optimizer", dict)
     if opt:
@@ -138,13 +148,25 @@ def read(r: Reader) -> Mapping:
         r.not_modelled("loss", "chunked cross-entropy upcasts logits 1/8 at a time; the estimate's standard loss is "
                                "higher by up to 7/8 of the fp32 logits", loss)
     elif loss.endswith("LinearCrossEntropyLoss"):
-        r.set_guarded("loss", "cce", "loss", loss, absent="the loss without materialized logits; the estimate "
-                                                          "keeps the standard loss")
-    if r.has("fsdp_cpu_offload") or r.has("fsdp_reshard_after_forward") or r.has("data_parallel_shard_dim"):
+        r.set("loss", "cce", "loss", loss, "torchtune's LinearCrossEntropyLoss runs Cut Cross-Entropy (no b·s·V "
+                                           "logits)")
+    # the *_distributed recipes (FSDP2 fully_shard; the recipe, and so the GPU count, is on `tune run`'s command
+    # line): their configs carry these keys
+    signals = [k for k in DISTRIBUTED if r.has(k)]
+    if signals:
         offload = r.get("fsdp_cpu_offload", bool, False)
         reshard = r.get("fsdp_reshard_after_forward", bool, True)
-        multi_gpu(r, "fsdp_cpu_offload", parallel="fsdp" if reshard else "fsdp-grad-op", fsdp_version=2,
-                  offload="params" if offload else "none", shown=offload)
+        for k in DISTRIBUTED[2:]:
+            r.get(k, (bool, int, list))
+        multi_gpu(r, signals[0], "fsdp" if reshard else "fsdp-grad-op", fsdp_version=2,
+                  offload="params" if offload else "none", shown=r.raw[signals[0]],
+                  why="torchtune's *_distributed recipes shard with FSDP2 (fully_shard)")
+    elif "single_device" not in Path(r.path).name:
+        m.notes.append("the recipe (lora_finetune_single_device or a *_distributed one) is on `tune run`'s command "
+                       "line, not in this file: the estimate is for one device; for a distributed recipe add "
+                       "--parallel fsdp --fsdp-version 2 --gpus N")
+    if (r.get("tensor_parallel_dim", int) or 1) > 1:
+        r.not_modelled("tensor_parallel_dim", "tensor parallelism is not modelled (memplan models data parallelism)")
     return r.finish(REASONS, "not a torchtune key memplan reads")
 
 
@@ -167,14 +189,7 @@ def _model(r: Reader, comp: str, name: str) -> None:
 
 
 def _lora(r: Reader, model: dict) -> None:
-    rank = r.positive("lora_rank", 8, where=model, prefix="model.")
-    r.set("lora_r", rank, "model.lora_rank", model.get("lora_rank", "(default 8)"))
-    r.set("lora_alpha", r.positive("lora_alpha", 16, where=model, prefix="model."), "model.lora_alpha",
-          model.get("lora_alpha", "(default 16)"))
-    drop = r.get("lora_dropout", float, 0.0, where=model, prefix="model.")
-    if not 0 <= drop < 1:
-        raise r.error("model.lora_dropout", f"must be in [0, 1), got {drop}")
-    r.set("lora_dropout", drop, "model.lora_dropout", model.get("lora_dropout", "(default 0.0)"))
+    r.apply(LORA, where=model, prefix="model.")
     attn = r.get("lora_attn_modules", list, [], where=model, prefix="model.")
     unknown = [a for a in attn if a not in ATTN]
     if unknown:
@@ -195,5 +210,3 @@ def _lora(r: Reader, model: dict) -> None:
         r.set("lora_targets", tuple(names), "model.lora_attn_modules", shown, "torchtune names as transformers'")
     if r.get("apply_lora_to_output", bool, False, where=model, prefix="model."):
         r.not_modelled("model.apply_lora_to_output", "LoRA on the output projection is not modelled", True)
-    if r.get("use_dora", bool, False, where=model, prefix="model."):
-        r.set("dora", True, "model.use_dora", True)

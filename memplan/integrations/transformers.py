@@ -96,9 +96,16 @@ def spec_from_live(model, args, seq_len: int):
         on = getattr(model, "is_gradient_checkpointing", False)
     s["gradient_checkpointing"] = bool(getattr(args, "gradient_checkpointing", False) or on)
     impl = getattr(cfg, "_attn_implementation", None) or "sdpa"
-    from memplan.integrations.config import accepts
+    from memplan.spec import ATTENTIONS
 
-    s["attention"] = impl if accepts("attention", impl) else "sdpa"
+    s["attention"] = impl if impl in ATTENTIONS else "sdpa"
+    if getattr(args, "use_liger_kernel", False):  # Trainer: apply_liger_kernel(model, args.liger_kernel_config)
+        kernels = getattr(args, "liger_kernel_config", None) or {}
+        s["liger"] = any(kernels.get(k, True) is not False for k in ("rope", "swiglu", "rms_norm"))
+        if kernels.get("fused_linear_cross_entropy", True) is not False:  # SFTTrainer sets it False (its LM head)
+            s["loss"] = "liger"
+    if getattr(args, "activation_offloading", False):  # TRL SFTConfig: OffloadActivations around each step
+        s["activation_offload"] = "all"
     return TrainSpec(**s)
 
 
@@ -239,7 +246,7 @@ class MemplanCallback(TrainerCallback):
                                    "allocated_end_bytes": torch.cuda.memory_allocated()}
             torch.cuda.reset_peak_memory_stats()
         else:
-            from memplan.profile.runner import register_model
+            from memplan.trace.attribution import register_model
             from memplan.trace.tracker import LiveBytesTracker
 
             self.device_bytes = self.device_bytes or self.cpu_budget_bytes

@@ -13,8 +13,9 @@ What the stack does with them, where it changes memory (TRL 1.16, transformers 5
 """
 from __future__ import annotations
 
-from memplan.integrations.config import (Mapping, Reader, attention_from_hf, compute_dtype, deepspeed_settings,
-                                         lora_targets_from_names, multi_gpu, optimizer_from_hf)
+from memplan.integrations.config import (Key, Mapping, Reader, attention_from_hf, compute_dtype, dropout,
+                                         lora_targets_from_names, optimizer_from_hf, positive, when_on)
+from memplan.integrations.distributed import deepspeed_settings, fsdp_settings
 
 NO_EFFECT = "no effect on per-step memory"
 LOGGING = "logging / saving / evaluation: not the training step"
@@ -35,7 +36,7 @@ REASONS = {
         "parallelism_config", "dataloader_multiprocessing_context", "dataloader_in_order", "ddp_bucket_cap_mb",
         "ddp_broadcast_buffers", "ddp_static_graph", "log_level", "log_level_replica", "log_on_each_node",
         "logging_nan_inf_filter", "jit_mode_eval", "use_liger", "restore_callback_states_from_checkpoint",
-        "enable_jit_checkpoint", "liger_kernel_config")},
+        "enable_jit_checkpoint")},
     **{k: LOGGING for k in (
         "output_dir", "overwrite_output_dir", "logging_dir", "logging_steps", "logging_strategy",
         "logging_first_step", "save_steps", "save_strategy", "save_total_limit", "save_only_model",
@@ -57,7 +58,7 @@ REASONS = {
 SFT_ONLY = ("max_length", "max_seq_length", "packing", "packing_strategy", "padding_free", "dataset_text_field",
             "completion_only_loss", "assistant_only_loss", "activation_offloading", "model_name_or_path",
             "model_init_kwargs", "use_peft", "load_in_4bit", "load_in_8bit", "lora_r", "dataset_name")
-READ = ("per_device_train_batch_size", "gradient_checkpointing", "gradient_checkpointing_kwargs", "optim", "bf16",
+READ = ("liger_kernel_config", "per_device_train_batch_size", "gradient_checkpointing", "gradient_checkpointing_kwargs", "optim", "bf16",
         "fp16", "group_by_length", "train_sampling_strategy", "deepspeed", "fsdp", "fsdp_config", "use_liger_kernel",
         "dtype", "torch_dtype", "attn_implementation", "bnb_4bit_quant_type", "use_bnb_nested_quant",
         "bnb_4bit_quant_storage", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save",
@@ -68,6 +69,15 @@ MODEL_CONFIG = ("model_name_or_path", "dtype", "torch_dtype", "use_peft", "load_
 KNOWN_KEYS = set(REASONS) | set(SFT_ONLY) | set(READ)
 DTYPES = {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16", "half": "fp16",
           "float32": "fp32", "fp32": "fp32", "float": "fp32", "auto": None}
+
+LORA = (Key("lora_r", "lora_r", positive, 16, origin="(TRL default 16)"),
+        Key("lora_alpha", "lora_alpha", positive, 32, origin="(TRL default 32)"),
+        Key("lora_dropout", "lora_dropout", dropout, 0.05, origin="(TRL default 0.05)"),
+        Key("use_dora", "dora", when_on(True)))
+BATCH = (Key("per_device_train_batch_size", "batch_size", positive, 8, origin="(transformers default 8)"),)
+# SFTConfig.activation_offloading: trl/models/activation_offloading.py OffloadActivations around the step
+OFFLOAD = (Key("activation_offloading", "activation_offload", when_on("all"),
+               why="TRL's OffloadActivations: every saved tensor to host RAM"),)
 
 
 def read(r: Reader) -> Mapping:
@@ -114,8 +124,10 @@ def read(r: Reader) -> Mapping:
         r.set("double_quant", dq, "use_bnb_nested_quant", r.raw.get("use_bnb_nested_quant", "(TRL default false)"))
         if r.has("bnb_4bit_quant_storage"):
             qs = r.get("bnb_4bit_quant_storage", str).replace("torch.", "")
-            r.set_guarded("quant_storage", DTYPES.get(qs, qs) or qs, "bnb_4bit_quant_storage", qs,
-                          absent="the storage dtype matters only for FSDP sharding of 4-bit weights")
+            if qs not in ("uint8", *DTYPES) or DTYPES.get(qs, "uint8") is None:
+                raise r.error("bnb_4bit_quant_storage", f"expected uint8, bfloat16, float16 or float32, got {qs!r}")
+            r.set("quant_storage", DTYPES.get(qs, qs), "bnb_4bit_quant_storage", qs,
+                  "the packed 4-bit bytes' dtype: what FSDP / ZeRO-3 shard")
         if load:
             r.set("compute_dtype", load, dkey or "model_init_kwargs.dtype", raw_dtype,
                   "bnb_4bit_compute_dtype = ModelConfig.dtype")
@@ -135,12 +147,7 @@ def read(r: Reader) -> Mapping:
 
     # ---- LoRA (ModelConfig)
     if use_peft:
-        r.set("lora_r", r.positive("lora_r", 16), "lora_r", r.raw.get("lora_r", "(TRL default 16)"))
-        r.set("lora_alpha", r.positive("lora_alpha", 32), "lora_alpha", r.raw.get("lora_alpha", "(TRL default 32)"))
-        drop = r.get("lora_dropout", float, 0.05)
-        if not 0 <= drop < 1:
-            raise r.error("lora_dropout", f"must be in [0, 1), got {drop}")
-        r.set("lora_dropout", drop, "lora_dropout", r.raw.get("lora_dropout", "(TRL default 0.05)"))
+        r.apply(LORA)
         names = r.get("lora_target_modules", (list, str))
         if isinstance(names, str):
             names = [names]
@@ -152,8 +159,6 @@ def read(r: Reader) -> Mapping:
         save = r.get("lora_modules_to_save", list)
         if save:
             r.set("modules_to_save", tuple(save), "lora_modules_to_save", save)
-        if r.get("use_dora", bool, False):
-            r.set("dora", True, "use_dora", True)
 
     _shapes_and_rest(r, m, sft, kind, init)
     return r.finish(REASONS, "not a TrainingArguments / SFTConfig / ModelConfig key memplan knows")
@@ -168,8 +173,7 @@ def _shapes_and_rest(r: Reader, m: Mapping, sft: bool, kind: str, init: dict) ->
     if sft:
         m.notes.append(FUSED_LOSS)
     # ---- shapes
-    r.set("batch_size", r.positive("per_device_train_batch_size", 8), "per_device_train_batch_size",
-          r.raw.get("per_device_train_batch_size", "(transformers default 8)"))
+    r.apply(BATCH)
     key = "max_length" if r.has("max_length") else "max_seq_length"
     r.get("max_seq_length", int)
     if sft:
@@ -211,9 +215,7 @@ def _shapes_and_rest(r: Reader, m: Mapping, sft: bool, kind: str, init: dict) ->
     kw = r.get("gradient_checkpointing_kwargs", dict) or r.get("activation_checkpointing_kwargs", dict) or {}
     if kw.get("use_reentrant") is True:
         m.notes.append("use_reentrant: true keeps the same layer inputs; memplan models non-reentrant checkpointing")
-    if r.get("activation_offloading", bool, False):
-        r.set_guarded("activation_offload", "all", "activation_offloading", True,
-                      absent="activations go to host memory; the estimate keeps them on the GPU")
+    r.apply(OFFLOAD)
     impl = r.get("attn_implementation", str) or init.get("attn_implementation")
     if impl:
         attention_from_hf(r, "attn_implementation" if r.has("attn_implementation") else
@@ -222,19 +224,37 @@ def _shapes_and_rest(r: Reader, m: Mapping, sft: bool, kind: str, init: dict) ->
     if "optim" not in r.raw:
         m.rows[-1] = (m.rows[-1][0], "(transformers default adamw_torch_fused)", m.rows[-1][2])
     if r.get("use_liger_kernel", bool, False):
-        r.set_guarded("liger", True, "use_liger_kernel", True, absent="Liger's RMSNorm/SwiGLU/RoPE kernels")
-        r.set_guarded("loss", "liger", "use_liger_kernel", True,
-                      absent="Liger's fused linear cross-entropy; the estimate keeps the standard loss")
+        _liger(r, sft)
 
-    # ---- multi-GPU
+    # ---- multi-GPU (the GPU count is the launcher's: --gpus)
     ds = r.get("deepspeed", (str, dict))
+    fsdp = r.get("fsdp", (str, list, bool))
+    fcfg = r.get("fsdp_config", (dict, str), {}) or {}
+    if isinstance(fcfg, str):
+        r.not_modelled("fsdp_config", "an fsdp_config file path is not read; put its keys inline", fcfg)
+        fcfg = {}
+    if ds is not None and fsdp not in (None, False, "", []):
+        raise r.error("deepspeed/fsdp", "DeepSpeed and FSDP are both set; choose one")
     if ds is not None:
         deepspeed_settings(r, "deepspeed", ds)
-    fsdp = r.get("fsdp", (str, list, bool))
-    fcfg = r.get("fsdp_config", dict, {}) or {}
-    opts = fsdp.split() if isinstance(fsdp, str) else (fsdp if isinstance(fsdp, list) else [])
-    if opts or fsdp is True:
-        version = fcfg.get("version") or fcfg.get("fsdp_version") or 1
-        parallel = "fsdp-grad-op" if "shard_grad_op" in opts else "fsdp"
-        multi_gpu(r, "fsdp", parallel=parallel, fsdp_version=version,
-                  offload="params" if "offload" in opts or fcfg.get("offload_params") else "none", shown=fsdp)
+    elif fsdp not in (None, False, "", []):
+        # transformers 5.24: fsdp_config "version" defaults to 2 (FSDP1 is deprecated)
+        fsdp_settings(r, "fsdp", fsdp, fcfg, default_version=2)
+
+
+def _liger(r: Reader, sft: bool) -> None:
+    """use_liger_kernel: transformers' Trainer applies liger_kernel's _apply_liger_kernel_to_instance with
+    liger_kernel_config (apply_liger_kernel_to_llama's defaults: rope, swiglu, rms_norm and the fused linear
+    cross-entropy on). TRL 1.16's SFTTrainer turns the fused linear cross-entropy off (its own fused LM head
+    computes the loss; sft_trainer.py) and keeps the layer kernels."""
+    cfg = r.get("liger_kernel_config", dict, {}) or {}
+    if any(cfg.get(k, True) is not False for k in ("rope", "swiglu", "rms_norm", "geglu", "layer_norm")):
+        r.set("liger", True, "use_liger_kernel", True, "Liger's layer kernels: RoPE, RMSNorm, SwiGLU / GeGLU")
+    if sft:
+        r.m.notes.append("use_liger_kernel under SFTTrainer: the layer kernels only; TRL turns Liger's fused linear "
+                         "cross-entropy off (its fused LM head computes the loss)")
+    elif cfg.get("fused_linear_cross_entropy", True) is not False:
+        r.set("loss", "liger", "use_liger_kernel", True, "Liger's fused linear cross-entropy (no b·s·V logits)")
+    elif cfg.get("cross_entropy"):
+        r.not_modelled("liger_kernel_config", "Liger's (unfused) cross-entropy still takes the b·s·V logits: the "
+                                              "estimate keeps the standard loss", cfg)

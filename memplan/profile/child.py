@@ -3,7 +3,11 @@
 Each configuration runs in its own process so that an out-of-memory error, a CUDA fault or a leaked allocation
 cannot poison the next one. The job file is written by memplan.profile.grid; the child writes the profile to
 job["output"] atomically (runner.run_job) and prints progress lines starting with '@memplan '.
-Exit status: 0 for ok/oom, 3 for error, 130 for interrupted, 4 when the parent is gone (nothing written).
+Exit status: 0 for ok/oom, 3 for error, 130 for interrupted, 4 when the parent is gone (nothing written); a rank
+of a multi-GPU run exits 5 for oom, so that its launcher stops the ranks waiting for it in a collective.
+
+With --gpus N (a strategy other than none) the child is the launcher of N rank processes
+(memplan.profile.multi), each of which runs this same main() on its rank's job.
 
 The child dies with its parent: on Linux it asks the kernel for SIGKILL when the parent exits
 (prctl PR_SET_PDEATHSIG), then checks that the parent named in the job (job["parent_pid"]) is still its parent
@@ -47,8 +51,21 @@ def main(argv: list[str] | None = None) -> int:
         pass
     from memplan.profile.runner import run_job
 
-    profile = run_job(job)
+    if job.get("dist") is None and _multi(job):  # --gpus N: this process launches the N ranks
+        from memplan.profile.multi import launch
+
+        profile = launch(job)
+    else:
+        profile = run_job(job)
+    if job.get("dist") is not None:  # a rank: any end but ok makes its launcher stop the others (multi.supervise)
+        return {"ok": 0, "oom": 5, "interrupted": 130}.get(profile["status"], 3)
     return {"ok": 0, "oom": 0, "interrupted": 130}.get(profile["status"], 3)
+
+
+def _multi(job: dict) -> bool:
+    from memplan.profile.runner import _train_spec
+
+    return _train_spec(job["train"]).strategy != "none"
 
 
 def die_with_parent() -> bool:

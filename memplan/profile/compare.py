@@ -6,6 +6,8 @@ What is compared with what:
         device total: estimate.device_total_bytes vs NVML used minus the baseline before CUDA initialization.
   CPU   tensor bytes: estimate.peak_bytes and the trace's peak vs the live-bytes tracker's peak (the trace's own
         counter on real tensors); no device total (RSS includes the interpreter and the libraries).
+  --gpus N  rank 0's figures (memplan.profile.multi) vs the estimate's per-rank figures and the rank trace
+        (memplan.trace.distributed: rank 0 on a fake process group, meta tensors).
 """
 from __future__ import annotations
 
@@ -61,7 +63,16 @@ def compare(job: dict, profile: dict, with_trace: bool | None = None) -> dict:
             from memplan.trace import run_trace
 
             kwargs = dict(job.get("trace_kwargs") or {})
-            tr = run_trace(spec, train, real=False, **kwargs)
+            if train.strategy != "none":  # rank 0 of N on a fake process group, meta tensors
+                from memplan.trace.distributed import run_rank_trace, traceable
+
+                why = traceable(train)
+                if why:
+                    raise MemplanError(why)
+                kwargs = {}
+                tr = run_rank_trace(spec, train, keep_timeline=False)
+            else:
+                tr = run_trace(spec, train, real=False, **kwargs)
             t = {"peak_bytes": tr.peak_bytes, "phases": dict(tr.phases), "kwargs": kwargs, "peak_phase": tr.peak_phase}
             if not oom:
                 t["error_pct"] = pct(tr.peak_bytes, peak)

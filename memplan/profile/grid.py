@@ -172,7 +172,8 @@ def crashed_row(cfg: Config, outcome: Outcome) -> dict:
                 "device": cfg.device, "steps": cfg.run.get("steps"),
                 **{k: t.get(k) for k in ("bits", "quant_type", "double_quant", "compute_dtype", "method",
                                          "lora_r", "optimizer", "batch_size", "seq_len",
-                                         "gradient_checkpointing", "attention")}})
+                                         "gradient_checkpointing", "attention")},
+                "gpus": t.get("gpus") or 1, "parallel": t.get("parallel") or "auto"})
     return row
 
 

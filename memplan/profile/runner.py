@@ -5,6 +5,8 @@ Phases: load (from_pretrained + recipe + optimizer construction), forward, backw
 the optimizer creates its states here) and steady (every step after the first, forward to optimizer, as one
 phase). An out-of-memory error is a result (status "oom", with the phase and the bytes asked for); Ctrl-C or
 SIGTERM ends the run as "interrupted" keeping what was measured; any other exception is "error".
+A rank of a multi-GPU run (job["dist"], started by memplan.profile.multi) runs the same steps on its own device,
+with memplan.profile.multi.Rank's hooks: the process group, the wrapping after the recipe, the step.
 """
 from __future__ import annotations
 
@@ -49,59 +51,12 @@ def _model_spec(job: dict):
     return from_hf_config(dict(m["hf_config"]), m["name"], m.get("source") or m["name"])
 
 
+_STOPPED = []  # set once SIGTERM / SIGINT arrived: a failure after it is part of being stopped
+
+
 def _sigterm(signum, frame):
+    _STOPPED.append(signum)
     raise KeyboardInterrupt(f"signal {signum}")
-
-
-# -------------------------------------------------------------------------------------------- registration
-
-def register_model(tracker, model) -> None:
-    """Count the tensors that exist before the step (parameters, buffers, bitsandbytes quant states) in the
-    tracker, by category (memplan.trace.tracker.CATEGORIES)."""
-    try:
-        import bitsandbytes as bnb
-
-        quant_types = (bnb.nn.Params4bit, bnb.nn.Int8Params)
-    except ImportError:
-        quant_types = ()
-    for name, p in model.named_parameters(remove_duplicate=True):
-        module = name.rsplit(".", 1)[0]
-        if quant_types and isinstance(p, quant_types) and p.dtype in _int_dtypes():
-            tracker.register(p, "weights_quantized", module)
-            qs = getattr(p, "quant_state", None)
-            if qs is not None:
-                for t in _quant_state_tensors(qs):
-                    tracker.register(t, "quant_state", module)
-            scb = getattr(p, "SCB", None)
-            if scb is not None:
-                tracker.register(scb, "quant_state", module)
-        elif p.requires_grad:
-            tracker.register(p, "lora" if "lora_" in name else "weights_unquantized", module)
-        else:
-            tracker.register(p, "weights_unquantized", module)
-    for name, b in model.named_buffers(remove_duplicate=True):
-        tracker.register(b, "weights_unquantized", name.rsplit(".", 1)[0])
-
-
-def _int_dtypes():
-    import torch
-
-    return (torch.uint8, torch.int8)
-
-
-def _quant_state_tensors(qs):
-    import torch
-
-    seen = []
-    stack = [qs]
-    while stack:
-        s = stack.pop()
-        for v in vars(s).values():
-            if isinstance(v, torch.Tensor):
-                seen.append(v)
-            elif v.__class__.__name__ == "QuantState":
-                stack.append(v)
-    return seen
 
 
 # ------------------------------------------------------------------------------------------------- the run
@@ -109,8 +64,10 @@ def _quant_state_tensors(qs):
 class _Meter:
     """Phase boundaries: closes the previous phase's figures, opens the next."""
 
-    def __init__(self, device: str, phases: dict, tracker=None, sampler=None, nvml_baseline: int = 0):
+    def __init__(self, device: str, phases: dict, tracker=None, sampler=None, nvml_baseline: int = 0,
+                 report: bool = False):
         self.device = device
+        self.report = report  # a rank of a multi-GPU run: print each phase's figures for the launcher
         self.phases = phases
         self.tracker = tracker
         self.sampler = sampler
@@ -166,6 +123,10 @@ class _Meter:
                 self.sampler.sample()
                 if phase in self.sampler.peaks:
                     rec["rss_peak_bytes"] = self.sampler.peaks[phase]
+        if self.report:  # the launcher keeps these if the rank is killed before it writes its record
+            from memplan.profile.multi import RANK_EVENT
+
+            emit(RANK_EVENT, phase=phase, record=rec)
 
 
 def run_job(job: dict) -> dict:
@@ -194,7 +155,14 @@ def run_job(job: dict) -> dict:
         profile["status"] = "interrupted"
     except BaseException as e:  # noqa: BLE001 - every failure is recorded, never raised past the profile
         oom = _oom_record(e, state)
-        if oom is not None:
+        if oom is None and _STOPPED and job.get("dist"):
+            # a rank stopped by its launcher while it waited in a collective: the peers that left make the
+            # collective fail before the signal's KeyboardInterrupt is seen
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            profile["status"] = "interrupted"
+            meas["stop_note"] = f"stopped; the collective then failed: {e.__class__.__name__}: {e}"[:300]
+        elif oom is not None:
             profile["status"] = "oom"
             profile["oom"] = oom
         else:
@@ -203,6 +171,8 @@ def run_job(job: dict) -> dict:
                                 "phase": state.get("phase"),
                                 "traceback": traceback.format_exc()[-4000:]}
     finally:
+        if job.get("dist"):  # a rank has measured: its launcher's stop request must not cut the record's writing
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         meter = state.get("meter")
         if meter is not None and meter.current is not None:
             try:
@@ -226,6 +196,8 @@ def run_job(job: dict) -> dict:
             except Exception as e:  # noqa: BLE001 - a snapshot failing must not lose the measurement
                 meas["snapshot_note"] = f"snapshot failed: {e.__class__.__name__}: {e}"[:300]
         _summarize(profile, state)
+        if state.get("rank") is not None:
+            state["rank"].close()
         try:  # after the measurement: torch's device query creates a CUDA context, which must not be counted
             profile["environment"] = environment(device)
         except Exception as e:  # noqa: BLE001 - after a CUDA fault the device may not answer
@@ -271,6 +243,13 @@ def _measure(job: dict, profile: dict, meas: dict, state: dict) -> None:
     steps = int(run.get("steps", 3))
     torch.manual_seed(int(run.get("seed", 0)))
     phases = meas["phases"]
+    rank = None
+    if job.get("dist"):  # one rank of a multi-GPU run (memplan.profile.multi)
+        from memplan.profile.multi import Rank
+
+        rank = state["rank"] = Rank(job, train)
+    dev = rank.torch_device if rank is not None else device
+    local = rank.local_rank if rank is not None else 0
 
     tracker = sampler = None
     nvml_baseline = 0
@@ -278,14 +257,16 @@ def _measure(job: dict, profile: dict, meas: dict, state: dict) -> None:
         if not torch.cuda.is_available():
             raise RuntimeError("--device cuda: torch sees no CUDA device")
         try:  # NVML first: no CUDA call may come before the baseline reading
-            nvml = NVML(uuid=_visible_uuid(), index=_visible_index())
+            nvml = NVML(uuid=_visible_uuid(local), index=_visible_index(local))
             state["nvml"] = nvml
             nvml_baseline = nvml.used()
         except Exception as e:  # noqa: BLE001 - NVML missing: allocator figures only
             nvml = None
             meas["nvml_note"] = f"NVML unavailable: {e.__class__.__name__}: {e}"
         torch.cuda.init()
-        torch.zeros(1, device="cuda")
+        if rank is not None:
+            torch.cuda.set_device(local)
+        torch.zeros(1, device=dev)
         torch.cuda.synchronize()
         if nvml is not None:
             time.sleep(0.05)
@@ -312,7 +293,10 @@ def _measure(job: dict, profile: dict, meas: dict, state: dict) -> None:
     state["sampler"] = sampler
     if sampler is not None:
         sampler.start()
-    meter = _Meter(device, phases, tracker=tracker, sampler=sampler, nvml_baseline=nvml_baseline)
+    if rank is not None:  # after the CUDA context is measured: NCCL's communicator buffers count in NVML's figure
+        rank.init()
+    meter = _Meter(device, phases, tracker=tracker, sampler=sampler, nvml_baseline=nvml_baseline,
+                   report=rank is not None)
     state["meter"] = meter
 
     # ---- load: the base model as users load it, the recipe (k-bit prep, checkpointing, LoRA), the optimizer
@@ -321,7 +305,7 @@ def _measure(job: dict, profile: dict, meas: dict, state: dict) -> None:
     t0 = time.perf_counter()
     load_path = run.get("load_path", "pretrained")
     if load_path == "direct":
-        model = load_direct(job["model"]["hf_config"], train, device, job.get("trust_remote_code", False),
+        model = load_direct(job["model"]["hf_config"], train, dev, job.get("trust_remote_code", False),
                             seed=int(run.get("seed", 0)))
     else:
         if run.get("weights_dir"):
@@ -334,7 +318,7 @@ def _measure(job: dict, profile: dict, meas: dict, state: dict) -> None:
             meas["random_checkpoint_seconds"] = round(time.perf_counter() - t0, 3)
             t0 = time.perf_counter()
         emit("status", text="from_pretrained")
-        model = load_pretrained(folder, train, device, job.get("trust_remote_code", False))
+        model = load_pretrained(folder, train, dev, job.get("trust_remote_code", False))
     meas["load_seconds"] = round(time.perf_counter() - t0, 3)
     if train.liger:
         if device == "cuda":
@@ -344,13 +328,20 @@ def _measure(job: dict, profile: dict, meas: dict, state: dict) -> None:
 
             apply_liger_models(model, spec.model_type)
     state["model"] = model = recipe.apply_recipe(model, spec, train)
+    if rank is not None:  # FSDP2 fully_shard / DDP, as accelerate wraps (memplan.profile.multi)
+        state["model"] = model = rank.wrap(model, tracker)
     params = recipe.trainable_parameters(model)
     meas["trainable_params"] = sum(p.numel() for p in params)
     meas["model_tensor_bytes"] = _tensor_bytes(model)
     state["optimizer"] = optimizer = recipe.make_optimizer(params, train, paged=(device == "cuda"))
-    gen = torch.Generator(device="cpu").manual_seed(int(run.get("seed", 0)))
-    input_ids = torch.randint(0, spec.vocab_size, (train.batch_size, train.seq_len), generator=gen).to(device)
+    if rank is not None and train.strategy.startswith("zero"):
+        state["model"], state["optimizer"] = model, optimizer = rank.make_engine(model, optimizer, train)
+    # each rank its own micro-batch, as a DistributedSampler gives it (the bytes do not depend on the values)
+    gen = torch.Generator(device="cpu").manual_seed(int(run.get("seed", 0)) + (rank.rank if rank else 0))
+    input_ids = torch.randint(0, spec.vocab_size, (train.batch_size, train.seq_len), generator=gen).to(dev)
     if tracker is not None:
+        from memplan.trace.attribution import register_model  # the trace's attribution, local shards included
+
         register_model(tracker, model)
         tracker.register(input_ids, "activations", "input_ids")
         budget = run.get("cpu_budget_bytes")
@@ -358,6 +349,7 @@ def _measure(job: dict, profile: dict, meas: dict, state: dict) -> None:
             from memplan.trace.tracker import TrackerOutOfMemory
 
             raise TrackerOutOfMemory(tracker.current, 0, "load", budget, "model")
+        tracker.phase_peaks["load"] = tracker.current  # what is resident after loading (DDP's buckets included)
     meter.enter(None)
 
     # ---- the steps
@@ -374,7 +366,8 @@ def _measure(job: dict, profile: dict, meas: dict, state: dict) -> None:
         fused_loss = {"liger": make_liger, "cce": make_cce}[train.loss]()
     # the tracker outside, the kernel models inside (as the trace nests them): a dispatch mode pushed later sees
     # an op first, so the tracker counts what the gemm_4bit model allocates
-    with ctx, _kernel_models(run, train, device):
+    step_fn = recipe.train_step if rank is None else rank.train_step
+    with ctx, _kernel_models(run, train, device), rank.step_context(tracker) if rank else _Null():
         for step in range(steps):
             state["step"] = step
 
@@ -384,7 +377,7 @@ def _measure(job: dict, profile: dict, meas: dict, state: dict) -> None:
                 meter.enter(name)
 
             t = time.perf_counter()
-            loss = recipe.train_step(model, optimizer, input_ids, on_phase, offload_ctx, train, fused_loss)
+            loss = step_fn(model, optimizer, input_ids, on_phase, offload_ctx, train, fused_loss)
             if device == "cuda":
                 torch.cuda.synchronize()
             times.append(round(time.perf_counter() - t, 6))
@@ -442,19 +435,21 @@ class _Null:
         return False
 
 
-def _first_visible() -> str:
-    return os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
+def _visible(i: int = 0) -> str:
+    """Entry i of CUDA_VISIBLE_DEVICES (CUDA device i), or str(i) when it is unset."""
+    entries = [e.strip() for e in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if e.strip()]
+    return entries[i] if i < len(entries) else str(i)
 
 
-def _visible_uuid() -> str | None:
-    """The NVML UUID of CUDA device 0, from CUDA_VISIBLE_DEVICES, without touching CUDA."""
-    first = _first_visible()
-    return first if first.startswith(("GPU-", "MIG-")) else None
+def _visible_uuid(i: int = 0) -> str | None:
+    """The NVML UUID of CUDA device i, from CUDA_VISIBLE_DEVICES, without touching CUDA."""
+    entry = _visible(i)
+    return entry if entry.startswith(("GPU-", "MIG-")) else None
 
 
-def _visible_index() -> int:
-    first = _first_visible()
-    return int(first) if first.isdigit() else 0
+def _visible_index(i: int = 0) -> int:
+    entry = _visible(i)
+    return int(entry) if entry.isdigit() else i
 
 
 def _tensor_bytes(model) -> int:

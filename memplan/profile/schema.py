@@ -249,6 +249,20 @@ def validate(data) -> str | None:
     if isinstance(env.get("gpus"), list):
         checks += [_check(g, "dict", f"environment.gpus[{i}]", optional=False) for i, g in enumerate(env["gpus"])]
     checks.append(_check(env.get("versions"), "dict", "environment.versions"))
+    checks.append(_check(run.get("parallel"), "dict", "run.parallel"))
+    ranks = data.get("ranks")  # a multi-GPU profile (memplan/profile/multi.py): every rank's figures
+    checks.append(_check(ranks, "list", "ranks"))
+    for i, r in enumerate(ranks if isinstance(ranks, list) else ()):
+        where = f"ranks[{i}]"
+        problem = _check(r, "dict", where, optional=False)
+        if problem is None:
+            problem = (_check(r.get("rank"), "int", f"{where}.rank", optional=False)
+                       or _check(r.get("status"), "str", f"{where}.status", optional=False)
+                       or _check(r.get("phases"), "dict", f"{where}.phases", optional=False))
+        for name, rec in (r["phases"].items() if problem is None else ()):
+            problem = problem or _check(rec, "dict", f"{where}.phases.{name}", optional=False) \
+                or _numbers(rec, f"{where}.phases.{name}")
+        checks.append(problem)
     for k in ("oom", "error", "comparison"):
         checks.append(_check(data.get(k), "dict", k))
     err = data.get("error")
@@ -385,6 +399,8 @@ CSV_COLUMNS = [
     "nvml_used_peak_bytes", "cuda_context_bytes", "tracker_peak_bytes", "rss_peak_bytes", "estimate_peak_bytes",
     "estimate_error_pct", "trace_peak_bytes", "trace_error_pct", "oom_phase", "oom_requested_bytes",
     "step_time_s", "tokens_per_s", "profile",
+    # multi-GPU (--gpus N): the measured peak above is rank 0's; the largest of every rank's peaks
+    "gpus", "parallel", "largest_rank_peak_bytes",
 ]
 
 
@@ -412,6 +428,8 @@ def csv_row(profile: dict, path: str | Path | None = None) -> dict:
         "oom_phase": oom.get("phase"), "oom_requested_bytes": oom.get("requested_bytes"),
         "step_time_s": meas.get("steady_step_time_s"), "tokens_per_s": meas.get("tokens_per_s"),
         "profile": str(path or profile.get("_path") or ""),
+        "gpus": train.get("gpus") or 1, "parallel": (profile["run"].get("parallel") or {}).get("strategy") or "none",
+        "largest_rank_peak_bytes": (meas.get("largest_rank_peak") or {}).get("bytes"),
     }
     return {k: ("" if row.get(k) is None else row[k]) for k in CSV_COLUMNS}
 
@@ -432,10 +450,6 @@ def append_csv(csv_path: str | Path, row: dict, dedupe: bool = True) -> bool:
       again: a resumed or concurrent grid re-logging a profile adds nothing."""
     csv_path = Path(csv_path)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writerow(row)
-    line = buf.getvalue().encode()
     fd = os.open(csv_path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -450,6 +464,11 @@ def append_csv(csv_path: str | Path, row: dict, dedupe: bool = True) -> bool:
             reader = csv.DictReader(io.StringIO(content.decode("utf-8", "replace")))
             if any(row_id(r) == want for r in reader):
                 return False
+        # a file written before columns were added keeps its own header: the row is written in its columns
+        columns = next(csv.reader(io.StringIO(content.decode("utf-8", "replace")))) if content else CSV_COLUMNS
+        buf = io.StringIO()
+        csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n").writerow(row)
+        line = buf.getvalue().encode()
         if not content:
             head = io.StringIO()
             csv.DictWriter(head, fieldnames=CSV_COLUMNS, lineterminator="\n").writeheader()

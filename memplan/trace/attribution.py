@@ -6,29 +6,29 @@ from memplan.trace.tracker import LiveBytesTracker
 
 
 def register_model(tracker: LiveBytesTracker, model) -> None:
+    """Every parameter (a sharded one by its local shard: FSDP2's DTensors) and buffer by component."""
     import bitsandbytes as bnb
 
     seen = set()
-    for name, p in model.named_parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        module = name.rsplit(".", 1)[0]
-        if isinstance(p, bnb.nn.Params4bit):
-            tracker.register(p, "weights_quantized", module)
-            qs = p.quant_state
-            if qs is not None:
-                for t in _quant_state_tensors(qs):
-                    tracker.register(t, "quant_state", module)
-        elif isinstance(p, bnb.nn.Int8Params):
-            tracker.register(p, "weights_quantized", module)
-            for t in (getattr(p, "SCB", None),):
-                if t is not None:
-                    tracker.register(t, "quant_state", module)
-        elif p.requires_grad and ("lora_" in name or "modules_to_save" in name):
-            tracker.register(p, "lora", module)
-        else:
-            tracker.register(p, "weights_unquantized", module)
+    for mname, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            full = f"{mname}.{pname}"
+            local = p.to_local() if hasattr(p, "to_local") else p  # a DTensor holds its shard
+            if isinstance(p, (bnb.nn.Params4bit, bnb.nn.Int8Params)) or (
+                    isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) and pname == "weight"):
+                tracker.register(local, "weights_quantized", mname)
+                qs = getattr(p, "quant_state", None) or getattr(module, "quant_state", None)
+                extra = _quant_state_tensors(qs) if qs is not None else [getattr(p, "SCB", None)]
+                for t in extra:
+                    if t is not None:
+                        tracker.register(t, "quant_state", mname)
+            elif p.requires_grad and ("lora_" in full or "modules_to_save" in full):
+                tracker.register(local, "lora", mname)
+            else:
+                tracker.register(local, "weights_unquantized", mname)
     for name, b in model.named_buffers():
         tracker.register(b, "weights_unquantized", name.rsplit(".", 1)[0])
 

@@ -209,33 +209,6 @@ def _local(t):
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def _register(tracker, model) -> None:
-    """Parameters (their local shards) by component, as memplan.trace.attribution.register_model does."""
-    import bitsandbytes as bnb
-
-    from memplan.trace.attribution import _quant_state_tensors
-
-    seen = set()
-    for mname, module in model.named_modules():
-        for pname, p in module.named_parameters(recurse=False):
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            full = f"{mname}.{pname}"
-            local = _local(p)
-            if isinstance(module, bnb.nn.Linear4bit) and pname == "weight":
-                tracker.register(local, "weights_quantized", mname)
-                qs = getattr(module, "quant_state", None) or getattr(p, "quant_state", None)
-                for t in _quant_state_tensors(qs) if qs is not None else ():
-                    tracker.register(t, "quant_state", mname)
-            elif p.requires_grad and ("lora_" in full or "modules_to_save" in full):
-                tracker.register(local, "lora", mname)
-            else:
-                tracker.register(local, "weights_unquantized", mname)
-    for name, b in model.named_buffers():
-        tracker.register(b, "weights_unquantized", name.rsplit(".", 1)[0])
-
-
 def _decoder_layers(model):
     import torch
 
@@ -282,7 +255,7 @@ def run_rank_trace(model: ModelSpec, train: TrainSpec, *, real: bool = False, st
     import torch
 
     from memplan import recipe
-    from memplan.trace.attribution import Attribution
+    from memplan.trace.attribution import Attribution, register_model
     from memplan.trace.build import build_model
     from memplan.trace.kernels import (
         gemm_4bit_cuda_semantics,
@@ -312,7 +285,7 @@ def run_rank_trace(model: ModelSpec, train: TrainSpec, *, real: bool = False, st
         if strategy in ("fsdp", "fsdp-grad-op"):
             _fully_shard(peft_model, train)
             wrapped = peft_model
-        _register(tracker, peft_model)
+        register_model(tracker, peft_model)
         if strategy == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 

@@ -139,6 +139,8 @@ def refusal(model: ModelSpec, train: TrainSpec) -> str | None:
     one-line error the trace (or the estimate) gives for it, so the report can name it."""
     from memplan.library_facts import LIGER_TYPES
 
+    if train.strategy != "none" and untraceable(train):  # DeepSpeed ZeRO, FSDP1, CPU offload: estimated, not traced
+        return untraceable(train)  # (trace/distributed.py says why)
     if model.derived and train.bits == 8:  # memplan/derive/__init__.py: its fitting traces refuse 8-bit
         return "--bits 8 on a derived architecture: its activation terms are fitted without an 8-bit meta trace"
     if train.attention == "flash_attention_2" and model.model_type == "falcon":
@@ -199,6 +201,12 @@ def model_names_by_type(names: list[str]) -> dict[str, list[str]]:
     for n in names:
         by_type.setdefault(resolve_model(n).model_type, []).append(n)
     return {t: sorted(v) for t, v in sorted(by_type.items())}
+
+
+def untraceable(train: TrainSpec) -> str | None:
+    from memplan.trace.distributed import traceable  # torch-free at import
+
+    return traceable(train)
 
 
 def draw_configs(seed: int, model_names: list[str], max_tries: int = 50, refused: dict | None = None):

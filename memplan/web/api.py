@@ -13,7 +13,6 @@ command line. A request never names a path: the server reads no file a request a
 from __future__ import annotations
 
 import argparse
-import re
 import shlex
 from functools import lru_cache
 
@@ -23,7 +22,7 @@ from memplan.options import FLAGS
 from memplan.report import provenance
 from memplan.report.figures import components_by_phase
 from memplan.report.verdicts import gpu_verdicts
-from memplan.spec import TRAIN_FIELDS, TrainSpec
+from memplan.spec import CHOICES, TRAIN_FIELDS, TrainSpec
 
 DEFAULT_MODEL = "llama-3.1-8b"
 DEFAULT_GPU = "rtx-4090"
@@ -45,25 +44,10 @@ def _shown(value) -> str:
 
 
 def _choices(field_name: str, default) -> list[str] | None:
-    """The values TrainSpec accepts for a choice field, read from its own check (`_check_choice`'s message), so a
-    flag another module adds shows its choices without this file knowing it; None for free values."""
+    """The values TrainSpec accepts for a choice field (spec.CHOICES); None for free values."""
     if isinstance(default, bool):
         return ["on", "off"]
-    if isinstance(default, int):
-        probe = -987654321
-    elif isinstance(default, str):
-        probe = "\x00?"
-    else:
-        return None
-    try:
-        TrainSpec(**{field_name: probe})
-    except MemplanError as e:
-        m = re.search(r"choose one of: (.*)$", str(e))
-        if m:
-            return [c.strip() for c in m.group(1).split(",")]
-    except Exception:  # noqa: BLE001 - a field this probe cannot reach is a free-text field
-        return None
-    return None
+    return [str(c) for c in CHOICES[field_name]] if field_name in CHOICES else None
 
 
 @lru_cache(maxsize=1)
