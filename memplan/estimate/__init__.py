@@ -143,12 +143,11 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
         loss_fwd, loss_bwd = T * loss_forward(model, act_train), T * loss_backward(model, act_train)
     else:
         loss_fwd, loss_bwd = fused_loss(model, act_train, T)
-    # activation offloading (all, no checkpointing): the forward stash rides on top (activations._offload_split)
-    fwd_loss = _candidate(steady, activations=T * (stored + a.fwd_stash_last) + dora_all, logits_loss=loss_fwd,
+    fwd_loss = _candidate(steady, activations=T * stored + dora_all, logits_loss=loss_fwd,
                           comm_buffers=comm["forward_loss"])
     fwd_layer = _candidate(steady, activations=T * (stored - a.stored_per_layer[-1]) + dora_but_last,
                            temporaries=T * a.fwd_transient + a.dequant_bytes, comm_buffers=comm["forward_layer"])
-    bwd_loss = _candidate(steady, activations=T * (stored + a.fwd_stash_last) + dora_all, logits_loss=loss_bwd,
+    bwd_loss = _candidate(steady, activations=T * stored + dora_all, logits_loss=loss_bwd,
                           comm_buffers=comm["backward_loss"])
     forward = [fwd_loss, fwd_layer]
     if comm.get("forward_copy_out"):  # FSDP: the last layer's parameters being copied out (parallel.py)
@@ -156,10 +155,6 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
                                   comm_buffers=comm["forward_copy_out"]))
     if comm.get("forward_tail_copy_out"):
         forward.append(_candidate(steady, activations=T * stored + dora_all, comm_buffers=comm["forward_tail_copy_out"]))
-    if a.fwd_stash:  # the stash's newest entry is the op output just made: the rest of the working set is the stream
-        forward.append(_candidate(steady, activations=T * (stored - a.stored_per_layer[-1] + a.fwd_stash)
-                                  + dora_but_last, temporaries=T * model.hidden_size * act_mod.Ctx.of(train).e
-                                  + a.dequant_bytes, comm_buffers=comm["forward_layer"]))
     if a.moe_tail:  # the last layer's experts combine their outputs (activations._moe_tail)
         forward.append(_candidate(steady, activations=T * stored + dora_but_last, temporaries=T * a.moe_tail,
                                   comm_buffers=comm["forward_layer"]))

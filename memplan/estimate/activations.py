@@ -427,16 +427,10 @@ def _offload_split(model: ModelSpec, layer: LayerSpec, train: TrainSpec, tokens:
     kept = [n for n in sv.kept if n != "x" or sv.kept.get("x")]
     device = sum(sv.size[n] for n in kept if n in sv.shared or sv.size[n] * tokens < 1024)
     largest = sorted((sv.size[n] for n in kept if n not in sv.shared), reverse=True)[:2]
-    # the forward stash: the MAX_FWD_STASH most recently offloaded tensors stay on the device while their copies
-    # stream out (TRL OffloadActivations, max_fwd_stash_size=5), in the order the layer saves them
-    sent = [sv.size[n] for n in kept if n not in sv.shared and sv.size[n] * tokens >= 1024]
-    windows = [sum(sent[i:i + MAX_FWD_STASH]) for i in range(max(1, len(sent) - MAX_FWD_STASH + 1))]
-    # (the window counts offloaded tensors only; TRL's counts every pack, parameters and kept references too, so
-    # this is the upper bound of what stays)
-    return device, sum(largest), max(windows, default=0), sum(sent[-MAX_FWD_STASH:])
-
-
-MAX_FWD_STASH = 5  # trl OffloadActivations(max_fwd_stash_size=5)
+    # TRL's forward stash (its 5 newest packs stay on the device while they stream out) is left out: its window
+    # counts every pack, parameters and kept references too, which this per-layer saved set does not order;
+    # counting 5 offloaded tensors overstated the sampled peaks (tests/test_toolbox.py offload-all-nockpt: +7%)
+    return device, sum(largest)
 
 
 # ------------------------------------------------------------------------------------------ whole-model view
@@ -468,8 +462,6 @@ class Activations:
     # activation offloading (memplan/estimate/offload.py): per token
     host_per_layer: tuple = ()  # what each layer's saved set puts in pinned host memory
     reload: int = 0  # brought back to the device during one layer's backward
-    fwd_stash: int = 0  # the offloaded tensors still on the device in a layer's forward (widest window)
-    fwd_stash_last: int = 0  # ... at the end of the forward (the last layer's last ones)
 
 
 def activations(model: ModelSpec, train: TrainSpec) -> Activations:
@@ -521,13 +513,13 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
                    + (eager_softmax_backward(model, train, e) if ctx.attention not in FUSED else 0))
     dequant = max_quantized_numel(model, train) * ctx.c if train.quantized else 0
     tail = _moe_tail(model, model.layers[-1][1], layer_key)
-    host, reload, stash = (), 0, (0, 0)
+    host, reload = (), 0
     if train.activation_offload != "off":
-        stored, host, reload, stash = _offloaded(model, train, layer_key, stored, h * e)
+        stored, host, reload = _offloaded(model, train, layer_key, stored, h * e)
         stored = [d + i for d, i in zip(stored, int8_device)]
     return Activations(stored, saved, saved_attn, fixed, final_norm, fwd_transient, bwd_mlp, bwd_attn, mul_freed,
                        mul_work, dequant, dora_transient(model, train), dora_saved(model, train),
-                       *dora_transient_last(model, train), moe_tail=tail, fwd_stash=stash[0], fwd_stash_last=stash[1],
+                       *dora_transient_last(model, train), moe_tail=tail,
                        dora_ckpt_forward=dora_transient_checkpointed(model, train) if train.gradient_checkpointing else 0,
                        host_per_layer=host, reload=reload)
 
@@ -555,17 +547,16 @@ def _offloaded(model: ModelSpec, train: TrainSpec, layer_key: TrainSpec, stored:
     if train.gradient_checkpointing:
         leaf = train.method == "lora" and "embed_tokens" not in train.modules_to_save
         device = [x_bytes if (i == 0 and leaf) else 0 for i in range(len(stored))]
-        return device, tuple(stored), x_bytes, (0, 0)
-    device, host, reload, stash = [], [], 0, (0, 0)
+        return device, tuple(stored), x_bytes
+    device, host, reload = [], [], 0
     tokens = train.batch_size * train.seq_len
     for n, layer in model.layers:
-        kept, back, widest, last = _offload_split(model, layer, layer_key, tokens)
+        kept, back = _offload_split(model, layer, layer_key, tokens)
         total, _, x_kept = _layer_totals(model, layer, layer_key)[:3]
         device += [kept] * n
         host += [total + x_kept - kept] * n
         reload = max(reload, back)
-        stash = (max(stash[0], widest), last)
-    return device, tuple(host), reload, stash
+    return device, tuple(host), reload
 
 
 
