@@ -24,7 +24,7 @@ from memplan.estimate import host as host_mod
 from memplan.estimate import lora, optimizer, weights
 from memplan.estimate.logits import fused_loss, loss_backward, loss_forward
 from memplan.estimate.overhead import Overheads, default_overheads, replay_overheads
-from memplan.spec import ModelSpec, TrainSpec
+from memplan.spec import DTYPES, ModelSpec, TrainSpec
 from memplan.stack import stack
 
 PHASES = ("load", "forward", "backward", "optimizer")
@@ -99,6 +99,10 @@ def _candidate(base: dict[str, int], **extra: int) -> dict[str, int]:
     return out
 
 
+# the attention's linears (the rest of a layer's parameters get their gradients in its MLP's backward, first)
+ATTENTION_LINEARS = lora.ATTN | {"q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"}
+
+
 def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = None) -> Estimate:
     if overheads is None or overheads is default_overheads():  # uncalibrated: the replay-fitted allocator figure
         overheads = replay_overheads(model.model_type)
@@ -151,19 +155,33 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
                                   comm_buffers=comm["forward_copy_out"]))
     if comm.get("forward_tail_copy_out"):
         forward.append(_candidate(steady, activations=T * stored + dora_all, comm_buffers=comm["forward_tail_copy_out"]))
-    if a.dora_bytes:
-        forward.append(_candidate(steady, activations=T * (stored - a.stored_per_layer[-1]) + dora_but_last,
-                                  temporaries=a.dora_bytes, comm_buffers=comm["forward_layer"]))
+    if a.moe_tail:  # the last layer's experts combine their outputs (activations._moe_tail)
+        forward.append(_candidate(steady, activations=T * stored + dora_but_last, temporaries=T * a.moe_tail,
+                                  comm_buffers=comm["forward_layer"]))
+    if a.dora_bytes:  # DoRA's weight norm inside the last layer's forward (activations.dora_transient); under
+        # checkpointing every layer input is kept and nothing else, else the layer's saved set so far
+        before = T * stored if train.gradient_checkpointing else T * (stored - a.stored_per_layer[-1]) + dora_but_last
+        forward.append(_candidate(steady, activations=before, temporaries=a.dora_ckpt_forward or a.dora_bytes,
+                                  comm_buffers=comm["forward_layer"]))
+        if a.dora_last_bytes and not train.gradient_checkpointing:  # in the layer's last linear: its whole saved
+            # set but that linear's own weight
+            forward.append(_candidate(steady, activations=T * stored + dora_all - a.dora_last_weight,
+                                      temporaries=a.dora_last_bytes, comm_buffers=comm["forward_layer"]))
 
-    def layer_bwd(idx: int, done_grads: int) -> dict[str, int]:
+    def layer_bwd(idx: int, done_grads: int, mul_grads: int = 0, mlp_grads: int = 0) -> dict[str, int]:
+        """The peak of layer idx's backward; done_grads exist at its start, the gated product's backward adds
+        mul_grads (down_proj's), the attention's backward comes after the whole MLP's (mlp_grads)."""
         kept = T * (sum(a.stored_per_layer[: idx + 1]) + a.fixed - a.final_norm)
         kept += sum(dora[: idx + 1]) if dora else 0
         recompute = (a.layer_saved[idx] if train.gradient_checkpointing else 0) + a.reload
         recompute = T * recompute + (a.dora_saved[idx] if train.gradient_checkpointing and a.dora_saved else 0)
-        work = max(a.bwd_work_mlp, a.bwd_work_attn - (a.layer_saved[idx] - a.layer_saved_attn[idx]))
         in_flight = comm.get("backward_first_layer", comm["backward_layer"]) if idx == 0 else comm["backward_layer"]
         start = _candidate(steady, gradients=done_grads, activations=kept + recompute,
-                           temporaries=T * work + a.dequant_bytes, comm_buffers=in_flight)
+                           temporaries=T * a.bwd_work_mlp + a.dequant_bytes, comm_buffers=in_flight)
+        attn_work = a.bwd_work_attn - (a.layer_saved[idx] - a.layer_saved_attn[idx])
+        attn = _candidate(steady, gradients=done_grads + mlp_grads, activations=kept + recompute,
+                          temporaries=T * attn_work + a.dequant_bytes, comm_buffers=in_flight)
+        start = max(start, attn, key=lambda c: sum(c.values()))
         if train.gradient_checkpointing and a.dora_bytes:  # the recompute runs DoRA's forward again
             start = max(start, _candidate(steady, gradients=done_grads, activations=kept + recompute,
                                           temporaries=a.dora_bytes, comm_buffers=in_flight),
@@ -174,19 +192,43 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
                         key=lambda c: sum(c.values()))
         if not a.mlp_mul_work[idx]:
             return start
-        mul = _candidate(steady, gradients=done_grads, activations=kept + recompute - T * a.mlp_mul_freed[idx],
+        mul = _candidate(steady, gradients=done_grads + mul_grads,
+                         activations=kept + recompute - T * a.mlp_mul_freed[idx],
                          temporaries=T * a.mlp_mul_work[idx], comm_buffers=in_flight)
         return max(start, mul, key=lambda c: sum(c.values()))
 
-    bwd_last = layer_bwd(len(a.stored_per_layer) - 1, 0)
-    bwd_first = layer_bwd(0, rank.gradients_first_layer if rank and rank.gradients_first_layer is not None
-                          else grads)
+    # a trained output layer's gradient exists from the loss's backward on, a trained embedding's only after the
+    # layers' (lora.head_and_embedding_grads); multi-GPU ranks keep the sharded total (parallel.py)
+    ends = lora.head_and_embedding_grads(model, train) if rank is None else {"head": 0, "embed": 0, "tied": False}
+    if train.method == "full" and rank is None:  # a layer's weight gradients appear during its own backward:
+        # at its start only the later layers', the head's and the final norm's exist; at the gated MLP's product
+        # backward, down_proj's too
+        gb = 4 if train.bits == 32 else DTYPES[train.compute_dtype]
+        layers = [layer for n, layer in model.layers for _ in range(n)]
+        per_layer = [layer.params * gb for layer in layers]
+        down = [next((lin.numel for lin in layer.linears if lin.name == "down_proj"), 0) * gb for layer in layers]
+        mlp = [(layer.params - sum(lin.numel for lin in layer.linears if lin.name in ATTENTION_LINEARS)) * gb
+               for layer in layers]
+        done = ends["head"] + model.other_params * gb
+        bwd_last = layer_bwd(len(per_layer) - 1, done, down[-1], mlp[-1])
+        bwd_first = layer_bwd(0, done + sum(per_layer[1:]), down[0], mlp[0])
+    elif rank is not None:
+        bwd_last = layer_bwd(len(a.stored_per_layer) - 1, 0)
+        bwd_first = layer_bwd(0, rank.gradients_first_layer if rank.gradients_first_layer is not None else grads)
+    else:
+        bwd_last = layer_bwd(len(a.stored_per_layer) - 1, ends["head"])
+        bwd_first = layer_bwd(0, grads - (0 if ends["tied"] else ends["embed"]))
     backward = [bwd_loss, bwd_last, bwd_first]
     if rank and rank.gradients_second_layer is not None and len(a.stored_per_layer) > 2:
         # FSDP: the second layer's backward overlaps the first-in-line reduce-scatter of the layer above with the
         # most gradients already reduced (parallel.py's reduce_layer)
         backward.append(layer_bwd(1, rank.gradients_second_layer))
-    opt_step = _candidate(steady, gradients=grads, temporaries=optimizer.step_temporaries(train, grads),
+    if ends["embed"]:  # EmbeddingBackward0: every gradient but the embedding's done, its own being made; tied:
+        # the head's gradient waiting beside it, then their sum (3 V x H at once, one counted in grads)
+        backward.append(_candidate(steady, gradients=grads, activations=T * (a.fixed - a.final_norm),
+                                   temporaries=2 * ends["head"] if ends["tied"] else 0,
+                                   comm_buffers=comm["backward_layer"]))
+    opt_step = _candidate(steady, gradients=grads, temporaries=optimizer.step_temporaries(train, grads, model),
                           comm_buffers=comm["optimizer"])
     # multi-GPU: the load phase is the rank's shards after wrapping (how each launcher loads differs)
     load = _candidate(static, temporaries=0 if rank else weights.load_transient(model, train),

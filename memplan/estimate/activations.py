@@ -250,9 +250,14 @@ def _attention(sv: Saved, ctx: Ctx, model: ModelSpec, layer: LayerSpec, x_norm: 
         sv.keep(q, "attn")
         if softcapped(model):  # tanh(scores / cap) saves its output
             sv.new("scores.tanh", a * ctx.s * e, "attn")
-        sv.new("probs.fp32", a * ctx.s * 4, "attn")  # softmax(dtype=float32) saves its result
-        if e != 4:
-            sv.new("probs", a * ctx.s * e, "attn")  # .to(q.dtype), saved by probs @ v
+        if _softmax_in_dtype(model):
+            sv.new("probs", a * ctx.s * e, "attn")  # saved by softmax and by probs @ v
+        else:
+            sv.new("probs.fp32", a * ctx.s * 4, "attn")  # softmax(dtype=float32) saves its result
+            if e != 4:
+                sv.new("probs", a * ctx.s * e, "attn")  # .to(q.dtype), saved by probs @ v
+            else:  # fp32 activations: the cast is a no-op and probs @ v saves the softmax's own output again
+                sv.keep("probs.fp32", "attn")
     # o_proj's input: transpose(1, 2).contiguous(). The fused kernels already write their output in the
     # (b, s, heads, d) layout, so the copy is a no-op there; eager's matmul output needs a real copy.
     ctx_t = "attn.out" if ctx.attention in FUSED else sv.tensor("attn.ctx", a * d * e)
@@ -399,10 +404,15 @@ def _mlp_product_backward(model: ModelSpec, layer: LayerSpec, train: TrainSpec, 
 
 
 @lru_cache(maxsize=4096)
-def _int8_held(model: ModelSpec, layer: LayerSpec, train: TrainSpec, checkpointed: bool) -> int:
+def _int8_held(model: ModelSpec, layer: LayerSpec, train: TrainSpec, checkpointed: bool,
+               offloaded: bool = False) -> int:
     """Bytes per token of LLM.int8 linear inputs held by their graph nodes beyond what the layer stores anyway:
-    under checkpointing all but the layer input; without it, those no op saves."""
+    under checkpointing all but the layer input; without it, those no op saves. bitsandbytes' MatMul8bitLt keeps
+    them as ctx attributes, not through save_for_backward, so saved-tensor hooks never see them: under activation
+    offloading (offloaded=True) every one stays on the device, whatever else saves it (the meta trace shows them)."""
     sv = layer_saved(model, layer, Ctx.of(train, model))
+    if offloaded:
+        return sum(sv.size[n] for n in set(sv.int8_inputs) if n != "x")
     return sum(sv.size[n] for n in sv.int8_inputs if n != "x" and (checkpointed or n not in sv.kept))
 
 
@@ -417,6 +427,9 @@ def _offload_split(model: ModelSpec, layer: LayerSpec, train: TrainSpec, tokens:
     kept = [n for n in sv.kept if n != "x" or sv.kept.get("x")]
     device = sum(sv.size[n] for n in kept if n in sv.shared or sv.size[n] * tokens < 1024)
     largest = sorted((sv.size[n] for n in kept if n not in sv.shared), reverse=True)[:2]
+    # TRL's forward stash (its 5 newest packs stay on the device while they stream out) is left out: its window
+    # counts every pack, parameters and kept references too, which this per-layer saved set does not order;
+    # counting 5 offloaded tensors overstated the sampled peaks (tests/test_toolbox.py offload-all-nockpt: +7%)
     return device, sum(largest)
 
 
@@ -440,6 +453,12 @@ class Activations:
     dequant_bytes: int  # absolute: bitsandbytes' dequantized copy of the largest linear
     dora_bytes: int = 0  # absolute: DoRA's weight-sized temporaries inside the largest adapted linear's forward
     dora_saved: tuple[int, ...] = ()  # absolute, per layer: weights DoRA's F.linear saves (dropout > 0)
+    # ... DoRA's temporaries in a layer's last linear (down_proj, fc2), the largest: by then the layer has saved
+    # nearly all of its set; and that linear's own dropout-path weight (dora_saved), not saved yet at that moment
+    dora_last_bytes: int = 0
+    dora_last_weight: int = 0
+    dora_ckpt_forward: int = 0  # dora_bytes in a checkpointed forward (x_eye not held)
+    moe_tail: int = 0  # per token: transformers 5 grouped_mm experts' transient as they combine their outputs
     # activation offloading (memplan/estimate/offload.py): per token
     host_per_layer: tuple = ()  # what each layer's saved set puts in pinned host memory
     reload: int = 0  # brought back to the device during one layer's backward
@@ -454,7 +473,7 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     ctx = Ctx.of(train, model)
     k = coefficients()["backward"]
     h, e = model.hidden_size, ctx.e
-    stored, saved, saved_attn, mul_freed, mul_work = [], [], [], [], []
+    stored, saved, saved_attn, mul_freed, mul_work, int8_device = [], [], [], [], [], []
     # per-token layer figures do not depend on batch, optimizer or (for fused attention) sequence length
     masked = ctx.attention == "sdpa" and sdpa_gets_a_mask(model, train.seq_len, train.transformers)
     per_seq = ctx.attention not in FUSED or masked
@@ -468,6 +487,8 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
         saved_attn += [attn] * n
         int8 = _int8_held(model, layer, layer_key, train.gradient_checkpointing) if train.bits == 8 else 0
         stored += [(h * e if train.gradient_checkpointing else total + x_kept) + int8] * n
+        # offloaded: LLM.int8 nodes hold their inputs outside the saved-tensor hooks, so those stay on the device
+        int8_device += [_int8_held(model, layer, layer_key, True, offloaded=True) if train.bits == 8 else 0] * n
         i = max((lin.out_features for lin in layer.linears), default=h)
         moe_slots = layer.experts_per_token  # 5.x grouped_mm: every token-slot's gate_up output at once;
         if linear_experts(train) and layer.num_experts:  # 4.x loop: one expert's share of the slots at a time
@@ -483,18 +504,37 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
         fixed += (2 if model.model_type == "gemma2" else 1) * train.seq_len * e  # builds a second, sliding
     elif masked and train.transformers == 4:  # the (b, 1, s, s) boolean mask, alive for the whole step
         fixed += train.seq_len
-    eager = model.num_heads * train.seq_len * (2 * e + 4) if ctx.attention not in FUSED else 0
+    # eager: the scaled (and masked) scores beside softmax's fp32 output, then that output beside its cast to the
+    # activations' dtype; fp32 activations make the cast a no-op, so two fp32 score tensors at most
+    eager = model.num_heads * train.seq_len * (2 * e + 4 if e != 4 else 8) if ctx.attention not in FUSED else 0
     fwd_transient = widest * (e + ctx.c) + h * ctx.c + eager
     bwd_mlp = int(k["mlp_h"] * h * e + k["mlp_i"] * widest * e) + cast  # a copy alive beside the recompute
     bwd_attn = int(k["attn_h"] * h * e + k["attn_qkv"] * (model.num_heads + 2 * model.num_kv_heads) * model.head_dim * e
                    + (eager_softmax_backward(model, train, e) if ctx.attention not in FUSED else 0))
     dequant = max_quantized_numel(model, train) * ctx.c if train.quantized else 0
+    tail = _moe_tail(model, model.layers[-1][1], layer_key)
     host, reload = (), 0
     if train.activation_offload != "off":
         stored, host, reload = _offloaded(model, train, layer_key, stored, h * e)
+        stored = [d + i for d, i in zip(stored, int8_device)]
     return Activations(stored, saved, saved_attn, fixed, final_norm, fwd_transient, bwd_mlp, bwd_attn, mul_freed,
                        mul_work, dequant, dora_transient(model, train), dora_saved(model, train),
+                       *dora_transient_last(model, train), moe_tail=tail,
+                       dora_ckpt_forward=dora_transient_checkpointed(model, train) if train.gradient_checkpointing else 0,
                        host_per_layer=host, reload=reload)
+
+
+def _moe_tail(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> int:
+    """The end of transformers 5's grouped_mm_experts_forward (integrations/moe.py, 5.24), per token: with S = tokens
+    x top-k rows of hidden width, `weighted_out[inv_perm]` runs while the gathered input selected_hidden_states_g
+    (a local until the function returns), the down projection's output (saved by the routing-weight mul; a local
+    under checkpointing), weighted_out and its permuted copy are all alive. By then the layer has saved all but
+    what follows its experts (Qwen2-MoE runs its shared expert first; only the shared gate's few bytes follow).
+    0 off transformers 5 or without experts."""
+    if not layer.num_experts or linear_experts(train):
+        return 0
+    k, h, e = layer.experts_per_token, model.hidden_size, Ctx.of(train, model).e
+    return (4 if train.gradient_checkpointing else 3) * k * h * e
 
 
 def _offloaded(model: ModelSpec, train: TrainSpec, layer_key: TrainSpec, stored: list[int], x_bytes: int):
@@ -536,6 +576,13 @@ def dora_saved(model: ModelSpec, train: TrainSpec) -> tuple[int, ...]:
     return tuple(out)
 
 
+def _softmax_in_dtype(model: ModelSpec) -> bool:
+    """Falcon's eager attention (no ALiBi) takes the softmax in the activations' dtype:
+    F.softmax(scores + mask, dim=-1, dtype=hidden_states.dtype) (transformers/models/falcon/modeling_falcon.py,
+    FalconAttention.forward, 5.24); the other eager paths take it in fp32 and cast back."""
+    return model.model_type == "falcon" and not model.hf_config.get("alibi", False)
+
+
 def eager_softmax_backward(model: ModelSpec, train: TrainSpec, e: int) -> int:
     """Eager attention's backward peaks in softmax's backward (per token): the fp32 gradient of the
     probabilities (ToCopyBackward of the .to(q.dtype) cast, or the matmul's own gradient when the activations
@@ -543,29 +590,60 @@ def eager_softmax_backward(model: ModelSpec, train: TrainSpec, e: int) -> int:
     so the 16-bit copy of the probabilities it saved (a*s*e, counted in the saved set) is released: torch
     derivatives.yaml (_softmax: result; mm/bmm: self, mat2), checked on the meta trace's live tensors."""
     a, s = model.num_heads, train.seq_len
+    if _softmax_in_dtype(model):  # the gradient of the probabilities and softmax's backward output, in the
+        return a * s * 2 * e  # activations' dtype; the saved probabilities stay until softmax's backward ends
     return a * s * (4 + 4) - (a * s * e if e != 4 else 0)
 
 
 def dora_transient(model: ModelSpec, train: TrainSpec) -> int:
-    """DoRA recomputes its weight norm in every forward (peft/tuners/lora/dora.py, DoraLinearLayer.forward; PEFT
-    caches it only in eval mode): lora_weight = lora_B(lora_A(eye(in))).T builds an in x in identity and the
-    out x in product in the adapter dtype; then the base weight is dequantized (4-bit: out x in in the compute
-    dtype) and cast to the adapter dtype, and weight + scaling * lora_weight makes two more out x in tensors.
-    The largest adapted linear sets the figure, in absolute bytes; it rides on top of the layer's forward (and of
-    its recompute under checkpointing)."""
+    """DoRA recomputes its weight norm in every forward (peft/tuners/lora/dora.py 0.21, DoraLinearLayer.forward;
+    PEFT caches it only in eval mode). get_lora_weight builds x_eye = eye(in) in the adapter dtype and
+    lora_weight = lora_B(lora_A(x_eye)).T (out x in): both stay alive to the end of forward, since lora_A saves
+    x_eye for its weight gradient and the graph hangs on lora_weight. Then `weight` = the base weight, dequantized
+    for 4/8-bit (out x in: 4-bit in the compute dtype, 8-bit in fp32), `.to(x.dtype)` (the adapter dtype: a copy when it differs), and
+    get_weight_norm's `weight + scaling * lora_weight` makes two more out x in tensors. The largest adapted
+    linear sets the figure, in absolute bytes; it rides on top of the layer's forward (and of its recompute under
+    checkpointing)."""
+    return max((b for b, _, _ in _dora_per_linear(model, train)), default=0)
+
+
+def dora_transient_checkpointed(model: ModelSpec, train: TrainSpec) -> int:
+    """dora_transient inside a checkpointed layer's first forward, where nothing is saved."""
+    return max((b for b, _, _ in _dora_per_linear(model, train, not_saved=True)), default=0)
+
+
+def dora_transient_last(model: ModelSpec, train: TrainSpec) -> tuple[int, int]:
+    """(transient, dropout-path weight) of the largest DoRA linear that is its layer's last linear."""
+    last = [(b, w) for b, is_last, w in _dora_per_linear(model, train) if is_last]
+    return max(last, default=(0, 0))
+
+
+def _dora_per_linear(model: ModelSpec, train: TrainSpec, not_saved: bool = False) -> list[tuple[int, bool, int]]:
+    """(DoRA's transient bytes, is the layer's last linear, its dropout-path saved weight) per adapted linear."""
     if train.method != "lora" or not train.dora:
-        return 0
-    lb, c = DTYPES[train.lora_dtype], DTYPES[train.compute_dtype]
-    weight_bytes = 4 if train.bits == 32 else c
-    out = 0
+        return []
+    la = train.lora_dtype
+    lb = DTYPES[la]
+    # dtypes by name: a bf16 weight cast to fp16 adapters is a copy of the same size
+    plain = "fp32" if unquantized_dtype_bytes(train) == 4 else train.compute_dtype
+    out = []
     for _, layer in model.layers:
         for lin in layer.linears:
             if not is_target(lin, train):
                 continue
             i, o = lin.in_features, lin.out_features
-            eye = i * i * lb + i * o * lb  # the identity and lora_B(lora_A(eye))
-            deq = o * i * c if (train.quantized and lin.quantizable) else 0
-            cast = o * i * lb if (deq and c != lb) or (not deq and weight_bytes != lb) else 0
-            norm = o * i * lb * 3 + deq + cast  # lora_weight, scaling * lora_weight, their sum with the weight
-            out = max(out, eye, norm)
+            held = i * i * lb + i * o * lb  # x_eye and lora_weight
+            if train.quantized and lin.quantizable:  # dequantize_bnb_weight: 4-bit to the compute dtype,
+                dt = "fp32" if train.bits == 8 else train.compute_dtype  # 8-bit int8_vectorwise_dequant to fp32
+                deq = o * i * DTYPES[dt]  # (bitsandbytes/_ops.py)
+                weight = deq if dt == la else o * i * lb  # the dequantized copy, or its cast (deq freed)
+                at_cast = deq + (o * i * lb if dt != la else 0)
+            else:  # the parameter itself, in its training dtype (weights.unquantized_dtype_bytes)
+                weight = 0 if plain == la else o * i * lb
+                at_cast = weight
+            saved = o * i * lb if train.lora_dropout and not train.gradient_checkpointing else 0
+            peak = held + max(at_cast, weight + 2 * o * i * lb)
+            if not_saved:  # a checkpointed forward: the checkpoint's pack hook drops what lora_A saves, so x_eye
+                peak = max(held, i * o * lb + max(at_cast, weight + 2 * o * i * lb))  # dies with get_lora_weight
+            out.append((peak, lin is layer.linears[-1], saved))
     return out

@@ -25,7 +25,7 @@ def phase_components(model, train) -> tuple[dict[str, dict[str, int]], list[str]
         dyn = max(0, int(evaluate(terms, "phases", phase, L, b, s)))
         if phase == "optimizer":  # gradients of every trainable + the step's own temporaries: analytic
             comp = dict(static, optimizer_states=states, gradients=tr["bytes"],
-                        temporaries=optimizer.step_temporaries(train, tr["bytes"]))
+                        temporaries=optimizer.step_temporaries(train, tr["bytes"], model))
         else:  # the fitted dynamic bytes, split as at the traced peak
             comp = dict(static, optimizer_states=states)
             for c, v in parts.items():

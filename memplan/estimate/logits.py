@@ -38,15 +38,31 @@ def fused_loss(model: ModelSpec, train: TrainSpec, tokens: int) -> tuple[int, in
     and the target mask per token, the padded shifted labels (b·(s+1) int64), and one chunk x V logits buffer
     (chunk = next_pow2(cdiv(b·s, cdiv(V, H)))). Backward returns grad_input: nothing new.
     cce: lse, neg_dot (fp32) and valids (int64) per token, logit_avg (V fp32); backward: de (b·s x H) and
-    vocab_ordering (argsort: V int64, then int32)."""
+    vocab_ordering (argsort: V int64, then int32).
+    A trained output layer (full fine-tuning): liger's forward also makes grad_weight = zeros_like(weight), kept
+    to the backward, and per chunk its legacy path's `grad_weight += mm(grad_logits.t(), x).float()` (a V x H
+    product in the hidden dtype, plus its fp32 copy when 16-bit; liger_kernel/ops/fused_linear_cross_entropy.py
+    0.8.5 — on sm80+ GPUs 16-bit weights take an in-place addmm instead, so this is the conservative figure the
+    trace runs); cce's backward makes dc = zeros_like(c, dtype=e.dtype)."""
+    from memplan.estimate.lora import head_and_embedding_grads
+
     e, h, v = Ctx.of(train).e, model.hidden_size, model.vocab_size
     b = train.batch_size
+    head = head_and_embedding_grads(model, train)["head"] > 0
     if train.loss == "liger":
         labels = b * (train.seq_len + 1) * 8
         chunk = liger_chunk_size(tokens, v, h)
-        kept = tokens * h * e
-        return kept + tokens * (4 + 1) + labels + chunk * v * e, kept
+        kept = tokens * h * e + (v * h * _weight_bytes(train) if head else 0)
+        product = v * h * (e + (4 if e != 4 else 0)) if head else 0
+        return kept + tokens * (4 + 1) + labels + chunk * v * e + product, kept
     n = b * (train.seq_len - 1)
     saved = n * (4 + 8) + v * 4
     fwd = saved + n * 4 + n * 16 + tokens  # neg_dot; the nonzero (N, 2) int64 and the bool mask while valids forms
-    return fwd, saved + tokens * h * e + v * (8 + 4)
+    return fwd, saved + tokens * h * e + v * (8 + 4) + (v * h * e if head else 0)
+
+
+def _weight_bytes(train: TrainSpec) -> int:
+    """The output layer's dtype as it trains (full fine-tuning: the weights' dtype)."""
+    from memplan.spec import DTYPES
+
+    return 4 if train.bits == 32 else DTYPES[train.compute_dtype]

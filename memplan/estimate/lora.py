@@ -63,6 +63,9 @@ def modules_to_save_params(model: ModelSpec, train: TrainSpec) -> int:
     for name in train.modules_to_save:
         if name not in sizes:
             raise MemplanError(f"modules-to-save {name!r} is not supported; choose from: {', '.join(sizes)}")
+        if name == "embed_out" and train.transformers >= 5:  # PEFT would match nothing and train no copy
+            raise MemplanError("modules-to-save embed_out: transformers 5 names GPT-NeoX's output layer lm_head "
+                               "(transformers/conversion_mapping.py renames embed_out.*); use lm_head")
         total += sizes[name]
     return total
 
@@ -76,3 +79,26 @@ def trainable(model: ModelSpec, train: TrainSpec) -> dict:
     saved = modules_to_save_params(model, train)
     saved_bytes = saved * unquantized_dtype_bytes(train)
     return {"params": adapters + saved, "bytes": adapters * DTYPES[train.lora_dtype] + saved_bytes}
+
+
+OUTPUT_NAMES = ("lm_head", "embed_out")
+INPUT_NAMES = ("embed_tokens", "embed_in", "word_embeddings")
+
+
+def head_and_embedding_grads(model: ModelSpec, train: TrainSpec) -> dict:
+    """Gradient bytes of a trained output layer and input embedding, which autograd makes at the two ends of the
+    backward: the head's first (its matmul is the loss's input), the embedding's last (EmbeddingBackward0).
+    Tied (full fine-tuning of a model whose lm_head is the embedding): one parameter, whose AccumulateGrad waits
+    for both, so the head's V x H gradient waits in the engine's input buffer until the embedding's arrives,
+    and the two are summed out of place (torch/csrc/autograd/input_buffer.cpp; the meta trace shows the three
+    V x H tensors at once). modules_to_save copies are separate modules: never tied."""
+    if train.method == "full":
+        gb = 4 if train.bits == 32 else DTYPES[train.compute_dtype]
+        tied = model.lm_head_params == 0
+        vh = model.vocab_size * model.hidden_size
+        return {"head": vh * gb, "embed": model.embedding_params * gb, "tied": tied}
+    gb = unquantized_dtype_bytes(train)
+    saved = set(train.modules_to_save)
+    head = (model.lm_head_params or model.embedding_params) if saved & set(OUTPUT_NAMES) else 0
+    embed = model.embedding_params if saved & set(INPUT_NAMES) else 0
+    return {"head": head * gb, "embed": embed * gb, "tied": False}

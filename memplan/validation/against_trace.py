@@ -1,7 +1,9 @@
 """`memplan validate --against trace --random N --seed S`: the estimate against the meta trace on a seeded random
 sample over every training flag (the table in sample.py), the estimator's yardstick.
 
-Draws configurations from the seed until N of them are traced. A flag value the trace cannot run in this build
+Draws configurations from the seed until N of them are traced. A combination the trace refuses on this stack
+(sample.refusal: Liger on a model type it does not patch, a fused loss on a wrapped output layer; TrainSpec's own
+refusals) is drawn again, and the summary counts the redraws by reason. A flag value the trace cannot run in this build
 (SUSPECTS: probed once per run on the smallest catalog model, so a value the trace learns joins the sample by
 itself) is skipped with the probe's error as the reason, listed in the CSV and the summary, never silently.
 Traces come from validate's cache (reports/.trace_cache/, keyed by model and TrainSpec), so reruns and a changed
@@ -87,6 +89,8 @@ def run_random(args) -> int:
     if args.layers is not None and args.layers < 1:
         raise MemplanError("--layers needs a positive number of layers")
     csv_path = output_path(args.csv or "reports/estimate_vs_trace_random.csv", "--csv", make_parents=args.csv is None)
+    # the summary beside the CSV (seed, stack, bar, refused combinations): the report's header
+    header = output_path(csv_path.with_suffix(".txt"), "--csv")
     figure = None if args.figure is not None and str(args.figure).lower() == "none" else \
         output_path(args.figure or "reports/estimate_vs_trace_random.png", "--figure", make_parents=args.figure is None)
     names = [m["name"] for m in models().values()] if not args.models else \
@@ -94,8 +98,8 @@ def run_random(args) -> int:
     console = Console(stderr=True)
     untraceable = probe_untraceable(args, console)
 
-    draws, jobs = [], []  # draws: (index, name, train, skip reason or None)
-    for index, name, train in draw_configs(args.seed, names):
+    draws, jobs, refused = [], [], {}  # draws: (index, name, train, skip reason or None)
+    for index, name, train in draw_configs(args.seed, names, refused=refused):
         why = next((w for (f, v), w in untraceable.items() if getattr(train, f) == v), None)
         draws.append((index, name, train, why))
         if why is None:
@@ -116,17 +120,20 @@ def run_random(args) -> int:
         if "error" in tr:
             rows.append({**row, "status": "failed", "reason": tr["error"].splitlines()[0][:300]})
             continue
-        est = estimate(model, train).to_dict()
+        est = traced_view(estimate(model, train).to_dict())
         numbers = {k: v for k, v in compare(est, tr).items() if k not in row and k not in TRAIN_FIELDS
                    and k not in ("model", "checkpointing")}
+        numbers["estimate_peak_with_load_bytes"] = est["estimate_peak_with_load_bytes"]
         rows.append({**row, **numbers})
     _write_csv(csv_path, rows, COMPONENTS)
     ok = [r for r in rows if r["status"] == "ok"]
     out = Console()
-    lines = summary(rows, args.seed, args.random, skipped_rows(), args.layers)
+    lines = summary(rows, args.seed, args.random, skipped_rows(), args.layers, refused)
     for line in lines:
         out.print(line, highlight=False)
     out.print(f"wrote {csv_path}", highlight=False)
+    header.write_text("\n".join(lines) + "\n")
+    out.print(f"wrote {header}", highlight=False)
     if figure is not None and ok:
         try:
             error_by_type(ok, str(figure), lines[0])
@@ -136,6 +143,23 @@ def run_random(args) -> int:
     errs = [abs(r["peak_error"]) for r in ok]
     failed = any(r["status"] == "failed" for r in rows)
     return 0 if errs and not failed and max(errs) <= BAR_WORST and statistics.median(errs) <= BAR_MEDIAN else 1
+
+
+def traced_view(est: dict) -> dict:
+    """The estimate as the trace can see it. The trace starts from the loaded model (trace/runner.py registers the
+    finished model, then runs the step), so it never sees loading: the estimate's load transient
+    (weights.load_transient: a weight in its load dtype beside its quantized or upcast copy, one tensor at a time
+    while from_pretrained / prepare_model_for_kbit_training run) is left out of the compared load phase, and the
+    estimate's own peak, with it, is kept as estimate_peak_with_load_bytes."""
+    load = est["phase_components"]["load"]
+    transient = load.get("temporaries", 0)
+    if not transient:
+        return {**est, "estimate_peak_with_load_bytes": est["peak_bytes"]}
+    phases = {**est["phases"], "load": est["phases"]["load"] - transient}
+    peak_phase = max(phases, key=phases.get)
+    components = {**load, "temporaries": 0} if peak_phase == "load" else est["phase_components"][peak_phase]
+    return {**est, "phases": phases, "peak_phase": peak_phase, "peak_bytes": phases[peak_phase],
+            "components": components, "estimate_peak_with_load_bytes": est["peak_bytes"]}
 
 
 def _trace_all(jobs: list[tuple], n_jobs: int, console) -> list[dict]:
@@ -172,7 +196,8 @@ def _write_csv(path: Path, rows: list[dict], components) -> None:
             w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
 
 
-def summary(rows: list[dict], seed: int, n: int, not_in_build: list[str], layers: int | None = None) -> list[str]:
+def summary(rows: list[dict], seed: int, n: int, not_in_build: list[str], layers: int | None = None,
+            refused: dict | None = None) -> list[str]:
     """The summary line, then the worst rows, the spread by model type, skips and failures."""
     from memplan.spec import TRAIN_FIELDS
 
@@ -208,6 +233,8 @@ def summary(rows: list[dict], seed: int, n: int, not_in_build: list[str], layers
         lines.append(f"skipped {count} drawn configurations the trace cannot run: {why}")
     for r in failed:
         lines.append(f"trace failed: {label(r, varying)}: {r['reason']}")
+    for why, count in sorted((refused or {}).items(), key=lambda kv: -kv[1]):
+        lines.append(f"redrawn {count} refused combinations: {why.splitlines()[0][:200]}")
     if not_in_build:
         lines.append(f"sample table rows not in this build's TrainSpec (not drawn): {', '.join(not_in_build)}")
     return lines

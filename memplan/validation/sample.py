@@ -72,10 +72,17 @@ def lora_targets(rng: random.Random, model: ModelSpec, drawn: dict):
 
 
 def modules_to_save(rng: random.Random, model: ModelSpec, drawn: dict):
-    """None (most runs), the output layer, the input embeddings, or both, by the names the model type uses."""
-    emb, head = {"gpt_neox": ("embed_in", "embed_out"), "falcon": ("word_embeddings", "lm_head")}.get(
-        model.model_type, ("embed_tokens", "lm_head"))
+    """None (most runs), the output layer, the input embeddings, or both, by the names the model type uses
+    (transformers 5 names GPT-NeoX's output layer lm_head; 4.x called it embed_out)."""
+    emb = {"gpt_neox": "embed_in", "falcon": "word_embeddings"}.get(model.model_type, "embed_tokens")
+    head = "embed_out" if model.model_type == "gpt_neox" and drawn["transformers"] == 4 else "lm_head"
     return rng.choice(((), (), (head,), (emb,), (emb, head)))
+
+
+def _installed_major() -> int:
+    from memplan.stack import installed_major
+
+    return installed_major()
 
 
 def quantized(model: ModelSpec, drawn: dict) -> bool:
@@ -92,6 +99,9 @@ def lora(model: ModelSpec, drawn: dict) -> bool:
 
 # Every training flag, in the order they are drawn. Values come from spec.py's constants where it has them.
 CHOICES: list[Choice] = [
+    # The trace runs the installed transformers only (stack.check_runs_installed): the row keeps that major, so a
+    # sample says which one it describes (rows below may depend on it); scripts/validate_tf4.py samples 4.x.
+    Choice("transformers", lambda rng, m, d: _installed_major()),
     Choice("bits", pick_from("BITS", (4, 8, 16, 32))),
     Choice("quant_type", pick_from("QUANT_TYPES", ("nf4", "fp4")), four_bit),
     Choice("double_quant", pick(True, False), four_bit),
@@ -108,18 +118,41 @@ CHOICES: list[Choice] = [
     Choice("batch_size", lambda rng, m, d: rng.randint(1, 8)),
     Choice("seq_len", log_uniform_int(64, 8192)),
     Choice("gradient_checkpointing", pick(True, False)),
-    Choice("attention", pick_from("ATTENTIONS", ("sdpa", "eager"))),
-    # Flags other issues add (#11 techniques, #13 multi-GPU): drawn once TrainSpec has the field.
-    Choice("activation_offload", pick("off", "all", "checkpoints")),
-    Choice("loss", pick("standard", "liger", "cce")),
+    Choice("attention", pick_from("ATTENTIONS", ("sdpa", "eager", "flash_attention_2"))),
+    # #11's toolbox (activation offloading, fused losses, Liger's kernels)
+    Choice("activation_offload", pick_from("ACTIVATION_OFFLOADS", ("off", "all", "checkpoints"))),
+    Choice("loss", pick_from("LOSSES", ("standard", "liger", "cce"))),
     Choice("liger", pick(False, True)),
-    Choice("gpus", pick(1, 2, 4, 8)),
+    # #13's multi-GPU rows stay at one GPU here: `validate --against trace --multi-gpu K` samples them against the
+    # rank trace (DeepSpeed's engine and CPU offload are not traced: most random strategy mixes are refused).
+    Choice("gpus", pick(1)),
     Choice("parallel", pick("auto", "ddp", "fsdp", "fsdp-grad-op", "zero1", "zero2", "zero3"),
            lambda m, d: d.get("gpus", 1) > 1),
     Choice("fsdp_version", pick(1, 2), lambda m, d: str(d.get("parallel", "")).startswith("fsdp")),
     Choice("offload", pick("none", "optimizer", "params"), lambda m, d: d.get("gpus", 1) > 1),
     Choice("quant_storage", pick("uint8", "bf16", "fp16", "fp32"), four_bit),
 ]
+
+
+def refusal(model: ModelSpec, train: TrainSpec) -> str | None:
+    """Why the trace refuses this combination on this stack (the sampler draws again), or None. Each reason is the
+    one-line error the trace (or the estimate) gives for it, so the report can name it."""
+    from memplan.library_facts import LIGER_TYPES
+
+    if train.strategy != "none" and untraceable(train):  # DeepSpeed ZeRO, FSDP1, CPU offload: estimated, not traced
+        return untraceable(train)  # (trace/distributed.py says why)
+    if model.derived and train.bits == 8:  # memplan/derive/__init__.py: its fitting traces refuse 8-bit
+        return "--bits 8 on a derived architecture: its activation terms are fitted without an 8-bit meta trace"
+    if train.attention == "flash_attention_2" and model.model_type == "falcon":
+        return ("flash_attention_2 on Falcon: FalconFlashAttention2 calls _flash_attention_forward, which "
+                "modeling_falcon.py imports only when flash-attn is installed (it is not here), outside the "
+                "attention interface the trace's flash-attention model serves")
+    if train.liger and model.model_type not in LIGER_TYPES:
+        return "--liger on: liger-kernel has no RMSNorm/SwiGLU kernels for this model type"
+    if train.loss != "standard" and {"lm_head", "embed_out"} & set(train.modules_to_save):
+        return (f"--loss {train.loss} takes the output layer's weight as a plain tensor (recipe.compute_loss): "
+                "a modules_to_save-wrapped output layer is not supported")
+    return None
 
 
 def active_rows() -> list[Choice]:
@@ -176,9 +209,10 @@ def untraceable(train: TrainSpec) -> str | None:
     return traceable(train)
 
 
-def draw_configs(seed: int, model_names: list[str], max_tries: int = 50):
+def draw_configs(seed: int, model_names: list[str], max_tries: int = 50, refused: dict | None = None):
     """Yield (draw index, model name, TrainSpec) forever, deterministically from `seed`. A combination TrainSpec
-    rejects (it says why on the command line too) is drawn again."""
+    rejects (it says why on the command line too) or the trace refuses (refusal()) is drawn again; `refused`, when
+    given, counts the redraws by reason."""
     from memplan.catalog import resolve_model
 
     rng = random.Random(seed)
@@ -196,11 +230,14 @@ def draw_configs(seed: int, model_names: list[str], max_tries: int = 50):
                     drawn[row.field] = row.draw(rng, model, drawn)
             try:
                 train = TrainSpec(**drawn)
-            except MemplanError:
-                continue
-            if train.strategy != "none" and untraceable(train):
-                continue  # DeepSpeed ZeRO, FSDP1, CPU offload: estimated, not traced (trace/distributed.py says why)
-            break
+            except MemplanError as e:
+                why = str(e)
+            else:
+                why = refusal(model, train)
+                if why is None:
+                    break
+            if refused is not None:
+                refused[why] = refused.get(why, 0) + 1
         else:
             raise MemplanError(f"validate --random: no valid training settings drawn for {name} in {max_tries} tries")
         yield index, name, train
