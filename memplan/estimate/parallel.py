@@ -193,9 +193,13 @@ def _fsdp(model, train, w, trainable, states) -> RankView:
         "forward_layer": kept_fwd + big_layer if grad_op else 2 * big_layer,
         # the last layer's copy-out: the previous unit's flat result is freed only once this unit's parameters
         # are copied out of its own (FSDPParamGroup.wait_for_unshard): 3 x a layer for that moment
-        "forward_copy_out": 0 if grad_op else 3 * big_layer,
-        "forward_tail_copy_out": kept_fwd + big_layer + 2 * tail,  # the same when the tail (lm_head) copies out
-        "forward_loss": kept_fwd + 2 * tail,
+        "forward_copy_out": kept_fwd + 2 * big_layer if grad_op else 3 * big_layer,
+        # the same when the tail copies out: before the loss, or (tied) at the embedding, the first layer's
+        # all-gather already in flight and nothing else gathered yet
+        "forward_tail_copy_out": (2 * tail + big_layer) if tied else kept_fwd + big_layer + 2 * tail,
+        # a tied tail (embedding, norm, lm_head) is gathered at the embedding and its flat result freed at the
+        # first layer's copy-out: at the loss it is held once, beside the last layer's flat result
+        "forward_loss": kept_fwd + (tail + big_layer if tied else 2 * tail),
         "backward_loss": kept_fwd + tail,
         # the tail (final norm, lm_head) is resharded after its own backward (post_backward reshards every unit).
         # SHARD_GRAD_OP: the last layer's parameters are among those kept since forward, no all-gather in flight
