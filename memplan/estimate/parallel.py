@@ -87,6 +87,7 @@ def _params(model: ModelSpec, train: TrainSpec):
     full = train.method == "full"
     wk = "t" if full else "u"
     out = []
+    h = model.hidden_size
     targets = {id(lin) for _, lin in targeted(model, train)}
     for i, (n, layer) in enumerate(model.layers):
         unit = f"layer{i}"
@@ -108,10 +109,13 @@ def _params(model: ModelSpec, train: TrainSpec):
             out.append((unit, n, layer.norm_params, 1, ub, wk))  # a few 1-D tensors of hidden size
         if layer.expert_params:
             e = max(layer.num_experts, 1)
-            out.append((unit, n, e, layer.expert_params // e, ub, wk))
+            gate_up, down = 2 * layer.expert_intermediate * h, layer.expert_intermediate * h
+            if layer.expert_params == e * (gate_up + down):  # transformers 5: gate_up_proj and down_proj, 3-D
+                out += [(unit, n, e, gate_up, ub, wk), (unit, n, e, down, ub, wk)]
+            else:
+                out.append((unit, n, e, layer.expert_params // e, ub, wk))
         if layer.router_params:
             out.append((unit, n, max(layer.num_experts, 1), layer.router_params // max(layer.num_experts, 1), ub, wk))
-    h = model.hidden_size
     out.append(("embed", 1, model.embedding_params // h, h, ub, wk))
     if model.lm_head_params:
         out.append(("tail", 1, model.lm_head_params // h, h, ub, wk))
@@ -129,7 +133,7 @@ def rank_view(model: ModelSpec, train: TrainSpec, w: dict[str, int], trainable: 
     s = train.strategy
     n = train.gpus
     if s == "ddp":
-        return _ddp(train, w, trainable, states)
+        return _ddp(model, train, w, trainable, states)
     if s in ("fsdp", "fsdp-grad-op"):
         return _fsdp(model, train, w, trainable, states)
     return _zero(model, train, w, trainable, states)
@@ -140,11 +144,41 @@ def _ring(n: int, nbytes: int) -> int:
     return (n - 1) * nbytes // n
 
 
-def _ddp(train, w, trainable, states) -> RankView:
+DDP_BROADCAST_BUCKET = 250 * 1024 * 1024  # torch DistributedDataParallel.broadcast_bucket_size
+
+
+def _broadcast_in_flight(model, train) -> int:
+    params = _params(model, train)
+    ordered = [p for p in params if p[0] == "embed"]
+    for unit in dict.fromkeys(p[0] for p in params if p[0].startswith("layer")):
+        group = [p for p in params if p[0] == unit]
+        ordered += group * group[0][1]  # cnt identical layers, each in its own order
+    ordered += [p for p in params if p[0] == "tail"]
+    open_buckets: dict = {}
+    flushed = []
+    tensors = []
+    for _, _, d0, rest, eb, kind in ordered:
+        tensors.append((eb, kind == "q", d0 * rest * eb))
+    for eb, q, nbytes in tensors:
+        size, count = open_buckets.get((eb, q), (0, 0))
+        open_buckets[(eb, q)] = (size + nbytes, count + 1)
+        if size + nbytes >= DDP_BROADCAST_BUCKET:
+            flushed.append(open_buckets.pop((eb, q)))
+    # a bucket of one tensor is flattened as a view of it (tensor_flatten.cpp flatten_dense_tensors): no buffer
+    flushed = [size if count > 1 else 0 for size, count in flushed + list(open_buckets.values())]
+    return max((a + b for a, b in zip(flushed, flushed[1:])), default=sum(flushed))
+
+
+def _ddp(model, train, w, trainable, states) -> RankView:
     g = trainable["bytes"]
     buckets = g  # flat buckets cover every trainable parameter (reducer.cpp initialize_buckets)
     comm = dict.fromkeys(("load", "forward_loss", "forward_layer", "backward_loss", "backward_layer",
                           "optimizer"), buckets)
+    # DDP's constructor broadcasts rank 0's module states (_sync_module_states -> broadcast_coalesced): tensors
+    # are taken in module order into one bucket per dtype, closed once it reaches 250 MiB
+    # (csrc/utils/tensor_flatten.cpp take_tensors), each flattened into a new buffer, and two buckets are in
+    # flight at once (c10d comm.cpp broadcast_coalesced issues the next before finishing the previous)
+    comm["load"] = buckets + _broadcast_in_flight(model, train)
     return RankView(weights=dict(w), lora=0 if train.method == "full" else g, gradients=g, states=states,
                     comm=comm, host_bytes=0, comm_bytes_per_step=2 * _ring(train.gpus, g))
 
