@@ -23,12 +23,18 @@ _REQUIRED = {
 }
 
 
+MAX_LAYERS = 100_000  # the deepest published LLMs have a few hundred decoder layers
+
+
 def _int(cfg: dict, key: str, default=None) -> int:
     value = cfg.get(key, default)
     if value is None:
         raise MemplanError(f"config is missing the field {key!r} (model_type {cfg.get('model_type')!r})")
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise MemplanError(f"config field {key!r} must be a positive integer, got {value!r}")
+    if key == "num_hidden_layers" and value > MAX_LAYERS:  # the estimate walks its layers: refuse, never hang
+        raise MemplanError(f"config field 'num_hidden_layers' is {value:,}: more than any model ({MAX_LAYERS:,} "
+                           "at most here)")
     return value
 
 

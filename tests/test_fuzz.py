@@ -57,7 +57,7 @@ def check(code, out, err):
     return data
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1500, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(model=st.sampled_from(MODELS + ["lama", "", "org/x", "/nonexistent/config.json"]),
        flags=st.dictionaries(st.sampled_from(sorted(FLAG_VALUES)), st.none(), max_size=5).flatmap(
            lambda keys: st.fixed_dictionaries({k: FLAG_VALUES[k] for k in keys})))
@@ -78,7 +78,7 @@ TYPES = st.sampled_from(["llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "q
                          "gemma2", "phi3", "falcon", "gpt_neox", "opt", "not_a_model", 7])  # derived types: test_derive.py
 
 
-@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(max_examples=600, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(cfg=st.dictionaries(st.sampled_from(FIELDS), VALUES, max_size=12), model_type=TYPES,
        truncate=st.one_of(st.none(), st.integers(0, 200)))
 def test_fuzz_config_files(tmp_path_factory, cfg, model_type, truncate):
@@ -91,7 +91,7 @@ def test_fuzz_config_files(tmp_path_factory, cfg, model_type, truncate):
     check(*invoke(["estimate", str(path), "--json", "--seq-len", "128"]))
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100, deadline=None, derandomize=True)
 @given(layers=st.integers(1, 10**4), hidden=st.sampled_from([64, 8192, 65536, 2**20]), seq=st.integers(1, 10**6),
        batch=st.integers(1, 4096))
 def test_absurd_but_valid_sizes_stay_finite(tmp_path_factory, layers, hidden, seq, batch):
