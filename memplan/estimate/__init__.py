@@ -228,6 +228,13 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
         backward.append(_candidate(steady, gradients=grads, activations=T * (a.fixed - a.final_norm),
                                    temporaries=2 * ends["head"] if ends["tied"] else 0,
                                    comm_buffers=comm["backward_layer"]))
+    if rank is not None and rank.gradients_embedding is not None:
+        unsharded = lora.head_and_embedding_grads(model, train)  # FSDP: made whole, then reduce-scattered
+        if unsharded["embed"]:  # the embedding's backward, as above: tied, 3 V x H at once
+            backward.append(_candidate(steady, gradients=rank.gradients_embedding,
+                                       activations=T * (a.fixed - a.final_norm),
+                                       temporaries=(3 if unsharded["tied"] else 1) * unsharded["embed"],
+                                       comm_buffers=comm["backward_embedding"]))
     opt_step = _candidate(steady, gradients=grads, temporaries=optimizer.step_temporaries(train, grads, model),
                           comm_buffers=comm["optimizer"])
     # multi-GPU: the load phase is the rank's shards after wrapping (how each launcher loads differs)

@@ -71,6 +71,7 @@ class RankView:
     # after its backward, so that layer's and the embedding's shards do not exist yet (None: all of them)
     gradients_first_layer: int | None = None
     gradients_second_layer: int | None = None  # the same when the second layer runs (its shards, too, pending)
+    gradients_embedding: int | None = None  # the same when the embedding's backward runs (its shards pending)
     notes: list[str] = field(default_factory=list)
 
 
@@ -241,6 +242,8 @@ def _fsdp(model, train, w, trainable, states) -> RankView:
         # the first layer (last in backward): its parameters, the unit backward prefetches next (the embedding,
         # or the tail when it holds the tied embedding) and its gradients; every other layer is resharded
         "backward_first_layer": unit_bytes(layer_units[0]) + (tail if tied else embed) + big_layer_grads,
+        # the embedding's backward (the last): its unit's parameters, and the first layer's reduce-scatter input
+        "backward_embedding": (tail if tied else embed) + big_layer_grads,
         # post-backward (foreach_reduce): the recompute's tensors are gone, the unsharded gradients are copied
         # into the reduce-scatter input while they are still alive (2 x the layer's gradients)
         "reduce_layer": ((kept_fwd if grad_op else 2 * big_layer) + 2 * big_layer_grads) if big_layer_grads else 0,
@@ -269,7 +272,8 @@ def _fsdp(model, train, w, trainable, states) -> RankView:
     second = first + (pending(layer_units[1]) if len(layer_units) > 1 else
                       pending(layer_units[0]) if model.layers[0][0] > 1 else 0)
     return RankView(weights=weights, lora=0 if train.method == "full" else shard_t, gradients=shard_t,
-                    gradients_first_layer=shard_t - first, gradients_second_layer=shard_t - second, states=int(states * frac), comm=comm, host_bytes=0,
+                    gradients_first_layer=shard_t - first, gradients_second_layer=shard_t - second,
+                    gradients_embedding=shard_t - pending("embed", "tail" if tied else "embed"), states=int(states * frac), comm=comm, host_bytes=0,
                     comm_bytes_per_step=2 * _ring(n, total) + _ring(n, trainable["bytes"]), notes=notes)
 
 
