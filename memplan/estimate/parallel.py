@@ -132,7 +132,6 @@ def _params(model: ModelSpec, train: TrainSpec):
 
 def rank_view(model: ModelSpec, train: TrainSpec, w: dict[str, int], trainable: dict, states: int) -> RankView:
     s = train.strategy
-    n = train.gpus
     if s == "ddp":
         return _ddp(model, train, w, trainable, states)
     if s in ("fsdp", "fsdp-grad-op"):
@@ -149,18 +148,17 @@ DDP_BROADCAST_BUCKET = 250 * 1024 * 1024  # torch DistributedDataParallel.broadc
 
 
 def _broadcast_in_flight(model, train) -> int:
+    """Bytes of the two largest consecutive broadcast buckets DDP's constructor has in flight (see _ddp)."""
     params = _params(model, train)
     ordered = [p for p in params if p[0] == "embed"]
     for unit in dict.fromkeys(p[0] for p in params if p[0].startswith("layer")):
         group = [p for p in params if p[0] == unit]
         ordered += group * group[0][1]  # cnt identical layers, each in its own order
     ordered += [p for p in params if p[0] == "tail"]
-    open_buckets: dict = {}
+    open_buckets: dict = {}  # (element bytes, quantized) -> (bytes, tensors): one open bucket per dtype
     flushed = []
-    tensors = []
     for _, _, d0, rest, eb, kind in ordered:
-        tensors.append((eb, kind == "q", d0 * rest * eb))
-    for eb, q, nbytes in tensors:
+        q, nbytes = kind == "q", d0 * rest * eb
         size, count = open_buckets.get((eb, q), (0, 0))
         open_buckets[(eb, q)] = (size + nbytes, count + 1)
         if size + nbytes >= DDP_BROADCAST_BUCKET:
