@@ -81,3 +81,14 @@ def compare(job: dict, profile: dict, with_trace: bool | None = None) -> dict:
         except MemplanError as exc:  # configurations the meta trace cannot run (docs/trace.md): a note, not a crash
             out["trace"] = {"note": f"trace failed: {exc}"[:500]}
     return out
+
+
+def attach(job: dict, profile: dict) -> None:
+    """profile["comparison"] = compare(job, profile), or a note saying why not: a prediction that fails (or is
+    interrupted) must not lose the measurement it would be compared with."""
+    try:
+        profile["comparison"] = compare(job, profile)
+    except KeyboardInterrupt:
+        profile["comparison"] = {"note": "interrupted"}
+    except Exception as e:  # noqa: BLE001
+        profile["comparison"] = {"note": f"comparison failed: {e.__class__.__name__}: {e}"[:500]}

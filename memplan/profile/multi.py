@@ -133,14 +133,9 @@ def launch(job: dict) -> dict:
     if interrupted and not results:  # stopped before any rank ran (e.g. while writing the checkpoint)
         profile["status"] = "interrupted"
     if profile["status"] in ("ok", "oom") and job.get("compare", True):
-        try:
-            from memplan.profile.compare import compare
+        from memplan.profile.compare import attach
 
-            profile["comparison"] = compare(job, profile)
-        except KeyboardInterrupt:
-            profile["comparison"] = {"note": "interrupted"}
-        except Exception as e:  # noqa: BLE001 - a prediction failing must not lose a measurement
-            profile["comparison"] = {"note": f"comparison failed: {e.__class__.__name__}: {e}"[:500]}
+        attach(job, profile)
     try:
         from memplan.profile.env import environment
 

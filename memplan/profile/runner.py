@@ -205,14 +205,9 @@ def run_job(job: dict) -> dict:
     state.clear()
     gc.collect()
     if profile["status"] in ("ok", "oom") and job.get("compare", True):
-        try:
-            from memplan.profile.compare import compare
+        from memplan.profile.compare import attach
 
-            profile["comparison"] = compare(job, profile)
-        except KeyboardInterrupt:
-            profile["comparison"] = {"note": "interrupted"}
-        except Exception as e:  # noqa: BLE001 - a prediction failing must not lose a measurement
-            profile["comparison"] = {"note": f"comparison failed: {e.__class__.__name__}: {e}"[:500]}
+        attach(job, profile)
     profile["finished"] = _now()
     if job.get("output"):
         from memplan.profile.child import orphaned
