@@ -158,15 +158,7 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
     if a.moe_tail:  # the last layer's experts combine their outputs (activations._moe_tail)
         forward.append(_candidate(steady, activations=T * stored + dora_but_last, temporaries=T * a.moe_tail,
                                   comm_buffers=comm["forward_layer"]))
-    if a.dora_bytes:  # DoRA's weight norm inside the last layer's forward (activations.dora_transient); under
-        # checkpointing every layer input is kept and nothing else, else the layer's saved set so far
-        before = T * stored if train.gradient_checkpointing else T * (stored - a.stored_per_layer[-1]) + dora_but_last
-        forward.append(_candidate(steady, activations=before, temporaries=a.dora_ckpt_forward or a.dora_bytes,
-                                  comm_buffers=comm["forward_layer"]))
-        if a.dora_last_bytes and not train.gradient_checkpointing:  # in the layer's last linear: its whole saved
-            # set but that linear's own weight
-            forward.append(_candidate(steady, activations=T * stored + dora_all - a.dora_last_weight,
-                                      temporaries=a.dora_last_bytes, comm_buffers=comm["forward_layer"]))
+    forward += _dora_forward(a, train, T, steady, stored, dora_but_last, comm["forward_layer"])
 
     def layer_bwd(idx: int, done_grads: int, mul_grads: int = 0, mlp_grads: int = 0) -> dict[str, int]:
         """The peak of layer idx's backward; done_grads exist at its start, the gated product's backward adds
@@ -182,10 +174,23 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
         attn = _candidate(steady, gradients=done_grads + mlp_grads, activations=kept + recompute,
                           temporaries=T * attn_work + a.dequant_bytes, comm_buffers=in_flight)
         start = max(start, attn, key=lambda c: sum(c.values()))
-        if train.gradient_checkpointing and a.dora_bytes:  # the recompute runs DoRA's forward again
-            start = max(start, _candidate(steady, gradients=done_grads, activations=kept + recompute,
-                                          temporaries=a.dora_bytes, comm_buffers=in_flight),
-                        key=lambda c: sum(c.values()))
+        for d in a.dora_layers[idx] if a.dora_layers else ():  # each DoRA linear's backward (dora.py)
+            if train.gradient_checkpointing:  # the recomputed layer's set up to this linear
+                here = kept + T * (d.through + a.reload) + d.weight_before + d.weight
+            elif train.activation_offload != "off":  # the layer's set is on the host, brought back node by node
+                here = kept + T * a.reload
+            else:  # the layer's set but what the ops after this linear saved (their backward ran)
+                here = kept - T * d.after - (dora[idx] - d.weight_before - d.weight if dora else 0)
+            start = max(start, _candidate(steady, gradients=done_grads, activations=here, temporaries=T * d.bwd,
+                                          comm_buffers=in_flight), key=lambda c: sum(c.values()))
+            if train.gradient_checkpointing:  # the recompute runs its forward again, its eye saved this time
+                before = kept + T * (d.through + a.reload) + d.weight_before
+                start = max(start, _candidate(steady, gradients=done_grads, activations=before,
+                                              temporaries=T * (d.fwd_norm + d.pre_grads) + d.norm_abs,
+                                              comm_buffers=in_flight),
+                            _candidate(steady, gradients=done_grads, activations=before + d.weight,
+                                       temporaries=T * (d.fwd + d.pre_grads) + d.held_abs, comm_buffers=in_flight),
+                            key=lambda c: sum(c.values()))
         reduce = comm.get("reduce_first_layer" if idx == 0 else "reduce_layer")
         if reduce:  # FSDP's post-backward: the layer's gradients and their reduce-scatter input (parallel.py)
             start = max(start, _candidate(steady, gradients=done_grads, activations=kept, comm_buffers=reduce),
@@ -246,6 +251,29 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
     chosen = {p: max(cs, key=lambda c: sum(c.values())) for p, cs in candidates.items()}
     host = host_mod.host_plan(model, act_train, a, states, T)
     return _finish(model, train, overheads, tr, chosen, [], host, states, rank, act_train)
+
+
+def _dora_forward(a, train: TrainSpec, T: int, steady: dict, stored: int, dora_but_last: int,
+                  in_flight: int) -> list[dict]:
+    """The last layer's DoRA linears in forward (dora.py): at get_weight_norm (weight-sized work) and at the
+    adapter sum (output-sized products), on top of what the layers saved so far. Under checkpointing only the
+    layer inputs are kept and the linear's own tensors are locals."""
+    out = []
+    last = a.dora_layers[-1] if a.dora_layers else ()
+    for d in last:
+        if train.gradient_checkpointing:
+            out.append(_candidate(steady, activations=T * stored, temporaries=T * d.ckpt_norm + d.ckpt_norm_abs,
+                                  comm_buffers=in_flight))
+            out.append(_candidate(steady, activations=T * stored,
+                                  temporaries=T * d.ckpt_fwd + d.ckpt_held_abs + (d.weight if d.weight else 0),
+                                  comm_buffers=in_flight))
+            continue
+        before = T * (stored - a.stored_per_layer[-1]) + dora_but_last + d.weight_before
+        out.append(_candidate(steady, activations=before + T * d.through, temporaries=T * d.fwd_norm + d.norm_abs,
+                              comm_buffers=in_flight))
+        out.append(_candidate(steady, activations=before + T * d.through + d.weight,
+                              temporaries=T * d.fwd + d.held_abs, comm_buffers=in_flight))
+    return out
 
 
 def _finish(model, train, overheads, tr, chosen: dict, extra_notes: list, host: dict | None = None,

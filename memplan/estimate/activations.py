@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from memplan.estimate import dora
 from memplan.estimate.experts import expert_mlp, linear_experts, max_quantized_numel
 from memplan.estimate.experts import router as experts_router
 from memplan.estimate.lora import is_target
@@ -66,6 +67,10 @@ class Ctx:
         return Ctx(e=unquantized_dtype_bytes(train), c=DTYPES[train.compute_dtype], lb=DTYPES[train.lora_dtype],
                    r=train.lora_r, dropout=train.lora_dropout > 0, method=train.method, train=train, s=train.seq_len,
                    attention=effective_attention(model, train) if model else train.attention, liger=train.liger)
+
+    def dtype_of(self, nbytes: int) -> str:
+        """The dtype name of a tensor of `nbytes` per element: the stream's, or else the compute dtype."""
+        return dora.stream_dtype(self.train) if nbytes == self.e else self.train.compute_dtype
 
 
 def softcapped(model: ModelSpec) -> bool:
@@ -128,6 +133,9 @@ class Saved:
         self.kept: dict[str, str] = {}  # name -> group ("attn" | "mlp")
         self.shared: set[str] = set()  # saved by more than one op (activation offloading keeps these on the device)
         self.int8_inputs: set[str] = set()  # inputs of LLM.int8 linears (MatMul8bitLt keeps them outside autograd)
+        # every linear in forward order, for DoRA's terms (dora.layer_linears): (lin, input, input dtype, group,
+        # saved bytes after it, its own saved bytes, adapted by DoRA)
+        self.marks: list[tuple] = []
 
     def tensor(self, name: str, nbytes: int) -> str:
         self.size[name] = nbytes
@@ -154,9 +162,12 @@ def _linear(sv: Saved, ctx: Ctx, lin: Linear, x: str, in_bytes: int, group: str)
         # input needs a gradient: A (this input) lives with the graph node, out of reach of saved-tensor hooks,
         # so gradient checkpointing does not drop it (autograd/_functions.py)
         sv.int8_inputs.add(x)
+    before = sv.total()
+    adapted = False
     if ctx.method == "full":
         sv.keep(x, group)
     elif is_target(lin, ctx.train):
+        adapted = ctx.train.dora
         if ctx.dropout:
             sv.new(f"{lin.name}.drop", lin.in_features * ctx.lb, group)
             sv.new(f"{lin.name}.mask", lin.in_features, group)
@@ -165,8 +176,11 @@ def _linear(sv: Saved, ctx: Ctx, lin: Linear, x: str, in_bytes: int, group: str)
         else:
             sv.keep(x, group)
         sv.new(f"{lin.name}.A", ctx.r * ctx.lb, group)
-        if ctx.train.dora:  # DoRA keeps the adapted output to rescale by the magnitude
-            sv.new(f"{lin.name}.dora", lin.out_features * ctx.lb, group)
+    own = sv.total() - before
+    if adapted:  # DoRA's products keep lora_result and base_result (dora.saved_items)
+        for suffix, nbytes in dora.saved_items(lin, ctx.train, ctx.dtype_of(in_bytes)):
+            sv.new(f"{lin.name}.{suffix}", nbytes, group)
+    sv.marks.append((lin, x, ctx.dtype_of(in_bytes), group, sv.total(), own, adapted))
     return sv.tensor(f"{lin.name}.out", lin.out_features * ctx.e)
 
 
@@ -451,13 +465,8 @@ class Activations:
     mlp_mul_freed: list[int]  # per layer: saved bytes released before the gated MLP's product backward
     mlp_mul_work: list[int]  # per layer: working set at that moment (0: no gated MLP)
     dequant_bytes: int  # absolute: bitsandbytes' dequantized copy of the largest linear
-    dora_bytes: int = 0  # absolute: DoRA's weight-sized temporaries inside the largest adapted linear's forward
     dora_saved: tuple[int, ...] = ()  # absolute, per layer: weights DoRA's F.linear saves (dropout > 0)
-    # ... DoRA's temporaries in a layer's last linear (down_proj, fc2), the largest: by then the layer has saved
-    # nearly all of its set; and that linear's own dropout-path weight (dora_saved), not saved yet at that moment
-    dora_last_bytes: int = 0
-    dora_last_weight: int = 0
-    dora_ckpt_forward: int = 0  # dora_bytes in a checkpointed forward (x_eye not held)
+    dora_layers: tuple = ()  # per layer: its DoRA linears' terms (dora.DoraLinear), in forward order
     moe_tail: int = 0  # per token: transformers 5 grouped_mm experts' transient as they combine their outputs
     # activation offloading (memplan/estimate/offload.py): per token
     host_per_layer: tuple = ()  # what each layer's saved set puts in pinned host memory
@@ -474,6 +483,7 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     k = coefficients()["backward"]
     h, e = model.hidden_size, ctx.e
     stored, saved, saved_attn, mul_freed, mul_work, int8_device = [], [], [], [], [], []
+    dora_layers: list = []
     # per-token layer figures do not depend on batch, optimizer or (for fused attention) sequence length
     masked = ctx.attention == "sdpa" and sdpa_gets_a_mask(model, train.seq_len, train.transformers)
     per_seq = ctx.attention not in FUSED or masked
@@ -485,6 +495,7 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
         mul_work += [work] * n
         saved += [total] * n
         saved_attn += [attn] * n
+        dora_layers += [_dora_layer(model, layer, layer_key)] * n
         int8 = _int8_held(model, layer, layer_key, train.gradient_checkpointing) if train.bits == 8 else 0
         stored += [(h * e if train.gradient_checkpointing else total + x_kept) + int8] * n
         # offloaded: LLM.int8 nodes hold their inputs outside the saved-tensor hooks, so those stay on the device
@@ -517,11 +528,19 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     if train.activation_offload != "off":
         stored, host, reload = _offloaded(model, train, layer_key, stored, h * e)
         stored = [d + i for d, i in zip(stored, int8_device)]
+    dora_saved = tuple(sum(d.weight for d in layer) for layer in dora_layers) if train.dora else ()
     return Activations(stored, saved, saved_attn, fixed, final_norm, fwd_transient, bwd_mlp, bwd_attn, mul_freed,
-                       mul_work, dequant, dora_transient(model, train), dora_saved(model, train),
-                       *dora_transient_last(model, train), moe_tail=tail,
-                       dora_ckpt_forward=dora_transient_checkpointed(model, train) if train.gradient_checkpointing else 0,
+                       mul_work, dequant, dora_saved if any(dora_saved) else (), tuple(dora_layers), moe_tail=tail,
                        host_per_layer=host, reload=reload)
+
+
+@lru_cache(maxsize=4096)
+def _dora_layer(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> tuple:
+    """The DoRA terms of one layer's adapted linears (dora.layer_linears), from its saved-set walk."""
+    if train.method != "lora" or not train.dora:
+        return ()
+    sv = layer_saved(model, layer, Ctx.of(train, model))
+    return dora.layer_linears(model, train, sv.marks, set(sv.kept), sv.size, sv.total())
 
 
 def _moe_tail(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> int:
@@ -561,21 +580,6 @@ def _offloaded(model: ModelSpec, train: TrainSpec, layer_key: TrainSpec, stored:
 
 
 
-def dora_saved(model: ModelSpec, train: TrainSpec) -> tuple[int, ...]:
-    """With lora_dropout > 0, PEFT's DoRA cannot reuse the base layer's output (it must see the dropped-out x):
-    DoraLinearLayer.forward runs F.linear(dropout(x), weight) itself, with the base weight dequantized and cast
-    to the adapter dtype, and autograd saves that out x in weight for the input gradient (peft/tuners/lora/
-    variants.py DoraLinearVariant.forward: base_result = None unless dropout is nn.Identity). Absolute bytes per
-    layer, kept like any saved activation (per layer without checkpointing, one layer's under it)."""
-    if train.method != "lora" or not train.dora or train.lora_dropout == 0:
-        return ()
-    lb = DTYPES[train.lora_dtype]
-    out: list[int] = []
-    for n, layer in model.layers:
-        out += [sum(lin.weight_numel * lb for lin in layer.linears if is_target(lin, train))] * n
-    return tuple(out)
-
-
 def _softmax_in_dtype(model: ModelSpec) -> bool:
     """Falcon's eager attention (no ALiBi) takes the softmax in the activations' dtype:
     F.softmax(scores + mask, dim=-1, dtype=hidden_states.dtype) (transformers/models/falcon/modeling_falcon.py,
@@ -596,54 +600,9 @@ def eager_softmax_backward(model: ModelSpec, train: TrainSpec, e: int) -> int:
 
 
 def dora_transient(model: ModelSpec, train: TrainSpec) -> int:
-    """DoRA recomputes its weight norm in every forward (peft/tuners/lora/dora.py 0.21, DoraLinearLayer.forward;
-    PEFT caches it only in eval mode). get_lora_weight builds x_eye = eye(in) in the adapter dtype and
-    lora_weight = lora_B(lora_A(x_eye)).T (out x in): both stay alive to the end of forward, since lora_A saves
-    x_eye for its weight gradient and the graph hangs on lora_weight. Then `weight` = the base weight, dequantized
-    for 4/8-bit (out x in: 4-bit in the compute dtype, 8-bit in fp32), `.to(x.dtype)` (the adapter dtype: a copy when it differs), and
-    get_weight_norm's `weight + scaling * lora_weight` makes two more out x in tensors. The largest adapted
-    linear sets the figure, in absolute bytes; it rides on top of the layer's forward (and of its recompute under
-    checkpointing)."""
-    return max((b for b, _, _ in _dora_per_linear(model, train)), default=0)
-
-
-def dora_transient_checkpointed(model: ModelSpec, train: TrainSpec) -> int:
-    """dora_transient inside a checkpointed layer's first forward, where nothing is saved."""
-    return max((b for b, _, _ in _dora_per_linear(model, train, not_saved=True)), default=0)
-
-
-def dora_transient_last(model: ModelSpec, train: TrainSpec) -> tuple[int, int]:
-    """(transient, dropout-path weight) of the largest DoRA linear that is its layer's last linear."""
-    last = [(b, w) for b, is_last, w in _dora_per_linear(model, train) if is_last]
-    return max(last, default=(0, 0))
-
-
-def _dora_per_linear(model: ModelSpec, train: TrainSpec, not_saved: bool = False) -> list[tuple[int, bool, int]]:
-    """(DoRA's transient bytes, is the layer's last linear, its dropout-path saved weight) per adapted linear."""
+    """The largest weight-sized DoRA transient (absolute): get_weight_norm's work in one adapted linear's forward
+    (dora.norm_transient), which a checkpointed layer's recompute makes again in backward."""
     if train.method != "lora" or not train.dora:
-        return []
-    la = train.lora_dtype
-    lb = DTYPES[la]
-    # dtypes by name: a bf16 weight cast to fp16 adapters is a copy of the same size
-    plain = "fp32" if unquantized_dtype_bytes(train) == 4 else train.compute_dtype
-    out = []
-    for _, layer in model.layers:
-        for lin in layer.linears:
-            if not is_target(lin, train):
-                continue
-            i, o = lin.in_features, lin.out_features
-            held = i * i * lb + i * o * lb  # x_eye and lora_weight
-            if train.quantized and lin.quantizable:  # dequantize_bnb_weight: 4-bit to the compute dtype,
-                dt = "fp32" if train.bits == 8 else train.compute_dtype  # 8-bit int8_vectorwise_dequant to fp32
-                deq = o * i * DTYPES[dt]  # (bitsandbytes/_ops.py)
-                weight = deq if dt == la else o * i * lb  # the dequantized copy, or its cast (deq freed)
-                at_cast = deq + (o * i * lb if dt != la else 0)
-            else:  # the parameter itself, in its training dtype (weights.unquantized_dtype_bytes)
-                weight = 0 if plain == la else o * i * lb
-                at_cast = weight
-            saved = o * i * lb if train.lora_dropout and not train.gradient_checkpointing else 0
-            peak = held + max(at_cast, weight + 2 * o * i * lb)
-            if not_saved:  # a checkpointed forward: the checkpoint's pack hook drops what lora_A saves, so x_eye
-                peak = max(held, i * o * lb + max(at_cast, weight + 2 * o * i * lb))  # dies with get_lora_weight
-            out.append((peak, lin is layer.linears[-1], saved))
-    return out
+        return 0
+    return max((dora.norm_transient(lin, train, False)[0] for _, layer in model.layers for lin in layer.linears
+                if is_target(lin, train)), default=0)
