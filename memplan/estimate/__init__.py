@@ -176,7 +176,7 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
         start = max(start, attn, key=lambda c: sum(c.values()))
         for d in a.dora_layers[idx] if a.dora_layers else ():  # each DoRA linear's backward (dora.py)
             if train.gradient_checkpointing:  # the recomputed layer's set up to this linear
-                here = kept + T * (d.through + a.reload) + d.weight_before + d.weight
+                here = kept + T * (d.through - d.layer_input + a.reload) + d.weight_before + d.weight
             elif train.activation_offload != "off":  # the layer's set is on the host, brought back node by node
                 here = kept + T * a.reload
             else:  # the layer's set but what the ops after this linear saved (their backward ran)
@@ -184,7 +184,7 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
             start = max(start, _candidate(steady, gradients=done_grads, activations=here, temporaries=T * d.bwd,
                                           comm_buffers=in_flight), key=lambda c: sum(c.values()))
             if train.gradient_checkpointing:  # the recompute runs its forward again, its eye saved this time
-                before = kept + T * (d.through + a.reload) + d.weight_before
+                before = kept + T * (d.through - d.layer_input + a.reload) + d.weight_before
                 start = max(start, _candidate(steady, gradients=done_grads, activations=before,
                                               temporaries=T * (d.fwd_norm + d.pre_grads) + d.norm_abs,
                                               comm_buffers=in_flight),

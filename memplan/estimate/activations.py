@@ -298,6 +298,12 @@ def _dense_mlp(sv: Saved, ctx: Ctx, layer: LayerSpec, x_norm: str, hidden_act: s
         else:
             sv.keep(f, group)
             act = sv.tensor("mlp.act", up.out_features * e)
+            # transformers' python-level GELU approximations (activations.py 5.24) save their intermediates:
+            # FastGELUActivation 0.5*x * (1 + tanh(x*c * (1 + 0.044715*x*x))): 0.044715*x, x*c, 1 + ..., tanh's
+            # output, 0.5*x and 1 + tanh (each product saves both factors); NewGELUActivation (pow, no x*x
+            # product): tanh's output, 0.5*x and 1 + tanh. The output is down's input, a local.
+            for k in range(_GELU_SAVED.get(hidden_act, 0)):
+                sv.new(f"mlp.gelu{k}", up.out_features * e, group)
         return _linear(sv, ctx, down, act, e, group)
     fused = lins.get("gate_up_proj")
     if fused:  # Phi-3: gate and up are views of one output; act saves the view (the whole storage)
@@ -315,6 +321,9 @@ def _dense_mlp(sv: Saved, ctx: Ctx, layer: LayerSpec, x_norm: str, hidden_act: s
         sv.new("mlp.act", i * e, group)  # act(gate), saved by the product
     m = sv.tensor("mlp.prod", i * e)
     return _linear(sv, ctx, lins["down_proj"], m, e, group)
+
+
+_GELU_SAVED = {"gelu_fast": 6, "gelu_new": 3}
 
 
 def _moe(sv: Saved, ctx: Ctx, model: ModelSpec, layer: LayerSpec, x_norm: str) -> None:

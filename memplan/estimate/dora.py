@@ -108,6 +108,7 @@ class DoraLinear:
 
     name: str
     through: int  # the layer's saved bytes up to and including this linear's (forward order)
+    layer_input: int  # of which the layer's input (checkpointing keeps it anyway, as the stored input)
     after: int  # the layer's saved bytes after it
     fwd: int  # on top of `through` at its forward's peak (the adapter sum), no checkpointing
     fwd_norm: int  # on top of what was saved before it, at get_weight_norm, no checkpointing
@@ -162,7 +163,10 @@ def layer_linears(model: ModelSpec, train: TrainSpec, marks: list, kept: set, si
         ckpt_norm = ck_own - created + ck_frame
         # backward at (mns - 1) * base_result: the gradient waiting for R (x's dtype), rd's (q), lora_result's,
         # and the two products; the incoming gradient is the residual stream's own for a branch's last linear
-        bwd = _incoming(model, train, lin, xd) + o * lb + 2 * o * qb
+        # p3 = p2 * scaling's gradient, then p2 = mns * lora_result's backward: lora_result's and mns's gradients
+        # (three o x lora dtype; lora_result still saved); then p1's: its two products in q, lora_result released
+        # and its gradient (as large) waiting for lora_B
+        bwd = _incoming(model, train, lin, xd) + max(3 * o * lb, 2 * o * qb)
         # siblings on the same input: the gradients of those run before it wait (q/k after v; gate after up),
         # those run after it have begun the input's gradient
         sib = [(p, m_) for p, m_ in enumerate(marks) if m_[1] == x and m_[3] == group and p != pos]
@@ -171,7 +175,7 @@ def layer_linears(model: ModelSpec, train: TrainSpec, marks: list, kept: set, si
         w = saved_weight(lin, train)
         norm_abs, held_abs = norm_transient(lin, train, False)
         ck_norm_abs, ck_held_abs = norm_transient(lin, train, True)
-        out.append(DoraLinear(lin.name, through, total - through, fwd, fwd_norm, ckpt_fwd, ckpt_norm, bwd, pre, w,
+        out.append(DoraLinear(lin.name, through, sizes["x"] if "x" in kept else 0, total - through, fwd, fwd_norm, ckpt_fwd, ckpt_norm, bwd, pre, w,
                               weights, norm_abs, held_abs, ck_norm_abs, ck_held_abs))
         weights += w
     return tuple(out)
