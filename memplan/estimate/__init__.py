@@ -136,7 +136,7 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
     steady = _candidate(static, optimizer_states=states)
     stored = sum(a.stored_per_layer) + a.fixed
     # DoRA with dropout saves each adapted weight (absolute bytes per layer; see activations.dora_saved)
-    dora = () if train.gradient_checkpointing else a.dora_saved
+    dora = () if train.gradient_checkpointing or train.activation_offload != "off" else a.dora_saved
     dora_all, dora_but_last = (sum(dora), sum(dora[:-1])) if dora else (0, 0)
 
     if train.loss == "standard":
@@ -266,6 +266,12 @@ def _dora_forward(a, train: TrainSpec, T: int, steady: dict, stored: int, dora_b
                                   comm_buffers=in_flight))
             out.append(_candidate(steady, activations=T * stored,
                                   temporaries=T * d.ckpt_fwd + d.ckpt_held_abs + (d.weight if d.weight else 0),
+                                  comm_buffers=in_flight))
+            continue
+        if train.activation_offload != "off":  # what the layers save streams to the host; the device keeps
+            # their kept part (activations._offloaded) and the linear's transients
+            out.append(_candidate(steady, activations=T * stored, temporaries=d.norm_abs, comm_buffers=in_flight))
+            out.append(_candidate(steady, activations=T * stored, temporaries=T * (d.fwd - d.fwd_norm) + d.held_abs,
                                   comm_buffers=in_flight))
             continue
         before = T * (stored - a.stored_per_layer[-1]) + dora_but_last + d.weight_before
