@@ -169,7 +169,12 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
         recompute = T * recompute + (a.dora_saved[idx] if train.gradient_checkpointing and a.dora_saved else 0)
         in_flight = comm.get("backward_first_layer", comm["backward_layer"]) if idx == 0 else comm["backward_layer"]
         start = _candidate(steady, gradients=done_grads, activations=kept + recompute,
-                           temporaries=T * a.bwd_work_mlp + a.dequant_bytes, comm_buffers=in_flight)
+                           temporaries=T * a.bwd_work_mlp + (0 if a.dequant_work else a.dequant_bytes),
+                           comm_buffers=in_flight)
+        if a.dequant_work:  # the recompute's end holds no dequantized weight; the last linear's backward does
+            start = max(start, _candidate(steady, gradients=done_grads, activations=kept + recompute,
+                                          temporaries=T * a.dequant_work + a.dequant_bytes, comm_buffers=in_flight),
+                        key=lambda c: sum(c.values()))
         attn_work = a.bwd_work_attn - (a.layer_saved[idx] - a.layer_saved_attn[idx])
         attn = _candidate(steady, gradients=done_grads + mlp_grads, activations=kept + recompute,
                           temporaries=T * attn_work + a.dequant_bytes, comm_buffers=in_flight)

@@ -476,6 +476,8 @@ class Activations:
     dequant_bytes: int  # absolute: bitsandbytes' dequantized copy of the largest linear
     dora_saved: tuple[int, ...] = ()  # absolute, per layer: weights DoRA's F.linear saves (dropout > 0)
     dora_layers: tuple = ()  # per layer: its DoRA linears' terms (dora.DoraLinear), in forward order
+    dequant_work: int = 0  # per token, beside dequant_bytes at the last linear's base backward: set when
+    # bwd_work_mlp is the recompute's end (_recompute_end), a moment without a dequantized weight
     moe_tail: int = 0  # per token: transformers 5 grouped_mm experts' transient as they combine their outputs
     # activation offloading (memplan/estimate/offload.py): per token
     host_per_layer: tuple = ()  # what each layer's saved set puts in pinned host memory
@@ -498,6 +500,7 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     per_seq = ctx.attention not in FUSED or masked
     layer_key = train.variant(batch_size=1, optimizer="adamw", seq_len=train.seq_len if per_seq else 1)
     widest = cast = 0
+    ends = []  # per layer: a checkpointed layer's working set at the end of its recompute (_recompute_end)
     for n, layer in model.layers:
         total, attn, x_kept, freed, work = _layer_totals(model, layer, layer_key)
         mul_freed += [freed] * n
@@ -515,6 +518,8 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
             moe_slots /= layer.num_experts
         i = max(i, int(layer.expert_intermediate * 2 * moe_slots))
         widest = max(widest, i)
+        if train.gradient_checkpointing:
+            ends.append(_recompute_end(model, layer, layer_key))
         if train.method == "lora" and ctx.lb != e:  # PEFT casts an adapted linear's input to the adapter dtype:
             cast = max([cast] + [lin.in_features * ctx.lb for lin in layer.linears if is_target(lin, train)])
     # rotary cos / sin are (1, s, head_dim): per sequence position, shared by the batch
@@ -529,6 +534,12 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     eager = model.num_heads * train.seq_len * (2 * e + 4 if e != 4 else 8) if ctx.attention not in FUSED else 0
     fwd_transient = widest * (e + ctx.c) + h * ctx.c + eager
     bwd_mlp = int(k["mlp_h"] * h * e + k["mlp_i"] * widest * e) + cast  # a copy alive beside the recompute
+    dequant_work = 0
+    if ends and None not in ends:  # what the recompute's frames and the first gradients hold, term by term
+        bwd_mlp = max(ends)
+        # later, the last linear's base backward dequantizes its weight: the residual gradient and the input
+        # gradient it makes (MatMul4Bit / MatMul8bitLt backward) beside it; the frames are gone
+        dequant_work = max(h * e + layer.linears[-1].in_features * e for _, layer in model.layers)
     bwd_attn = int(k["attn_h"] * h * e + k["attn_qkv"] * (model.num_heads + 2 * model.num_kv_heads) * model.head_dim * e
                    + (eager_softmax_backward(model, train, e) if ctx.attention not in FUSED else 0))
     dequant = max_quantized_numel(model, train) * ctx.c if train.quantized else 0
@@ -539,7 +550,8 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
         stored = [d + i for d, i in zip(stored, int8_device)]
     dora_saved = tuple(sum(d.weight for d in layer) for layer in dora_layers) if train.dora else ()
     return Activations(stored, saved, saved_attn, fixed, final_norm, fwd_transient, bwd_mlp, bwd_attn, mul_freed,
-                       mul_work, dequant, dora_saved if any(dora_saved) else (), tuple(dora_layers), moe_tail=tail,
+                       mul_work, dequant, dora_saved if any(dora_saved) else (), tuple(dora_layers),
+                       dequant_work=dequant_work, moe_tail=tail,
                        host_per_layer=host, reload=reload)
 
 
@@ -550,6 +562,42 @@ def _dora_layer(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> tuple:
         return ()
     sv = layer_saved(model, layer, Ctx.of(train, model))
     return dora.layer_linears(model, train, sv.marks, set(sv.kept), sv.size, sv.total())
+
+
+@lru_cache(maxsize=4096)
+def _recompute_end(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> int | None:
+    """Per token, beside the recomputed saved set: a checkpointed layer's backward peaks where its recompute stops
+    (torch/utils/checkpoint.py: non-reentrant, early stop in the pack hook of the last saved tensor, lora_B's input
+    in the MLP's last linear). Alive then, unsaved: the frames' locals - the decoder layer's `residual` (x + attn)
+    and the MLP's input (the post-attention norm's output), the last linear's input (act(gate) * up) and base
+    output R (bitsandbytes' Linear4bit: R.clone()) and PEFT's copy of its input in the adapter dtype (dropout > 0:
+    the dropout's input, not saved) - and the gradients made before the first unpack: the residual stream's, and
+    the adapter branch's (peft/tuners/lora/layer.py Linear.forward: (R + lora * s).to(R.dtype), whose backward
+    casts the gradient up and back down for R; bnb.py casts the adapter output down before the sum instead), whose
+    `* scaling` (MulBackward0 by a number, nothing saved) runs before the unpack. The dequantized weight is freed by
+    then. None where this moment is not the one modelled (MoE, parallel attention, full fine-tuning, a frozen last
+    linear, DoRA: dora.py): the coefficients of coefficients.json stay."""
+    if (train.method != "lora" or train.dora or layer.mlp not in ("gated", "plain") or layer.parallel_attn
+            or model.model_type in ("gemma2", "gemma3_text", "olmo2", "opt")):
+        return None
+    ctx = Ctx.of(train, model)
+    sv = layer_saved(model, layer, ctx)
+    lin, x = sv.marks[-1][0], sv.marks[-1][1]
+    if not is_target(lin, train) or "h1" not in sv.size:
+        return None
+    e, lb, h = ctx.e, ctx.lb, model.hidden_size
+    out = h * e  # the residual stream's gradient
+    if train.quantized and lin.quantizable:  # output.to(R.dtype) before the sum: its gradient cast up, then * s
+        out += lin.out_features * lb
+    else:
+        s = dora.promote(dora.stream_dtype(train), train.lora_dtype)
+        out += (lin.out_features * e if s != dora.stream_dtype(train) else 0) + lin.out_features * lb
+    for name in ("h1", "norm2.out", x):
+        out += sv.size[name] if name in sv.size and name not in sv.kept else 0
+    out += lin.out_features * e  # R
+    if ctx.dropout and lb != e:
+        out += lin.in_features * lb
+    return out
 
 
 def _moe_tail(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> int:
