@@ -568,23 +568,28 @@ def _dora_layer(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> tuple:
 def _recompute_end(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> int | None:
     """Per token, beside the recomputed saved set: a checkpointed layer's backward peaks where its recompute stops
     (torch/utils/checkpoint.py: non-reentrant, early stop in the pack hook of the last saved tensor, lora_B's input
-    in the MLP's last linear). Alive then, unsaved: the frames' locals - the decoder layer's `residual` (x + attn)
-    and the MLP's input (the post-attention norm's output), the last linear's input (act(gate) * up) and base
+    in the MLP's last linear). Alive then, unsaved: the frames' locals - the decoder layer's `residual` (x + attn;
+    parallel attention: the attention output) and the MLP's input (the post-attention norm's output), the last linear's input (act(gate) * up) and base
     output R (bitsandbytes' Linear4bit: R.clone()) and PEFT's copy of its input in the adapter dtype (dropout > 0:
     the dropout's input, not saved) - and the gradients made before the first unpack: the residual stream's, and
     the adapter branch's (peft/tuners/lora/layer.py Linear.forward: (R + lora * s).to(R.dtype), whose backward
     casts the gradient up and back down for R; bnb.py casts the adapter output down before the sum instead), whose
     `* scaling` (MulBackward0 by a number, nothing saved) runs before the unpack. The dequantized weight is freed by
-    then. None where this moment is not the one modelled (MoE, parallel attention, full fine-tuning, a frozen last
+    then. None where this moment is not the one modelled (MoE, post-norms, full fine-tuning, a frozen last
     linear, DoRA: dora.py): the coefficients of coefficients.json stay."""
-    if (train.method != "lora" or train.dora or layer.mlp not in ("gated", "plain") or layer.parallel_attn
+    if (train.method != "lora" or train.dora or layer.mlp not in ("gated", "plain")
             or model.model_type in ("gemma2", "gemma3_text", "olmo2", "opt")):
         return None
     ctx = Ctx.of(train, model)
     sv = layer_saved(model, layer, ctx)
     lin, x = sv.marks[-1][0], sv.marks[-1][1]
-    if not is_target(lin, train) or "h1" not in sv.size:
+    if not is_target(lin, train):
         return None
+    # parallel attention (GPT-NeoX, Falcon): the decoder holds the attention output, not x + attn, while the MLP
+    # runs on its own norm of x (Falcon-7B: the attention's)
+    residual = next(f"{m[0].name}.out" for m in sv.marks if m[0].name in dora.RESIDUAL_LINEARS) \
+        if layer.parallel_attn else "h1"
+    mlp_in = "norm2.out" if "norm2.out" in sv.size else "norm1.out"
     e, lb, h = ctx.e, ctx.lb, model.hidden_size
     out = h * e  # the residual stream's gradient
     if train.quantized and lin.quantizable:  # output.to(R.dtype) before the sum: its gradient cast up, then * s
@@ -592,7 +597,7 @@ def _recompute_end(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> int 
     else:
         s = dora.promote(dora.stream_dtype(train), train.lora_dtype)
         out += (lin.out_features * e if s != dora.stream_dtype(train) else 0) + lin.out_features * lb
-    for name in ("h1", "norm2.out", x):
+    for name in dict.fromkeys((residual, mlp_in, x)):
         out += sv.size[name] if name in sv.size and name not in sv.kept else 0
     out += lin.out_features * e  # R
     if ctx.dropout and lb != e:
