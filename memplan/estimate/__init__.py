@@ -194,7 +194,8 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
                                               temporaries=T * (d.fwd_norm + d.pre_grads) + d.norm_abs,
                                               comm_buffers=in_flight),
                             _candidate(steady, gradients=done_grads, activations=before + d.weight,
-                                       temporaries=T * (d.fwd + d.pre_grads) + d.held_abs, comm_buffers=in_flight),
+                                       temporaries=T * ((d.stop or d.fwd) + d.pre_grads) + d.held_abs,
+                                       comm_buffers=in_flight),
                             key=lambda c: sum(c.values()))
         reduce = comm.get("reduce_first_layer" if idx == 0 else "reduce_layer")
         if reduce:  # FSDP's post-backward: the layer's gradients and their reduce-scatter input (parallel.py)

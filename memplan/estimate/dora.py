@@ -116,6 +116,7 @@ class DoraLinear:
     ckpt_norm: int  # ... at get_weight_norm
     bwd: int  # on top of `through` at its backward's peak: DoRA's gradients, the residual's, its siblings'
     pre_grads: int  # the gradients alive when a checkpointed layer's recompute runs (its last linear's first steps)
+    stop: int  # the layer's last linear: on top of `through` where a recompute stops (0 for the others)
     weight: int  # absolute: the weight F.linear keeps (dropout > 0, a copy)
     weight_before: int  # absolute: the weights earlier DoRA linears of the layer keep (dropout > 0)
     norm_abs: int  # absolute at get_weight_norm
@@ -155,6 +156,9 @@ def layer_linears(model: ModelSpec, train: TrainSpec, marks: list, kept: set, si
         frame += sizes[branch_in] if branch_in in sizes and branch_in not in kept and branch_in != x else 0
         created = o * lb + (o * bdb if drop else 0)  # lora_result, F.linear's output: made after the norm
         fwd = unsaved + m + frame
+        # the recompute stops in the pack hook of the layer's last saved tensor: the last linear's lora_result,
+        # saved by mns * lora_result before that product is made; (mns - 1) * base_result exists by then
+        stop = unsaved + frame + o * qb if pos == len(marks) - 1 else 0
         fwd_norm = unsaved + frame - created
         # checkpointed forward: nothing saved, the linear's own tensors alive as locals
         ck_own = own + o * lb + o * bdb + (o * rb if drop else 0) + (i * lb if drop and xd != la else 0)
@@ -175,7 +179,7 @@ def layer_linears(model: ModelSpec, train: TrainSpec, marks: list, kept: set, si
         w = saved_weight(lin, train)
         norm_abs, held_abs = norm_transient(lin, train, False)
         ck_norm_abs, ck_held_abs = norm_transient(lin, train, True)
-        out.append(DoraLinear(lin.name, through, sizes["x"] if "x" in kept else 0, total - through, fwd, fwd_norm, ckpt_fwd, ckpt_norm, bwd, pre, w,
+        out.append(DoraLinear(lin.name, through, sizes["x"] if "x" in kept else 0, total - through, fwd, fwd_norm, ckpt_fwd, ckpt_norm, bwd, pre, stop, w,
                               weights, norm_abs, held_abs, ck_norm_abs, ck_held_abs))
         weights += w
     return tuple(out)
