@@ -179,6 +179,8 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
         attn = _candidate(steady, gradients=done_grads + mlp_grads, activations=kept + recompute,
                           temporaries=T * attn_work + a.dequant_bytes, comm_buffers=in_flight)
         start = max(start, attn, key=lambda c: sum(c.values()))
+        # the first layer's own adapter gradients are made by its backward, after these moments
+        own = lora.layer_adapter_bytes(model, train, model.layers[0][1]) if idx == 0 and rank is None else 0
         for d in a.dora_layers[idx] if a.dora_layers else ():  # each DoRA linear's backward (dora.py)
             if train.gradient_checkpointing:  # the recomputed layer's set up to this linear
                 here = kept + T * (d.through - d.layer_input + a.reload) + d.weight_before + d.weight
@@ -186,14 +188,14 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
                 here = kept + T * a.reload
             else:  # the layer's set but what the ops after this linear saved (their backward ran)
                 here = kept - T * d.after - (dora[idx] - d.weight_before - d.weight if dora else 0)
-            start = max(start, _candidate(steady, gradients=done_grads, activations=here, temporaries=T * d.bwd,
+            start = max(start, _candidate(steady, gradients=done_grads - own, activations=here, temporaries=T * d.bwd,
                                           comm_buffers=in_flight), key=lambda c: sum(c.values()))
             if train.gradient_checkpointing:  # the recompute runs its forward again, its eye saved this time
                 before = kept + T * (d.through - d.layer_input + a.reload) + d.weight_before
-                start = max(start, _candidate(steady, gradients=done_grads, activations=before,
+                start = max(start, _candidate(steady, gradients=done_grads - own, activations=before,
                                               temporaries=T * (d.fwd_norm + d.pre_grads) + d.norm_abs,
                                               comm_buffers=in_flight),
-                            _candidate(steady, gradients=done_grads, activations=before + d.weight,
+                            _candidate(steady, gradients=done_grads - own, activations=before + d.weight,
                                        temporaries=T * ((d.stop or d.fwd) + d.pre_grads) + d.held_abs,
                                        comm_buffers=in_flight),
                             key=lambda c: sum(c.values()))

@@ -55,6 +55,15 @@ def adapter_params(model: ModelSpec, train: TrainSpec) -> int:
     return total
 
 
+def layer_adapter_bytes(model: ModelSpec, train: TrainSpec, layer) -> int:
+    """Bytes of one decoder layer's adapters (and their gradients): its own, which its backward makes."""
+    if train.method != "lora":
+        return 0
+    n = sum(train.lora_r * (lin.in_features + lin.out_features) + (lin.out_features if train.dora else 0)
+            for lin in layer.linears if is_target(lin, train))
+    return n * DTYPES[train.lora_dtype]
+
+
 def modules_to_save_params(model: ModelSpec, train: TrainSpec) -> int:
     sizes = {"lm_head": model.lm_head_params or model.embedding_params, "embed_tokens": model.embedding_params,
              "embed_in": model.embedding_params, "embed_out": model.lm_head_params,
