@@ -279,7 +279,7 @@ def _dora_forward(a, train: TrainSpec, T: int, steady: dict, stored: int, dora_b
         if train.activation_offload != "off":  # what the layers save streams to the host; the device keeps
             # their kept part (activations._offloaded) and the linear's transients
             out.append(_candidate(steady, activations=T * stored, temporaries=d.norm_abs, comm_buffers=in_flight))
-            out.append(_candidate(steady, activations=T * stored, temporaries=T * (d.fwd - d.fwd_norm) + d.held_abs,
+            out.append(_candidate(steady, activations=T * stored, temporaries=T * d.offload_fwd + d.held_abs,
                                   comm_buffers=in_flight))
             continue
         before = T * (stored - a.stored_per_layer[-1]) + dora_but_last + d.weight_before

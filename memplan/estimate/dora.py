@@ -114,6 +114,8 @@ class DoraLinear:
     fwd_norm: int  # on top of what was saved before it, at get_weight_norm, no checkpointing
     ckpt_fwd: int  # alive in a checkpointed forward (nothing saved) at the adapter sum
     ckpt_norm: int  # ... at get_weight_norm
+    offload_fwd: int  # at the adapter sum under activation offload all: saved tensors stream out, what is made here
+    # is still on the device
     bwd: int  # on top of `through` at its backward's peak: DoRA's gradients, the residual's, its siblings'
     pre_grads: int  # the gradients alive when a checkpointed layer's recompute runs (its last linear's first steps)
     stop: int  # the layer's last linear: on top of `through` where a recompute stops (0 for the others)
@@ -151,9 +153,16 @@ def layer_linears(model: ModelSpec, train: TrainSpec, marks: list, kept: set, si
         # of Linear.forward whenever dropout replaces it)
         m = max(o * (qb + 2 * lb), o * (2 * qb + lb), o * (qb + sb), o * (sb + rb) if s != r else 0)
         unsaved = (o * rb + (i * lb if xd != la else 0)) if drop else 0
+        # outputs of the siblings run before it on the same input, still locals (q and k at v_proj; at up_proj,
+        # gate_proj's output and act(gate): `act_fn(gate_proj(x)) * up_proj(x)` evaluates its left side first)
+        before_sibs = [m_[0] for p, m_ in enumerate(marks) if p < pos and m_[1] == x and m_[3] == group]
+        prior = sum(s_.out_features * eb for s_ in before_sibs)
+        prior += i_act * eb if (i_act := next((s_.out_features for s_ in before_sibs if s_.name == "gate_proj"), 0)) \
+            else 0
         branch_in = "norm2.out" if group == "mlp" and "norm2.out" in sizes else "norm1.out"
         frame = (i * xb if x not in kept else 0) + _residual_frame(group, kept, sizes, h * eb)
         frame += sizes[branch_in] if branch_in in sizes and branch_in not in kept and branch_in != x else 0
+        frame += prior
         created = o * lb + (o * bdb if drop else 0)  # lora_result, F.linear's output: made after the norm
         fwd = unsaved + m + frame
         # the recompute stops in the pack hook of the layer's last saved tensor: the last linear's lora_result,
@@ -162,7 +171,7 @@ def layer_linears(model: ModelSpec, train: TrainSpec, marks: list, kept: set, si
         fwd_norm = unsaved + frame - created
         # checkpointed forward: nothing saved, the linear's own tensors alive as locals
         ck_own = own + o * lb + o * bdb + (o * rb if drop else 0) + (i * lb if drop and xd != la else 0)
-        ck_frame = (i * xb if x != "x" else 0) + (h * eb if group == "mlp" and "h1" in sizes else 0)
+        ck_frame = (i * xb if x != "x" else 0) + (h * eb if group == "mlp" and "h1" in sizes else 0) + prior
         ckpt_fwd = ck_own + m + ck_frame
         ckpt_norm = ck_own - created + ck_frame
         # backward at (mns - 1) * base_result: the gradient waiting for R (x's dtype), rd's (q), lora_result's,
@@ -179,7 +188,8 @@ def layer_linears(model: ModelSpec, train: TrainSpec, marks: list, kept: set, si
         w = saved_weight(lin, train)
         norm_abs, held_abs = norm_transient(lin, train, False)
         ck_norm_abs, ck_held_abs = norm_transient(lin, train, True)
-        out.append(DoraLinear(lin.name, through, sizes["x"] if "x" in kept else 0, total - through, fwd, fwd_norm, ckpt_fwd, ckpt_norm, bwd, pre, stop, w,
+        out.append(DoraLinear(lin.name, through, sizes["x"] if "x" in kept else 0, total - through, fwd, fwd_norm,
+                              ckpt_fwd, ckpt_norm, fwd + created, bwd, pre, stop, w,
                               weights, norm_abs, held_abs, ck_norm_abs, ck_held_abs))
         weights += w
     return tuple(out)
