@@ -134,7 +134,7 @@ class Saved:
         self.shared: set[str] = set()  # saved by more than one op (activation offloading keeps these on the device)
         self.int8_inputs: set[str] = set()  # inputs of LLM.int8 linears (MatMul8bitLt keeps them outside autograd)
         # every linear in forward order, for DoRA's terms (dora.layer_linears): (lin, input, input dtype, group,
-        # saved bytes after it, its own saved bytes, adapted by DoRA)
+        # saved bytes through it, its own saved LoRA bytes, adapted by DoRA)
         self.marks: list[tuple] = []
 
     def tensor(self, name: str, nbytes: int) -> str:

@@ -130,8 +130,8 @@ class DoraLinear:
 def layer_linears(model: ModelSpec, train: TrainSpec, marks: list, kept: set, sizes: dict,
                   total: int) -> tuple[DoraLinear, ...]:
     """The DoraLinear terms of one layer from the saved-set walk (activations.layer_saved): `marks` lists every
-    linear in forward order as (lin, input name, input dtype, group, saved bytes after it, its own saved bytes,
-    adapted by DoRA)."""
+    linear in forward order as (lin, input name, input dtype, group, the layer's saved bytes through it, its own
+    saved LoRA bytes, adapted by DoRA)."""
     if train.method != "lora" or not train.dora:
         return ()
     h = model.hidden_size
@@ -155,10 +155,11 @@ def layer_linears(model: ModelSpec, train: TrainSpec, marks: list, kept: set, si
         unsaved = (o * rb + (i * lb if xd != la else 0)) if drop else 0
         # outputs of the siblings run before it on the same input, still locals (q and k at v_proj; at up_proj,
         # gate_proj's output and act(gate): `act_fn(gate_proj(x)) * up_proj(x)` evaluates its left side first)
-        before_sibs = [m_[0] for p, m_ in enumerate(marks) if p < pos and m_[1] == x and m_[3] == group]
-        prior = sum(s_.out_features * eb for s_ in before_sibs)
-        prior += i_act * eb if (i_act := next((s_.out_features for s_ in before_sibs if s_.name == "gate_proj"), 0)) \
-            else 0
+        siblings = [(p, mark[0], mark[2]) for p, mark in enumerate(marks)
+                    if p != pos and mark[1] == x and mark[3] == group]
+        earlier = [sib for p, sib, _ in siblings if p < pos]
+        gate = next((sib for sib in earlier if sib.name == "gate_proj"), None)
+        prior = sum(sib.out_features * eb for sib in earlier) + (gate.out_features * eb if gate else 0)
         branch_in = "norm2.out" if group == "mlp" and "norm2.out" in sizes else "norm1.out"
         frame = (i * xb if x not in kept else 0) + _residual_frame(group, kept, sizes, h * eb)
         frame += sizes[branch_in] if branch_in in sizes and branch_in not in kept and branch_in != x else 0
@@ -174,17 +175,15 @@ def layer_linears(model: ModelSpec, train: TrainSpec, marks: list, kept: set, si
         ck_frame = (i * xb if x != "x" else 0) + (h * eb if group == "mlp" and "h1" in sizes else 0) + prior
         ckpt_fwd = ck_own + m + ck_frame
         ckpt_norm = ck_own - created + ck_frame
-        # backward at (mns - 1) * base_result: the gradient waiting for R (x's dtype), rd's (q), lora_result's,
-        # and the two products; the incoming gradient is the residual stream's own for a branch's last linear
-        # p3 = p2 * scaling's gradient, then p2 = mns * lora_result's backward: lora_result's and mns's gradients
-        # (three o x lora dtype; lora_result still saved); then p1's: its two products in q, lora_result released
-        # and its gradient (as large) waiting for lora_B
+        # backward, beside the incoming gradients (_incoming): p3 = p2 * scaling's gradient, then p2 = mns *
+        # lora_result's backward makes lora_result's and mns's gradients (three o x lora dtype, lora_result still
+        # saved); then p1 = (mns - 1) * base_result's makes its two products in q, lora_result released and its
+        # gradient (as large) waiting for lora_B
         bwd = _incoming(model, train, lin, xd) + max(3 * o * lb, 2 * o * qb)
         # siblings on the same input: the gradients of those run before it wait (q/k after v; gate after up),
         # those run after it have begun the input's gradient
-        sib = [(p, m_) for p, m_ in enumerate(marks) if m_[1] == x and m_[3] == group and p != pos]
-        bwd += sum(m_[0].out_features * DTYPES[m_[2]] for p, m_ in sib if p < pos)
-        bwd += i * xb if any(p > pos for p, _ in sib) else 0
+        bwd += sum(sib.out_features * DTYPES[sib_dtype] for p, sib, sib_dtype in siblings if p < pos)
+        bwd += i * xb if any(p > pos for p, _, _ in siblings) else 0
         w = saved_weight(lin, train)
         norm_abs, held_abs = norm_transient(lin, train, False)
         ck_norm_abs, ck_held_abs = norm_transient(lin, train, True)
