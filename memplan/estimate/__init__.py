@@ -230,9 +230,12 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
             start = max(start, _candidate(steady, gradients=done_grads, activations=kept + recompute,
                                           temporaries=T * a.dequant_work + a.dequant_bytes, comm_buffers=in_flight),
                         key=lambda c: sum(c.values()))
-        # by the attention's backward the MLP's saved tensors are released: fewer activations (what of them the
-        # device does not hold, under offloading, comes off the working set)
-        freed = T * (a.layer_saved[idx] - a.layer_saved_attn[idx])
+        # by the attention's backward the MLP's saved tensors are released, and those of the attention output
+        # linear's adapter: fewer activations (what of them the device does not hold, under offloading, comes off
+        # the working set)
+        out_saved = a.attn_out_saved[idx] if a.attn_out_saved and (
+            train.gradient_checkpointing or train.activation_offload == "off") else 0  # else on the host
+        freed = T * (a.layer_saved[idx] - a.layer_saved_attn[idx] + out_saved)
         held = min(freed, kept + recompute)
         attn = _candidate(steady, gradients=done_grads + mlp_grads, activations=kept + recompute - held,
                           temporaries=T * a.bwd_work_attn - (freed - held) + a.dequant_bytes, comm_buffers=in_flight)

@@ -476,6 +476,8 @@ class Activations:
     dequant_bytes: int  # absolute: bitsandbytes' dequantized copy of the largest linear
     dora_saved: tuple[int, ...] = ()  # absolute, per layer: weights DoRA's F.linear saves (dropout > 0)
     dora_layers: tuple = ()  # per layer: its DoRA linears' terms (dora.DoraLinear), in forward order
+    attn_out_saved: tuple = ()  # per layer, per token: what the attention's output linear's adapter saved,
+    # released before the attention core's backward (its own backward ran first)
     dequant_work: int = 0  # per token, beside dequant_bytes at the last linear's base backward: set when
     # bwd_work_mlp is the recompute's end (_recompute_end), a moment without a dequantized weight
     moe_tail: int = 0  # per token: transformers 5 grouped_mm experts' transient as they combine their outputs
@@ -495,6 +497,7 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     h, e = model.hidden_size, ctx.e
     stored, saved, saved_attn, mul_freed, mul_work, int8_device = [], [], [], [], [], []
     dora_layers: list = []
+    attn_out: list = []
     # per-token layer figures do not depend on batch, optimizer or (for fused attention) sequence length
     masked = ctx.attention == "sdpa" and sdpa_gets_a_mask(model, train.seq_len, train.transformers)
     per_seq = ctx.attention not in FUSED or masked
@@ -508,6 +511,7 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
         saved += [total] * n
         saved_attn += [attn] * n
         dora_layers += [_dora_layer(model, layer, layer_key)] * n
+        attn_out += [_attn_out_saved(model, layer, layer_key)] * n
         int8 = _int8_held(model, layer, layer_key, train.gradient_checkpointing) if train.bits == 8 else 0
         stored += [(h * e if train.gradient_checkpointing else total + x_kept) + int8] * n
         # offloaded: LLM.int8 nodes hold their inputs outside the saved-tensor hooks, so those stay on the device
@@ -551,8 +555,19 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     dora_saved = tuple(sum(d.weight for d in layer) for layer in dora_layers) if train.dora else ()
     return Activations(stored, saved, saved_attn, fixed, final_norm, fwd_transient, bwd_mlp, bwd_attn, mul_freed,
                        mul_work, dequant, dora_saved if any(dora_saved) else (), tuple(dora_layers),
-                       dequant_work=dequant_work, moe_tail=tail,
+                       dequant_work=dequant_work, attn_out_saved=tuple(attn_out), moe_tail=tail,
                        host_per_layer=host, reload=reload)
+
+
+@lru_cache(maxsize=4096)
+def _attn_out_saved(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> int:
+    """Per token: the saved tensors of the attention output linear's adapter (dropout copy, mask, lora_A's output,
+    DoRA's products' inputs), released by its backward, which runs before the attention core's."""
+    if train.method != "lora":
+        return 0
+    sv = layer_saved(model, layer, Ctx.of(train, model))
+    out = next((m[0].name for m in sv.marks if m[0].name in dora.RESIDUAL_LINEARS), None)
+    return sum(sv.size[n] for n, g in sv.kept.items() if g == "attn" and out and n.startswith(out + "."))
 
 
 @lru_cache(maxsize=4096)
