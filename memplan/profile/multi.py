@@ -236,13 +236,36 @@ def _run_ranks(job: dict, train, device: str, weights_dir: str | None, workdir: 
         stop([proc], GRACE_S + AGENT_GRACE_S)
     finally:
         reader.join(timeout=10)
+    root = root_cause(out["tail"])
+    # a rank without a record: killed from outside if torchrun's agent names it as the first failure (or names
+    # none and nothing stopped the run), else stopped by the agent after that failure (SIGKILL after its grace)
     results = {rank: _rank_record(rank, workdir / f"rank{rank}.json", streams[rank], proc.returncode,
-                                  stopped=interrupted, launcher_tail=out["tail"]) for rank in range(n)
+                                  stopped=interrupted or (root is not None and root[0] != rank),
+                                  launcher_tail=out["tail"], exitcode=root[1] if root and root[0] == rank else None)
+               for rank in range(n)
                if (workdir / f"rank{rank}.json").is_file() or streams[rank]["phases"] or rank in out["pids"]}
     if not results and proc.returncode not in (0, None) and not interrupted:
         raise RuntimeError(f"accelerate launch exited with status {proc.returncode} before any rank ran: "
                            + " | ".join(out["tail"][-8:]))
     return results, interrupted
+
+
+def root_cause(lines: list[str]) -> tuple[int, str] | None:
+    """The rank and exit code torchrun's agent reports as the "Root Cause (first observed failure)" when a rank
+    fails (torch.distributed.elastic.multiprocessing.errors ChildFailedError.format_msg), None without one."""
+    try:
+        at = max(i for i, line in enumerate(lines) if "Root Cause (first observed failure)" in line)
+    except ValueError:
+        return None
+    rank = code = None
+    for line in lines[at + 1:at + 8]:
+        key, _, value = line.strip().partition(":")
+        if key.strip() == "rank" and rank is None:
+            with contextlib.suppress(ValueError, IndexError):
+                rank = int(value.split()[0])
+        elif key.strip() == "exitcode" and code is None:
+            code = value.split("(")[0].strip()
+    return (rank, code) if rank is not None else None
 
 
 def _die_with_parent() -> None:
@@ -257,9 +280,10 @@ def _read(proc, n: int, streams: dict, out: dict, emit) -> None:
     rank's per-phase records are kept; the pids of the ranks, once all have started, go out as one "ranks"
     event (tools that watch the ranks: the tests kill one)."""
     for line in proc.stdout:
-        if line.startswith("@memplan "):
+        at = line.find("@memplan {")  # another process's unfinished line (a progress bar, a warning) may lead it
+        if at >= 0:
             try:
-                ev = json.loads(line[len("@memplan "):])
+                ev = json.loads(line[at + len("@memplan "):])
             except json.JSONDecodeError:
                 continue
             rank = ev.pop("rank", 0)
@@ -299,7 +323,7 @@ def _signal(proc, sig) -> None:
 
 
 def _rank_record(rank: int, out: Path, stream: dict, returncode, stopped: bool = False,
-                 launcher_tail: list | None = None) -> dict:
+                 launcher_tail: list | None = None, exitcode: str | None = None) -> dict:
     """What one rank measured: its own profile document if it wrote one, else what its per-phase lines said
     (status "interrupted" if this launcher was stopped, else "killed": a rank that died without writing its
     record, which every other end writes, is a root cause; torchrun's agent then stops its peers)."""
@@ -313,10 +337,13 @@ def _rank_record(rank: int, out: Path, stream: dict, returncode, stopped: bool =
                 "peak": meas.get("peak"), "oom": data.get("oom"), "error": data.get("error"),
                 "measurements": meas, "returncode": returncode}
     phases = stream["phases"]
-    tail = " | ".join((launcher_tail if launcher_tail is not None else stream.get("tail", []))[-6:])
+    tail = " | ".join(line.strip() for line in (launcher_tail if launcher_tail is not None
+                                                else stream.get("tail", []))[-8:])
+    why = f"torchrun's agent: first failure, exit code {exitcode}" if exitcode is not None else \
+        f"accelerate launch exited with status {returncode}"
     return {"rank": rank, "status": "interrupted" if stopped else "killed", "phases": phases, "peak": None,
             "oom": None, "error": {"type": "RankKilled", "message": f"rank {rank} ended without writing its record "
-                                   f"(accelerate launch exited with status {returncode}); last output: " + tail},
+                                   f"({why}); last output: " + tail},
             "measurements": None, "returncode": returncode}
 
 

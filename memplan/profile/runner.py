@@ -14,6 +14,7 @@ import gc
 import json
 import os
 import signal
+import sys
 import time
 import traceback
 from datetime import datetime, timezone
@@ -33,8 +34,10 @@ def set_emit_rank(rank: int) -> None:
 
 
 def emit(event: str, **fields) -> None:
-    """A progress line for the parent process (it reads lines starting with '@memplan ')."""
-    print("@memplan " + json.dumps({"event": event, **fields, **_EMIT_RANK}), flush=True)
+    """A progress line for the parent process (it reads lines starting with '@memplan '). One write of the whole
+    line: the ranks of a multi-GPU run share one pipe, and print() writes the text and its newline separately."""
+    sys.stdout.write("@memplan " + json.dumps({"event": event, **fields, **_EMIT_RANK}) + "\n")
+    sys.stdout.flush()
 
 
 def _now() -> str:
