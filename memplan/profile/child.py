@@ -63,7 +63,7 @@ def run_file(argv: list[str], fill=None) -> int:
         profile = launch(job)
     else:
         profile = run_job(job)
-    if job.get("dist") is not None:  # a rank: any end but ok makes its launcher stop the others (multi.supervise)
+    if job.get("dist") is not None:  # a rank: any end but ok makes torchrun's agent stop the others
         return {"ok": 0, "oom": 5, "interrupted": 130}.get(profile["status"], 3)
     return {"ok": 0, "oom": 0, "interrupted": 130}.get(profile["status"], 3)
 

@@ -214,9 +214,13 @@ def _run_ranks(job: dict, train, device: str, weights_dir: str | None, workdir: 
     import accelerate
 
     run["launch"] = {"command": shown(argv), "config": cfg, "accelerate": accelerate.__version__}
-    root = str(Path(__file__).resolve().parents[2])
+    if train.strategy.startswith("zero"):
+        import importlib.metadata
+
+        run["launch"]["deepspeed"] = importlib.metadata.version("deepspeed")
+    repo = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     if job.get("threads"):
         env["OMP_NUM_THREADS"] = str(job["threads"])  # accelerate passes it on (num_cpu_threads_per_process)
     streams = {rank: {"phases": {}, "tail": []} for rank in range(n)}
