@@ -108,17 +108,21 @@ def test_rank0_equals_the_rank_trace(tmp_path, tiny, env, parallel, load):
         assert len(list((tmp_path / "profiles").glob("*.json"))) == 1
 
 
-def test_out_of_memory_on_the_ranks_is_a_result(tmp_path, tiny, env):
-    """--cpu-budget on every rank: each rank records its simulated OOM; the profile is "oom" (a final result that a
-    resumed grid skips), naming the rank, with what was measured before it."""
+def test_out_of_memory_on_one_fsdp_rank_is_a_result(tmp_path, tiny, env):
+    """--gpus 1 --parallel fsdp still runs FSDP2 through accelerate launch (one rank); --cpu-budget makes it record
+    its simulated OOM: the profile is "oom" (a final result that a resumed grid skips), naming the rank, with what
+    was measured before it."""
     from memplan.profile import schema
 
-    prof = _profile(tmp_path, tiny, env, "fsdp", "--cpu-budget", "1.5MiB", "--no-trace", "--load", "direct")
+    prof = _profile(tmp_path, tiny, env, "fsdp", "--gpus", "1", "--cpu-budget", "1.5MiB", "--no-trace", "--load",
+                    "direct")
     assert schema.validate(prof) is None
+    cfg = prof["run"]["launch"]["config"]
+    assert (cfg["distributed_type"], cfg["num_processes"], prof["run"]["parallel"]["gpus"]) == ("FSDP", 1, 1)
     assert prof["status"] == "oom" and prof["oom"]["rank"] == 0 and prof["oom"]["kind"] == "tracker-budget"
     assert prof["oom"]["budget_bytes"] == int(1.5 * 2**20)
-    for r in prof["ranks"]:
-        assert r["status"] == "oom" and r["phases"]["load"]["tracker_peak_bytes"] <= 1.5 * 2**20
+    assert [r["rank"] for r in prof["ranks"]] == [0] and prof["ranks"][0]["status"] == "oom"
+    assert 0 < prof["ranks"][0]["phases"]["load"]["tracker_peak_bytes"] <= 1.5 * 2**20
     assert prof["key"] in schema.done_keys(tmp_path / "profiles")
 
 
