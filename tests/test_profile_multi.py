@@ -260,8 +260,8 @@ def test_each_rank_reads_its_own_gpu(monkeypatch):
 ], ids=["zero3-offload", "zero2-offload-fp16", "fsdp-grad-op", "fsdp-1gpu-offload"])
 def test_the_config_file_is_what_accelerate_launch_reads(tmp_path, flags, expect):
     """The config file the flags make, read by accelerate's own launch command (its loader refuses unknown keys):
-    the environment its launcher gives the ranks (the DeepSpeed / FSDP plugin each rank's Accelerator() builds)
-    says the strategy, the ZeRO stage, the offload and the precision the flags asked for. DeepSpeed cannot run on
+    the environment its launcher gives the ranks, and the DeepSpeed / FSDP plugin each rank's Accelerator() builds
+    from it, say the strategy, the ZeRO stage, the offload and the precision the flags asked for. DeepSpeed cannot run on
     the CPU: this is its check here (the run itself is scripts/gpu_validate.sh's)."""
     pytest.importorskip("accelerate")
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
@@ -284,3 +284,21 @@ def test_the_config_file_is_what_accelerate_launch_reads(tmp_path, flags, expect
     else:
         env = prepare_multi_gpu_env(args)
     assert {k: env.get(k) for k in expect} == expect
+    # the plugin each rank's Accelerator() builds from that environment (AcceleratorState sets its precision)
+    from accelerate.utils import DeepSpeedPlugin, FullyShardedDataParallelPlugin, patch_environment
+
+    with patch_environment(**{k: v for k, v in env.items() if k.startswith(("ACCELERATE_", "FSDP_"))}):
+        if train.strategy.startswith("zero"):
+            plugin = DeepSpeedPlugin()
+            plugin.set_mixed_precision(env["ACCELERATE_MIXED_PRECISION"])
+            zero = plugin.deepspeed_config["zero_optimization"]
+            assert zero["stage"] == int(train.strategy[-1])
+            assert zero["offload_optimizer"]["device"] == ("cpu" if train.offload != "none" else "none")
+            assert zero["offload_param"]["device"] == ("cpu" if train.offload == "params" else "none")
+            assert plugin.deepspeed_config[train.compute_dtype]["enabled"] is True
+        else:
+            plugin = FullyShardedDataParallelPlugin()
+            assert (plugin.fsdp_version, plugin.reshard_after_forward) == (2, train.strategy == "fsdp")
+            assert type(plugin.cpu_offload).__name__ == ("CPUOffloadPolicy" if train.offload == "params"
+                                                         else "OffloadPolicy")
+            assert plugin.transformer_cls_names_to_wrap == ["LlamaDecoderLayer"]

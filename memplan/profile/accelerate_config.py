@@ -65,12 +65,22 @@ def accelerate_config(train, device: str, layer_cls: str | None) -> dict:
 def fsdp_plugin(train, layer_cls: str):
     """accelerate's FullyShardedDataParallelPlugin as the config file makes it in each rank (the rank trace wraps
     with it: memplan.trace.distributed._fully_shard)."""
+    import os
+
     from accelerate.utils import FullyShardedDataParallelPlugin
 
-    return FullyShardedDataParallelPlugin(
-        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=[layer_cls],
-        reshard_after_forward=train.strategy == "fsdp", cpu_offload=train.offload == "params",
-        cpu_ram_efficient_loading=False, state_dict_type="SHARDED_STATE_DICT", activation_checkpointing=False)
+    key = "FSDP_CPU_RAM_EFFICIENT_LOADING"  # the plugin exports its setting for transformers: not in this process
+    saved = os.environ.get(key)
+    try:
+        return FullyShardedDataParallelPlugin(
+            fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=[layer_cls],
+            reshard_after_forward=train.strategy == "fsdp", cpu_offload=train.offload == "params",
+            cpu_ram_efficient_loading=False, state_dict_type="SHARDED_STATE_DICT", activation_checkpointing=False)
+    finally:
+        if saved is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = saved
 
 
 def write_config(path: Path, cfg: dict) -> Path:
