@@ -62,8 +62,8 @@ def _profile(tmp_path, tiny, env, parallel, *extra):
 
 @pytest.mark.parametrize("parallel, load", [("fsdp", "pretrained"), ("ddp", "direct")])
 def test_rank0_equals_the_rank_trace(tmp_path, tiny, env, parallel, load):
-    """FSDP2 (fully_shard per decoder layer, then the root) and DDP on gloo, two real processes: rank 0's live tensor
-    bytes per phase equal the rank trace's (rank 0 of 2 on a fake process group, meta tensors: the profile's
+    """accelerate launch with the config file the flags make, FSDP2 (accelerator.prepare: fsdp2_prepare_model) and
+    DDP on gloo, two real processes: rank 0's live tensor bytes per phase equal the rank trace's (rank 0 of 2 on a fake process group, meta tensors: the profile's
     comparison runs memplan.trace.distributed.run_rank_trace, what `memplan trace --gpus 2` runs), byte for byte;
     both ranks hold the same bytes (FSDP2 pads every shard to the same size)."""
     from memplan.profile import schema
