@@ -1,9 +1,10 @@
 """memplan profile --gpus N on the CPU: `accelerate launch` of one process per rank on gloo, each wrapping with
-accelerator.prepare (memplan/profile/multi.py), a tiny Llama written from a config by the test. Rank 0's live tensor bytes per phase equal the rank trace's (a fake process group, meta
-tensors) byte for byte; failures and interruptions are results. Each profile starts four processes (launcher, accelerate
-launch, two ranks) that import torch/transformers/PEFT: ~20-30 s on 2 cores. One profile loads as users load
-(from_pretrained on a random-weight checkpoint); the others use --load direct (the same tensors, no checkpoint to
-write: tests/test_profile.py checks that) to save the launcher that work.
+accelerator.prepare (memplan/profile/multi.py), a tiny Llama written from a config by the test. Rank 0's live
+tensor bytes per phase equal the rank trace's (a fake process group, meta tensors) byte for byte; failures and
+interruptions are results. Each profile starts four processes (launcher, accelerate launch, ranks) that import
+torch/transformers/PEFT: ~30-70 s on 2 shared cores. One profile loads as users load (from_pretrained on a
+random-weight checkpoint); the others use --load direct (the same tensors, no checkpoint to write:
+tests/test_profile.py checks that) to save the launcher that work.
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -63,9 +63,10 @@ def _profile(tmp_path, tiny, env, parallel, *extra):
 @pytest.mark.parametrize("parallel, load", [("fsdp", "pretrained"), ("ddp", "direct")])
 def test_rank0_equals_the_rank_trace(tmp_path, tiny, env, parallel, load):
     """accelerate launch with the config file the flags make, FSDP2 (accelerator.prepare: fsdp2_prepare_model) and
-    DDP on gloo, two real processes: rank 0's live tensor bytes per phase equal the rank trace's (rank 0 of 2 on a fake process group, meta tensors: the profile's
-    comparison runs memplan.trace.distributed.run_rank_trace, what `memplan trace --gpus 2` runs), byte for byte;
-    both ranks hold the same bytes (FSDP2 pads every shard to the same size)."""
+    DDP on gloo, two real processes: rank 0's live tensor bytes per phase equal the rank trace's (rank 0 of 2 on a
+    fake process group, meta tensors: the profile's comparison runs memplan.trace.distributed.run_rank_trace, what
+    `memplan trace --gpus 2` runs), byte for byte; both ranks hold the same bytes (FSDP2 pads every shard to the
+    same size)."""
     from memplan.profile import schema
 
     prof = _profile(tmp_path, tiny, env, parallel, "--load", load)
@@ -259,10 +260,10 @@ def test_each_rank_reads_its_own_gpu(monkeypatch):
      {"ACCELERATE_USE_FSDP": "true", "FSDP_RESHARD_AFTER_FORWARD": "true", "FSDP_OFFLOAD_PARAMS": "true"}),
 ], ids=["zero3-offload", "zero2-offload-fp16", "fsdp-grad-op", "fsdp-1gpu-offload"])
 def test_the_config_file_is_what_accelerate_launch_reads(tmp_path, flags, expect):
-    """The config file the flags make, read by accelerate's own launch command (its loader refuses unknown keys):
-    the environment its launcher gives the ranks, and the DeepSpeed / FSDP plugin each rank's Accelerator() builds
-    from it, say the strategy, the ZeRO stage, the offload and the precision the flags asked for. DeepSpeed cannot run on
-    the CPU: this is its check here (the run itself is scripts/gpu_validate.sh's)."""
+    """The config file the flags make, read by accelerate's own launch command (its loader refuses unknown keys): the
+    environment its launcher gives the ranks, and the DeepSpeed / FSDP plugin each rank's Accelerator() builds
+    from it, say the strategy, the ZeRO stage, the offload and the precision the flags asked for. DeepSpeed cannot
+    run on the CPU: this is its check here (the run itself is scripts/gpu_validate.sh's)."""
     pytest.importorskip("accelerate")
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
     from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env

@@ -493,14 +493,10 @@ def _fsdp_on_cpu(accelerator) -> None:
     prepare wraps DDP. On the CPU the rank therefore sets those two itself, with the plugin accelerate built from
     the environment (FSDP_* variables from the config file); accelerator.prepare then runs accelerate's own FSDP2
     path (_prepare_fsdp2, fsdp2_prepare_model) on gloo, as on GPUs."""
-    from accelerate.utils import DistributedType
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-    plugin = accelerator.state.fsdp_plugin if getattr(accelerator.state, "fsdp_plugin", None) else None
-    if plugin is None:
-        from accelerate.utils import FullyShardedDataParallelPlugin
-
-        plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* environment accelerate launch set
-    accelerator.state.fsdp_plugin = plugin
+    # the plugin from the FSDP_* environment accelerate launch set (Accelerator() built one and dropped it)
+    accelerator.state.fsdp_plugin = getattr(accelerator.state, "fsdp_plugin", None) or FullyShardedDataParallelPlugin()
     accelerator.state.distributed_type = DistributedType.FSDP
 
 
