@@ -12,7 +12,9 @@ loader refuses unknown keys), for one machine:
   (commands/launch.py launch_command, utils/launch.py prepare_simple_launcher_cmd_env); MULTI_GPU / FSDP with
   use_cpu true go through torchrun (multi_gpu_launcher), one process per rank.
 - --parallel zero1/2/3: DEEPSPEED with deepspeed_config zero_stage, offload_optimizer_device /
-  offload_param_device (cpu or none), gradient_accumulation_steps 1.
+  offload_param_device (cpu or none), gradient_accumulation_steps 1, zero3_init_flag false (every rank loads the
+  whole model before the engine partitions it, as with fsdp_cpu_ram_efficient_loading false; the load phase's
+  peak is therefore the unpartitioned model's).
 - mixed_precision: 'no' for FSDP and DDP, the compute dtype (bf16 / fp16) for DeepSpeed. memplan's recipe (the one
   the estimate, the trace and the single-GPU profile run) loads the weights in the compute dtype and keeps PEFT's
   fp32 adapters, without autocast; accelerate's bf16 would add what that recipe does not model (FSDP2's
