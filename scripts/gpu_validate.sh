@@ -18,6 +18,8 @@
 #                             GPU visible (nvidia-smi -L) 2 ranks under FSDP2 and DDP, with one GPU N = 1 FSDP2; its
 #                             profiles/ (every rank's per-phase peaks), profiles.csv and multi_gpu.log;
 #                             OUTDIR/multi_gpu_profiles.tar.gz bundles them.
+#   OUTDIR/callback/          MemplanCallback in a real Trainer run (scripts/gpu_callback.py): its CUDA branch's
+#                             per-phase allocated / reserved peaks beside the estimate, its profile, summary.json
 #
 # Environment:
 #   DEVICE=cuda|cpu   cpu = dry run of the same logic with tiny stand-in models (a few minutes on a laptop CPU)
@@ -30,6 +32,7 @@
 #   MULTI_MODEL=llama-3.2-1b   the multi-GPU section's model; MULTI_PARALLEL="fsdp ddp" its strategies ("fsdp" on
 #                     one GPU; zero2 / zero3 run DeepSpeed's engine through accelerate's DeepSpeed plugin if deepspeed is
 #                     installed); MULTI_BUDGET_S=240 its share of BUDGET_S
+#   CALLBACK_S=120    the Trainer callback run's share of BUDGET_S (0: skip it)
 #   ALLOC_CHECK=1     first, the caching-allocator check (scripts/gpu_allocator.py, ALLOC_BUDGET_S=240 of the
 #                     budget): real profiles with and without expandable_segments, each recording the allocator's
 #                     own trace (torch.cuda.memory._record_memory_history) into OUTDIR/snapshots.tar.gz, and
@@ -111,6 +114,7 @@ if [ "$DEVICE" = cuda ] && [ "$NGPU" = 1 ]; then MULTI=1; RANKS=1; MULTI_PARALLE
 SETUP=$(( $(date +%s) - START ))
 GRID_S=$(( BUDGET_S - SETUP ))
 [ "$MULTI" = 1 ] && [ "$DEVICE" = cuda ] && GRID_S=$(( GRID_S - MULTI_BUDGET_S ))
+[ "$DEVICE" = cuda ] && GRID_S=$(( GRID_S - ${CALLBACK_S:-120} ))
 echo "gpu_validate: setup took ${SETUP}s; grid budget ${GRID_S}s"
 args=("$OUTDIR" --device "$DEVICE" --budget "$GRID_S" --timeout "$TIMEOUT_S")
 [ -n "${LIMIT:-}" ] && args+=(--limit "$LIMIT")
@@ -147,6 +151,11 @@ if [ "$MULTI" = 1 ]; then
   fi
 else
   echo "gpu_validate: multi-GPU section skipped: no GPU visible"
+fi
+# the Trainer callback (issue #14) on the device: its CUDA branch has only run against stand-in counters on the CPU
+if [ "${CALLBACK_S:-120}" -gt 0 ]; then
+  timeout "${CALLBACK_S:-120}" "$PYTHON" scripts/gpu_callback.py "$OUTDIR" --device "$DEVICE" 2>&1 | tail -20
+  echo "gpu_validate: callback exit status ${PIPESTATUS[0]}"
 fi
 ls -la "$OUTDIR"
 exit $rc
