@@ -250,8 +250,9 @@ def _attention(sv: Saved, ctx: Ctx, model: ModelSpec, layer: LayerSpec, x_norm: 
         sv.keep(q, "attn")
         if softcapped(model):  # tanh(scores / cap) saves its output
             sv.new("scores.tanh", a * ctx.s * e, "attn")
-        if _softmax_in_dtype(model):
-            sv.new("probs", a * ctx.s * e, "attn")  # saved by softmax and by probs @ v
+        if _softmax_in_dtype(model):  # one storage saved by softmax (its result) and by probs @ v's bmm (self):
+            sv.new("probs", a * ctx.s * e, "attn")  # offloading's dedupe keeps the second save on the device
+            sv.keep("probs", "attn")
         else:
             sv.new("probs.fp32", a * ctx.s * 4, "attn")  # softmax(dtype=float32) saves its result
             if e != 4:
@@ -507,6 +508,8 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     # eager: the scaled (and masked) scores beside softmax's fp32 output, then that output beside its cast to the
     # activations' dtype; fp32 activations make the cast a no-op, so two fp32 score tensors at most
     eager = model.num_heads * train.seq_len * (2 * e + 4 if e != 4 else 8) if ctx.attention not in FUSED else 0
+    if ctx.attention == "eager" and _softmax_in_dtype(model):
+        eager = _falcon_eager_forward(model, train, e)
     fwd_transient = widest * (e + ctx.c) + h * ctx.c + eager
     bwd_mlp = int(k["mlp_h"] * h * e + k["mlp_i"] * widest * e) + cast  # a copy alive beside the recompute
     bwd_attn = int(k["attn_h"] * h * e + k["attn_qkv"] * (model.num_heads + 2 * model.num_kv_heads) * model.head_dim * e
@@ -581,6 +584,16 @@ def _softmax_in_dtype(model: ModelSpec) -> bool:
     F.softmax(scores + mask, dim=-1, dtype=hidden_states.dtype) (transformers/models/falcon/modeling_falcon.py,
     FalconAttention.forward, 5.24); the other eager paths take it in fp32 and cast back."""
     return model.model_type == "falcon" and not model.hf_config.get("alibi", False)
+
+
+def _falcon_eager_forward(model: ModelSpec, train: TrainSpec, e: int) -> int:
+    """Falcon's eager attention at its softmax, per token (modeling_falcon.py 5.24, FalconAttention.forward): the
+    scores (q @ k^T, scaled in place), scores + mask, and the softmax output, all in the activations' dtype (3 a·s·e).
+    FalconModel.forward keeps each block's return value (`outputs = block(...)`: output and attn_weights, the
+    probabilities) until the next block returns, so under checkpointing, where nothing inside a layer is saved, the
+    previous layer's probabilities are alive through this layer's forward too; without it they are saved anyway."""
+    n = 3 + (1 if train.gradient_checkpointing and model.num_layers > 1 else 0)
+    return n * model.num_heads * train.seq_len * e
 
 
 def eager_softmax_backward(model: ModelSpec, train: TrainSpec, e: int) -> int:
