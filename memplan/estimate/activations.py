@@ -511,7 +511,10 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     if ctx.attention == "eager" and _softmax_in_dtype(model):
         eager = _falcon_eager_forward(model, train, e)
     fwd_transient = widest * (e + ctx.c) + h * ctx.c + eager
+    promoted = _lora_sum_promoted(model, train)
+    fwd_transient += promoted
     bwd_mlp = int(k["mlp_h"] * h * e + k["mlp_i"] * widest * e) + cast  # a copy alive beside the recompute
+    bwd_mlp += promoted if train.gradient_checkpointing else 0  # the recompute adds again
     bwd_attn = int(k["attn_h"] * h * e + k["attn_qkv"] * (model.num_heads + 2 * model.num_kv_heads) * model.head_dim * e
                    + (eager_softmax_backward(model, train, e) if ctx.attention not in FUSED else 0))
     dequant = max_quantized_numel(model, train) * ctx.c if train.quantized else 0
@@ -525,6 +528,22 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
                        *dora_transient_last(model, train), moe_tail=tail,
                        dora_ckpt_forward=dora_transient_checkpointed(model, train) if train.gradient_checkpointing else 0,
                        host_per_layer=host, reload=reload)
+
+
+def _lora_sum_promoted(model: ModelSpec, train: TrainSpec) -> int:
+    """PEFT's plain LoRA Linear (peft/tuners/lora/layer.py 0.21, Linear.forward; a 16/32-bit or unquantizable base)
+    adds `result + lora_B(lora_A(x)) * scaling` in the two operands' promoted dtype before `.to(result dtype)`.
+    bf16 + fp16 promotes to fp32, wider than both: the add holds the base output, the scaled LoRA output and a
+    4-byte sum, 2 bytes per output element more than with matching dtypes, in the widest adapted linear. (The
+    bitsandbytes LoRA layers cast the LoRA output to the result dtype before adding: bnb.py.) Per token."""
+    if train.method != "lora" or train.dora:
+        return 0
+    result = "fp32" if unquantized_dtype_bytes(train) == 4 else train.compute_dtype
+    if {result, train.lora_dtype} != {"fp16", "bf16"}:
+        return 0
+    widths = [lin.out_features for _, layer in model.layers for lin in layer.linears
+              if is_target(lin, train) and not (train.quantized and lin.quantizable)]
+    return 2 * max(widths, default=0)
 
 
 def _moe_tail(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> int:
