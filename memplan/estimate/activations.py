@@ -273,6 +273,13 @@ def _opt_dropout(model: ModelSpec) -> bool:
     return model.model_type == "opt" and bool(model.hf_config.get("dropout", 0.1))
 
 
+# transformers' tanh-GELU approximations written as chains of elementwise ops (activations.py, 5.24) save more than
+# their input: FastGELUActivation ("gelu_fast": 0.5*x*(1+tanh(x*c*(1+0.044715*x*x)))) keeps 6 more tensors of x's
+# size (0.5*x, x*c, 0.044715*x, 1+..., tanh's output, 1+tanh), NewGELUActivation ("gelu_new") 3 (tanh's output,
+# 0.5*x, 1+tanh); counted with saved_tensors_hooks on CPU. "gelu_pytorch_tanh" and "gelu" are one op saving x.
+_TANH_GELU_SAVED = {"gelu_fast": 6, "gelu_new": 3}
+
+
 def _dense_mlp(sv: Saved, ctx: Ctx, layer: LayerSpec, x_norm: str, hidden_act: str, group="mlp") -> str:
     lins = {lin.name: lin for lin in layer.linears}
     e = ctx.e
@@ -285,6 +292,8 @@ def _dense_mlp(sv: Saved, ctx: Ctx, layer: LayerSpec, x_norm: str, hidden_act: s
         else:
             sv.keep(f, group)
             act = sv.tensor("mlp.act", up.out_features * e)
+            for j in range(_TANH_GELU_SAVED.get(hidden_act, 0)):
+                sv.new(f"mlp.gelu.{j}", up.out_features * e, group)
         return _linear(sv, ctx, down, act, e, group)
     fused = lins.get("gate_up_proj")
     if fused:  # Phi-3: gate and up are views of one output; act saves the view (the whole storage)
