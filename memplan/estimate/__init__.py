@@ -173,7 +173,8 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
         mul_grads (down_proj's), the attention's backward comes after the whole MLP's (mlp_grads)."""
         kept = T * (sum(a.stored_per_layer[: idx + 1]) + a.fixed - a.final_norm)
         kept += sum(dora[: idx + 1]) if dora else 0
-        recompute = (a.layer_saved[idx] if train.gradient_checkpointing else 0) + a.reload
+        recompute = (a.layer_saved[idx] if train.gradient_checkpointing else 0) + (a.reload_first if idx == 0
+                                                                                    else a.reload)
         recompute = T * recompute + (a.dora_saved[idx] if train.gradient_checkpointing and a.dora_saved else 0)
         in_flight = comm.get("backward_first_layer", comm["backward_layer"]) if idx == 0 else comm["backward_layer"]
         start = _candidate(steady, gradients=done_grads, activations=kept + recompute,

@@ -426,8 +426,12 @@ def _int8_held(model: ModelSpec, layer: LayerSpec, train: TrainSpec, checkpointe
     return sum(sv.size[n] for n in sv.int8_inputs if n != "x" and (checkpointed or n not in sv.kept))
 
 
+_QK = {"q_proj", "k_proj", "qkv_proj", "query_key_value"}  # linears whose LoRA makes the attention scores need a grad
+
+
 @lru_cache(maxsize=4096)
-def _offload_split(model: ModelSpec, layer: LayerSpec, train: TrainSpec, tokens: int) -> tuple[int, int]:
+def _offload_split(model: ModelSpec, layer: LayerSpec, train: TrainSpec, tokens: int,
+                   no_input_grad: bool = False) -> tuple[int, int]:
     """--activation-offload all without checkpointing (TRL OffloadActivations' rules, memplan/trace/offload.py):
     (bytes per token a layer keeps on the device, bytes per token brought back at once in its backward).
     Kept: a storage saved a second time while its first copy is in flight (TRL's storage-key dedupe keeps that
@@ -435,8 +439,16 @@ def _offload_split(model: ModelSpec, layer: LayerSpec, train: TrainSpec, tokens:
     lives until the autograd node after the one that unpacked it finishes: the layer's two largest saved tensors."""
     sv = layer_saved(model, layer, Ctx.of(train, model))
     kept = [n for n in sv.kept if n != "x" or sv.kept.get("x")]
-    device = sum(sv.size[n] for n in kept if n in sv.shared or sv.size[n] * tokens < 1024)
-    largest = sorted((sv.size[n] for n in kept if n not in sv.shared), reverse=True)[:2]
+    shared = set(sv.shared)
+    if no_input_grad:  # the first layer, its input a frozen embedding's output (no checkpointing: nothing calls
+        # enable_input_require_grads): an op whose inputs need no gradient saves nothing, so the input norm saves
+        # once or not at all, and unless q or k is adapted neither do the scores' ops: softmax does not save its
+        # result, only probs @ v's bmm saves the probabilities (once, so they are offloaded)
+        shared -= {"x", "norm1.x32"}
+        if not any(is_target(lin, train) for lin in layer.linears if lin.name in _QK):
+            shared -= {"probs", "probs.fp32"}
+    device = sum(sv.size[n] for n in kept if n in shared or sv.size[n] * tokens < 1024)
+    largest = sorted((sv.size[n] for n in kept if n not in shared), reverse=True)[:2]
     # TRL's forward stash (its 5 newest packs stay on the device while they stream out) is left out: its window
     # counts every pack, parameters and kept references too, which this per-layer saved set does not order;
     # counting 5 offloaded tensors overstated the sampled peaks (tests/test_toolbox.py offload-all-nockpt: +7%)
@@ -472,6 +484,7 @@ class Activations:
     # activation offloading (memplan/estimate/offload.py): per token
     host_per_layer: tuple = ()  # what each layer's saved set puts in pinned host memory
     reload: int = 0  # brought back to the device during one layer's backward
+    reload_first: int = 0  # ... during the first layer's (its saved set differs: _offloaded)
 
 
 def activations(model: ModelSpec, train: TrainSpec) -> Activations:
@@ -528,7 +541,7 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
                    + (eager_softmax_backward(model, train, e) if ctx.attention not in FUSED else 0))
     dequant = max_quantized_numel(model, train) * ctx.c if train.quantized else 0
     tail = _moe_tail(model, model.layers[-1][1], layer_key)
-    host, reload = (), 0
+    host, reload = (), (0, 0)
     if train.activation_offload != "off":
         stored, host, reload = _offloaded(model, train, layer_key, stored, h * e)
         stored = [d + i for d, i in zip(stored, int8_device)]
@@ -536,7 +549,7 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
                        mul_work, dequant, dora_transient(model, train), dora_saved(model, train),
                        *dora_transient_last(model, train), moe_tail=tail,
                        dora_ckpt_forward=dora_transient_checkpointed(model, train) if train.gradient_checkpointing else 0,
-                       host_per_layer=host, reload=reload)
+                       host_per_layer=host, reload=reload[0], reload_first=reload[1])
 
 
 def _lora_sum_promoted(model: ModelSpec, train: TrainSpec) -> int:
@@ -578,16 +591,22 @@ def _offloaded(model: ModelSpec, train: TrainSpec, layer_key: TrainSpec, stored:
     if train.gradient_checkpointing:
         leaf = train.method == "lora" and "embed_tokens" not in train.modules_to_save
         device = [x_bytes if (i == 0 and leaf) else 0 for i in range(len(stored))]
-        return device, tuple(stored), x_bytes
-    device, host, reload = [], [], 0
+        return device, tuple(stored), (x_bytes, x_bytes)
+    device, host, reload, first_back = [], [], 0, 0
     tokens = train.batch_size * train.seq_len
-    for n, layer in model.layers:
-        kept, back = _offload_split(model, layer, layer_key, tokens)
+    input_grad = train.method == "full" or "embed_tokens" in train.modules_to_save
+    for i, (n, layer) in enumerate(model.layers):
         total, _, x_kept = _layer_totals(model, layer, layer_key)[:3]
-        device += [kept] * n
-        host += [total + x_kept - kept] * n
-        reload = max(reload, back)
-    return device, tuple(host), reload
+        for first in ([True, False] if i == 0 else [False])[:n]:
+            kept, back = _offload_split(model, layer, layer_key, tokens, first and not input_grad)
+            m = 1 if first else n - (1 if i == 0 else 0)
+            device += [kept] * m
+            host += [total + x_kept - kept] * m
+            if first:
+                first_back = back
+            else:
+                reload = max(reload, back)
+    return device, tuple(host), (reload if len(device) > 1 else first_back, first_back)
 
 
 
