@@ -427,6 +427,7 @@ def _int8_held(model: ModelSpec, layer: LayerSpec, train: TrainSpec, checkpointe
 
 
 _QK = {"q_proj", "k_proj", "qkv_proj", "query_key_value"}  # linears whose LoRA makes the attention scores need a grad
+_V = {"v_proj", "qkv_proj", "query_key_value"}
 
 
 @lru_cache(maxsize=4096)
@@ -442,10 +443,11 @@ def _offload_split(model: ModelSpec, layer: LayerSpec, train: TrainSpec, tokens:
     shared = set(sv.shared)
     if no_input_grad:  # the first layer, its input a frozen embedding's output (no checkpointing: nothing calls
         # enable_input_require_grads): an op whose inputs need no gradient saves nothing, so the input norm saves
-        # once or not at all, and unless q or k is adapted neither do the scores' ops: softmax does not save its
-        # result, only probs @ v's bmm saves the probabilities (once, so they are offloaded)
+        # once or not at all; softmax saves its result only if q or k is adapted (the scores need a gradient),
+        # probs @ v's bmm saves the probabilities only if v is (derivatives.yaml, bmm: self for mat2's grad)
         shared -= {"x", "norm1.x32"}
-        if not any(is_target(lin, train) for lin in layer.linears if lin.name in _QK):
+        adapted = {lin.name for lin in layer.linears if is_target(lin, train)}
+        if not (adapted & _QK and adapted & _V):
             shared -= {"probs", "probs.fp32"}
     device = sum(sv.size[n] for n in kept if n in shared or sv.size[n] * tokens < 1024)
     largest = sorted((sv.size[n] for n in kept if n not in shared), reverse=True)[:2]
