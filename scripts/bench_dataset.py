@@ -5,7 +5,7 @@ runs, `memplan estimate llama-3-8b --dataset FILE --tokenizer DIR --batch-size 4
 end to end (a fresh process: imports, reading, chat template, token counts, steps, estimates), and each stage
 in this process.
 
-    python scripts/bench_dataset.py [--rows N] [--words MEAN] [--keep DIR] [--no-stages]
+    python scripts/bench_dataset.py [--rows N] [--words MEAN] [--tokenizer byte-level|sentencepiece] [--keep DIR] [--no-stages]
 
 Row lengths are log-normal (median ~MEAN words, a long tail), like instruction data. The target is 1 M rows in
 <= 60 s on the development machine (2 CPU cores, shared: the load average is printed with each figure).
@@ -33,7 +33,7 @@ TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['co
             "{% endfor %}")
 
 
-def make(folder: Path, rows: int, words: int) -> None:
+def make(folder: Path, rows: int, words: int, shape: str) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     rng = random.Random(0)
@@ -42,11 +42,24 @@ def make(folder: Path, rows: int, words: int) -> None:
         return " ".join(rng.choice(WORDS) for _ in range(k))
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
+    if shape == "byte-level":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+    else:  # trained on words as SentencePiece is, then saved in Llama 2's tokenizer.json shape (LlamaConverter)
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always", split=True)
     tok.train_from_iterator([text(50) for _ in range(2000)],
                             trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"]))
-    tok.save(str(folder / "tokenizer.json"))
+    if shape == "byte-level":
+        tok.save(str(folder / "tokenizer.json"))
+    else:
+        spec = json.loads(tok.to_str())
+        for b in range(256):  # Llama 2's byte fallback tokens
+            spec["model"]["vocab"].setdefault(f"<0x{b:02X}>", len(spec["model"]["vocab"]))
+        spec["model"]["byte_fallback"] = spec["model"]["fuse_unk"] = True
+        spec["normalizer"] = {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "\u2581"}, {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
+        spec["pre_tokenizer"] = None
+        (folder / "tokenizer.json").write_text(json.dumps(spec))
     (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
                                                               "chat_template": TEMPLATE}))
     bodies = []
@@ -92,6 +105,9 @@ def main() -> int:
     ap.add_argument("--words", type=int, default=40)
     ap.add_argument("--keep", help="write the files here (and reuse them if present); default: a temporary folder, "
                     "removed at the end")
+    ap.add_argument("--tokenizer", choices=("byte-level", "sentencepiece"), default="byte-level",
+                    help="byte-level BPE (GPT-2, Llama 3, Qwen) or SentencePiece-style BPE in Llama 2's tokenizer.json "
+                    "shape (normalizer Prepend + Replace, byte fallback, no pre-tokenizer)")
     ap.add_argument("--no-stages", action="store_true", help="time only the command, not each stage")
     a = ap.parse_args()
     import importlib.metadata as md
@@ -101,7 +117,7 @@ def main() -> int:
     try:
         if not (folder / "text.parquet").is_file():
             t = time.perf_counter()
-            make(folder, a.rows, a.words)
+            make(folder, a.rows, a.words, a.tokenizer)
             print(f"wrote {a.rows:,} rows in {time.perf_counter() - t:.1f} s to {folder}")
         versions = ", ".join(f"{p} {_version(md, p)}" for p in ("tokenizers", "pyarrow", "jinja2", "numpy", "orjson",
                                                                 "regex"))

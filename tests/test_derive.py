@@ -87,6 +87,27 @@ def test_derived_estimate_matches_the_full_trace(tmp_path, model_type, flags):
     assert any("fitted to meta traces" in n for n in est.notes)
 
 
+def test_a_larger_batch_is_fitted_in_its_own_octave(tmp_path, monkeypatch):
+    """A full fine-tune's backward peak bends with the batch (the weights' gradients vs the saved activations): batch
+    6 is fitted at batches 4 and 8 and lands on the full trace; the line through batches 1 and 2 gave -5.9% here."""
+    from memplan.derive.fit import activation_key, batch_anchors
+    from memplan.trace import run_trace
+
+    assert [batch_anchors(b) for b in (1, 2, 3, 4, 5, 8, 9)] == [(1, 2), (1, 2), (2, 4), (2, 4), (4, 8), (4, 8),
+                                                                  (8, 16)]
+    monkeypatch.setenv("MEMPLAN_DERIVED_CACHE", str(tmp_path / "own"))  # the module's cache keeps one olmo2
+    wide = dict(TINY["olmo2"], hidden_size=256, intermediate_size=2048, vocab_size=8000)  # weights >> activations
+    spec = resolve_model(_write(tmp_path, wide))
+    train = TrainSpec(bits=32, method="full", compute_dtype="bf16", batch_size=6, seq_len=128,
+                      gradient_checkpointing=False)
+    assert activation_key(spec, train).endswith(";batches=4,8")
+    assert ";batches=" not in activation_key(spec, train.with_(batch_size=2))  # the keys of fits made before
+    est = estimate(spec, train)
+    tr = run_trace(spec, train, keep_timeline=False, steps=1, warm_optimizer=True)
+    assert abs(est.peak_bytes - tr.peak_bytes) / tr.peak_bytes < 0.01, (est.phases, tr.phases)
+    assert any("batch 4 and 8" in n for n in est.notes)
+
+
 def test_the_next_estimate_is_torch_free_and_reuses_the_cache(tmp_path, cache):
     path = _write(tmp_path, TINY["olmo2"])
     train = TrainSpec(**SAMPLE[0][1])  # fitted by the test above, or now

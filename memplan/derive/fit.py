@@ -1,13 +1,20 @@
 """Activation terms of a derived architecture, fitted to meta traces of the same architecture cut to 1 and 2 layers.
 
-For one training setting (activation_key: every TrainSpec field that changes activations; not batch, sequence
-length or optimizer), trace the real training step (memplan.trace, batch 1) of the model cut to L = 1 and 2
-layers at three sequence lengths s (and once at batch 2). Per phase, the dynamic bytes are the trace's phase peak minus the analytic
-steady state of that truncated model (weights, adapters, optimizer states: memplan.estimate, exact from the spec):
+For one training setting (activation_key: every TrainSpec field that changes activations; not sequence length or
+optimizer; the batch by its octave), trace the real training step (memplan.trace) of the model cut to L = 1 and 2
+layers at three sequence lengths s and the octave's lower batch b1 (and once at its upper batch b2). Per phase, the
+dynamic bytes are the trace's phase peak minus the analytic steady state of that truncated model (weights, adapters,
+optimizer states: memplan.estimate, exact from the spec):
 
-    dyn(L, b, s) = a(L) + b · (c0(L) + c1(L) · s + c2(L) · s²)   three lengths at batch 1, exactly; a from a
-                                                                 fourth trace at batch 2 (middle length)
+    dyn(L, b, s) = a(L) + b · (c0(L) + c1(L) · s + c2(L) · s²)   three lengths at batch b1, exactly; a from a
+                                                                 fourth trace at batch b2 (middle length)
     c(L)         = c(1) + (L - 1) · (c(2) - c(1))                each further layer adds what the second added
+
+A phase's peak is the largest of several moments' live bytes, each affine in the batch with its own intercept (the
+weights' gradients of a full fine-tune at the end of backward, the saved activations before it): past the batch
+where one moment overtakes another the peak bends, so a line through batches 1 and 2 misses larger batches
+(Gemma-3-12B full fine-tune, batch 4: -14.6%). The batch anchors are the octave of the batch asked for, (1, 2),
+(2, 4), (4, 8), ..., each fitted once (batch_anchors), as the sequence anchors are.
 
 a holds what does not grow with the batch (bitsandbytes' dequantized weight, gradients at the end of backward,
 rotary tables), c1 what grows with tokens (saved activations, logits), c2 the s² terms (eager scores, masks). The layer step
@@ -46,7 +53,15 @@ def activation_key(model: ModelSpec, train: TrainSpec) -> str:
         if d.get(k) == LATER_DEFAULTS[k]:
             d.pop(k)
     parts = [f"{k}={d[k]}" for k in sorted(d)]
-    return ";".join(parts) + f";anchors={','.join(map(str, anchors(model, train.seq_len)))}"
+    batches = batch_anchors(train.batch_size)  # in the key past (1, 2): the fits made before batch octaves
+    return ";".join(parts) + f";anchors={','.join(map(str, anchors(model, train.seq_len)))}" + \
+        (f";batches={batches[0]},{batches[1]}" if batches != (1, 2) else "")
+
+
+def batch_anchors(batch: int) -> tuple[int, int]:
+    """(b1, b2): the octave of `batch` (b1 < batch <= b2, powers of two), (1, 2) for batches 1 and 2."""
+    top = max(2, 1 << (batch - 1).bit_length())
+    return top // 2, top
 
 
 def anchors(model: ModelSpec, seq_len: int) -> tuple[int, int, int]:
@@ -96,8 +111,10 @@ def fit(model: ModelSpec, train: TrainSpec) -> dict:
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     seqs = anchors(model, train.seq_len)
+    b1, b2 = batch_anchors(train.batch_size)
     print(f"memplan: deriving the activation terms of {model.model_type} for these settings "
-          f"(meta traces of 1 and 2 layers at seq {', '.join(map(str, seqs))}; cached afterwards)", file=sys.stderr)
+          f"(meta traces of 1 and 2 layers at seq {', '.join(map(str, seqs))}, batch {b1} and {b2}; cached "
+          "afterwards)", file=sys.stderr)
     t0 = time.perf_counter()
     types = layer_types(model.hf_config)
     variants = {"layers_1": [types[0]] if types else None, "layers_2": [types[0]] * 2 if types else None}
@@ -112,7 +129,7 @@ def fit(model: ModelSpec, train: TrainSpec) -> dict:
             cfg["layer_types"] = list(kinds)
         spec = replace(spec_from_model(build_meta(cfg), cfg, model.name, model.source), hf_config=cfg)
         rows = []
-        for s, b in [(s, 1) for s in seqs] + [(seqs[1], 2)]:
+        for s, b in [(s, b1) for s in seqs] + [(seqs[1], b2)]:
             t = train.with_(seq_len=s, batch_size=b)
             static, states = steady_static(spec, t)
             base = sum(static.values())
@@ -122,18 +139,18 @@ def fit(model: ModelSpec, train: TrainSpec) -> dict:
             rows.append((dyn, comps, r.peak_phase))
 
         def terms(i: int, key: str) -> list[float]:
-            """[a, c0, c1, c2]: a what does not grow with the batch (measured: 2·dyn(b=1) - dyn(b=2) at the middle
-            anchor), c0 + c1 s + c2 s² per sequence of the batch."""
+            """[a, c0, c1, c2]: a what does not grow with the batch (the line through dyn(b1) and dyn(b2) at the
+            middle anchor, at batch 0), c0 + c1 s + c2 s² per sequence of the batch."""
             ys = [row[i][key] for row in rows]
-            a = 2 * ys[1] - ys[3]
-            return [a] + _solve3(seqs, [y - a for y in ys[:3]])
+            a = (b2 * ys[1] - b1 * ys[3]) / (b2 - b1)
+            return [a] + _solve3(seqs, [(y - a) / b1 for y in ys[:3]])
 
         fitted[label] = {
             "phases": {p: terms(0, p) for p in PHASES},
             "components": {c: terms(1, c) for c in DYNAMIC},
             "peak_phase": rows[2][2],
         }
-    out = {"anchors": list(seqs), **fitted, "seconds": round(time.perf_counter() - t0, 2)}
+    out = {"anchors": list(seqs), "batches": [b1, b2], **fitted, "seconds": round(time.perf_counter() - t0, 2)}
     if types:  # how many layers of each kind follow the first one
         out["layer_counts"] = {t: types[1:].count(t) for t in dict.fromkeys(types[1:])}
         out["first_layer"] = types[0]

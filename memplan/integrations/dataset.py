@@ -257,7 +257,7 @@ def token_lengths(path: str, tokenizer: Tokenizer, text_field: str | None = None
         except SkeletonMismatch:
             skeletons = False
     out = array("I")
-    for lengths, _, _, _ in results:
+    for lengths, _, _, _, _ in results:
         out.extend(lengths)
     skipped = sum(r[2] for r in results)
     fmt = results[0][1]
@@ -265,7 +265,7 @@ def token_lengths(path: str, tokenizer: Tokenizer, text_field: str | None = None
     if not out:
         raise MemplanError(f"--dataset {path!r}: no rows with text" + (f" ({skipped} rows without it)" if skipped
                                                                        else ""))
-    how = ("pieces of the byte-level BPE, memoized, checked against the tokenizer" if why is None else
+    how = (f"pieces of the {results[0][4]}, memoized, checked against the tokenizer" if why is None else
            f"the tokenizer (encode_batch_fast){': ' + why if why else ''}")
     if parts:
         how += f"; {len(parts)} processes"
@@ -273,14 +273,15 @@ def token_lengths(path: str, tokenizer: Tokenizer, text_field: str | None = None
 
 
 def _count_part(part, path, tokenizer, text_field, fmt, chat_template, fast, why_slow, skeletons):
-    """One process's share: (lengths, format, rows skipped, None if counted by pieces else why not)."""
+    """One process's share: (lengths, format, rows skipped, None if counted by pieces else why not, the kind of
+    tokenizer the pieces are of)."""
     from memplan.integrations.tokencount import TokenCounter
 
     counter = TokenCounter(tokenizer.tok)
     if not fast:
         counter.fast, counter.why_slow = False, why_slow
     out, fmt, skipped = _count(path, tokenizer, counter, text_field, fmt, chat_template, skeletons, part)
-    return out, fmt, skipped, None if counter.fast else counter.why_slow
+    return out, fmt, skipped, None if counter.fast else counter.why_slow, counter.kind
 
 
 def _columns(fmt: str, row: dict, text_field: str | None) -> list[str]:

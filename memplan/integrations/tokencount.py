@@ -16,8 +16,18 @@ tokenizers 0.23):
 
 The regex runs in Python's `re` on ASCII text (the pattern rewritten with ASCII classes, which match exactly what
 `\\p{L}`, `\\p{N}`, `\\s` match on ASCII input), and in the `regex` module (Unicode classes, as Oniguruma) on other
-text when it is installed, else such texts go to the tokenizer. Tokenizers of any other shape (WordPiece,
-Unigram, SentencePiece-style BPE on the whole string, a normalizer other than NFC, added tokens that strip spaces,
+text when it is installed, else such texts go to the tokenizer.
+
+The SentencePiece-converted BPE tokenizers of Llama 2, Mistral, Gemma and Phi-3 (transformers
+convert_slow_tokenizer.py: LlamaConverter, GemmaConverter) have no regex: spaces become the metaspace `▁`
+(normalizers/replace.rs, or pre_tokenizers/metaspace.rs), a prefix metaspace is added (normalizers/prepend.rs on
+every segment between added tokens; Metaspace's prepend_scheme always / first), and the BPE runs on the whole
+segment. A merge then could join any two neighbours; but SentencePiece's trainer makes no token with a character
+before a metaspace (words start at a metaspace, whitespace runs stay whole), and every merge of the file is checked
+for one (if any, the tokenizer counts). Without such a merge the segment splits into pieces (a metaspace run and the
+characters up to the next metaspace) that the BPE tokenizes apart, memoized the same way.
+
+Tokenizers of any other shape (WordPiece, Unigram, a normalizer other than NFC, added tokens that strip spaces,
 truncation or padding set in tokenizer.json) are encoded by the tokenizer itself (`encode_batch_fast`).
 
 Checked, not assumed: the first batch, and one row in eight of batches 2, 4, 8, 16, ..., are also encoded by the
@@ -30,6 +40,7 @@ import re
 
 # tokenizers/src/pre_tokenizers/byte_level.rs: the GPT-2 split of ByteLevel(use_regex=true)
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+META = "\u2581"  # SentencePiece's metaspace, the space of Llama 2, Mistral and Gemma vocabularies
 MEMO_LIMIT = 4_000_000  # pieces remembered (a few hundred MB at most); the memo restarts past it
 
 
@@ -105,6 +116,7 @@ class TokenCounter:
         self.tok = tok
         self.batches = 0
         self.fast = False
+        self.kind = ""  # what the pieces are of, when counted by pieces
         self.why_slow = ""
         try:
             self._setup()
@@ -120,13 +132,35 @@ class TokenCounter:
         model = spec.get("model") or {}
         if model.get("type") != "BPE" or model.get("dropout"):
             raise _Unsupported(f"model {model.get('type')} (the piece count covers BPE without dropout)")
+        added = spec.get("added_tokens") or []
+        if any(a.get("lstrip") or a.get("rstrip") or a.get("single_word") for a in added):
+            raise _Unsupported("added tokens that strip spaces or match single words")
+        contents = sorted({a["content"] for a in added if a.get("content")}, key=len, reverse=True)
+        # leftmost-longest, as the Aho-Corasick matcher of added_vocabulary.rs
+        self.added_re = re.compile("(" + "|".join(map(re.escape, contents)) + ")") if contents else None
+        self.special = tok.num_special_tokens_to_add(False)
+        self.metaspace = _metaspace_shape(spec)
+        if self.metaspace is not None:
+            if any(a.get("normalized") for a in added):
+                raise _Unsupported("added tokens matched on the normalized text")
+            if model.get("ignore_merges") or model.get("continuing_subword_prefix") or model.get(
+                    "end_of_word_suffix"):
+                raise _Unsupported("a BPE with ignore_merges or word affixes on the whole string")
+            _check_no_merge_across_spaces(model)
+            self.kind = "SentencePiece-style BPE"
+            self.piece_re = re.compile(f"{META}[^{META}]*|[^{META}]+" if self.metaspace[1] else
+                                       f"{META}*[^{META}]+|{META}+")
+            self.memo = _MetaspaceMemo(tok.model)
+            self.pieces = self._metaspace_pieces
+            self.fast = True
+            return
         norm = spec.get("normalizer")
         if norm is not None and norm.get("type") != "NFC":
             raise _Unsupported(f"normalizer {norm.get('type')}")
         self.nfc = norm is not None
         pattern = _byte_level_pattern(spec.get("pre_tokenizer"))
         if pattern is None:
-            raise _Unsupported("the pre-tokenizer is not a byte-level regex split")
+            raise _Unsupported("the pre-tokenizer is neither a byte-level regex split nor a metaspace")
         self.ascii_re = ascii_pattern(pattern)
         if self.ascii_re is None:
             raise _Unsupported(f"pre-tokenizer pattern {pattern!r}")
@@ -136,14 +170,9 @@ class TokenCounter:
             self.unicode_re = regex.compile(pattern)
         except Exception:  # noqa: BLE001 - regex not installed, or a pattern it rejects: the tokenizer counts those
             self.unicode_re = None
-        added = spec.get("added_tokens") or []
-        if any(a.get("lstrip") or a.get("rstrip") or a.get("single_word") for a in added):
-            raise _Unsupported("added tokens that strip spaces or match single words")
-        contents = sorted({a["content"] for a in added if a.get("content")}, key=len, reverse=True)
-        # leftmost-longest, as the Aho-Corasick matcher of added_vocabulary.rs
-        self.added_re = re.compile("(" + "|".join(map(re.escape, contents)) + ")") if contents else None
-        self.special = tok.num_special_tokens_to_add(False)
+        self.kind = "byte-level BPE"
         self.memo = _Memo(tok.model)
+        self.pieces = self._pieces
         self.fast = True
 
     # ---- counting
@@ -154,7 +183,7 @@ class TokenCounter:
         extra = self.special if add_special_tokens else 0
         out: list[int] = []
         slow: list[int] = []  # positions the tokenizer counts (non-ASCII text without the regex module)
-        piece = self._pieces
+        piece = self.pieces
         for i, text in enumerate(texts):
             n = piece(text)
             if n is None:
@@ -200,6 +229,27 @@ class TokenCounter:
             total += both & 0xFFFFFFFF
         return total
 
+    def _metaspace_pieces(self, text: str) -> int:
+        """Tokens of `text` under a SentencePiece-style BPE: per segment between added tokens, spaces become the
+        metaspace, the prefix metaspace is added as the normalizer (Prepend: any non-empty segment) or the
+        Metaspace pre-tokenizer (always / first: unless the segment starts with one; first: only at offset 0)
+        adds it, and the string splits into pieces that no merge can join (_check_no_merge_across_spaces)."""
+        memo, prepend, total = self.memo, self.metaspace[0], 0
+        segments = self.added_re.split(text) if self.added_re is not None else (text,)
+        for k, seg in enumerate(segments):
+            if k % 2:  # an added token
+                total += 1
+                continue
+            if not seg:
+                continue
+            seg = seg.replace(" ", META)
+            if prepend == "normalizer":  # Prepend: on every non-empty segment
+                seg = META + seg
+            elif (prepend == "always" or (prepend == "first" and k == 0)) and seg[0] != META:
+                seg = META + seg
+            total += sum(map(memo.__getitem__, self.piece_re.findall(seg)))
+        return total
+
     def _encode(self, texts: list[str], add_special_tokens: bool) -> list[int]:
         return [len(e.ids) for e in self.tok.encode_batch_fast(texts, add_special_tokens=add_special_tokens)]
 
@@ -222,6 +272,59 @@ class _Memo(dict):
         tokens = len(self.model.tokenize(piece.encode("utf-8").decode("latin-1").translate(BYTE_TABLE)))
         n = self[piece] = (len(piece) << 32) + tokens
         return n
+
+
+class _MetaspaceMemo(dict):
+    """piece -> its BPE token count (the model alone; byte fallback and unknown tokens as the model makes them)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def __missing__(self, piece: str) -> int:
+        if len(self) >= MEMO_LIMIT:
+            self.clear()
+        n = self[piece] = len(self.model.tokenize(piece))
+        return n
+
+
+def _metaspace_shape(spec: dict) -> tuple[str, bool] | None:
+    """(how the prefix metaspace is added, whether the pre-tokenizer splits at each metaspace) for the two shapes
+    of SentencePiece-converted BPE tokenizers (transformers convert_slow_tokenizer.py), else None:
+    - normalizer Replace(" ", META), with Prepend(META) for Llama 2 / Mistral (legacy) or without it (Gemma),
+      pre-tokenizer none or Gemma's Split(" "), a no-op once the spaces are replaced: ("normalizer" | "never", False);
+    - no normalizer, pre-tokenizer Metaspace(META, prepend_scheme, split) (Llama non-legacy): (scheme, split)."""
+    norm, pre = spec.get("normalizer"), spec.get("pre_tokenizer")
+    if norm is None:
+        if not isinstance(pre, dict) or pre.get("type") != "Metaspace" or pre.get("replacement") != META:
+            return None
+        scheme = pre.get("prepend_scheme") or ("never" if pre.get("add_prefix_space") is False else "always")
+        return (scheme, pre.get("split", True)) if scheme in ("always", "first", "never") else None
+    steps = norm.get("normalizers") if norm.get("type") == "Sequence" else [norm]
+    kinds = [n.get("type") for n in steps or []]
+    replace = [n for n in steps or [] if n.get("type") == "Replace"]
+    prepend = [n for n in steps or [] if n.get("type") == "Prepend"]
+    if sorted(kinds) not in (["Replace"], ["Prepend", "Replace"]) or replace[0].get("pattern") != {"String": " "} \
+            or replace[0].get("content") != META or any(n.get("prepend") != META for n in prepend):
+        return None
+    if pre is not None and not (pre.get("type") == "Split" and pre.get("pattern") == {"String": " "}):
+        return None
+    return ("normalizer" if prepend else "never", False)
+
+
+def _check_no_merge_across_spaces(model: dict) -> None:
+    """A SentencePiece-style BPE runs on the whole segment; its pieces (a metaspace run and the characters up to the
+    next metaspace) can be counted apart only if no merge makes a token with a character before a metaspace.
+    SentencePiece's trainer never makes one (words start at a metaspace; whitespace-only pieces stay whole), and
+    the converted merges only join two halves of a vocabulary token: checked here on every merge."""
+    merges = model.get("merges") or []
+    bad = re.compile(f"[^{META}]{META}")
+    for m in merges:
+        a, b = m if isinstance(m, list) else m.split(" ", 1)
+        if bad.search(a + b):
+            raise _Unsupported(f"the merge {a!r} + {b!r} joins across a metaspace")
+    if META not in (model.get("vocab") or {}):
+        raise _Unsupported("the metaspace is not in the vocabulary")
 
 
 def _byte_level_pattern(pre) -> str | None:
