@@ -60,12 +60,14 @@ class Ctx:
     s: int  # sequence length (eager scores are s wide)
     attention: str  # the attention that runs (see effective_attention)
     liger: bool = False  # Liger's RMSNorm / SwiGLU (memplan/trace/liger.py has their saved tensors)
+    gemma_norm: bool = False  # Gemma's RMSNorm multiplies in fp32 by (1 + weight)
 
     @staticmethod
     def of(train: TrainSpec, model: ModelSpec | None = None) -> "Ctx":
         return Ctx(e=unquantized_dtype_bytes(train), c=DTYPES[train.compute_dtype], lb=DTYPES[train.lora_dtype],
                    r=train.lora_r, dropout=train.lora_dropout > 0, method=train.method, train=train, s=train.seq_len,
-                   attention=effective_attention(model, train) if model else train.attention, liger=train.liger)
+                   attention=effective_attention(model, train) if model else train.attention, liger=train.liger,
+                   gemma_norm=bool(model) and model.model_type.startswith("gemma"))
 
 
 def softcapped(model: ModelSpec) -> bool:
@@ -186,6 +188,9 @@ def _norm(sv: Saved, ctx: Ctx, x: str, h: int, kind: str, group: str, name: str)
             sv.new(f"{name}.x32", 4 * h, group)
             sv.keep(f"{name}.x32", group)
         sv.new(f"{name}.rstd", 4, group)
+        if ctx.method == "full":  # a trained weight: `weight * normed` saves the normalized input for its gradient
+            # (LlamaRMSNorm: in the activations' dtype after .to(input_dtype); Gemma's (1 + weight) * x: fp32)
+            sv.new(f"{name}.normed", h * (4 if ctx.gemma_norm else ctx.e), group)
     return sv.tensor(f"{name}.out", h * ctx.e)
 
 
