@@ -345,7 +345,10 @@ def _moe(sv: Saved, ctx: Ctx, model: ModelSpec, layer: LayerSpec, x_norm: str) -
     else:
         # per token-slot: gate_up output (act saves the gate view), act output, the expert output scaled by its
         # routing weight (mul saves it), token / slot indices (int64) and the gathered routing weight
-        sv.new("experts", k * (2 * mi * e + mi * e + h * e + 8 + 8 + e), "mlp")
+        slot = 2 * mi * e + mi * e + h * e + 8 + 8 + e
+        if ctx.method == "full":  # trained 3-D experts: each grouped_mm (integrations/moe.py 5.24) saves its input
+            slot += h * e + mi * e  # for the weight gradient: selected_hidden_states and the act(gate) * up product
+        sv.new("experts", k * slot, "mlp")
     lins = {lin.name: lin for lin in layer.linears}
     if "shared_expert_gate" in lins:  # Qwen2-MoE: a dense shared expert scaled by sigmoid(shared_expert_gate(x))
         out = _dense_mlp(sv, ctx, layer, x_norm, "silu")
