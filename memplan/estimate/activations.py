@@ -149,6 +149,12 @@ class Saved:
         return sum(self.size[n] for n, g in self.kept.items() if group is None or g == group)
 
 
+def _casts(train: TrainSpec, in_bytes: int) -> bool:
+    """PEFT's _cast_input_dtype copies a LoRA linear's input whenever its dtype is not the adapter's: by name, so
+    bf16 activations into fp16 adapters (same size) are copied too. 2-byte inputs are in the compute dtype."""
+    return ("fp32" if in_bytes == 4 else train.compute_dtype) != train.lora_dtype
+
+
 def _linear(sv: Saved, ctx: Ctx, lin: Linear, x: str, in_bytes: int, group: str) -> str:
     """Run one (possibly LoRA-adapted) linear on tensor x; returns its output's name."""
     if ctx.train.bits == 8 and lin.quantizable:
@@ -162,7 +168,7 @@ def _linear(sv: Saved, ctx: Ctx, lin: Linear, x: str, in_bytes: int, group: str)
         if ctx.dropout:
             sv.new(f"{lin.name}.drop", lin.in_features * ctx.lb, group)
             sv.new(f"{lin.name}.mask", lin.in_features, group)
-        elif ctx.lb != in_bytes:
+        elif _casts(ctx.train, in_bytes):
             sv.new(f"{lin.name}.cast", lin.in_features * ctx.lb, group)
         else:
             sv.keep(x, group)
@@ -528,7 +534,7 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
             moe_slots /= layer.num_experts
         i = max(i, int(layer.expert_intermediate * 2 * moe_slots))
         widest = max(widest, i)
-        if train.method == "lora" and ctx.lb != e:  # PEFT casts an adapted linear's input to the adapter dtype:
+        if train.method == "lora" and _casts(train, e):  # PEFT casts an adapted linear's input to the adapter dtype:
             cast = max([cast] + [lin.in_features * ctx.lb for lin in layer.linears if is_target(lin, train)])
     # rotary cos / sin are (1, s, head_dim): per sequence position, shared by the batch
     final_norm = h * e + (8 if model.model_type in ("falcon", "gpt_neox", "opt") else 4)
