@@ -29,7 +29,7 @@ Backward working sets use the few coefficients in coefficients.json, fitted agai
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -501,6 +501,8 @@ class Activations:
     host_per_layer: tuple = ()  # what each layer's saved set puts in pinned host memory
     reload: int = 0  # brought back to the device during one layer's backward
     reload_first: int = 0  # ... during the first layer's (its saved set differs: _offloaded)
+    recompute_lora_add: list = field(default_factory=list)  # per layer, checkpointed: _recompute_lora_add
+    bwd_work_h: int = 0  # the residual stream's gradients alive while a layer recomputes (coefficients mlp_h)
 
 
 def activations(model: ModelSpec, train: TrainSpec) -> Activations:
@@ -512,7 +514,7 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     ctx = Ctx.of(train, model)
     k = coefficients()["backward"]
     h, e = model.hidden_size, ctx.e
-    stored, saved, saved_attn, mul_freed, mul_work, int8_device = [], [], [], [], [], []
+    stored, saved, saved_attn, mul_freed, mul_work, int8_device, lora_add = [], [], [], [], [], [], []
     # per-token layer figures do not depend on batch, optimizer or (for fused attention) sequence length
     masked = ctx.attention == "sdpa" and sdpa_gets_a_mask(model, train.seq_len, train.transformers)
     per_seq = ctx.attention not in FUSED or masked
@@ -522,6 +524,7 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
         total, attn, x_kept, freed, work = _layer_totals(model, layer, layer_key)
         mul_freed += [freed] * n
         mul_work += [work] * n
+        lora_add += [_recompute_lora_add(model, layer, layer_key)] * n
         saved += [total] * n
         saved_attn += [attn] * n
         int8 = _int8_held(model, layer, layer_key, train.gradient_checkpointing) if train.bits == 8 else 0
@@ -565,7 +568,39 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
                        mul_work, dequant, dora_transient(model, train), dora_saved(model, train),
                        *dora_transient_last(model, train), moe_tail=tail,
                        dora_ckpt_forward=dora_transient_checkpointed(model, train) if train.gradient_checkpointing else 0,
-                       host_per_layer=host, reload=reload[0], reload_first=reload[1])
+                       host_per_layer=host, reload=reload[0], reload_first=reload[1],
+                       recompute_lora_add=lora_add if train.gradient_checkpointing else [],
+                       bwd_work_h=int(k["mlp_h"] * h * e))
+
+
+@lru_cache(maxsize=4096)
+def _recompute_lora_add(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> int:
+    """A checkpointed layer's recompute (in backward) as it reaches an adapted linear's LoRA add, per token: what the
+    recompute has saved so far (the saved set in forward order, up to that linear's lora_A output) plus the add's
+    tensors. bitsandbytes' LoRA layers (peft/tuners/lora/bnb.py 0.21, Linear4bit / Linear8bitLt.forward): the base
+    result, the LoRA output cast to its dtype and scaled, and their sum, three output-wide tensors in the result's
+    dtype; PEFT's plain Linear (layer.py): result, scaled LoRA output and the sum in their promoted dtype. The input
+    cast to the adapter dtype is a local still alive. The widest such moment of the layer; 0 without LoRA."""
+    ctx = Ctx.of(train, model)
+    if train.method != "lora" or train.dora:
+        return 0
+    sv = layer_saved(model, layer, ctx)
+    order = [n for n in sv.kept if n != "x"]
+    e = ctx.e
+    result = "fp32" if e == 4 else train.compute_dtype
+    best = 0
+    for lin in layer.linears:
+        if not is_target(lin, train) or f"{lin.name}.A" not in sv.kept:
+            continue
+        before = sum(sv.size[n] for n in order[: order.index(f"{lin.name}.A") + 1])
+        if train.quantized and lin.quantizable:
+            add = 3 * e
+        else:
+            promoted = 4 if {result, train.lora_dtype} == {"fp16", "bf16"} else max(e, ctx.lb)
+            add = e + ctx.lb + max(ctx.lb, promoted)
+        cast = lin.in_features * ctx.lb if _casts(train, e) else 0
+        best = max(best, before + lin.out_features * add + cast)
+    return best
 
 
 def _lora_sum_promoted(model: ModelSpec, train: TrainSpec) -> int:
