@@ -8,6 +8,7 @@ changes memory. Both are plain frozen dataclasses: no torch, cheap to build by t
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
+from functools import cached_property
 
 from memplan.errors import MemplanError
 from memplan.stack import MAJORS, check_major
@@ -36,6 +37,27 @@ class Linear:
         return self.weight_numel + (self.out_features if self.bias else 0)
 
 
+def _hash_once(cls):
+    """A frozen dataclass whose hash is computed once: estimate's caches key on the model and its layers, and a
+    generated hash walks every nested field each time. The cached hash is not pickled (string hashes differ between
+    processes)."""
+    generated = cls.__hash__
+
+    def __hash__(self):
+        try:
+            return self.__dict__["_hash"]
+        except KeyError:
+            h = self.__dict__["_hash"] = generated(self)
+            return h
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_hash"}
+
+    cls.__hash__, cls.__getstate__ = __hash__, __getstate__
+    return cls
+
+
+@_hash_once
 @dataclass(frozen=True)
 class LayerSpec:
     """One decoder layer. Layers that are alike are stored once, with a count, in ModelSpec.layers."""
@@ -64,6 +86,7 @@ class LayerSpec:
         return self.linear_params + self.norm_params + self.expert_params + self.router_params
 
 
+@_hash_once
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
@@ -98,7 +121,7 @@ class ModelSpec:
         temporary (0 when bitsandbytes quantizes nothing, as for Falcon)."""
         return max((lin.weight_numel for _, layer in self.layers for lin in layer.linears if lin.quantizable), default=0)
 
-    @property
+    @cached_property
     def total_params(self) -> int:
         return (
             self.embedding_params
@@ -151,6 +174,7 @@ OFFLOADS = ("none", "optimizer", "params")
 QUANT_STORAGES = ("auto", "uint8", "bf16", "fp16", "fp32")
 
 
+@_hash_once
 @dataclass(frozen=True)
 class TrainSpec:
     """Every setting that changes memory. Defaults are the common QLoRA recipe (Dettmers et al. 2023; the
@@ -268,7 +292,7 @@ class TrainSpec:
         """A copy with fields changed and no checks (a cache key derived from this valid spec: with_() re-runs
         every check, a fifth of an estimate's time)."""
         new = object.__new__(TrainSpec)
-        new.__dict__.update(self.__dict__, **changes)
+        new.__dict__.update(self.__getstate__(), **changes)  # without the cached hash
         return new
 
 

@@ -183,3 +183,86 @@ def test_spec_from_a_quantized_live_model_and_errors_never_stop_training(tmp_pat
     cb.on_step_begin(bad, TrainerState(), TrainerControl())  # off: does nothing, raises nothing
     cb.on_train_end(bad, TrainerState(), TrainerControl())
     assert cb.path is None
+
+
+class _TrackerAsCuda:
+    """torch.cuda's memory counters read off memplan's CPU live-bytes tracker, started where the callback starts its
+    own (on_train_begin, the model registered): the callback's CUDA branch then runs on the CPU, on the same bytes
+    its CPU branch measures. Reserved is the allocated peak rounded up to 2 MiB segments, a stand-in."""
+
+    def __init__(self, budget):
+        from memplan.trace.tracker import LiveBytesTracker
+
+        self.tracker = LiveBytesTracker(None, keep_timeline=False)
+        self.tracker.phase = "cuda"
+        self.budget = budget
+
+    def start(self, model):
+        from memplan.trace.attribution import register_model
+
+        register_model(self.tracker, model)
+        self.tracker.__enter__()
+        self.reset_peak_memory_stats()
+
+    def stop(self):
+        self.tracker.__exit__(None, None, None)
+        self.tracker.stop()
+
+    def max_memory_allocated(self, *_):
+        return max(self.tracker.phase_peaks.get("cuda", 0), self.tracker.current)
+
+    def memory_allocated(self, *_):
+        return self.tracker.current
+
+    def max_memory_reserved(self, *_):
+        return -(-self.max_memory_allocated() // 2**21) * 2**21
+
+    def reset_peak_memory_stats(self, *_):
+        self.tracker.phase_peaks["cuda"] = self.tracker.current
+
+    def synchronize(self, *_):
+        pass
+
+    def get_device_properties(self, *_):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(total_memory=self.budget)
+
+
+def test_the_cuda_branch_records_what_the_cpu_branch_does(tmp_path_factory, tmp_path, monkeypatch):
+    """No GPU here: the callback's CUDA branch (torch.cuda's max_memory_allocated / reserved per phase, reset at each
+    boundary) runs on the CPU with those counters read off the live-bytes tracker. Its per-phase peaks equal the CPU
+    branch's on the same run, reserved is reported beside them, the projection scales by reserved / allocated, and
+    the profile says cuda."""
+    from memplan.integrations import transformers as integration
+    from memplan.integrations.transformers import MemplanCallback
+
+    cpu_cb, _, _ = _run("Trainer", tmp_path_factory)
+    fake = _TrackerAsCuda(cpu_cb.device_bytes)
+    for name in ("max_memory_allocated", "memory_allocated", "max_memory_reserved", "reset_peak_memory_stats",
+                 "synchronize", "get_device_properties"):
+        monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
+    monkeypatch.setattr(integration, "_device_kind", lambda param: "cuda")
+    cb = MemplanCallback(output_dir=str(tmp_path / "profiles"))
+    begin = cb.on_train_begin
+
+    def on_train_begin(args, state, control, model=None, **kw):
+        fake.start(model)
+        return begin(args, state, control, model=model, **kw)
+
+    monkeypatch.setattr(cb, "on_train_begin", on_train_begin)
+    try:
+        _train("Trainer", tmp_path, cb)
+    finally:
+        fake.stop()
+    assert cb.device == "cuda" and not cb.disabled
+    cuda, cpu = cb.comparison["measured"], cpu_cb.comparison["measured"]
+    assert cuda["phases"] == cpu["phases"] and cuda["shape"] == cpu["shape"]
+    assert cuda["reserved_peak_bytes"] == -(-cuda["peak_bytes"] // 2**21) * 2**21
+    proj = cb.comparison["projection"]
+    assert proj["projected_device_bytes"] == int(proj["projected_bytes"] * cuda["reserved_peak_bytes"]
+                                                 / cuda["peak_bytes"])
+    prof = read_profile(next((tmp_path / "profiles").glob("*.json")))
+    assert prof["run"]["device"] == "cuda" and prof["measurements"]["peak"]["measure"] == "allocated_peak_bytes"
+    assert prof["measurements"]["peak"]["reserved_bytes"] == cuda["reserved_peak_bytes"]
+    assert any("reserved/allocated" in w for w in cb.warnings)  # the 160-token batch, over the same device

@@ -15,15 +15,17 @@ from hypothesis import strategies as st
 from memplan.catalog import models, resolve_model
 from memplan.errors import MemplanError
 from memplan.estimate import COMPONENTS, PHASES, estimate
-from memplan.estimate.activations import dora_transient
+from memplan.estimate.activations import _int8_held, dora_transient
 from memplan.spec import TrainSpec
 
 # Models with a hand-written builder: a derived architecture's activation terms are fitted per setting to meta
 # traces (memplan/derive; tests/test_derive.py checks them), too slow for a property search over settings.
 MODEL_NAMES = sorted(e["name"] for e in models().values() if not resolve_model(e["name"]).derived)
 WEIGHT_KEYS = ("weights_quantized", "quant_state", "weights_unquantized")
-# MEMPLAN_EXAMPLES=5000 pytest tests/test_properties.py for a deeper search
-SETTINGS = settings(max_examples=int(os.environ.get("MEMPLAN_EXAMPLES", 150)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# The same examples every run (CI must not fail by chance); MEMPLAN_EXAMPLES=5000 MEMPLAN_RANDOM=1 pytest
+# tests/test_properties.py for a deeper, random search (its failures are kept in .hypothesis/ and replayed)
+SETTINGS = settings(max_examples=int(os.environ.get("MEMPLAN_EXAMPLES", 150)), deadline=None,
+                    derandomize=not os.environ.get("MEMPLAN_RANDOM"), suppress_health_check=[HealthCheck.too_slow])
 
 
 @lru_cache(maxsize=None)
@@ -152,11 +154,15 @@ def test_checkpointing_never_raises_activations(name, spec):
     # first layer's backward with every gradient present sets the peak), plus the MLP product the recompute
     # leaves alive at the product's backward (estimate/activations.py _mlp_product_backward), and with DoRA the
     # weight-sized temporaries its recomputed forward makes again in backward (activations.dora_transient).
+    # LLM.int8's linears keep their inputs as ctx attributes, all of them alive while a checkpointed layer
+    # recomputes (activations._int8_held: under checkpointing every one but the layer input).
     assert on.phase_components["forward"]["activations"] <= off.phase_components["forward"]["activations"]
     m = model(name)
     widest = max(lin.out_features for _, layer in m.layers for lin in layer.linears)
-    one_stored_input = spec.batch_size * spec.seq_len * (m.hidden_size + widest) * 4
-    assert on.peak_bytes <= off.peak_bytes + one_stored_input + dora_transient(m, spec)
+    tokens = spec.batch_size * spec.seq_len
+    one_stored_input = tokens * (m.hidden_size + widest) * 4
+    int8 = tokens * max(_int8_held(m, layer, spec, True) for _, layer in m.layers) if spec.bits == 8 else 0
+    assert on.peak_bytes <= off.peak_bytes + one_stored_input + int8 + dora_transient(m, spec)
 
 
 @SETTINGS

@@ -93,9 +93,11 @@ class Estimate:
 
 
 def _candidate(base: dict[str, int], **extra: int) -> dict[str, int]:
-    out = dict(base)
+    """One moment's live bytes by component: base plus extra (a component left out is 0)."""
+    out = base.copy()
     for k, v in extra.items():
-        out[k] = out.get(k, 0) + int(v)
+        if v:
+            out[k] = out.get(k, 0) + int(v)
     return out
 
 
@@ -103,13 +105,64 @@ def _candidate(base: dict[str, int], **extra: int) -> dict[str, int]:
 ATTENTION_LINEARS = lora.ATTN | {"q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"}
 
 
+_SETTINGS: dict = {}  # (id(model), settings without the shape) -> (model, _Settings)
+SETTINGS_LIMIT = 4096
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """What an estimate needs from the model and the training settings but not from the batch or the sequence
+    length: fit, sweep, gpus and a dataset's steps vary only the shape, thousands of times over."""
+
+    weights: dict
+    trainable: dict
+    states: int
+    ends: dict  # lora.head_and_embedding_grads
+    step_temporaries: int  # the optimizer step's, one GPU
+    load_transient: int
+    largest_trainable: int
+    config: dict  # train.to_dict() with the shape left to fill in
+    notes: tuple  # the notes that do not depend on the shape
+    loss_per_token: tuple  # the standard loss's (forward, backward) bytes per token
+    full_grads: tuple | None  # full fine-tuning: per layer, its weight gradients, down_proj's, its MLP's; the rest
+
+
+def _settings(model: ModelSpec, train: TrainSpec) -> _Settings:
+    key = (id(model), train.variant(seq_len=0, batch_size=0))
+    hit = _SETTINGS.get(key)
+    if hit is not None and hit[0] is model:  # the same object (an id is reused once its model is freed)
+        return hit[1]
+    w = weights.weights(model, train)
+    tr = lora.trainable(model, train)
+    full = None
+    if train.method == "full":
+        gb = 4 if train.bits == 32 else DTYPES[train.compute_dtype]
+        layers = [layer for n, layer in model.layers for _ in range(n)]
+        full = (tuple(layer.params * gb for layer in layers),
+                tuple(next((lin.numel for lin in layer.linears if lin.name == "down_proj"), 0) * gb
+                      for layer in layers),
+                tuple((layer.params - sum(lin.numel for lin in layer.linears if lin.name in ATTENTION_LINEARS)) * gb
+                      for layer in layers),
+                model.other_params * gb)
+    out = _Settings(
+        weights=w, trainable=tr, states=optimizer.states(model, train, tr["params"], tr["bytes"]),
+        ends=lora.head_and_embedding_grads(model, train),
+        step_temporaries=optimizer.step_temporaries(train, tr["bytes"], model),
+        load_transient=weights.load_transient(model, train), largest_trainable=_largest_trainable(model, train),
+        config=key[1].to_dict(), notes=tuple(_shape_free_notes(model, train)),
+        loss_per_token=(loss_forward(model, train), loss_backward(model, train)), full_grads=full)
+    if len(_SETTINGS) >= SETTINGS_LIMIT:
+        _SETTINGS.clear()
+    _SETTINGS[key] = (model, out)
+    return out
+
+
 def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = None) -> Estimate:
     if overheads is None or overheads is default_overheads():  # uncalibrated: the replay-fitted allocator figure
         overheads = replay_overheads(model.model_type)
     T = train.batch_size * train.seq_len
-    w = weights.weights(model, train)
-    tr = lora.trainable(model, train)
-    states = optimizer.states(model, train, tr["params"], tr["bytes"])
+    fixed = _settings(model, train)
+    w, tr, states = fixed.weights, fixed.trainable, fixed.states
     grads = tr["bytes"]
     lora_bytes = 0 if train.method == "full" else tr["bytes"]  # full: the weights are the trainables
     comm = dict.fromkeys(("load", "forward_loss", "forward_layer", "backward_loss", "backward_layer", "optimizer"), 0)
@@ -129,7 +182,7 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
         from memplan.estimate import derived
 
         chosen, extra = derived.phase_components(model, train)
-        return _finish(model, train, overheads, tr, chosen, extra)
+        return _finish(model, train, overheads, fixed, chosen, extra)
     a = act_mod.activations(model, act_train)
 
     static = {**w, "lora": lora_bytes}
@@ -140,7 +193,9 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
     dora_all, dora_but_last = (sum(dora), sum(dora[:-1])) if dora else (0, 0)
 
     if train.loss == "standard":
-        loss_fwd, loss_bwd = T * loss_forward(model, act_train), T * loss_backward(model, act_train)
+        per_token = fixed.loss_per_token if act_train is train else (loss_forward(model, act_train),
+                                                                     loss_backward(model, act_train))
+        loss_fwd, loss_bwd = T * per_token[0], T * per_token[1]
     else:
         loss_fwd, loss_bwd = fused_loss(model, act_train, T)
     fwd_loss = _candidate(steady, activations=T * stored + dora_all, logits_loss=loss_fwd,
@@ -179,9 +234,12 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
         in_flight = comm.get("backward_first_layer", comm["backward_layer"]) if idx == 0 else comm["backward_layer"]
         start = _candidate(steady, gradients=done_grads, activations=kept + recompute,
                            temporaries=T * a.bwd_work_mlp + a.dequant_bytes, comm_buffers=in_flight)
-        attn_work = a.bwd_work_attn - (a.layer_saved[idx] - a.layer_saved_attn[idx])
-        attn = _candidate(steady, gradients=done_grads + mlp_grads, activations=kept + recompute,
-                          temporaries=T * attn_work + a.dequant_bytes, comm_buffers=in_flight)
+        # by the attention's backward the MLP's saved tensors are released: fewer activations (what of them the
+        # device does not hold, under offloading, comes off the working set)
+        freed = T * (a.layer_saved[idx] - a.layer_saved_attn[idx])
+        held = min(freed, kept + recompute)
+        attn = _candidate(steady, gradients=done_grads + mlp_grads, activations=kept + recompute - held,
+                          temporaries=T * a.bwd_work_attn - (freed - held) + a.dequant_bytes, comm_buffers=in_flight)
         start = max(start, attn, key=lambda c: sum(c.values()))
         if train.gradient_checkpointing and a.dora_bytes:  # the recompute runs DoRA's forward again
             start = max(start, _candidate(steady, gradients=done_grads, activations=kept + recompute,
@@ -205,17 +263,12 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
 
     # a trained output layer's gradient exists from the loss's backward on, a trained embedding's only after the
     # layers' (lora.head_and_embedding_grads); multi-GPU ranks keep the sharded total (parallel.py)
-    ends = lora.head_and_embedding_grads(model, train) if rank is None else {"head": 0, "embed": 0, "tied": False}
+    ends = fixed.ends if rank is None else {"head": 0, "embed": 0, "tied": False}
     if train.method == "full" and rank is None:  # a layer's weight gradients appear during its own backward:
         # at its start only the later layers', the head's and the final norm's exist; at the gated MLP's product
         # backward, down_proj's too
-        gb = 4 if train.bits == 32 else DTYPES[train.compute_dtype]
-        layers = [layer for n, layer in model.layers for _ in range(n)]
-        per_layer = [layer.params * gb for layer in layers]
-        down = [next((lin.numel for lin in layer.linears if lin.name == "down_proj"), 0) * gb for layer in layers]
-        mlp = [(layer.params - sum(lin.numel for lin in layer.linears if lin.name in ATTENTION_LINEARS)) * gb
-               for layer in layers]
-        done = ends["head"] + model.other_params * gb
+        per_layer, down, mlp, others = fixed.full_grads
+        done = ends["head"] + others
         bwd_last = layer_bwd(len(per_layer) - 1, done, down[-1], mlp[-1])
         bwd_first = layer_bwd(0, done + sum(per_layer[1:]), down[0], mlp[0])
     elif rank is not None:
@@ -241,29 +294,29 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
                                        activations=T * (a.fixed - a.final_norm),
                                        temporaries=(3 if unsharded["tied"] else 1) * unsharded["embed"],
                                        comm_buffers=comm["backward_embedding"]))
-    opt_step = _candidate(steady, gradients=grads, temporaries=optimizer.step_temporaries(train, grads, model),
-                          comm_buffers=comm["optimizer"])
+    step_tmp = fixed.step_temporaries if rank is None else optimizer.step_temporaries(train, grads, model)
+    opt_step = _candidate(steady, gradients=grads, temporaries=step_tmp, comm_buffers=comm["optimizer"])
     # multi-GPU: the load phase is the rank's shards after wrapping (how each launcher loads differs)
-    load = _candidate(static, temporaries=0 if rank else weights.load_transient(model, train),
-                      comm_buffers=comm["load"])
+    load = _candidate(static, temporaries=0 if rank else fixed.load_transient, comm_buffers=comm["load"])
 
     candidates = {"load": [load], "forward": forward, "backward": backward,
                   "optimizer": [opt_step]}
     chosen = {p: max(cs, key=lambda c: sum(c.values())) for p, cs in candidates.items()}
     host = host_mod.host_plan(model, act_train, a, states, T)
-    return _finish(model, train, overheads, tr, chosen, [], host, states, rank, act_train)
+    return _finish(model, train, overheads, fixed, chosen, [], host, states, rank, act_train)
 
 
-def _finish(model, train, overheads, tr, chosen: dict, extra_notes: list, host: dict | None = None,
+def _finish(model, train, overheads, fixed: _Settings, chosen: dict, extra_notes: list, host: dict | None = None,
             states: int = 0, rank=None, act_train: TrainSpec | None = None) -> Estimate:
     """The Estimate of the chosen candidate per phase: the peak is the largest phase."""
+    tr = fixed.trainable
     phase_components = {p: {k: c.get(k, 0) for k in COMPONENTS} for p, c in chosen.items()}
     phases = {p: sum(c.values()) for p, c in phase_components.items()}
     peak_phase = max(PHASES, key=lambda p: phases[p])
     peak = phases[peak_phase]
     device = overheads.device_bytes(peak)
-    per_param = optimizer.states(model, train, tr["params"], tr["bytes"]) / max(tr["params"], 1)
-    paged = host_mod.paging(train, phase_components, states, per_param, _largest_trainable(model, train))
+    per_param = fixed.states / max(tr["params"], 1)
+    paged = host_mod.paging(train, phase_components, states, per_param, fixed.largest_trainable)
     if paged:
         paged["floor_device_total_bytes"] = paged["floor_bytes"] + sum(overheads.device_bytes(paged["floor_bytes"])
                                                                        .values())
@@ -280,11 +333,14 @@ def _finish(model, train, overheads, tr, chosen: dict, extra_notes: list, host: 
                "ranks": "every rank holds the same bytes (shards padded to equal size)"}
         if host is not None:  # one node: each rank's offloaded activations and paged states, and the offloaded state
             host = host_mod.per_node(host, train.gpus, rank.host_bytes)
+    config = dict(fixed.config, seq_len=train.seq_len, batch_size=train.batch_size)  # train.to_dict()
+    shown = act_train or train
+    note_list = (list(fixed.notes) if shown is train else _shape_free_notes(model, shown)) + _shape_notes(model, shown)
     return Estimate(
-        model=model.name, params_total=model.total_params, params_trainable=tr["params"], config=train.to_dict(),
+        model=model.name, params_total=model.total_params, params_trainable=tr["params"], config=config,
         components=phase_components[peak_phase], phases=phases, phase_components=phase_components, peak_bytes=peak,
         peak_phase=peak_phase, device_overheads=device, device_total_bytes=peak + sum(device.values()),
-        overhead_source=overheads.source, notes=notes(model, act_train or train) + extra_notes, host=host or {},
+        overhead_source=overheads.source, notes=note_list + extra_notes, host=host or {},
         paging=paged, stack=stack(train.transformers), host_bytes=rank.host_bytes if rank else 0, parallel=par,
     )
 
@@ -299,7 +355,21 @@ def _largest_trainable(model: ModelSpec, train: TrainSpec) -> int:
     return max(sizes, default=0)
 
 
-def notes(model: ModelSpec, train: TrainSpec) -> list[str]:
+def _shape_notes(model: ModelSpec, train: TrainSpec) -> list[str]:
+    """The notes that depend on the sequence length."""
+    out = []
+    if train.transformers == 4 and train.attention == "sdpa" and act_mod.sdpa_gets_a_mask(model, train.seq_len, 4):
+        out.append("transformers 4.57: a batch without attention_mask gets a packed-sequence check that always "
+                   "builds a b·s² boolean mask, so SDPA runs the memory-efficient kernel with an explicit mask")
+    positions = model.hf_config.get("max_position_embeddings")
+    if positions and train.seq_len > positions and not _rope_covers(model, train.seq_len):
+        out.append(f"seq-len {train.seq_len:,} is beyond {model.name}'s max_position_embeddings ({positions:,}) "
+                   "and no rope_scaling in its config extends it: memory is estimated, but the model was not "
+                   "trained on such positions (quality degrades; add RoPE scaling, e.g. YaRN / linear, to train)")
+    return out
+
+
+def _shape_free_notes(model: ModelSpec, train: TrainSpec) -> list[str]:
     out = list(model.notes)  # how the config was read (hfconfig.py) and which parts were derived
     if train.upcast_applies:
         out.append("prepare_model_for_kbit_training casts non-quantized weights to fp32, so the residual stream, "
@@ -312,9 +382,6 @@ def notes(model: ModelSpec, train: TrainSpec) -> list[str]:
         out.append("transformers 5 stores MoE experts as 3-D parameters: bitsandbytes does not quantize them "
                    "(bitsandbytes issue #1849) and LoRA does not adapt them; --transformers 4 models the 4.x "
                    "nn.Linear experts")
-    if train.transformers == 4 and train.attention == "sdpa" and act_mod.sdpa_gets_a_mask(model, train.seq_len, 4):
-        out.append("transformers 4.57: a batch without attention_mask gets a packed-sequence check that always "
-                   "builds a b·s² boolean mask, so SDPA runs the memory-efficient kernel with an explicit mask")
     if (train.quantized and train.transformers == 5
             and any(not lin.quantizable for _, layer in model.layers for lin in layer.linears)):
         out.append(f"{model.model_type}'s linears subclass nn.Linear, which transformers' bitsandbytes integration "
@@ -333,11 +400,6 @@ def notes(model: ModelSpec, train: TrainSpec) -> list[str]:
                    "fp32 log-sum-exp per head and token (flash_attn_interface.py, flash_api.cpp)")
     if train.activation_offload != "off":
         out.append(_offload_note(train))
-    positions = model.hf_config.get("max_position_embeddings")
-    if positions and train.seq_len > positions and not _rope_covers(model, train.seq_len):
-        out.append(f"seq-len {train.seq_len:,} is beyond {model.name}'s max_position_embeddings ({positions:,}) "
-                   "and no rope_scaling in its config extends it: memory is estimated, but the model was not "
-                   "trained on such positions (quality degrades; add RoPE scaling, e.g. YaRN / linear, to train)")
     if any(layer.mlp == "moe" for _, layer in model.layers):
         out.append("MoE activations assume balanced routing (b*s*top_k token-slots)")
     return out

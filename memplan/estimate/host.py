@@ -24,12 +24,15 @@ Its cost: the evicted states cross the host link twice per step (out under press
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 from memplan.estimate.activations import Activations, Ctx
 from memplan.spec import ModelSpec, TrainSpec
 
 CKPT_DTYPE_BYTES = 2  # hub checkpoints of the catalog models are bf16 / fp16
 
 
+@lru_cache(maxsize=256)
 def _largest_param(model: ModelSpec) -> int:
     largest = max(model.embedding_params, model.lm_head_params)
     for _, layer in model.layers:

@@ -169,6 +169,12 @@ def _guarded(event):
     return run
 
 
+def _device_kind(param) -> str:
+    """"cuda" when the model's parameters are on a CUDA device (measured by torch.cuda's counters), else "cpu" (the
+    live-bytes tracker). tests/test_integrations_callback.py runs the CUDA branch on the CPU through this."""
+    return "cuda" if param.device.type == "cuda" else "cpu"
+
+
 class MemplanCallback(TrainerCallback):
     """Estimate, measure and compare a live run; warn before the longest batch; write a memplan profile.
 
@@ -221,7 +227,7 @@ class MemplanCallback(TrainerCallback):
         self.warnings = []
         self.args = args
         p = next(model.parameters())
-        self.device = "cuda" if p.device.type == "cuda" else "cpu"
+        self.device = _device_kind(p)
         cfg = model.config.to_dict()
         name = self.model_name or getattr(model.config, "name_or_path", None) or cfg.get("model_type", "model")
         self.model_spec = from_hf_config({k: v for k, v in cfg.items() if k != "quantization_config"},
