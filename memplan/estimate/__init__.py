@@ -228,7 +228,8 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
         mul_grads (down_proj's), the attention's backward comes after the whole MLP's (mlp_grads)."""
         kept = T * (sum(a.stored_per_layer[: idx + 1]) + a.fixed - a.final_norm)
         kept += sum(dora[: idx + 1]) if dora else 0
-        recompute = (a.layer_saved[idx] if train.gradient_checkpointing else 0) + a.reload
+        recompute_reload = a.reload_first if idx == 0 else a.reload
+        recompute = (a.layer_saved[idx] if train.gradient_checkpointing else 0) + recompute_reload
         recompute = T * recompute + (a.dora_saved[idx] if train.gradient_checkpointing and a.dora_saved else 0)
         in_flight = comm.get("backward_first_layer", comm["backward_layer"]) if idx == 0 else comm["backward_layer"]
         start = _candidate(steady, gradients=done_grads, activations=kept + recompute,
@@ -243,6 +244,11 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
         if train.gradient_checkpointing and a.dora_bytes:  # the recompute runs DoRA's forward again
             start = max(start, _candidate(steady, gradients=done_grads, activations=kept + recompute,
                                           temporaries=a.dora_bytes, comm_buffers=in_flight),
+                        key=lambda c: sum(c.values()))
+        if a.recompute_lora_add:  # the recompute at an adapted linear's LoRA add (activations._recompute_lora_add)
+            start = max(start, _candidate(steady, gradients=done_grads,
+                                          activations=kept + T * (a.recompute_lora_add[idx] + recompute_reload),
+                                          temporaries=T * a.bwd_work_h, comm_buffers=in_flight),
                         key=lambda c: sum(c.values()))
         reduce = comm.get("reduce_first_layer" if idx == 0 else "reduce_layer")
         if reduce:  # FSDP's post-backward: the layer's gradients and their reduce-scatter input (parallel.py)
