@@ -13,10 +13,13 @@
 #   OUTDIR/profiles.tar.gz    the memplan.profile/1 JSON files (unpack into profiles/)
 #   OUTDIR/profiles.csv       one row per run (docs/profile.md)
 #   OUTDIR/summary.json       one line per configuration: status, peaks, estimate error
-#   OUTDIR/multi_gpu/         with more than one GPU visible (nvidia-smi -L): `memplan profile --gpus 2` of a small
-#                             catalog model under FSDP2 and DDP (one process per GPU, NCCL), its profiles/ (every
-#                             rank's per-phase peaks), profiles.csv and multi_gpu.log; OUTDIR/multi_gpu_profiles.tar.gz
-#                             bundles them. With one GPU the section says it skipped and writes nothing.
+#   OUTDIR/multi_gpu/         `memplan profile --gpus N` of a small catalog model through `accelerate launch` (one
+#                             process per GPU, NCCL, the config file in each profile's run.launch): with more than one
+#                             GPU visible (nvidia-smi -L) 2 ranks under FSDP2 and DDP, with one GPU N = 1 FSDP2; its
+#                             profiles/ (every rank's per-phase peaks), profiles.csv and multi_gpu.log;
+#                             OUTDIR/multi_gpu_profiles.tar.gz bundles them.
+#   OUTDIR/callback/          MemplanCallback in a real Trainer run (scripts/gpu_callback.py): its CUDA branch's
+#                             per-phase allocated / reserved peaks beside the estimate, its profile, summary.json
 #
 # Environment:
 #   DEVICE=cuda|cpu   cpu = dry run of the same logic with tiny stand-in models (a few minutes on a laptop CPU)
@@ -26,8 +29,10 @@
 #   PYTHON=python3    the interpreter that has torch
 #   LIMIT=N           only the first N configurations of the plan
 #   TRACE=1           also run the meta trace in each child (CPU seconds per configuration)
-#   MULTI_MODEL=llama-3.2-1b   the multi-GPU section's model; MULTI_PARALLEL="fsdp ddp" its strategies (zero2 /
-#                     zero3 run DeepSpeed's engine if deepspeed is installed); MULTI_BUDGET_S=240 its share of BUDGET_S
+#   MULTI_MODEL=llama-3.2-1b   the multi-GPU section's model; MULTI_PARALLEL="fsdp ddp" its strategies ("fsdp" on
+#                     one GPU; zero2 / zero3 run DeepSpeed's engine through accelerate's DeepSpeed plugin if deepspeed is
+#                     installed); MULTI_BUDGET_S=240 its share of BUDGET_S
+#   CALLBACK_S=120    the Trainer callback run's share of BUDGET_S (0: skip it)
 #   ALLOC_CHECK=1     first, the caching-allocator check (scripts/gpu_allocator.py, ALLOC_BUDGET_S=240 of the
 #                     budget): real profiles with and without expandable_segments, each recording the allocator's
 #                     own trace (torch.cuda.memory._record_memory_history) into OUTDIR/snapshots.tar.gz, and
@@ -95,17 +100,21 @@ if [ "${ALLOC_CHECK:-0}" = 1 ]; then
     || echo "gpu_validate: allocator check exit status $?"
 fi
 
-# the multi-GPU section (issue #13) runs when more than one GPU is visible; DEVICE=cpu dry-runs it on gloo
+# the multi-GPU section (issue #13): 2 ranks when more than one GPU is visible, N = 1 FSDP2 on one GPU (both through
+# accelerate launch); DEVICE=cpu dry-runs it on gloo
 NGPU=0
 [ "$DEVICE" = cuda ] && NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ')
 MULTI=0
 MULTI_BUDGET_S=${MULTI_BUDGET_S:-240}
+RANKS=2
 if [ "$DEVICE" = cpu ] || [ "$NGPU" -gt 1 ]; then MULTI=1; fi
+if [ "$DEVICE" = cuda ] && [ "$NGPU" = 1 ]; then MULTI=1; RANKS=1; MULTI_PARALLEL=${MULTI_PARALLEL:-fsdp}; fi
 
 # the grid gets what is left of the budget after setup (and the multi-GPU section's share)
 SETUP=$(( $(date +%s) - START ))
 GRID_S=$(( BUDGET_S - SETUP ))
 [ "$MULTI" = 1 ] && [ "$DEVICE" = cuda ] && GRID_S=$(( GRID_S - MULTI_BUDGET_S ))
+[ "$DEVICE" = cuda ] && GRID_S=$(( GRID_S - ${CALLBACK_S:-120} ))
 echo "gpu_validate: setup took ${SETUP}s; grid budget ${GRID_S}s"
 args=("$OUTDIR" --device "$DEVICE" --budget "$GRID_S" --timeout "$TIMEOUT_S")
 [ -n "${LIMIT:-}" ] && args+=(--limit "$LIMIT")
@@ -130,9 +139,9 @@ if [ "$MULTI" = 1 ]; then
     margs=(--seq-len 128 --kernels gpu --threads 1)
   fi
   [ "${TRACE:-0}" = 1 ] || [ "$DEVICE" = cpu ] || margs+=(--no-trace)
-  echo "gpu_validate: multi-GPU section: $NGPU GPU(s) visible; $MODEL on 2 ranks: ${MULTI_PARALLEL:-fsdp ddp}"
+  echo "gpu_validate: multi-GPU section: $NGPU GPU(s) visible; $MODEL on $RANKS rank(s): ${MULTI_PARALLEL:-fsdp ddp}"
   for par in ${MULTI_PARALLEL:-fsdp ddp}; do
-    "$PYTHON" -m memplan profile "$MODEL" --device "$DEVICE" --gpus 2 --parallel "$par" --steps 3 \
+    "$PYTHON" -m memplan profile "$MODEL" --device "$DEVICE" --gpus "$RANKS" --parallel "$par" --steps 3 \
       --profiles "$MDIR/profiles" --csv "$MDIR/profiles.csv" --no-progress "${margs[@]}" 2>&1 \
       | tee -a "$MDIR/multi_gpu.log"
     echo "gpu_validate: multi-GPU $par exit status ${PIPESTATUS[0]}"
@@ -141,7 +150,12 @@ if [ "$MULTI" = 1 ]; then
     tar czf "$OUTDIR/multi_gpu_profiles.tar.gz" -C "$MDIR" profiles
   fi
 else
-  echo "gpu_validate: multi-GPU section skipped: $NGPU GPU visible (it needs 2 or more)"
+  echo "gpu_validate: multi-GPU section skipped: no GPU visible"
+fi
+# the Trainer callback (issue #14) on the device: its CUDA branch has only run against stand-in counters on the CPU
+if [ "${CALLBACK_S:-120}" -gt 0 ]; then
+  timeout "${CALLBACK_S:-120}" "$PYTHON" scripts/gpu_callback.py "$OUTDIR" --device "$DEVICE" 2>&1 | tail -20
+  echo "gpu_validate: callback exit status ${PIPESTATUS[0]}"
 fi
 ls -la "$OUTDIR"
 exit $rc

@@ -143,3 +143,30 @@ def test_moe_experts_stay_unquantized():
     experts = sum(n * layer.expert_params for n, layer in mix.layers)
     assert w["weights_unquantized"] >= experts * 4  # fp32 after the upcast
     assert any("MoE" in n for n in estimate(mix, TrainSpec()).notes)
+
+
+def test_the_settings_cache_never_changes_a_number():
+    """What estimate() keeps per model and settings (estimate/__init__.py _settings: everything but the shape) gives
+    the same estimate as computing it afresh: a seeded sample over every flag and catalog model, each at three
+    shapes one after another (the cache warm), then cold."""
+    import random
+    from dataclasses import replace
+
+    from memplan import estimate as est_mod
+    from memplan.catalog import models
+    from memplan.validation.sample import draw_configs
+
+    rng = random.Random(3)
+    names = [m["name"] for m in models().values() if not resolve_model(m["name"]).derived]
+    checked = 0
+    for index, name, train in draw_configs(4321, names):
+        model = resolve_model(name)
+        for _ in range(3):
+            t = replace(train, seq_len=rng.choice([64, 1000, 9000]), batch_size=rng.choice([1, 2, 5]))
+            warm = estimate(model, t).to_dict()
+            est_mod._SETTINGS.clear()
+            assert estimate(model, t).to_dict() == warm, (name, t)
+            checked += 1
+        if index >= 60:
+            break
+    assert checked >= 150

@@ -175,6 +175,17 @@ TINY_FALCON = {"model_type": "falcon", "hidden_size": 256, "num_hidden_layers": 
                "parallel_attn": True, "bias": False}
 
 
+TINY_NEOX = {"model_type": "gpt_neox", "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 2,
+             "num_attention_heads": 8, "vocab_size": 500, "hidden_act": "gelu_fast", "rotary_pct": 0.25,
+             "use_parallel_residual": True, "max_position_embeddings": 2048, "tie_word_embeddings": False}
+
+TINY_QWEN3 = {**TINY_LLAMA, "model_type": "qwen3", "head_dim": 32}
+TINY_QWEN3_MOE = {"model_type": "qwen3_moe", "hidden_size": 256, "intermediate_size": 512, "moe_intermediate_size": 128,
+                  "num_experts": 8, "num_experts_per_tok": 2, "num_hidden_layers": 2, "num_attention_heads": 8,
+                  "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 500, "max_position_embeddings": 4096,
+                  "tie_word_embeddings": False, "decoder_sparse_step": 1, "mlp_only_layers": []}
+
+
 @pytest.mark.parametrize("cfg,train,tol", [
     # tied embeddings under full fine-tuning: the head's V x H gradient waits for the embedding's, and the two are
     # summed out of place (before: -25%)
@@ -187,9 +198,31 @@ TINY_FALCON = {"model_type": "falcon", "hidden_size": 256, "num_hidden_layers": 
     (TINY_LLAMA, TrainSpec(seq_len=64, dora=True), 0.01),
     # Falcon's eager softmax in the activations' dtype (before: +13%; the tiny model's fixed costs stay)
     (TINY_FALCON, TrainSpec(seq_len=256, bits=16, attention="eager"), 0.05),
-    # LLM.int8 inputs held in MatMul8bitLt's ctx stay on the device under offloading (before: -18%)
-    (TINY_LLAMA, TrainSpec(seq_len=128, bits=8, gradient_checkpointing=False, activation_offload="all"), 0.04),
-], ids=["tied-full", "tied-full-liger", "adafactor", "dora", "falcon-eager", "int8-offload"])
+    # LLM.int8 inputs held in MatMul8bitLt's ctx stay on the device under offloading (before: -18%). -5.1% left:
+    # the tiny model's backward working set (temporaries 2.5 MB traced, 1.2 MB estimated); the first layer's
+    # unsaved norm input, counted on the device until the first-layer rule below, used to hide part of it
+    (TINY_LLAMA, TrainSpec(seq_len=128, bits=8, gradient_checkpointing=False, activation_offload="all"), 0.055),
+    # Falcon's eager forward holds 3 score-sized tensors in the activations' dtype at its softmax (before: +18%)
+    (TINY_FALCON, TrainSpec(seq_len=1024, batch_size=2, bits=16, attention="eager", gradient_checkpointing=False),
+     0.025),
+    # GPT-NeoX's gelu_fast saves 6 more MLP-wide tensors (before: -24%)
+    (TINY_NEOX, TrainSpec(seq_len=128, bits=16, lora_targets="qv"), 0.04),
+    # bf16 activations into fp16 adapters: each adapted linear copies its input (same size, other dtype), and the
+    # bf16 + fp16 LoRA sum is fp32, also in the checkpointed recompute (before: -10%)
+    (TINY_LLAMA, TrainSpec(seq_len=512, bits=16, lora_dtype="fp16"), 0.01),
+    # full fine-tuning: each RMSNorm's trained weight saves the normalized input, Qwen3's q/k norms too (before:
+    # -11%; the rest is the full fine-tune's MLP product backward, dp beside both factors' gradients)
+    (TINY_QWEN3, TrainSpec(seq_len=512, bits=32, method="full", optimizer="sgd", gradient_checkpointing=False),
+     0.045),
+    # full fine-tuning of transformers 5's 3-D experts: each grouped_mm saves its input (before: -19%)
+    (TINY_QWEN3_MOE, TrainSpec(seq_len=512, bits=16, method="full", optimizer="sgd", gradient_checkpointing=False),
+     0.06),
+    # offload all, no checkpointing: the first layer (no input grad) saves its fp32 probabilities once, so they go
+    # to the host; TRL's dedupe keeps them on the device in the other layers (before: +31%)
+    (TINY_LLAMA, TrainSpec(seq_len=1024, bits=32, attention="eager", gradient_checkpointing=False,
+                           activation_offload="all", lora_targets=("v_proj", "up_proj")), 0.02),
+], ids=["tied-full", "tied-full-liger", "adafactor", "dora", "falcon-eager", "int8-offload", "falcon-eager-softmax",
+        "neox-gelu-fast", "lora-fp16-on-bf16", "full-rmsnorm-weight", "full-moe-experts", "offload-first-layer"])
 def test_estimate_causes_found_by_the_random_sample(cfg, train, tol):
     err, t, e = _errors(cfg, train)
     assert abs(err) <= tol, (err, t.components, e.components)

@@ -35,8 +35,8 @@ def register(subparsers) -> None:
                     "configuration, measure every phase, and print measured vs estimate (and trace). "
                     "Weights are random, written from the config (memory does not depend on weight values), "
                     "or your own safetensors checkpoint with --weights. With --gpus N, one process per rank "
-                    "(torchrun-style; FSDP2 / DDP, or DeepSpeed ZeRO on CUDA; NCCL on CUDA, gloo on the CPU) and "
-                    "every rank's peaks in one profile. Sizes are GiB (2^30 bytes).")
+                    "through accelerate launch and a config file made from the flags (FSDP2 / DDP, or DeepSpeed "
+                    "ZeRO on CUDA; NCCL on CUDA, gloo on the CPU) and every rank's peaks in one profile. Sizes are GiB (2^30 bytes).")
     p.add_argument("model", nargs="*", metavar="MODEL",
                    help="catalog name, config.json path or model folder (comma-separated or several: a grid); "
                         "optional with --weights")

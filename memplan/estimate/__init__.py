@@ -220,7 +220,8 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
         mul_grads (down_proj's), the attention's backward comes after the whole MLP's (mlp_grads)."""
         kept = T * (sum(a.stored_per_layer[: idx + 1]) + a.fixed - a.final_norm)
         kept += sum(dora[: idx + 1]) if dora else 0
-        recompute = (a.layer_saved[idx] if train.gradient_checkpointing else 0) + a.reload
+        recompute_reload = a.reload_first if idx == 0 else a.reload
+        recompute = (a.layer_saved[idx] if train.gradient_checkpointing else 0) + recompute_reload
         recompute = T * recompute + (a.dora_saved[idx] if train.gradient_checkpointing and a.dora_saved else 0)
         in_flight = comm.get("backward_first_layer", comm["backward_layer"]) if idx == 0 else comm["backward_layer"]
         start = _candidate(steady, gradients=done_grads, activations=kept + recompute,
@@ -244,15 +245,15 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
         own = lora.layer_adapter_bytes(model, train, model.layers[0][1]) if idx == 0 and rank is None else 0
         for d in a.dora_layers[idx] if a.dora_layers else ():  # each DoRA linear's backward (dora.py)
             if train.gradient_checkpointing:  # the recomputed layer's set up to this linear
-                here = kept + T * (d.through - d.layer_input + a.reload) + d.weight_before + d.weight
+                here = kept + T * (d.through - d.layer_input + recompute_reload) + d.weight_before + d.weight
             elif train.activation_offload != "off":  # the layer's set is on the host, brought back node by node
-                here = kept + T * a.reload
+                here = kept + T * recompute_reload
             else:  # the layer's set but what the ops after this linear saved (their backward ran)
                 here = kept - T * d.after - (dora[idx] - d.weight_before - d.weight if dora else 0)
             start = max(start, _candidate(steady, gradients=done_grads - own, activations=here, temporaries=T * d.bwd,
                                           comm_buffers=in_flight), key=lambda c: sum(c.values()))
             if train.gradient_checkpointing:  # the recompute runs its forward again, its eye saved this time
-                before = kept + T * (d.through - d.layer_input + a.reload) + d.weight_before
+                before = kept + T * (d.through - d.layer_input + recompute_reload) + d.weight_before
                 start = max(start, _candidate(steady, gradients=done_grads - own, activations=before,
                                               temporaries=T * (d.fwd_norm + d.pre_grads) + d.norm_abs,
                                               comm_buffers=in_flight),
@@ -260,6 +261,11 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
                                        temporaries=T * ((d.stop or d.fwd) + d.pre_grads) + d.held_abs,
                                        comm_buffers=in_flight),
                             key=lambda c: sum(c.values()))
+        if a.recompute_lora_add:  # the recompute at an adapted linear's LoRA add (activations._recompute_lora_add)
+            start = max(start, _candidate(steady, gradients=done_grads,
+                                          activations=kept + T * (a.recompute_lora_add[idx] + recompute_reload),
+                                          temporaries=T * a.bwd_work_h, comm_buffers=in_flight),
+                        key=lambda c: sum(c.values()))
         reduce = comm.get("reduce_first_layer" if idx == 0 else "reduce_layer")
         if reduce:  # FSDP's post-backward: the layer's gradients and their reduce-scatter input (parallel.py)
             start = max(start, _candidate(steady, gradients=done_grads, activations=kept, comm_buffers=reduce),

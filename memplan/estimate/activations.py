@@ -29,7 +29,7 @@ Backward working sets use the few coefficients in coefficients.json, fitted agai
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -61,12 +61,14 @@ class Ctx:
     s: int  # sequence length (eager scores are s wide)
     attention: str  # the attention that runs (see effective_attention)
     liger: bool = False  # Liger's RMSNorm / SwiGLU (memplan/trace/liger.py has their saved tensors)
+    gemma_norm: bool = False  # Gemma's RMSNorm multiplies in fp32 by (1 + weight)
 
     @staticmethod
     def of(train: TrainSpec, model: ModelSpec | None = None) -> "Ctx":
         return Ctx(e=unquantized_dtype_bytes(train), c=DTYPES[train.compute_dtype], lb=DTYPES[train.lora_dtype],
                    r=train.lora_r, dropout=train.lora_dropout > 0, method=train.method, train=train, s=train.seq_len,
-                   attention=effective_attention(model, train) if model else train.attention, liger=train.liger)
+                   attention=effective_attention(model, train) if model else train.attention, liger=train.liger,
+                   gemma_norm=bool(model) and model.model_type.startswith("gemma"))
 
     def dtype_of(self, nbytes: int) -> str:
         """The dtype name of a tensor of `nbytes` per element: the stream's, or else the compute dtype."""
@@ -155,6 +157,12 @@ class Saved:
         return sum(self.size[n] for n, g in self.kept.items() if group is None or g == group)
 
 
+def _casts(train: TrainSpec, in_bytes: int) -> bool:
+    """PEFT's _cast_input_dtype copies a LoRA linear's input whenever its dtype is not the adapter's: by name, so
+    bf16 activations into fp16 adapters (same size) are copied too. 2-byte inputs are in the compute dtype."""
+    return ("fp32" if in_bytes == 4 else train.compute_dtype) != train.lora_dtype
+
+
 def _linear(sv: Saved, ctx: Ctx, lin: Linear, x: str, in_bytes: int, group: str) -> str:
     """Run one (possibly LoRA-adapted) linear on tensor x; returns its output's name."""
     if ctx.train.bits == 8 and lin.quantizable:
@@ -171,7 +179,7 @@ def _linear(sv: Saved, ctx: Ctx, lin: Linear, x: str, in_bytes: int, group: str)
         if ctx.dropout:
             sv.new(f"{lin.name}.drop", lin.in_features * ctx.lb, group)
             sv.new(f"{lin.name}.mask", lin.in_features, group)
-        elif ctx.lb != in_bytes:
+        elif _casts(ctx.train, in_bytes):
             sv.new(f"{lin.name}.cast", lin.in_features * ctx.lb, group)
         else:
             sv.keep(x, group)
@@ -200,6 +208,9 @@ def _norm(sv: Saved, ctx: Ctx, x: str, h: int, kind: str, group: str, name: str)
             sv.new(f"{name}.x32", 4 * h, group)
             sv.keep(f"{name}.x32", group)
         sv.new(f"{name}.rstd", 4, group)
+        if ctx.method == "full":  # a trained weight: `weight * normed` saves the normalized input for its gradient
+            # (LlamaRMSNorm: in the activations' dtype after .to(input_dtype); Gemma's (1 + weight) * x: fp32)
+            sv.new(f"{name}.normed", h * (4 if ctx.gemma_norm else ctx.e), group)
     return sv.tensor(f"{name}.out", h * ctx.e)
 
 
@@ -264,8 +275,9 @@ def _attention(sv: Saved, ctx: Ctx, model: ModelSpec, layer: LayerSpec, x_norm: 
         sv.keep(q, "attn")
         if softcapped(model):  # tanh(scores / cap) saves its output
             sv.new("scores.tanh", a * ctx.s * e, "attn")
-        if _softmax_in_dtype(model):
-            sv.new("probs", a * ctx.s * e, "attn")  # saved by softmax and by probs @ v
+        if _softmax_in_dtype(model):  # one storage saved by softmax (its result) and by probs @ v's bmm (self):
+            sv.new("probs", a * ctx.s * e, "attn")  # offloading's dedupe keeps the second save on the device
+            sv.keep("probs", "attn")
         else:
             sv.new("probs.fp32", a * ctx.s * 4, "attn")  # softmax(dtype=float32) saves its result
             if e != 4:
@@ -286,6 +298,13 @@ def _opt_dropout(model: ModelSpec) -> bool:
     return model.model_type == "opt" and bool(model.hf_config.get("dropout", 0.1))
 
 
+# transformers' tanh-GELU approximations written as chains of elementwise ops (activations.py, 5.24) save more than
+# their input: FastGELUActivation ("gelu_fast": 0.5*x*(1+tanh(x*c*(1+0.044715*x*x)))) keeps 6 more tensors of x's
+# size (0.5*x, x*c, 0.044715*x, 1+..., tanh's output, 1+tanh), NewGELUActivation ("gelu_new") 3 (tanh's output,
+# 0.5*x, 1+tanh); counted with saved_tensors_hooks on CPU. "gelu_pytorch_tanh" and "gelu" are one op saving x.
+_TANH_GELU_SAVED = {"gelu_fast": 6, "gelu_new": 3}
+
+
 def _dense_mlp(sv: Saved, ctx: Ctx, layer: LayerSpec, x_norm: str, hidden_act: str, group="mlp") -> str:
     lins = {lin.name: lin for lin in layer.linears}
     e = ctx.e
@@ -298,12 +317,8 @@ def _dense_mlp(sv: Saved, ctx: Ctx, layer: LayerSpec, x_norm: str, hidden_act: s
         else:
             sv.keep(f, group)
             act = sv.tensor("mlp.act", up.out_features * e)
-            # transformers' python-level GELU approximations (activations.py 5.24) save their intermediates:
-            # FastGELUActivation 0.5*x * (1 + tanh(x*c * (1 + 0.044715*x*x))): 0.044715*x, x*c, 1 + ..., tanh's
-            # output, 0.5*x and 1 + tanh (each product saves both factors); NewGELUActivation (pow, no x*x
-            # product): tanh's output, 0.5*x and 1 + tanh. The output is down's input, a local.
-            for k in range(_GELU_SAVED.get(hidden_act, 0)):
-                sv.new(f"mlp.gelu{k}", up.out_features * e, group)
+            for j in range(_TANH_GELU_SAVED.get(hidden_act, 0)):
+                sv.new(f"mlp.gelu.{j}", up.out_features * e, group)
         return _linear(sv, ctx, down, act, e, group)
     fused = lins.get("gate_up_proj")
     if fused:  # Phi-3: gate and up are views of one output; act saves the view (the whole storage)
@@ -321,9 +336,6 @@ def _dense_mlp(sv: Saved, ctx: Ctx, layer: LayerSpec, x_norm: str, hidden_act: s
         sv.new("mlp.act", i * e, group)  # act(gate), saved by the product
     m = sv.tensor("mlp.prod", i * e)
     return _linear(sv, ctx, lins["down_proj"], m, e, group)
-
-
-_GELU_SAVED = {"gelu_fast": 6, "gelu_new": 3}
 
 
 def _moe(sv: Saved, ctx: Ctx, model: ModelSpec, layer: LayerSpec, x_norm: str) -> None:
@@ -353,7 +365,10 @@ def _moe(sv: Saved, ctx: Ctx, model: ModelSpec, layer: LayerSpec, x_norm: str) -
     else:
         # per token-slot: gate_up output (act saves the gate view), act output, the expert output scaled by its
         # routing weight (mul saves it), token / slot indices (int64) and the gathered routing weight
-        sv.new("experts", k * (2 * mi * e + mi * e + h * e + 8 + 8 + e), "mlp")
+        slot = 2 * mi * e + mi * e + h * e + 8 + 8 + e
+        if ctx.method == "full":  # trained 3-D experts: each grouped_mm (integrations/moe.py 5.24) saves its input
+            slot += h * e + mi * e  # for the weight gradient: selected_hidden_states and the act(gate) * up product
+        sv.new("experts", k * slot, "mlp")
     lins = {lin.name: lin for lin in layer.linears}
     if "shared_expert_gate" in lins:  # Qwen2-MoE: a dense shared expert scaled by sigmoid(shared_expert_gate(x))
         out = _dense_mlp(sv, ctx, layer, x_norm, "silu")
@@ -439,8 +454,13 @@ def _int8_held(model: ModelSpec, layer: LayerSpec, train: TrainSpec, checkpointe
     return sum(sv.size[n] for n in sv.int8_inputs if n != "x" and (checkpointed or n not in sv.kept))
 
 
+_QK = {"q_proj", "k_proj", "qkv_proj", "query_key_value"}  # linears whose LoRA makes the attention scores need a grad
+_V = {"v_proj", "qkv_proj", "query_key_value"}
+
+
 @lru_cache(maxsize=4096)
-def _offload_split(model: ModelSpec, layer: LayerSpec, train: TrainSpec, tokens: int) -> tuple[int, int]:
+def _offload_split(model: ModelSpec, layer: LayerSpec, train: TrainSpec, tokens: int,
+                   no_input_grad: bool = False) -> tuple[int, int]:
     """--activation-offload all without checkpointing (TRL OffloadActivations' rules, memplan/trace/offload.py):
     (bytes per token a layer keeps on the device, bytes per token brought back at once in its backward).
     Kept: a storage saved a second time while its first copy is in flight (TRL's storage-key dedupe keeps that
@@ -448,8 +468,17 @@ def _offload_split(model: ModelSpec, layer: LayerSpec, train: TrainSpec, tokens:
     lives until the autograd node after the one that unpacked it finishes: the layer's two largest saved tensors."""
     sv = layer_saved(model, layer, Ctx.of(train, model))
     kept = [n for n in sv.kept if n != "x" or sv.kept.get("x")]
-    device = sum(sv.size[n] for n in kept if n in sv.shared or sv.size[n] * tokens < 1024)
-    largest = sorted((sv.size[n] for n in kept if n not in sv.shared), reverse=True)[:2]
+    shared = set(sv.shared)
+    if no_input_grad:  # the first layer, its input a frozen embedding's output (no checkpointing: nothing calls
+        # enable_input_require_grads): an op whose inputs need no gradient saves nothing, so the input norm saves
+        # once or not at all; softmax saves its result only if q or k is adapted (the scores need a gradient),
+        # probs @ v's bmm saves the probabilities only if v is (derivatives.yaml, bmm: self for mat2's grad)
+        shared -= {"x", "norm1.x32"}
+        adapted = {lin.name for lin in layer.linears if is_target(lin, train)}
+        if not (adapted & _QK and adapted & _V):
+            shared -= {"probs", "probs.fp32"}
+    device = sum(sv.size[n] for n in kept if n in shared or sv.size[n] * tokens < 1024)
+    largest = sorted((sv.size[n] for n in kept if n not in shared), reverse=True)[:2]
     # TRL's forward stash (its 5 newest packs stay on the device while they stream out) is left out: its window
     # counts every pack, parameters and kept references too, which this per-layer saved set does not order;
     # counting 5 offloaded tensors overstated the sampled peaks (tests/test_toolbox.py offload-all-nockpt: +7%)
@@ -484,6 +513,9 @@ class Activations:
     # activation offloading (memplan/estimate/offload.py): per token
     host_per_layer: tuple = ()  # what each layer's saved set puts in pinned host memory
     reload: int = 0  # brought back to the device during one layer's backward
+    reload_first: int = 0  # ... during the first layer's (its saved set differs: _offloaded)
+    recompute_lora_add: list = field(default_factory=list)  # per layer, checkpointed: _recompute_lora_add
+    bwd_work_h: int = 0  # the residual stream's gradients alive while a layer recomputes (coefficients mlp_h)
 
 
 def activations(model: ModelSpec, train: TrainSpec) -> Activations:
@@ -495,7 +527,7 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     ctx = Ctx.of(train, model)
     k = coefficients()["backward"]
     h, e = model.hidden_size, ctx.e
-    stored, saved, saved_attn, mul_freed, mul_work, int8_device = [], [], [], [], [], []
+    stored, saved, saved_attn, mul_freed, mul_work, int8_device, lora_add = [], [], [], [], [], [], []
     dora_layers: list = []
     attn_out: list = []
     # per-token layer figures do not depend on batch, optimizer or (for fused attention) sequence length
@@ -508,6 +540,7 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
         total, attn, x_kept, freed, work = _layer_totals(model, layer, layer_key)
         mul_freed += [freed] * n
         mul_work += [work] * n
+        lora_add += [_recompute_lora_add(model, layer, layer_key)] * n
         saved += [total] * n
         saved_attn += [attn] * n
         dora_layers += [_dora_layer(model, layer, layer_key)] * n
@@ -524,7 +557,7 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
         widest = max(widest, i)
         if train.gradient_checkpointing:
             ends.append(_recompute_end(model, layer, layer_key))
-        if train.method == "lora" and ctx.lb != e:  # PEFT casts an adapted linear's input to the adapter dtype:
+        if train.method == "lora" and _casts(train, e):  # PEFT casts an adapted linear's input to the adapter dtype:
             cast = max([cast] + [lin.in_features * ctx.lb for lin in layer.linears if is_target(lin, train)])
     # rotary cos / sin are (1, s, head_dim): per sequence position, shared by the batch
     final_norm = h * e + (8 if model.model_type in ("falcon", "gpt_neox", "opt") else 4)
@@ -536,7 +569,11 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     # eager: the scaled (and masked) scores beside softmax's fp32 output, then that output beside its cast to the
     # activations' dtype; fp32 activations make the cast a no-op, so two fp32 score tensors at most
     eager = model.num_heads * train.seq_len * (2 * e + 4 if e != 4 else 8) if ctx.attention not in FUSED else 0
+    if ctx.attention == "eager" and _softmax_in_dtype(model):
+        eager = _falcon_eager_forward(model, train, e)
     fwd_transient = widest * (e + ctx.c) + h * ctx.c + eager
+    promoted = _lora_sum_promoted(model, train)
+    fwd_transient += promoted
     bwd_mlp = int(k["mlp_h"] * h * e + k["mlp_i"] * widest * e) + cast  # a copy alive beside the recompute
     dequant_work = 0
     if ends and None not in ends:  # what the recompute's frames and the first gradients hold, term by term
@@ -544,11 +581,13 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
         # later, the last linear's base backward dequantizes its weight: the residual gradient and the input
         # gradient it makes (MatMul4Bit / MatMul8bitLt backward) beside it; the frames are gone
         dequant_work = max(h * e + layer.linears[-1].in_features * e for _, layer in model.layers)
+    else:
+        bwd_mlp += promoted if train.gradient_checkpointing else 0  # the recompute adds again
     bwd_attn = int(k["attn_h"] * h * e + k["attn_qkv"] * (model.num_heads + 2 * model.num_kv_heads) * model.head_dim * e
                    + (eager_softmax_backward(model, train, e) if ctx.attention not in FUSED else 0))
     dequant = max_quantized_numel(model, train) * ctx.c if train.quantized else 0
     tail = _moe_tail(model, model.layers[-1][1], layer_key)
-    host, reload = (), 0
+    host, reload = (), (0, 0)
     if train.activation_offload != "off":
         stored, host, reload = _offloaded(model, train, layer_key, stored, h * e)
         stored = [d + i for d, i in zip(stored, int8_device)]
@@ -556,7 +595,55 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     return Activations(stored, saved, saved_attn, fixed, final_norm, fwd_transient, bwd_mlp, bwd_attn, mul_freed,
                        mul_work, dequant, dora_saved if any(dora_saved) else (), tuple(dora_layers),
                        dequant_work=dequant_work, attn_out_saved=tuple(attn_out), moe_tail=tail,
-                       host_per_layer=host, reload=reload)
+                       host_per_layer=host, reload=reload[0], reload_first=reload[1],
+                       recompute_lora_add=lora_add if train.gradient_checkpointing else [],
+                       bwd_work_h=int(k["mlp_h"] * h * e))
+
+
+@lru_cache(maxsize=4096)
+def _recompute_lora_add(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> int:
+    """A checkpointed layer's recompute (in backward) as it reaches an adapted linear's LoRA add, per token: what the
+    recompute has saved so far (the saved set in forward order, up to that linear's lora_A output) plus the add's
+    tensors. bitsandbytes' LoRA layers (peft/tuners/lora/bnb.py 0.21, Linear4bit / Linear8bitLt.forward): the base
+    result, the LoRA output cast to its dtype and scaled, and their sum, three output-wide tensors in the result's
+    dtype; PEFT's plain Linear (layer.py): result, scaled LoRA output and the sum in their promoted dtype. The input
+    cast to the adapter dtype is a local still alive. The widest such moment of the layer; 0 without LoRA."""
+    ctx = Ctx.of(train, model)
+    if train.method != "lora" or train.dora:
+        return 0
+    sv = layer_saved(model, layer, ctx)
+    order = [n for n in sv.kept if n != "x"]
+    e = ctx.e
+    result = "fp32" if e == 4 else train.compute_dtype
+    best = 0
+    for lin in layer.linears:
+        if not is_target(lin, train) or f"{lin.name}.A" not in sv.kept:
+            continue
+        before = sum(sv.size[n] for n in order[: order.index(f"{lin.name}.A") + 1])
+        if train.quantized and lin.quantizable:
+            add = 3 * e
+        else:
+            promoted = 4 if {result, train.lora_dtype} == {"fp16", "bf16"} else max(e, ctx.lb)
+            add = e + ctx.lb + max(ctx.lb, promoted)
+        cast = lin.in_features * ctx.lb if _casts(train, e) else 0
+        best = max(best, before + lin.out_features * add + cast)
+    return best
+
+
+def _lora_sum_promoted(model: ModelSpec, train: TrainSpec) -> int:
+    """PEFT's plain LoRA Linear (peft/tuners/lora/layer.py 0.21, Linear.forward; a 16/32-bit or unquantizable base)
+    adds `result + lora_B(lora_A(x)) * scaling` in the two operands' promoted dtype before `.to(result dtype)`.
+    bf16 + fp16 promotes to fp32, wider than both: the add holds the base output, the scaled LoRA output and a
+    4-byte sum, 2 bytes per output element more than with matching dtypes, in the widest adapted linear. (The
+    bitsandbytes LoRA layers cast the LoRA output to the result dtype before adding: bnb.py.) Per token."""
+    if train.method != "lora" or train.dora:
+        return 0
+    result = "fp32" if unquantized_dtype_bytes(train) == 4 else train.compute_dtype
+    if {result, train.lora_dtype} != {"fp16", "bf16"}:
+        return 0
+    widths = [lin.out_features for _, layer in model.layers for lin in layer.linears
+              if is_target(lin, train) and not (train.quantized and lin.quantizable)]
+    return 2 * max(widths, default=0)
 
 
 @lru_cache(maxsize=4096)
@@ -643,16 +730,22 @@ def _offloaded(model: ModelSpec, train: TrainSpec, layer_key: TrainSpec, stored:
     if train.gradient_checkpointing:
         leaf = train.method == "lora" and "embed_tokens" not in train.modules_to_save
         device = [x_bytes if (i == 0 and leaf) else 0 for i in range(len(stored))]
-        return device, tuple(stored), x_bytes
-    device, host, reload = [], [], 0
+        return device, tuple(stored), (x_bytes, x_bytes)
+    device, host, reload, first_back = [], [], 0, 0
     tokens = train.batch_size * train.seq_len
-    for n, layer in model.layers:
-        kept, back = _offload_split(model, layer, layer_key, tokens)
+    input_grad = train.method == "full" or "embed_tokens" in train.modules_to_save
+    for i, (n, layer) in enumerate(model.layers):
         total, _, x_kept = _layer_totals(model, layer, layer_key)[:3]
-        device += [kept] * n
-        host += [total + x_kept - kept] * n
-        reload = max(reload, back)
-    return device, tuple(host), reload
+        for first in ([True, False] if i == 0 else [False])[:n]:
+            kept, back = _offload_split(model, layer, layer_key, tokens, first and not input_grad)
+            m = 1 if first else n - (1 if i == 0 else 0)
+            device += [kept] * m
+            host += [total + x_kept - kept] * m
+            if first:
+                first_back = back
+            else:
+                reload = max(reload, back)
+    return device, tuple(host), (reload if len(device) > 1 else first_back, first_back)
 
 
 
@@ -662,6 +755,16 @@ def _softmax_in_dtype(model: ModelSpec) -> bool:
     F.softmax(scores + mask, dim=-1, dtype=hidden_states.dtype) (transformers/models/falcon/modeling_falcon.py,
     FalconAttention.forward, 5.24); the other eager paths take it in fp32 and cast back."""
     return model.model_type == "falcon" and not model.hf_config.get("alibi", False)
+
+
+def _falcon_eager_forward(model: ModelSpec, train: TrainSpec, e: int) -> int:
+    """Falcon's eager attention at its softmax, per token (modeling_falcon.py 5.24, FalconAttention.forward): the
+    scores (q @ k^T, scaled in place), scores + mask, and the softmax output, all in the activations' dtype (3 a·s·e).
+    FalconModel.forward keeps each block's return value (`outputs = block(...)`: output and attn_weights, the
+    probabilities) until the next block returns, so under checkpointing, where nothing inside a layer is saved, the
+    previous layer's probabilities are alive through this layer's forward too; without it they are saved anyway."""
+    n = 3 + (1 if train.gradient_checkpointing and model.num_layers > 1 else 0)
+    return n * model.num_heads * train.seq_len * e
 
 
 def eager_softmax_backward(model: ModelSpec, train: TrainSpec, e: int) -> int:

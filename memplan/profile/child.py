@@ -6,8 +6,8 @@ job["output"] atomically (runner.run_job) and prints progress lines starting wit
 Exit status: 0 for ok/oom, 3 for error, 130 for interrupted, 4 when the parent is gone (nothing written); a rank
 of a multi-GPU run exits 5 for oom, so that its launcher stops the ranks waiting for it in a collective.
 
-With --gpus N (a strategy other than none) the child is the launcher of N rank processes
-(memplan.profile.multi), each of which runs this same main() on its rank's job.
+With --gpus N (a strategy other than none) the child is the launcher of N rank processes (memplan.profile.multi:
+`accelerate launch -m memplan.profile.multi JOB.json`), each of which runs this same run_file() on its rank's job.
 
 The child dies with its parent: on Linux it asks the kernel for SIGKILL when the parent exits
 (prctl PR_SET_PDEATHSIG), then checks that the parent named in the job (job["parent_pid"]) is still its parent
@@ -23,12 +23,18 @@ import warnings
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    return run_file(sys.argv[1:] if argv is None else argv)
+
+
+def run_file(argv: list[str], fill=None) -> int:
+    """Run the job in argv[0]; fill(job) completes it first (a rank: its RANK from accelerate launch)."""
     if len(argv) != 1:
         print("usage: python -m memplan.profile.child JOB.json", file=sys.stderr)
         return 2
     with open(argv[0]) as f:
         job = json.load(f)
+    if fill is not None:
+        job = fill(job)
     die_with_parent()
     if orphaned(job):
         print("memplan: the parent grid is gone; not running", file=sys.stderr)
@@ -57,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         profile = launch(job)
     else:
         profile = run_job(job)
-    if job.get("dist") is not None:  # a rank: any end but ok makes its launcher stop the others (multi.supervise)
+    if job.get("dist") is not None:  # a rank: any end but ok makes torchrun's agent stop the others
         return {"ok": 0, "oom": 5, "interrupted": 130}.get(profile["status"], 3)
     return {"ok": 0, "oom": 0, "interrupted": 130}.get(profile["status"], 3)
 
@@ -84,9 +90,20 @@ def die_with_parent() -> bool:
 
 
 def orphaned(job: dict) -> bool:
-    """True if the grid process that started this child is no longer its parent."""
+    """True if the grid process that started this child is no longer its parent; for a rank (whose parent is
+    accelerate launch's torchrun agent), if the memplan launcher that started accelerate launch is gone."""
     parent = job.get("parent_pid")
-    return parent is not None and os.getppid() != int(parent)
+    if parent is not None and os.getppid() != int(parent):
+        return True
+    launcher = job.get("launcher_pid")
+    if launcher is not None:
+        try:
+            os.kill(int(launcher), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+    return False
 
 
 if __name__ == "__main__":

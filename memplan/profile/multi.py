@@ -1,32 +1,63 @@
-"""Multi-GPU profiles (`memplan profile --gpus N`): one process per rank, launched as torchrun launches them.
+"""Multi-GPU profiles (`memplan profile --gpus N`): one process per rank through `accelerate launch`, as users run
+these fine-tunes.
 
-The profile's child process (memplan.profile.child) becomes the launcher for a configuration with gpus > 1:
+The profile's child process (memplan.profile.child) becomes the launcher for a configuration with a strategy
+(--gpus N, or --gpus 1 --parallel fsdp / zero3 with offload):
 - it writes the random-weight checkpoint once (the ranks then load it as users load a downloaded model);
-- it starts N workers, `python -m memplan.profile.multi JOB.json`, with torch.distributed's environment as
-  torchrun sets it (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR=127.0.0.1, MASTER_PORT=a free
-  port); accelerate launch starts its processes the same way (it calls torch.distributed.run);
-- each worker runs the single-process profile's run (memplan.profile.runner.run_job) as its rank: the same load,
-  recipe, optimizer and steps, with the model wrapped after the recipe and the process group initialized with
-  NCCL on CUDA (rank r on cuda:LOCAL_RANK, torch.cuda max_memory_allocated/reserved per phase) or gloo on the
-  CPU (the CPU tracker's live bytes per phase, as the single-process CPU profile);
+- it writes an accelerate config file from the flags (memplan.profile.accelerate_config: FSDP with fsdp_version 2,
+  MULTI_GPU, DEEPSPEED) and one job file, keeps both in the profile (run.launch: the command, the config, the
+  accelerate version) and runs `accelerate launch --config_file F -m memplan.profile.multi JOB.json`;
+- each rank runs the single-process profile's run (memplan.profile.runner.run_job) with its own Accelerator():
+  the same load, recipe, optimizer and steps, the model and optimizer through accelerator.prepare, NCCL on CUDA
+  (rank r on cuda:LOCAL_RANK, torch.cuda max_memory_allocated/reserved per phase) or gloo on the CPU (the CPU
+  tracker's live bytes per phase, as the single-process CPU profile);
 - the launcher merges the ranks into one profile: `measurements` are rank 0's (what the comparison, the CSV and
   `--show` read), `ranks` holds every rank's status and per-phase peaks, `run.parallel` the job's layout.
 
-Wrapping, as accelerate wraps (accelerate 1.x utils/fsdp_utils.py fsdp2_prepare_model):
-- fsdp / fsdp-grad-op: FSDP2 `fully_shard` per decoder layer, the embeddings, the [norm, lm_head] tail, then the
-  root (memplan.trace.distributed._fully_shard: the rank trace wraps with the same function, so the two are
-  comparable byte for byte); --offload params adds FSDP2's CPUOffloadPolicy (CUDA only);
-- ddp: torch DistributedDataParallel with its defaults;
-- zero1/2/3 (CUDA only): DeepSpeed's engine (deepspeed.initialize with a ZeRO config built from the flags:
-  stage, offload_optimizer / offload_param to the CPU, micro-batch, bf16/fp16 as the compute dtype).
-FSDP1 is not profiled (the FSDP2 path is what accelerate's fsdp_version 2 and the trace run).
+What accelerate launch does (accelerate 1.15, read in its source):
+- commands/launch.py launch_command: FSDP, MULTI_GPU and DEEPSPEED (one machine) all end in
+  torch.distributed.run (multi_gpu_launcher / deepspeed_launcher call distrib_run.run in the accelerate process,
+  which becomes torchrun's elastic agent): N processes `python -m MODULE ARGS` with RANK, LOCAL_RANK, WORLD_SIZE,
+  LOCAL_WORLD_SIZE, MASTER_ADDR=127.0.0.1, MASTER_PORT (main_process_port 0: a free port, utils/launch.py
+  prepare_multi_gpu_env), plus ACCELERATE_MIXED_PRECISION and ACCELERATE_USE_FSDP, FSDP_VERSION,
+  FSDP_RESHARD_AFTER_FORWARD, FSDP_OFFLOAD_PARAMS, FSDP_AUTO_WRAP_POLICY, FSDP_TRANSFORMER_CLS_TO_WRAP, ... (FSDP)
+  or ACCELERATE_USE_DEEPSPEED, ACCELERATE_DEEPSPEED_ZERO_STAGE, ACCELERATE_DEEPSPEED_OFFLOAD_*_DEVICE (DeepSpeed),
+  OMP_NUM_THREADS. use_cpu in the config file does not change the launcher (only the `--cpu` flag does) and
+  sets no ACCELERATE_USE_CPU for torchrun's processes.
+- distributed_type MULTI_CPU (or `--cpu`) takes the simple launcher instead (prepare_simple_launcher_cmd_env):
+  one process, ACCELERATE_USE_CPU=True, or mpirun with a hostfile; one machine without MPI gets one process, so
+  the CPU runs here use the torchrun path (MULTI_GPU / FSDP with use_cpu true).
+- state.py PartialState: on CUDA, LOCAL_RANK set -> MULTI_GPU, init_process_group("nccl") (FSDP with param offload:
+  "cuda:nccl,cpu:gloo"), device cuda:LOCAL_RANK; AcceleratorState turns MULTI_GPU into FSDP with the plugin read
+  from FSDP_* (utils/dataclasses.py FullyShardedDataParallelPlugin), or DEEPSPEED (DeepSpeed's comm init).
+  Without CUDA, Accelerator() is DistributedType.NO (no process group: each rank would train alone); the ranks
+  therefore pass cpu=True, which is MULTI_CPU on gloo with torchrun's RANK / WORLD_SIZE. accelerate turns FSDP on
+  only in the accelerator-device branch, so MULTI_CPU's prepare wraps DDP: on the CPU an FSDP rank sets the state's
+  distributed_type FSDP and the plugin from the environment itself (_fsdp_on_cpu); everything after that is
+  accelerate's own code.
+- accelerator.prepare(model, optimizer): FSDP2: _prepare_fsdp2 -> fsdp2_prepare_model (utils/fsdp_utils.py:
+  fully_shard on each decoder layer class of TRANSFORMER_BASED_WRAP, on the untied input embeddings, on the tail
+  [final norm, lm_head] or [embeddings, lm_head] when tied with reshard_after_forward False, then the root;
+  non-float frozen Params4bit ignored; MixedPrecisionPolicy() and no fp32 upcast with mixed_precision 'no'), then
+  the optimizer's parameters switched to the sharded ones (fsdp2_switch_optimizer_parameters); DDP:
+  DistributedDataParallel(model, device_ids=[local rank] on CUDA) with its defaults, no autocast with
+  mixed_precision 'no'; DeepSpeed: deepspeed.initialize with the plugin's config (train_micro_batch_size_per_gpu
+  set by the rank, as accelerate's error message asks when no dataloader is prepared; with offload_optimizer the
+  torch optimizer becomes DeepSpeed's CPU Adam, map_pytorch_optim_to_deepspeed).
+The rank trace (memplan.trace.distributed._fully_shard) runs the same fsdp2_prepare_model with the same plugin,
+so trace and profile shard the same units: rank 0's per-phase bytes on gloo equal `memplan trace --gpus N`'s
+(tests/test_profile_multi.py). DeepSpeed cannot run on the CPU here (its engine needs an accelerator): zero1/2/3
+are refused with --device cpu and run on CUDA (scripts/gpu_validate.sh). FSDP1 is not profiled (the FSDP2 path is
+what fsdp_version 2 and the trace run).
 
-Failures are results. A rank that runs out of memory or raises writes its own record and exits; the launcher then
-stops the other ranks (they would wait in a collective for ever): SIGTERM, which each rank records as
-"interrupted" keeping what it measured, then SIGKILL after a grace period. A rank killed before it could write
-is rebuilt from the per-phase lines it printed as it went. The profile's status is the cause's: an OOM, else a rank
-killed from outside (status "killed"; its peers then fail in their collectives), else an error, else
-"interrupted", with the rank named in `oom` / `error`.
+Failures are results. A rank that runs out of memory or raises writes its own record and exits non-zero;
+torchrun's agent then stops the other ranks (they would wait in a collective for ever): SIGTERM, which each rank
+records as "interrupted" keeping what it measured, then SIGKILL 30 s later. Interrupting the launcher (Ctrl-C in
+the grid) SIGTERMs accelerate launch, whose agent passes it on the same way. A rank killed before it could write is
+rebuilt from the per-phase lines it printed as it went (all ranks print on accelerate launch's stdout, each line
+naming its rank). The profile's status is the cause's: an OOM, else a rank killed from outside (status "killed";
+its peers then fail in their collectives), else an error, else "interrupted", with the rank named in `oom` /
+`error`.
 """
 from __future__ import annotations
 
@@ -34,7 +65,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,15 +72,9 @@ import threading
 import time
 from pathlib import Path
 
-GRACE_S = 15.0  # after a rank fails: how long the others get to record what they measured before SIGKILL
+GRACE_S = 15.0  # after this launcher is interrupted: how long the ranks get to record what they measured
+AGENT_GRACE_S = 30.0  # torchrun's agent: SIGTERM to the ranks, SIGKILL 30 s later (elastic PContext.close)
 RANK_EVENT = "rank_phase"  # the per-phase line a worker prints (the launcher's copy of what a rank measured)
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 for the rendezvous (as torchrun's --master-port 0 would pick)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def backend(device: str) -> str:
@@ -86,7 +110,8 @@ def why_not(train, device: str, visible_gpus: int | None = None) -> str | None:
 # --------------------------------------------------------------------------------------------- the launcher
 
 def launch(job: dict) -> dict:
-    """Run one multi-GPU configuration: N rank processes, merged into one profile (written to job["output"])."""
+    """Run one multi-GPU configuration: `accelerate launch` of N ranks, merged into one profile (written to
+    job["output"])."""
     from memplan.profile.runner import _now, _sigterm, emit, recipe_dtype, _train_spec
     from memplan.profile.schema import SCHEMA, write_json_atomic
 
@@ -95,7 +120,7 @@ def launch(job: dict) -> dict:
     n, device = train.gpus, job["device"]
     run = dict(job["run"])
     run["parallel"] = {"gpus": n, "strategy": train.strategy, "backend": backend(device),
-                       "launcher": "memplan (torchrun-style: one process per rank, env://)",
+                       "launcher": "accelerate launch (torch.distributed.run: one process per rank, env://)",
                        "fsdp_version": train.fsdp_version if train.strategy.startswith("fsdp") else None,
                        "offload": train.offload}
     profile = {"schema": SCHEMA, "key": job["key"], "created": job.get("created") or _now(), "status": "error",
@@ -117,7 +142,7 @@ def launch(job: dict) -> dict:
                                                       run.get("weights_cache"),
                                                       trust_remote_code=job.get("trust_remote_code", False)))
             profile["measurements"]["random_checkpoint_seconds"] = round(time.perf_counter() - t0, 3)
-        results, interrupted = _run_ranks(job, n, device, weights_dir, workdir)
+        results, interrupted = _run_ranks(job, train, device, weights_dir, workdir, run)
     except KeyboardInterrupt:
         interrupted = True
     except Exception as e:  # noqa: BLE001 - the launcher's own failure is recorded, never raised past the profile
@@ -154,108 +179,134 @@ def launch(job: dict) -> dict:
     return profile
 
 
-def _run_ranks(job: dict, n: int, device: str, weights_dir: str | None, workdir: Path) -> tuple[dict, bool]:
-    """Start the N workers, watch them, stop the others when one fails: ({rank: what it measured}, whether this
-    process was interrupted)."""
-    port = free_port()
-    procs, outputs, streams, readers = [], {}, {}, []
-    root = str(Path(__file__).resolve().parents[2])
-    base_env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n),
-                    GROUP_RANK="0", ROLE_RANK="0", TORCHELASTIC_RUN_ID="memplan")
-    base_env["PYTHONPATH"] = root + (os.pathsep + base_env["PYTHONPATH"] if base_env.get("PYTHONPATH") else "")
-    try:
-        _start(job, n, device, weights_dir, workdir, base_env, procs, outputs, streams, readers)
-    except KeyboardInterrupt:  # stopped while starting: the ranks already started record what they measured
-        stop(procs)
-        return _collect(outputs, streams, procs), True
+def launch_files(job: dict, train, device: str, weights_dir: str | None, workdir: Path) -> tuple[list[str], dict]:
+    """Write the ranks' job file and accelerate's config file; the command that launches them and the config."""
+    from memplan.profile.accelerate_config import accelerate_config, decoder_layer_class, launch_argv, write_config
+
+    layer_cls = None
+    if train.strategy.startswith("fsdp"):
+        try:
+            layer_cls = decoder_layer_class(job["model"]["hf_config"], job.get("trust_remote_code", False))
+        except Exception:  # noqa: BLE001 - accelerate then wraps the model's _no_split_modules itself
+            layer_cls = None
+    cfg = accelerate_config(train, device, layer_cls)
+    run = dict(job["run"])
+    if weights_dir:
+        run["weights_dir"] = weights_dir  # the checkpoint the launcher wrote (or the user's --weights)
+    rank_job = {**job, "run": run, "output": None, "compare": False, "parent_pid": None,
+                "launcher_pid": os.getpid(),
+                "dist": {"world_size": train.gpus, "backend": backend(device), "output_dir": str(workdir)}}
+    job_path = workdir / "job.json"
+    job_path.write_text(json.dumps(rank_job))
+    config_path = write_config(workdir / "accelerate_config.yaml", cfg)
+    return launch_argv(config_path, job_path), cfg
+
+
+def _run_ranks(job: dict, train, device: str, weights_dir: str | None, workdir: Path,
+               run: dict) -> tuple[dict, bool]:
+    """`accelerate launch` the N ranks, read what they print, stop them when this process is interrupted:
+    ({rank: what it measured}, whether this process was interrupted)."""
+    from memplan.profile.accelerate_config import shown
     from memplan.profile.runner import emit
 
-    emit("ranks", pids=[p.pid for p in procs])  # for tools that watch the ranks (the tests kill one)
+    n = train.gpus
+    argv, cfg = launch_files(job, train, device, weights_dir, workdir)
+    import accelerate
+
+    run["launch"] = {"command": shown(argv), "config": cfg, "accelerate": accelerate.__version__}
+    if train.strategy.startswith("zero"):
+        import importlib.metadata
+
+        run["launch"]["deepspeed"] = importlib.metadata.version("deepspeed")
+    repo = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    if job.get("threads"):
+        env["OMP_NUM_THREADS"] = str(job["threads"])  # accelerate passes it on (num_cpu_threads_per_process)
+    streams = {rank: {"phases": {}, "tail": []} for rank in range(n)}
+    out = {"tail": [], "pids": {}}
+    try:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, bufsize=1,
+                                start_new_session=True, preexec_fn=_die_with_parent)
+    except KeyboardInterrupt:
+        return {}, True
+    reader = threading.Thread(target=_read, args=(proc, n, streams, out, emit), daemon=True)
+    reader.start()
     interrupted = False
     try:
-        supervise(procs)
-    except KeyboardInterrupt:  # the ranks were stopped and have written what they measured
+        proc.wait()
+    except KeyboardInterrupt:  # torchrun's agent forwards the SIGTERM: each rank records what it measured
         interrupted = True
+        stop([proc], GRACE_S + AGENT_GRACE_S)
     finally:
-        for t in readers:
-            t.join(timeout=5)
-    return _collect(outputs, streams, procs), interrupted
+        reader.join(timeout=10)
+    root = root_cause(out["tail"])
+    # a rank without a record: killed from outside if torchrun's agent names it as the first failure (or names
+    # none and nothing stopped the run), else stopped by the agent after that failure (SIGKILL after its grace)
+    results = {rank: _rank_record(rank, workdir / f"rank{rank}.json", streams[rank], proc.returncode,
+                                  stopped=interrupted or (root is not None and root[0] != rank),
+                                  launcher_tail=out["tail"], exitcode=root[1] if root and root[0] == rank else None)
+               for rank in range(n)
+               if (workdir / f"rank{rank}.json").is_file() or streams[rank]["phases"] or rank in out["pids"]}
+    if not results and proc.returncode not in (0, None) and not interrupted:
+        raise RuntimeError(f"accelerate launch exited with status {proc.returncode} before any rank ran: "
+                           + " | ".join(out["tail"][-8:]))
+    return results, interrupted
 
 
-def _collect(outputs: dict, streams: dict, procs: list) -> dict[int, dict]:
-    return {rank: _rank_record(rank, out, streams[rank], procs[rank].returncode,
-                               getattr(procs[rank], "memplan_stopped", False)) for rank, out in outputs.items()}
+def root_cause(lines: list[str]) -> tuple[int, str] | None:
+    """The rank and exit code torchrun's agent reports as the "Root Cause (first observed failure)" when a rank
+    fails (torch.distributed.elastic.multiprocessing.errors ChildFailedError.format_msg), None without one."""
+    try:
+        at = max(i for i, line in enumerate(lines) if "Root Cause (first observed failure)" in line)
+    except ValueError:
+        return None
+    rank = code = None
+    for line in lines[at + 1:at + 8]:
+        key, _, value = line.strip().partition(":")
+        if key.strip() == "rank" and rank is None:
+            with contextlib.suppress(ValueError, IndexError):
+                rank = int(value.split()[0])
+        elif key.strip() == "exitcode" and code is None:
+            code = value.split("(")[0].strip()
+    return (rank, code) if rank is not None else None
 
 
-def _start(job, n, device, weights_dir, workdir, base_env, procs, outputs, streams, readers) -> None:
-    """Start the N rank processes (appending to procs, outputs, streams and readers as each starts)."""
-    for rank in range(n):
-        out = workdir / f"rank{rank}.json"
-        run = dict(job["run"])
-        if weights_dir:
-            run["weights_dir"] = weights_dir  # the checkpoint the launcher wrote (or the user's --weights)
-        rank_job = {**job, "run": run, "output": str(out), "compare": False, "parent_pid": os.getpid(),
-                    "dist": {"rank": rank, "world_size": n, "local_rank": rank, "backend": backend(device)}}
-        path = workdir / f"job{rank}.json"
-        path.write_text(json.dumps(rank_job))
-        env = dict(base_env, RANK=str(rank), LOCAL_RANK=str(rank))
-        proc = subprocess.Popen([sys.executable, "-m", "memplan.profile.multi", str(path)], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, env=env, text=True, bufsize=1, start_new_session=True)
-        procs.append(proc)
-        outputs[rank] = out
-        streams[rank] = {"phases": {}, "tail": []}
-        readers.append(threading.Thread(target=_read, args=(proc, rank, streams[rank]), daemon=True))
-        readers[-1].start()
+def _die_with_parent() -> None:
+    """accelerate launch (and with it torchrun's agent, which stops the ranks) dies with this launcher."""
+    from memplan.profile.child import die_with_parent
+
+    die_with_parent()
 
 
-def _read(proc, rank: int, stream: dict) -> None:
-    """A worker's output: rank 0's progress lines go on to the grid; every rank's per-phase records are kept."""
-    from memplan.profile.runner import emit
-
+def _read(proc, n: int, streams: dict, out: dict, emit) -> None:
+    """accelerate launch's output, every rank's lines in one stream: rank 0's progress goes on to the grid; every
+    rank's per-phase records are kept; the pids of the ranks, once all have started, go out as one "ranks"
+    event (tools that watch the ranks: the tests kill one)."""
     for line in proc.stdout:
-        if line.startswith("@memplan "):
+        at = line.find("@memplan {")  # another process's unfinished line (a progress bar, a warning) may lead it
+        if at >= 0:
             try:
-                ev = json.loads(line[len("@memplan "):])
+                ev = json.loads(line[at + len("@memplan "):])
             except json.JSONDecodeError:
                 continue
-            if ev.get("event") == RANK_EVENT:
-                stream["phases"][ev["phase"]] = ev["record"]
-            elif rank == 0 and ev.get("event") in ("phase", "step", "status"):
+            rank = ev.pop("rank", 0)
+            event = ev.get("event")
+            if event == RANK_EVENT and rank in streams:
+                streams[rank]["phases"][ev["phase"]] = ev["record"]
+            elif event == "rank_started":
+                out["pids"][rank] = ev["pid"]
+                if len(out["pids"]) == n:
+                    emit("ranks", pids=[out["pids"][r] for r in range(n)])
+            elif rank == 0 and event in ("phase", "step", "status"):
                 emit(ev.pop("event"), **ev)
         else:
-            stream["tail"] = (stream["tail"] + [line.rstrip("\n")[-400:]])[-40:]
-
-
-def supervise(procs: list, grace_s: float = GRACE_S, poll_s: float = 0.1) -> None:
-    """Wait for every process; when one exits with a failure (non-zero status) or this process is interrupted,
-    SIGTERM the others (each rank records what it measured as "interrupted"), then SIGKILL those still running
-    after `grace_s` (a rank blocked in a collective cannot run its signal handler)."""
-    stopping_at = None
-    interrupted = False
-    try:
-        while True:
-            alive = [p for p in procs if p.poll() is None]
-            if not alive:
-                break
-            failed = any(p.returncode not in (None, 0) for p in procs)
-            if failed and stopping_at is None:
-                stopping_at = time.monotonic()
-                for p in alive:
-                    _signal(p, signal.SIGTERM)
-            if stopping_at is not None and time.monotonic() - stopping_at > grace_s:
-                for p in alive:
-                    _signal(p, signal.SIGKILL)
-            time.sleep(poll_s)
-    except KeyboardInterrupt:
-        interrupted = True
-        stop(procs, grace_s)
-    if interrupted:
-        raise KeyboardInterrupt
+            out["tail"] = (out["tail"] + [line.rstrip("\n")[-400:]])[-60:]
 
 
 def stop(procs: list, grace_s: float = GRACE_S) -> None:
-    """SIGTERM every running process, SIGKILL those still running after grace_s; wait for all."""
+    """SIGTERM every running process, SIGKILL those still running after grace_s (with their process group: the
+    ranks of an accelerate launch); wait for all."""
     for p in procs:
         if p.poll() is None:
             _signal(p, signal.SIGTERM)
@@ -264,19 +315,22 @@ def stop(procs: list, grace_s: float = GRACE_S) -> None:
         try:
             p.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError, OSError, PermissionError):
+                os.killpg(p.pid, signal.SIGKILL)
             _signal(p, signal.SIGKILL)
             p.wait()
 
 
 def _signal(proc, sig) -> None:
-    proc.memplan_stopped = True  # stopped by the launcher: not the cause of the run's end (_rank_record)
     with contextlib.suppress(ProcessLookupError, OSError):
         proc.send_signal(sig)
 
 
-def _rank_record(rank: int, out: Path, stream: dict, returncode, stopped: bool = False) -> dict:
+def _rank_record(rank: int, out: Path, stream: dict, returncode, stopped: bool = False,
+                 launcher_tail: list | None = None, exitcode: str | None = None) -> dict:
     """What one rank measured: its own profile document if it wrote one, else what its per-phase lines said
-    (status "interrupted" if the launcher stopped it, "killed" if something else ended it: a root cause)."""
+    (status "interrupted" if this launcher was stopped, else "killed": a rank that died without writing its
+    record, which every other end writes, is a root cause; torchrun's agent then stops its peers)."""
     from memplan.profile.schema import read_json_validated
 
     data = read_json_validated(out, lambda d: None if isinstance(d, dict) and "measurements" in d else "no "
@@ -287,9 +341,13 @@ def _rank_record(rank: int, out: Path, stream: dict, returncode, stopped: bool =
                 "peak": meas.get("peak"), "oom": data.get("oom"), "error": data.get("error"),
                 "measurements": meas, "returncode": returncode}
     phases = stream["phases"]
+    tail = " | ".join(line.strip() for line in (launcher_tail if launcher_tail is not None
+                                                else stream.get("tail", []))[-8:])
+    why = f"torchrun's agent: first failure, exit code {exitcode}" if exitcode is not None else \
+        f"accelerate launch exited with status {returncode}"
     return {"rank": rank, "status": "interrupted" if stopped else "killed", "phases": phases, "peak": None,
-            "oom": None, "error": {"type": "RankKilled", "message": f"rank {rank} exited with status {returncode} "
-                                   "without writing its record; last output: " + " | ".join(stream["tail"][-5:])},
+            "oom": None, "error": {"type": "RankKilled", "message": f"rank {rank} ended without writing its record "
+                                   f"({why}); last output: " + tail},
             "measurements": None, "returncode": returncode}
 
 
@@ -340,7 +398,8 @@ def merge(profile: dict, results: dict[int, dict], n: int) -> None:
 # ---------------------------------------------------------------------------------------------- one rank
 
 class Rank:
-    """One rank's part of memplan.profile.runner._measure: the process group, the wrapping, the step."""
+    """One rank's part of memplan.profile.runner._measure: accelerate's Accelerator (the process group), its
+    prepare (the wrapping), the step."""
 
     def __init__(self, job: dict, train):
         d = job["dist"]
@@ -348,6 +407,7 @@ class Rank:
         self.backend = d["backend"]
         self.train = train
         self.device = job["device"]
+        self.accelerator = None
         self.engine = None
 
     @property
@@ -355,16 +415,19 @@ class Rank:
         return f"cuda:{self.local_rank}" if self.device == "cuda" else "cpu"
 
     def init(self) -> None:
-        import datetime
+        """Accelerator() from the environment accelerate launch set: it initializes the process group (NCCL on
+        CUDA, gloo on the CPU) and reads its FSDP / DeepSpeed plugin from the environment."""
+        from accelerate import Accelerator
 
-        import torch
-        import torch.distributed as dist
-
-        if self.device == "cuda":
-            torch.cuda.set_device(self.local_rank)
-        kw = {"device_id": torch.device(self.torch_device)} if self.device == "cuda" else {}
-        dist.init_process_group(self.backend, init_method="env://", rank=self.rank, world_size=self.world_size,
-                                timeout=datetime.timedelta(minutes=30), **kw)
+        self.accelerator = acc = Accelerator(cpu=self.device == "cpu")
+        if self.device == "cpu" and self.train.strategy.startswith("fsdp"):
+            _fsdp_on_cpu(acc)
+        kind = acc.distributed_type.name
+        expected = {"fsdp": "FSDP", "fsdp-grad-op": "FSDP", "ddp": "MULTI_CPU" if self.device == "cpu" else
+                    "MULTI_GPU"}.get(self.train.strategy, "DEEPSPEED")
+        if kind != expected or acc.num_processes != self.world_size:
+            raise RuntimeError(f"accelerate set up {kind} over {acc.num_processes} process(es), not {expected} over "
+                               f"{self.world_size}: is the environment accelerate launch's?")
 
     def close(self) -> None:
         import torch.distributed as dist
@@ -373,41 +436,31 @@ class Rank:
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()
 
-    def wrap(self, model, tracker):
-        """The model as each strategy's wrapper holds it (see the module docstring)."""
-        s = self.train.strategy
-        if s in ("fsdp", "fsdp-grad-op"):
-            from memplan.trace.distributed import _fully_shard
-
-            with _offload_policy(self.train.offload == "params"):
-                _fully_shard(model, self.train)
-            return model
-        if s == "ddp":
-            from torch.nn.parallel import DistributedDataParallel
-
-            kw = {"device_ids": [self.local_rank]} if self.device == "cuda" else {}
-            if tracker is None:
-                return DistributedDataParallel(model, **kw)
+    def prepare(self, model, optimizer, tracker):
+        """accelerator.prepare(model, optimizer), as users' scripts call it: FSDP2 (fsdp2_prepare_model, the
+        optimizer switched to the sharded parameters), DDP, or DeepSpeed's engine (the model returned is the
+        engine)."""
+        acc = self.accelerator
+        if self.train.strategy.startswith("zero"):
+            # no dataloader goes through prepare: the micro-batch as accelerate's error message asks for it
+            acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = self.train.batch_size
+            model, optimizer = acc.prepare(model, optimizer)
+            self.engine = model
+            return model, optimizer
+        if self.train.strategy == "ddp" and tracker is not None:
             # its Reducer allocates the gradient buckets here: counted, as the rank trace counts them
             tracker.default_category = "comm_buffers"
             try:
                 with tracker:
-                    return DistributedDataParallel(model, **kw)
+                    return acc.prepare(model, optimizer)
             finally:
                 tracker.default_category = "temporaries"
-        return model  # zero*: deepspeed.initialize wraps model and optimizer together (make_engine)
-
-    def make_engine(self, model, optimizer, train):
-        """DeepSpeed's engine over the model and the recipe's optimizer (ZeRO stage and offload from the flags)."""
-        import deepspeed
-
-        engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                          config=deepspeed_config(train), dist_init_required=False)
-        self.engine = engine
-        return engine, ds_optimizer
+        return acc.prepare(model, optimizer)
 
     def train_step(self, model, optimizer, input_ids, on_phase, step_context, train, fused_loss):
-        """One step: the recipe's step, or DeepSpeed's forward / engine.backward / engine.step."""
+        """One step: the recipe's step, or DeepSpeed's: accelerator.backward(loss) runs engine.backward then
+        engine.step (accelerate utils/deepspeed.py DeepSpeedEngineWrapper.backward); called here as those two, so
+        that the optimizer's step is measured as its own phase."""
         from memplan import recipe
 
         if self.engine is None:
@@ -416,6 +469,7 @@ class Rank:
         on_phase("forward")
         loss = engine(input_ids=input_ids, labels=input_ids).loss
         on_phase("backward")
+        engine.set_gradient_accumulation_boundary(is_boundary=True)
         engine.backward(loss)
         value = loss.detach()
         del loss
@@ -433,46 +487,38 @@ class Rank:
         return contextlib.nullcontext()
 
 
-def deepspeed_config(train) -> dict:
-    """The DeepSpeed config for --parallel zero1|zero2|zero3 (--offload optimizer: ZeRO-Offload of the optimizer
-    states; params: also ZeRO-3's parameter offload), as accelerate's DeepSpeed plugin writes it: one micro-batch per
-    GPU, no accumulation, bf16 / fp16 mixed precision as the compute dtype. The recipe's torch optimizer is kept
-    (zero_force_ds_cpu_optimizer off: with offload DeepSpeed would otherwise insist on its DeepSpeedCPUAdam)."""
-    zero = {"stage": int(train.strategy[-1])}
-    if train.offload in ("optimizer", "params"):
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    if train.offload == "params":
-        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    mixed = train.bits != 32
-    return {"train_micro_batch_size_per_gpu": train.batch_size, "gradient_accumulation_steps": 1,
-            "zero_optimization": zero, "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False,
-            "bf16": {"enabled": mixed and train.compute_dtype == "bf16"},
-            "fp16": {"enabled": mixed and train.compute_dtype == "fp16"}}
+def _fsdp_on_cpu(accelerator) -> None:
+    """accelerate 1.15 turns FSDP on only for accelerator devices: AcceleratorState.__init__ sets distributed_type
+    FSDP and the plugin in its MULTI_GPU / MULTI_XPU / ... branch, and Accelerator(cpu=True) is MULTI_CPU, whose
+    prepare wraps DDP. On the CPU the rank therefore sets those two itself, with the plugin accelerate built from
+    the environment (FSDP_* variables from the config file); accelerator.prepare then runs accelerate's own FSDP2
+    path (_prepare_fsdp2, fsdp2_prepare_model) on gloo, as on GPUs."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-
-@contextlib.contextmanager
-def _offload_policy(enabled: bool):
-    """FSDP2 CPU offload: every fully_shard call of the wrapping gets offload_policy=CPUOffloadPolicy()."""
-    if not enabled:
-        yield
-        return
-    import functools
-
-    import torch.distributed.fsdp as fsdp
-
-    saved = fsdp.fully_shard
-    fsdp.fully_shard = functools.partial(saved, offload_policy=fsdp.CPUOffloadPolicy())
-    try:
-        yield
-    finally:
-        fsdp.fully_shard = saved
+    # the plugin from the FSDP_* environment accelerate launch set (Accelerator() built one and dropped it)
+    accelerator.state.fsdp_plugin = getattr(accelerator.state, "fsdp_plugin", None) or FullyShardedDataParallelPlugin()
+    accelerator.state.distributed_type = DistributedType.FSDP
 
 
 def worker_main(argv: list[str] | None = None) -> int:
-    """One rank: `python -m memplan.profile.multi JOB.json` with torchrun's environment."""
-    from memplan.profile.child import main as child_main
+    """One rank: `python -m memplan.profile.multi JOB.json` as accelerate launch starts it (torchrun's RANK,
+    LOCAL_RANK, WORLD_SIZE in the environment); writes its record to the job's output_dir/rank{RANK}.json."""
+    from memplan.profile.child import run_file
+    from memplan.profile.runner import emit, set_emit_rank
 
-    return child_main(argv)
+    env = os.environ
+    rank, local_rank = int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", env.get("RANK", "0")))
+
+    def fill(job: dict) -> dict:
+        d = job["dist"]
+        world = int(env.get("WORLD_SIZE", d["world_size"]))
+        job["dist"] = {**d, "rank": rank, "local_rank": local_rank, "world_size": world}
+        job["output"] = str(Path(d["output_dir"]) / f"rank{rank}.json")
+        return job
+
+    set_emit_rank(rank)
+    emit("rank_started", pid=os.getpid())
+    return run_file(sys.argv[1:] if argv is None else argv, fill)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import gc
 import json
 import os
 import signal
+import sys
 import time
 import traceback
 from datetime import datetime, timezone
@@ -25,9 +26,18 @@ from memplan.profile.schema import SCHEMA, write_json_atomic
 STEADY = "steady"
 
 
+_EMIT_RANK: dict = {}  # a rank of a multi-GPU run: every line names it (the ranks share accelerate launch's stdout)
+
+
+def set_emit_rank(rank: int) -> None:
+    _EMIT_RANK["rank"] = rank
+
+
 def emit(event: str, **fields) -> None:
-    """A progress line for the parent process (it reads lines starting with '@memplan ')."""
-    print("@memplan " + json.dumps({"event": event, **fields}), flush=True)
+    """A progress line for the parent process (it reads lines starting with '@memplan '). One write of the whole
+    line: the ranks of a multi-GPU run share one pipe, and print() writes the text and its newline separately."""
+    sys.stdout.write("@memplan " + json.dumps({"event": event, **fields, **_EMIT_RANK}) + "\n")
+    sys.stdout.flush()
 
 
 def _now() -> str:
@@ -323,14 +333,15 @@ def _measure(job: dict, profile: dict, meas: dict, state: dict) -> None:
 
             apply_liger_models(model, spec.model_type)
     state["model"] = model = recipe.apply_recipe(model, spec, train)
-    if rank is not None:  # FSDP2 fully_shard / DDP, as accelerate wraps (memplan.profile.multi)
-        state["model"] = model = rank.wrap(model, tracker)
-    params = recipe.trainable_parameters(model)
+    if rank is None:
+        params = recipe.trainable_parameters(model)
+        state["optimizer"] = optimizer = recipe.make_optimizer(params, train, paged=(device == "cuda"))
+    else:  # the optimizer over the model, then accelerator.prepare(model, optimizer) (memplan.profile.multi)
+        optimizer = recipe.make_optimizer(recipe.trainable_parameters(model), train, paged=(device == "cuda"))
+        state["model"], state["optimizer"] = model, optimizer = rank.prepare(model, optimizer, tracker)
+        params = recipe.trainable_parameters(model)
     meas["trainable_params"] = sum(p.numel() for p in params)
     meas["model_tensor_bytes"] = _tensor_bytes(model)
-    state["optimizer"] = optimizer = recipe.make_optimizer(params, train, paged=(device == "cuda"))
-    if rank is not None and train.strategy.startswith("zero"):
-        state["model"], state["optimizer"] = model, optimizer = rank.make_engine(model, optimizer, train)
     # each rank its own micro-batch, as a DistributedSampler gives it (the bytes do not depend on the values)
     gen = torch.Generator(device="cpu").manual_seed(int(run.get("seed", 0)) + (rank.rank if rank else 0))
     input_ids = torch.randint(0, spec.vocab_size, (train.batch_size, train.seq_len), generator=gen).to(dev)

@@ -6,11 +6,17 @@ exactly that rank's tensors — sharded parameters, unsharded buffers in flight,
 activations of its own micro-batch. The values are garbage (nothing is gathered), the bytes are not: memory does
 not depend on values (DESIGN.md).
 
-What runs, the way accelerate wraps models (accelerate 1.x utils/fsdp_utils.py fsdp2_prepare_model):
-- fsdp / fsdp-grad-op (FSDP2): `fully_shard` on every decoder layer, on the input embeddings, on the tail
-  [final norm, lm_head] with reshard_after_forward=False, then on the root. fsdp reshards each layer after its
-  forward (FULL_SHARD); fsdp-grad-op keeps it unsharded until its backward (SHARD_GRAD_OP). bitsandbytes 4-bit
-  weights stored as uint8 are left out of sharding (accelerate's ignored_params), so each rank keeps them whole.
+What runs, the way `accelerate launch` wraps models (memplan profile --gpus N runs the same, memplan.profile.multi):
+- fsdp / fsdp-grad-op (FSDP2): accelerate 1.15's own fsdp2_prepare_model (utils/fsdp_utils.py) with the
+  FullyShardedDataParallelPlugin of the profile's config file (TRANSFORMER_BASED_WRAP on the decoder layer class,
+  mixed_precision 'no'): `fully_shard` on every decoder layer, on the input embeddings (untied), on the tail
+  [final norm, lm_head] (tied: [embeddings, lm_head]) with reshard_after_forward=False, then on the root.
+  Under PEFT accelerate finds no final norm (its _find_final_norm looks among the children of the PeftModel's
+  `base_model_prefix` attribute, which PEFT resolves to the CausalLM, whose children are the decoder stack and
+  lm_head): the norm's weight then belongs to the root's unit, which stays unsharded from the root's forward to
+  the end of its backward. fsdp reshards each layer after its forward (FULL_SHARD); fsdp-grad-op keeps it
+  unsharded until its backward (SHARD_GRAD_OP). bitsandbytes 4-bit weights stored as uint8 are left out of
+  sharding (accelerate's ignored_params), so each rank keeps them whole.
 - ddp: torch DistributedDataParallel with its defaults (bucket_cap_mb=25, gradient_as_bucket_view=False): its
   Reducer allocates one flat bucket buffer per bucket when it is built.
 Not traced: FSDP1 (the FlatParameter path needs a device with streams) and DeepSpeed ZeRO (its engine needs an
@@ -220,32 +226,27 @@ def _decoder_layers(model):
 
 
 def _fully_shard(model, train: TrainSpec) -> None:
-    """accelerate's FSDP2 wrapping (see the module docstring)."""
-    import torch
-    from torch.distributed.fsdp import fully_shard
+    """FSDP2 as `accelerate launch` wraps it: accelerate's own fsdp2_prepare_model (utils/fsdp_utils.py), with the
+    plugin the profile's config file makes in each rank (memplan.profile.accelerate_config.fsdp_plugin), so that the
+    rank trace and the profile shard the same units (see the module docstring)."""
+    import types
 
-    ignored = {p for p in model.parameters()
-               if p.__class__.__name__ == "Params4bit" and not p.is_floating_point()}
-    kw = {"reshard_after_forward": train.strategy == "fsdp"}
-    if ignored:
-        kw["ignored_params"] = ignored
-    for layer in _decoder_layers(model):
-        fully_shard(layer, **kw)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    emb, head = base.get_input_embeddings(), base.get_output_embeddings()
-    tied = head is not None and emb.weight is head.weight
-    if not tied:
-        fully_shard(emb, **kw)
-    norm = None
-    inner = getattr(base, "model", None) or getattr(base, "transformer", None) or getattr(base, "gpt_neox", None)
-    for name in ("norm", "final_layernorm", "ln_f", "final_layer_norm"):
-        norm = getattr(inner, name, None) if inner is not None else None
-        if isinstance(norm, torch.nn.Module):
-            break
-    tail = [m for m in ((norm, emb, head) if tied else (norm, head)) if m is not None]
-    fully_shard(tail, **{**kw, "reshard_after_forward": False})
-    root_kw = {k: v for k, v in kw.items() if k != "reshard_after_forward"}
-    fully_shard(model, **root_kw)
+    import torch
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    from memplan.profile.accelerate_config import fsdp_plugin
+
+    plugin = fsdp_plugin(train, type(_decoder_layers(model)[0]).__name__)
+    # the attributes fsdp2_prepare_model reads from its Accelerator (mixed_precision 'no', as the config file)
+    accelerator = types.SimpleNamespace(state=types.SimpleNamespace(fsdp_plugin=plugin), mixed_precision="no",
+                                        is_main_process=False, device=torch.device("cpu"), torch_device_mesh=None)
+    # fsdp2_prepare_model takes model.state_dict() for its cpu_ram_efficient_loading path only (off here, as in
+    # the config file); bitsandbytes' 4-bit state dict reads values (.item()), which meta tensors do not have
+    model.state_dict = lambda *args, **kwargs: {}
+    try:
+        fsdp2_prepare_model(accelerator, model)
+    finally:
+        del model.state_dict
 
 
 def run_rank_trace(model: ModelSpec, train: TrainSpec, *, real: bool = False, steps: int = 2,
