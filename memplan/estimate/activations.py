@@ -702,7 +702,7 @@ def _recompute_end(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> int 
     for name in dict.fromkeys((residual, mlp_in, x)):
         out += sv.size[name] if name in sv.size and name not in sv.kept else 0
     out += lin.out_features * e  # R
-    if ctx.dropout and lb != e:
+    if ctx.dropout and _casts(train, e):  # by name: bf16 into fp16 adapters is a copy too
         out += lin.in_features * lb
     return out
 
