@@ -243,24 +243,26 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
         start = max(start, attn, key=lambda c: sum(c.values()))
         # the first layer's own adapter gradients are made by its backward, after these moments
         own = lora.layer_adapter_bytes(model, train, model.layers[0][1]) if idx == 0 and rank is None else 0
-        for d in a.dora_layers[idx] if a.dora_layers else ():  # each DoRA linear's backward (dora.py)
+        best = None  # each DoRA linear's backward (dora.py): its moments compared as sums, one candidate built
+        for d in a.dora_layers[idx] if a.dora_layers else ():
             if train.gradient_checkpointing:  # the recomputed layer's set up to this linear
                 here = kept + T * (d.through - d.layer_input + recompute_reload) + d.weight_before + d.weight
             elif train.activation_offload != "off":  # the layer's set is on the host, brought back node by node
                 here = kept + T * recompute_reload
             else:  # the layer's set but what the ops after this linear saved (their backward ran)
                 here = kept - T * d.after - (dora[idx] - d.weight_before - d.weight if dora else 0)
-            start = max(start, _candidate(steady, gradients=done_grads - own, activations=here, temporaries=T * d.bwd,
-                                          comm_buffers=in_flight), key=lambda c: sum(c.values()))
+            moments = [(here, T * d.bwd)]
             if train.gradient_checkpointing:  # the recompute runs its forward again, its eye saved this time
                 before = kept + T * (d.through - d.layer_input + recompute_reload) + d.weight_before
-                start = max(start, _candidate(steady, gradients=done_grads - own, activations=before,
-                                              temporaries=T * (d.fwd_norm + d.pre_grads) + d.norm_abs,
-                                              comm_buffers=in_flight),
-                            _candidate(steady, gradients=done_grads - own, activations=before + d.weight,
-                                       temporaries=T * ((d.stop or d.fwd) + d.pre_grads) + d.held_abs,
-                                       comm_buffers=in_flight),
-                            key=lambda c: sum(c.values()))
+                moments += [(before, T * (d.fwd_norm + d.pre_grads) + d.norm_abs),
+                            (before + d.weight, T * ((d.stop or d.fwd) + d.pre_grads) + d.held_abs)]
+            for m in moments:
+                if best is None or sum(m) > sum(best):
+                    best = m
+        if best is not None:
+            start = max(start, _candidate(steady, gradients=done_grads - own, activations=best[0],
+                                          temporaries=best[1], comm_buffers=in_flight),
+                        key=lambda c: sum(c.values()))
         if a.recompute_lora_add:  # the recompute at an adapted linear's LoRA add (activations._recompute_lora_add)
             start = max(start, _candidate(steady, gradients=done_grads,
                                           activations=kept + T * (a.recompute_lora_add[idx] + recompute_reload),
@@ -327,28 +329,22 @@ def _dora_forward(a, train: TrainSpec, T: int, steady: dict, stored: int, dora_b
     """The last layer's DoRA linears in forward (dora.py): at get_weight_norm (weight-sized work) and at the
     adapter sum (output-sized products), on top of what the layers saved so far. Under checkpointing only the
     layer inputs are kept and the linear's own tensors are locals."""
-    out = []
-    last = a.dora_layers[-1] if a.dora_layers else ()
-    for d in last:
+    moments = []  # (activations, temporaries) per moment; one candidate built for the largest
+    for d in a.dora_layers[-1] if a.dora_layers else ():
         if train.gradient_checkpointing:
-            out.append(_candidate(steady, activations=T * stored, temporaries=T * d.ckpt_norm + d.ckpt_norm_abs,
-                                  comm_buffers=in_flight))
-            out.append(_candidate(steady, activations=T * stored,
-                                  temporaries=T * d.ckpt_fwd + d.ckpt_held_abs + (d.weight if d.weight else 0),
-                                  comm_buffers=in_flight))
-            continue
-        if train.activation_offload != "off":  # what the layers save streams to the host; the device keeps
+            moments += [(T * stored, T * d.ckpt_norm + d.ckpt_norm_abs),
+                        (T * stored, T * d.ckpt_fwd + d.ckpt_held_abs + d.weight)]
+        elif train.activation_offload != "off":  # what the layers save streams to the host; the device keeps
             # their kept part (activations._offloaded) and the linear's transients
-            out.append(_candidate(steady, activations=T * stored, temporaries=d.norm_abs, comm_buffers=in_flight))
-            out.append(_candidate(steady, activations=T * stored, temporaries=T * d.offload_fwd + d.held_abs,
-                                  comm_buffers=in_flight))
-            continue
-        before = T * (stored - a.stored_per_layer[-1]) + dora_but_last + d.weight_before
-        out.append(_candidate(steady, activations=before + T * d.through, temporaries=T * d.fwd_norm + d.norm_abs,
-                              comm_buffers=in_flight))
-        out.append(_candidate(steady, activations=before + T * d.through + d.weight,
-                              temporaries=T * d.fwd + d.held_abs, comm_buffers=in_flight))
-    return out
+            moments += [(T * stored, d.norm_abs), (T * stored, T * d.offload_fwd + d.held_abs)]
+        else:
+            before = T * (stored - a.stored_per_layer[-1]) + dora_but_last + d.weight_before
+            moments += [(before + T * d.through, T * d.fwd_norm + d.norm_abs),
+                        (before + T * d.through + d.weight, T * d.fwd + d.held_abs)]
+    if not moments:
+        return []
+    act, tmp = max(moments, key=sum)
+    return [_candidate(steady, activations=act, temporaries=tmp, comm_buffers=in_flight)]
 
 
 def _finish(model, train, overheads, fixed: _Settings, chosen: dict, extra_notes: list, host: dict | None = None,
