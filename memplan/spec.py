@@ -292,7 +292,10 @@ class TrainSpec:
         """A copy with fields changed and no checks (a cache key derived from this valid spec: with_() re-runs
         every check, a fifth of an estimate's time)."""
         new = object.__new__(TrainSpec)
-        new.__dict__.update(self.__getstate__(), **changes)  # without the cached hash
+        d = new.__dict__
+        d.update(self.__dict__)
+        d.pop("_hash", None)  # not the original's cached hash
+        d.update(changes)
         return new
 
 

@@ -124,6 +124,7 @@ class _Settings:
     config: dict  # train.to_dict() with the shape left to fill in
     notes: tuple  # the notes that do not depend on the shape
     loss_per_token: tuple  # the standard loss's (forward, backward) bytes per token
+    first_layer_adapters: int  # the first layer's adapter bytes (its backward makes their gradients)
     full_grads: tuple | None  # full fine-tuning: per layer, its weight gradients, down_proj's, its MLP's; the rest
 
 
@@ -150,7 +151,8 @@ def _settings(model: ModelSpec, train: TrainSpec) -> _Settings:
         step_temporaries=optimizer.step_temporaries(train, tr["bytes"], model),
         load_transient=weights.load_transient(model, train), largest_trainable=_largest_trainable(model, train),
         config=key[1].to_dict(), notes=tuple(_shape_free_notes(model, train)),
-        loss_per_token=(loss_forward(model, train), loss_backward(model, train)), full_grads=full)
+        loss_per_token=(loss_forward(model, train), loss_backward(model, train)),
+        first_layer_adapters=lora.layer_adapter_bytes(model, train, model.layers[0][1]), full_grads=full)
     if len(_SETTINGS) >= SETTINGS_LIMIT:
         _SETTINGS.clear()
     _SETTINGS[key] = (model, out)
@@ -242,7 +244,7 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
                           temporaries=T * a.bwd_work_attn - (freed - held) + a.dequant_bytes, comm_buffers=in_flight)
         start = max(start, attn, key=lambda c: sum(c.values()))
         # the first layer's own adapter gradients are made by its backward, after these moments
-        own = lora.layer_adapter_bytes(model, train, model.layers[0][1]) if idx == 0 and rank is None else 0
+        own = fixed.first_layer_adapters if idx == 0 and rank is None else 0
         best = None  # each DoRA linear's backward (dora.py): its moments compared as sums, one candidate built
         for d in a.dora_layers[idx] if a.dora_layers else ():
             if train.gradient_checkpointing:  # the recomputed layer's set up to this linear

@@ -518,6 +518,9 @@ class Activations:
     bwd_work_h: int = 0  # the residual stream's gradients alive while a layer recomputes (coefficients mlp_h)
 
 
+_LAYER_KEYS: dict = {}
+
+
 def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     if train.liger and model.model_type not in LIGER_TYPES:
         from memplan.errors import MemplanError
@@ -534,6 +537,10 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     masked = ctx.attention == "sdpa" and sdpa_gets_a_mask(model, train.seq_len, train.transformers)
     per_seq = ctx.attention not in FUSED or masked
     layer_key = train.variant(batch_size=1, optimizer="adamw", seq_len=train.seq_len if per_seq else 1)
+    # one object per distinct key: the per-layer caches below then match it by identity, not field by field
+    layer_key = _LAYER_KEYS.setdefault(layer_key, layer_key)
+    if len(_LAYER_KEYS) > 65536:
+        _LAYER_KEYS.clear()
     widest = cast = 0
     ends = []  # per layer: a checkpointed layer's working set at the end of its recompute (_recompute_end)
     for n, layer in model.layers:
