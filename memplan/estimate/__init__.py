@@ -272,7 +272,8 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
                         key=lambda c: sum(c.values()))
         reduce = comm.get("reduce_first_layer" if idx == 0 else "reduce_layer")
         if reduce:  # FSDP's post-backward: the layer's gradients and their reduce-scatter input (parallel.py)
-            start = max(start, _candidate(steady, gradients=done_grads, activations=kept, comm_buffers=reduce),
+            own = 0 if train.gradient_checkpointing else T * a.stored_per_layer[idx]  # released by its backward
+            start = max(start, _candidate(steady, gradients=done_grads, activations=kept - own, comm_buffers=reduce),
                         key=lambda c: sum(c.values()))
         if not a.mlp_mul_work[idx]:
             return start
