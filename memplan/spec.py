@@ -115,7 +115,7 @@ class ModelSpec:
     def num_layers(self) -> int:
         return sum(n for n, _ in self.layers)
 
-    @property
+    @cached_property
     def max_quantized_numel(self) -> int:
         """Elements of the largest quantizable linear weight: its dequantized copy is the biggest bitsandbytes
         temporary (0 when bitsandbytes quantizes nothing, as for Falcon)."""

@@ -92,6 +92,15 @@ class Estimate:
         }
 
 
+def _total(c: dict[str, int]) -> int:
+    return sum(c.values())
+
+
+def _larger(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    """The candidate with more bytes (the first on a tie, as max)."""
+    return a if sum(a.values()) >= sum(b.values()) else b
+
+
 def _candidate(base: dict[str, int], **extra: int) -> dict[str, int]:
     """One moment's live bytes by component: base plus extra (a component left out is 0)."""
     out = base.copy()
@@ -230,9 +239,8 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
                            temporaries=T * a.bwd_work_mlp + (0 if a.dequant_work else a.dequant_bytes),
                            comm_buffers=in_flight)
         if a.dequant_work:  # the recompute's end holds no dequantized weight; the last linear's backward does
-            start = max(start, _candidate(steady, gradients=done_grads, activations=kept + recompute,
-                                          temporaries=T * a.dequant_work + a.dequant_bytes, comm_buffers=in_flight),
-                        key=lambda c: sum(c.values()))
+            start = _larger(start, _candidate(steady, gradients=done_grads, activations=kept + recompute,
+                                              temporaries=T * a.dequant_work + a.dequant_bytes, comm_buffers=in_flight))
         # by the attention's backward the MLP's saved tensors are released, and those of the attention output
         # linear's adapter: fewer activations (what of them the device does not hold, under offloading, comes off
         # the working set)
@@ -242,7 +250,7 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
         held = min(freed, kept + recompute)
         attn = _candidate(steady, gradients=done_grads + mlp_grads, activations=kept + recompute - held,
                           temporaries=T * a.bwd_work_attn - (freed - held) + a.dequant_bytes, comm_buffers=in_flight)
-        start = max(start, attn, key=lambda c: sum(c.values()))
+        start = _larger(start, attn)
         # the first layer's own adapter gradients are made by its backward, after these moments
         own = fixed.first_layer_adapters if idx == 0 and rank is None else 0
         best = None  # each DoRA linear's backward (dora.py): its moments compared as sums, one candidate built
@@ -262,25 +270,23 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
                 if best is None or sum(m) > sum(best):
                     best = m
         if best is not None:
-            start = max(start, _candidate(steady, gradients=done_grads - own, activations=best[0],
-                                          temporaries=best[1], comm_buffers=in_flight),
-                        key=lambda c: sum(c.values()))
+            start = _larger(start, _candidate(steady, gradients=done_grads - own, activations=best[0],
+                                              temporaries=best[1], comm_buffers=in_flight))
         if a.recompute_lora_add:  # the recompute at an adapted linear's LoRA add (activations._recompute_lora_add)
-            start = max(start, _candidate(steady, gradients=done_grads,
-                                          activations=kept + T * (a.recompute_lora_add[idx] + recompute_reload),
-                                          temporaries=T * a.bwd_work_h, comm_buffers=in_flight),
-                        key=lambda c: sum(c.values()))
+            start = _larger(start, _candidate(steady, gradients=done_grads,
+                                              activations=kept + T * (a.recompute_lora_add[idx] + recompute_reload),
+                                              temporaries=T * a.bwd_work_h, comm_buffers=in_flight))
         reduce = comm.get("reduce_first_layer" if idx == 0 else "reduce_layer")
         if reduce:  # FSDP's post-backward: the layer's gradients and their reduce-scatter input (parallel.py)
-            own = 0 if train.gradient_checkpointing else T * a.stored_per_layer[idx]  # released by its backward
-            start = max(start, _candidate(steady, gradients=done_grads, activations=kept - own, comm_buffers=reduce),
-                        key=lambda c: sum(c.values()))
+            released = 0 if train.gradient_checkpointing else T * a.stored_per_layer[idx]  # by its backward
+            start = _larger(start, _candidate(steady, gradients=done_grads, activations=kept - released,
+                                              comm_buffers=reduce))
         if not a.mlp_mul_work[idx]:
             return start
         mul = _candidate(steady, gradients=done_grads + mul_grads,
                          activations=kept + recompute - T * a.mlp_mul_freed[idx],
                          temporaries=T * a.mlp_mul_work[idx], comm_buffers=in_flight)
-        return max(start, mul, key=lambda c: sum(c.values()))
+        return _larger(start, mul)
 
     # a trained output layer's gradient exists from the loss's backward on, a trained embedding's only after the
     # layers' (lora.head_and_embedding_grads); multi-GPU ranks keep the sharded total (parallel.py)
@@ -322,7 +328,7 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
 
     candidates = {"load": [load], "forward": forward, "backward": backward,
                   "optimizer": [opt_step]}
-    chosen = {p: max(cs, key=lambda c: sum(c.values())) for p, cs in candidates.items()}
+    chosen = {p: max(cs, key=_total) for p, cs in candidates.items()}
     host = host_mod.host_plan(model, act_train, a, states, T)
     return _finish(model, train, overheads, fixed, chosen, [], host, states, rank, act_train)
 

@@ -518,6 +518,44 @@ class Activations:
     bwd_work_h: int = 0  # the residual stream's gradients alive while a layer recomputes (coefficients mlp_h)
 
 
+@lru_cache(maxsize=4096)
+def _per_layer(model: ModelSpec, train: TrainSpec) -> tuple:
+    """Each layer's per-token figures (activations() unpacks them). `train` is activations()' layer key (batch 1, one
+    optimizer, the sequence length only where attention is not fused): the shapes of a fit or a sweep share them."""
+    ctx = Ctx.of(train, model)
+    h, e = model.hidden_size, ctx.e
+    stored, saved, saved_attn, mul_freed, mul_work, int8_device, lora_add = [], [], [], [], [], [], []
+    dora_layers: list = []
+    attn_out: list = []
+    widest = cast = 0
+    ends = []  # per layer: a checkpointed layer's working set at the end of its recompute (_recompute_end)
+    for n, layer in model.layers:
+        total, attn, x_kept, freed, work = _layer_totals(model, layer, train)
+        mul_freed += [freed] * n
+        mul_work += [work] * n
+        lora_add += [_recompute_lora_add(model, layer, train)] * n
+        saved += [total] * n
+        saved_attn += [attn] * n
+        dora_layers += [_dora_layer(model, layer, train)] * n
+        attn_out += [_attn_out_saved(model, layer, train)] * n
+        int8 = _int8_held(model, layer, train, train.gradient_checkpointing) if train.bits == 8 else 0
+        stored += [(h * e if train.gradient_checkpointing else total + x_kept) + int8] * n
+        # offloaded: LLM.int8 nodes hold their inputs outside the saved-tensor hooks, so those stay on the device
+        int8_device += [_int8_held(model, layer, train, True, offloaded=True) if train.bits == 8 else 0] * n
+        i = max((lin.out_features for lin in layer.linears), default=h)
+        moe_slots = layer.experts_per_token  # 5.x grouped_mm: every token-slot's gate_up output at once;
+        if linear_experts(train) and layer.num_experts:  # 4.x loop: one expert's share of the slots at a time
+            moe_slots /= layer.num_experts
+        i = max(i, int(layer.expert_intermediate * 2 * moe_slots))
+        widest = max(widest, i)
+        if train.gradient_checkpointing:
+            ends.append(_recompute_end(model, layer, train))
+        if train.method == "lora" and _casts(train, e):  # PEFT casts an adapted linear's input to the adapter dtype:
+            cast = max([cast] + [lin.in_features * ctx.lb for lin in layer.linears if is_target(lin, train)])
+    return (tuple(stored), tuple(saved), tuple(saved_attn), tuple(mul_freed), tuple(mul_work), tuple(int8_device),
+            tuple(lora_add), tuple(dora_layers), tuple(attn_out), widest, cast, tuple(ends))
+
+
 _LAYER_KEYS: dict = {}
 
 
@@ -530,9 +568,6 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     ctx = Ctx.of(train, model)
     k = coefficients()["backward"]
     h, e = model.hidden_size, ctx.e
-    stored, saved, saved_attn, mul_freed, mul_work, int8_device, lora_add = [], [], [], [], [], [], []
-    dora_layers: list = []
-    attn_out: list = []
     # per-token layer figures do not depend on batch, optimizer or (for fused attention) sequence length
     masked = ctx.attention == "sdpa" and sdpa_gets_a_mask(model, train.seq_len, train.transformers)
     per_seq = ctx.attention not in FUSED or masked
@@ -541,31 +576,8 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     layer_key = _LAYER_KEYS.setdefault(layer_key, layer_key)
     if len(_LAYER_KEYS) > 65536:
         _LAYER_KEYS.clear()
-    widest = cast = 0
-    ends = []  # per layer: a checkpointed layer's working set at the end of its recompute (_recompute_end)
-    for n, layer in model.layers:
-        total, attn, x_kept, freed, work = _layer_totals(model, layer, layer_key)
-        mul_freed += [freed] * n
-        mul_work += [work] * n
-        lora_add += [_recompute_lora_add(model, layer, layer_key)] * n
-        saved += [total] * n
-        saved_attn += [attn] * n
-        dora_layers += [_dora_layer(model, layer, layer_key)] * n
-        attn_out += [_attn_out_saved(model, layer, layer_key)] * n
-        int8 = _int8_held(model, layer, layer_key, train.gradient_checkpointing) if train.bits == 8 else 0
-        stored += [(h * e if train.gradient_checkpointing else total + x_kept) + int8] * n
-        # offloaded: LLM.int8 nodes hold their inputs outside the saved-tensor hooks, so those stay on the device
-        int8_device += [_int8_held(model, layer, layer_key, True, offloaded=True) if train.bits == 8 else 0] * n
-        i = max((lin.out_features for lin in layer.linears), default=h)
-        moe_slots = layer.experts_per_token  # 5.x grouped_mm: every token-slot's gate_up output at once;
-        if linear_experts(train) and layer.num_experts:  # 4.x loop: one expert's share of the slots at a time
-            moe_slots /= layer.num_experts
-        i = max(i, int(layer.expert_intermediate * 2 * moe_slots))
-        widest = max(widest, i)
-        if train.gradient_checkpointing:
-            ends.append(_recompute_end(model, layer, layer_key))
-        if train.method == "lora" and _casts(train, e):  # PEFT casts an adapted linear's input to the adapter dtype:
-            cast = max([cast] + [lin.in_features * ctx.lb for lin in layer.linears if is_target(lin, train)])
+    (stored, saved, saved_attn, mul_freed, mul_work, int8_device, lora_add, dora_layers, attn_out, widest, cast,
+     ends) = _per_layer(model, layer_key)
     # rotary cos / sin are (1, s, head_dim): per sequence position, shared by the batch
     final_norm = h * e + (8 if model.model_type in ("falcon", "gpt_neox", "opt") else 4)
     fixed = 8 * 3 + 2 * model.head_dim * e // train.batch_size + final_norm
