@@ -50,6 +50,15 @@ def _measured(phases: dict) -> dict:
             for p, v in phases.items() if not p.startswith("steady")}
 
 
+def _grid_config(train):
+    """The tiny model's grid configuration on the CPU: 3 steps, weights made in place, GPU kernel models."""
+    from memplan.profile.grid import Config
+
+    run = {"steps": 3, "load_path": "direct", "seed": 0, "weights_dir": None, "weights_cache": None,
+           "cpu_budget_bytes": None, "memory_fraction": None, "kernels": "gpu"}
+    return Config("tiny-llama", dict(TINY), "test", train.to_dict(), "cpu", run, label="tiny")
+
+
 def _profile(tmp_path, tiny, env, parallel, *extra):
     pytest.importorskip("torch")
     pytest.importorskip("bitsandbytes")
@@ -132,13 +141,11 @@ def test_ctrl_c_keeps_what_every_rank_measured(tmp_path, tiny):
     measured ("interrupted"), the launcher writes one profile with them; a resumed grid runs it again."""
     pytest.importorskip("torch")
     from memplan.profile import schema
-    from memplan.profile.grid import Config, run_one
+    from memplan.profile.grid import run_one
     from memplan.spec import TrainSpec
 
     train = TrainSpec(seq_len=128, lora_r=8, gpus=2, parallel="ddp")
-    run = {"steps": 3, "load_path": "direct", "seed": 0, "weights_dir": None, "weights_cache": None,
-           "cpu_budget_bytes": None, "memory_fraction": None, "kernels": "gpu"}
-    cfg = Config("tiny-llama", dict(TINY), "test", train.to_dict(), "cpu", run, label="tiny")
+    cfg = _grid_config(train)
     pid = {}
 
     def on_event(ev):
@@ -164,13 +171,11 @@ def test_a_killed_rank_is_a_result(tmp_path):
     (from its per-phase lines) and what the surviving rank measured."""
     pytest.importorskip("torch")
     from memplan.profile import schema
-    from memplan.profile.grid import Config, run_one
+    from memplan.profile.grid import run_one
     from memplan.spec import TrainSpec
 
     train = TrainSpec(seq_len=128, lora_r=8, gpus=2, parallel="fsdp")
-    run = {"steps": 3, "load_path": "direct", "seed": 0, "weights_dir": None, "weights_cache": None,
-           "cpu_budget_bytes": None, "memory_fraction": None, "kernels": "gpu"}
-    cfg = Config("tiny-llama", dict(TINY), "test", train.to_dict(), "cpu", run, label="tiny")
+    cfg = _grid_config(train)
     pids = {}
 
     def on_event(ev):

@@ -203,16 +203,18 @@ class TokenCounter:
                     raise Mismatch(f"batch {b}, row {k * step + 1}: {got} counted, the tokenizer gives {w}")
         return out
 
+    def _segments(self, text: str) -> tuple[int, list[tuple[int, str]]]:
+        """(the added tokens in `text`, one token each; the non-empty runs of text between them, each with its
+        index in the split: 0 only for a run at the start of the text)."""
+        if self.added_re is None:
+            return 0, [(0, text)] if text else []
+        parts = self.added_re.split(text)
+        return len(parts) // 2, [(k, seg) for k, seg in enumerate(parts) if not k % 2 and seg]
+
     def _pieces(self, text: str) -> int | None:
         memo = self.memo
-        total = 0
-        segments = self.added_re.split(text) if self.added_re is not None else (text,)
-        for k, seg in enumerate(segments):
-            if k % 2:  # an added token
-                total += 1
-                continue
-            if not seg:
-                continue
+        total, segments = self._segments(text)
+        for _, seg in segments:
             if seg.isascii():
                 pieces = self.ascii_re.findall(seg)
             else:
@@ -234,14 +236,9 @@ class TokenCounter:
         metaspace, the prefix metaspace is added as the normalizer (Prepend: any non-empty segment) or the
         Metaspace pre-tokenizer (always / first: unless the segment starts with one; first: only at offset 0)
         adds it, and the string splits into pieces that no merge can join (_check_no_merge_across_spaces)."""
-        memo, prepend, total = self.memo, self.metaspace[0], 0
-        segments = self.added_re.split(text) if self.added_re is not None else (text,)
-        for k, seg in enumerate(segments):
-            if k % 2:  # an added token
-                total += 1
-                continue
-            if not seg:
-                continue
+        memo, prepend = self.memo, self.metaspace[0]
+        total, segments = self._segments(text)
+        for k, seg in segments:
             seg = seg.replace(" ", META)
             if prepend == "normalizer":  # Prepend: on every non-empty segment
                 seg = META + seg
