@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from memplan.estimate import dora
+from memplan.estimate import dora, offload, recompute
 from memplan.estimate.experts import expert_mlp, linear_experts, max_quantized_numel
 from memplan.estimate.experts import router as experts_router
 from memplan.estimate.lora import is_target
@@ -157,7 +157,7 @@ class Saved:
         return sum(self.size[n] for n, g in self.kept.items() if group is None or g == group)
 
 
-def _casts(train: TrainSpec, in_bytes: int) -> bool:
+def casts(train: TrainSpec, in_bytes: int) -> bool:
     """PEFT's _cast_input_dtype copies a LoRA linear's input whenever its dtype is not the adapter's: by name, so
     bf16 activations into fp16 adapters (same size) are copied too. 2-byte inputs are in the compute dtype."""
     return ("fp32" if in_bytes == 4 else train.compute_dtype) != train.lora_dtype
@@ -179,7 +179,7 @@ def _linear(sv: Saved, ctx: Ctx, lin: Linear, x: str, in_bytes: int, group: str)
         if ctx.dropout:
             sv.new(f"{lin.name}.drop", lin.in_features * ctx.lb, group)
             sv.new(f"{lin.name}.mask", lin.in_features, group)
-        elif _casts(ctx.train, in_bytes):
+        elif casts(ctx.train, in_bytes):
             sv.new(f"{lin.name}.cast", lin.in_features * ctx.lb, group)
         else:
             sv.keep(x, group)
@@ -406,7 +406,7 @@ def layer_saved(model: ModelSpec, layer: LayerSpec, ctx: Ctx) -> Saved:
 
 
 @lru_cache(maxsize=4096)
-def _layer_totals(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> tuple[int, int, int, int, int]:
+def layer_totals(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> tuple[int, int, int, int, int]:
     """(saved bytes per token without the layer input, of which attention, the layer input if it is kept,
     and for a gated MLP the product's backward: saved bytes released before it, working set at it)."""
     sv = layer_saved(model, layer, Ctx.of(train, model))
@@ -454,37 +454,6 @@ def _int8_held(model: ModelSpec, layer: LayerSpec, train: TrainSpec, checkpointe
     return sum(sv.size[n] for n in sv.int8_inputs if n != "x" and (checkpointed or n not in sv.kept))
 
 
-_QK = {"q_proj", "k_proj", "qkv_proj", "query_key_value"}  # linears whose LoRA makes the attention scores need a grad
-_V = {"v_proj", "qkv_proj", "query_key_value"}
-
-
-@lru_cache(maxsize=4096)
-def _offload_split(model: ModelSpec, layer: LayerSpec, train: TrainSpec, tokens: int,
-                   no_input_grad: bool = False) -> tuple[int, int]:
-    """--activation-offload all without checkpointing (TRL OffloadActivations' rules, memplan/trace/offload.py):
-    (bytes per token a layer keeps on the device, bytes per token brought back at once in its backward).
-    Kept: a storage saved a second time while its first copy is in flight (TRL's storage-key dedupe keeps that
-    reference on the device until backward) and tensors under min_offload_size (1024 B). Brought back: a tensor
-    lives until the autograd node after the one that unpacked it finishes: the layer's two largest saved tensors."""
-    sv = layer_saved(model, layer, Ctx.of(train, model))
-    kept = [n for n in sv.kept if n != "x" or sv.kept.get("x")]
-    shared = set(sv.shared)
-    if no_input_grad:  # the first layer, its input a frozen embedding's output (no checkpointing: nothing calls
-        # enable_input_require_grads): an op whose inputs need no gradient saves nothing, so the input norm saves
-        # once or not at all; softmax saves its result only if q or k is adapted (the scores need a gradient),
-        # probs @ v's bmm saves the probabilities only if v is (derivatives.yaml, bmm: self for mat2's grad)
-        shared -= {"x", "norm1.x32"}
-        adapted = {lin.name for lin in layer.linears if is_target(lin, train)}
-        if not (adapted & _QK and adapted & _V):
-            shared -= {"probs", "probs.fp32"}
-    device = sum(sv.size[n] for n in kept if n in shared or sv.size[n] * tokens < 1024)
-    largest = sorted((sv.size[n] for n in kept if n not in shared), reverse=True)[:2]
-    # TRL's forward stash (its 5 newest packs stay on the device while they stream out) is left out: its window
-    # counts every pack, parameters and kept references too, which this per-layer saved set does not order;
-    # counting 5 offloaded tensors overstated the sampled peaks (tests/test_toolbox.py offload-all-nockpt: +7%)
-    return device, sum(largest)
-
-
 # ------------------------------------------------------------------------------------------ whole-model view
 
 
@@ -508,13 +477,13 @@ class Activations:
     attn_out_saved: tuple = ()  # per layer, per token: what the attention's output linear's adapter saved,
     # released before the attention core's backward (its own backward ran first)
     dequant_work: int = 0  # per token, beside dequant_bytes at the last linear's base backward: set when
-    # bwd_work_mlp is the recompute's end (_recompute_end), a moment without a dequantized weight
+    # bwd_work_mlp is the recompute's end (recompute.end), a moment without a dequantized weight
     moe_tail: int = 0  # per token: transformers 5 grouped_mm experts' transient as they combine their outputs
     # activation offloading (memplan/estimate/offload.py): per token
     host_per_layer: tuple = ()  # what each layer's saved set puts in pinned host memory
     reload: int = 0  # brought back to the device during one layer's backward
-    reload_first: int = 0  # ... during the first layer's (its saved set differs: _offloaded)
-    recompute_lora_add: list = field(default_factory=list)  # per layer, checkpointed: _recompute_lora_add
+    reload_first: int = 0  # ... during the first layer's (its saved set differs: offload.device_host)
+    recompute_lora_add: list = field(default_factory=list)  # per layer, checkpointed: recompute.lora_add
     bwd_work_h: int = 0  # the residual stream's gradients alive while a layer recomputes (coefficients mlp_h)
 
 
@@ -528,12 +497,12 @@ def _per_layer(model: ModelSpec, train: TrainSpec) -> tuple:
     dora_layers: list = []
     attn_out: list = []
     widest = cast = 0
-    ends = []  # per layer: a checkpointed layer's working set at the end of its recompute (_recompute_end)
+    ends = []  # per layer: a checkpointed layer's working set at the end of its recompute (recompute.end)
     for n, layer in model.layers:
-        total, attn, x_kept, freed, work = _layer_totals(model, layer, train)
+        total, attn, x_kept, freed, work = layer_totals(model, layer, train)
         mul_freed += [freed] * n
         mul_work += [work] * n
-        lora_add += [_recompute_lora_add(model, layer, train)] * n
+        lora_add += [recompute.lora_add(model, layer, train)] * n
         saved += [total] * n
         saved_attn += [attn] * n
         dora_layers += [_dora_layer(model, layer, train)] * n
@@ -549,8 +518,8 @@ def _per_layer(model: ModelSpec, train: TrainSpec) -> tuple:
         i = max(i, int(layer.expert_intermediate * 2 * moe_slots))
         widest = max(widest, i)
         if train.gradient_checkpointing:
-            ends.append(_recompute_end(model, layer, train))
-        if train.method == "lora" and _casts(train, e):  # PEFT casts an adapted linear's input to the adapter dtype:
+            ends.append(recompute.end(model, layer, train))
+        if train.method == "lora" and casts(train, e):  # PEFT casts an adapted linear's input to the adapter dtype:
             cast = max([cast] + [lin.in_features * ctx.lb for lin in layer.linears if is_target(lin, train)])
     return (tuple(stored), tuple(saved), tuple(saved_attn), tuple(mul_freed), tuple(mul_work), tuple(int8_device),
             tuple(lora_add), tuple(dora_layers), tuple(attn_out), widest, cast, tuple(ends))
@@ -608,7 +577,7 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     tail = _moe_tail(model, model.layers[-1][1], layer_key)
     host, reload = (), (0, 0)
     if train.activation_offload != "off":
-        stored, host, reload = _offloaded(model, train, layer_key, stored, h * e)
+        stored, host, reload = offload.device_host(model, train, layer_key, stored, h * e)
         stored = [d + i for d, i in zip(stored, int8_device)]
     dora_saved = tuple(sum(d.weight for d in layer) for layer in dora_layers) if train.dora else ()
     return Activations(stored, saved, saved_attn, fixed, final_norm, fwd_transient, bwd_mlp, bwd_attn, mul_freed,
@@ -617,36 +586,6 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
                        host_per_layer=host, reload=reload[0], reload_first=reload[1],
                        recompute_lora_add=lora_add if train.gradient_checkpointing else [],
                        bwd_work_h=int(k["mlp_h"] * h * e))
-
-
-@lru_cache(maxsize=4096)
-def _recompute_lora_add(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> int:
-    """A checkpointed layer's recompute (in backward) as it reaches an adapted linear's LoRA add, per token: what the
-    recompute has saved so far (the saved set in forward order, up to that linear's lora_A output) plus the add's
-    tensors. bitsandbytes' LoRA layers (peft/tuners/lora/bnb.py 0.21, Linear4bit / Linear8bitLt.forward): the base
-    result, the LoRA output cast to its dtype and scaled, and their sum, three output-wide tensors in the result's
-    dtype; PEFT's plain Linear (layer.py): result, scaled LoRA output and the sum in their promoted dtype. The input
-    cast to the adapter dtype is a local still alive. The widest such moment of the layer; 0 without LoRA."""
-    ctx = Ctx.of(train, model)
-    if train.method != "lora" or train.dora:
-        return 0
-    sv = layer_saved(model, layer, ctx)
-    order = [n for n in sv.kept if n != "x"]
-    e = ctx.e
-    result = "fp32" if e == 4 else train.compute_dtype
-    best = 0
-    for lin in layer.linears:
-        if not is_target(lin, train) or f"{lin.name}.A" not in sv.kept:
-            continue
-        before = sum(sv.size[n] for n in order[: order.index(f"{lin.name}.A") + 1])
-        if train.quantized and lin.quantizable:
-            add = 3 * e
-        else:
-            promoted = 4 if {result, train.lora_dtype} == {"fp16", "bf16"} else max(e, ctx.lb)
-            add = e + ctx.lb + max(ctx.lb, promoted)
-        cast = lin.in_features * ctx.lb if _casts(train, e) else 0
-        best = max(best, before + lin.out_features * add + cast)
-    return best
 
 
 def _lora_sum_promoted(model: ModelSpec, train: TrainSpec) -> int:
@@ -685,47 +624,6 @@ def _dora_layer(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> tuple:
     return dora.layer_linears(model, train, sv.marks, set(sv.kept), sv.size, sv.total())
 
 
-@lru_cache(maxsize=4096)
-def _recompute_end(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> int | None:
-    """Per token, beside the recomputed saved set: a checkpointed layer's backward peaks where its recompute stops
-    (torch/utils/checkpoint.py: non-reentrant, early stop in the pack hook of the last saved tensor, lora_B's input
-    in the MLP's last linear). Alive then, unsaved: the frames' locals - the decoder layer's `residual` (x + attn;
-    parallel attention: the attention output) and the MLP's input (the post-attention norm's output), the last linear's input (act(gate) * up) and base
-    output R (bitsandbytes' Linear4bit: R.clone()) and PEFT's copy of its input in the adapter dtype (dropout > 0:
-    the dropout's input, not saved) - and the gradients made before the first unpack: the residual stream's, and
-    the adapter branch's (peft/tuners/lora/layer.py Linear.forward: (R + lora * s).to(R.dtype), whose backward
-    casts the gradient up and back down for R; bnb.py casts the adapter output down before the sum instead), whose
-    `* scaling` (MulBackward0 by a number, nothing saved) runs before the unpack. The dequantized weight is freed by
-    then. None where this moment is not the one modelled (MoE, post-norms, full fine-tuning, a frozen last
-    linear, DoRA: dora.py): the coefficients of coefficients.json stay."""
-    if (train.method != "lora" or train.dora or layer.mlp not in ("gated", "plain")
-            or model.model_type in ("gemma2", "gemma3_text", "olmo2", "opt")):
-        return None
-    ctx = Ctx.of(train, model)
-    sv = layer_saved(model, layer, ctx)
-    lin, x = sv.marks[-1][0], sv.marks[-1][1]
-    if not is_target(lin, train):
-        return None
-    # parallel attention (GPT-NeoX, Falcon): the decoder holds the attention output, not x + attn, while the MLP
-    # runs on its own norm of x (Falcon-7B: the attention's)
-    residual = next(f"{m[0].name}.out" for m in sv.marks if m[0].name in dora.RESIDUAL_LINEARS) \
-        if layer.parallel_attn else "h1"
-    mlp_in = "norm2.out" if "norm2.out" in sv.size else "norm1.out"
-    e, lb, h = ctx.e, ctx.lb, model.hidden_size
-    out = h * e  # the residual stream's gradient
-    if train.quantized and lin.quantizable:  # output.to(R.dtype) before the sum: its gradient cast up, then * s
-        out += lin.out_features * lb
-    else:
-        s = dora.promote(dora.stream_dtype(train), train.lora_dtype)
-        out += (lin.out_features * e if s != dora.stream_dtype(train) else 0) + lin.out_features * lb
-    for name in dict.fromkeys((residual, mlp_in, x)):
-        out += sv.size[name] if name in sv.size and name not in sv.kept else 0
-    out += lin.out_features * e  # R
-    if ctx.dropout and _casts(train, e):  # by name: bf16 into fp16 adapters is a copy too
-        out += lin.in_features * lb
-    return out
-
-
 def _moe_tail(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> int:
     """The end of transformers 5's grouped_mm_experts_forward (integrations/moe.py, 5.24), per token: with S = tokens
     x top-k rows of hidden width, `weighted_out[inv_perm]` runs while the gathered input selected_hidden_states_g
@@ -739,32 +637,6 @@ def _moe_tail(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> int:
     return (4 if train.gradient_checkpointing else 3) * k * h * e
 
 
-def _offloaded(model: ModelSpec, train: TrainSpec, layer_key: TrainSpec, stored: list[int], x_bytes: int):
-    """The device / host split of what each layer keeps, under activation offloading.
-    Checkpointing on (either mode): each checkpointed layer input goes to the host (torch's _NoopSaveInputs saves
-    it under the offload hooks; everything else is saved through the checkpoint's own inner hooks). The first
-    layer's input stays on the device anyway when the embedding is frozen: enable_input_require_grads makes that
-    output a leaf that requires grad, which its AccumulateGrad node holds until backward. In backward each layer's
-    input comes back as a new device copy (x_bytes). Checkpointing off (all): _offload_split."""
-    if train.gradient_checkpointing:
-        leaf = train.method == "lora" and "embed_tokens" not in train.modules_to_save
-        device = [x_bytes if (i == 0 and leaf) else 0 for i in range(len(stored))]
-        return device, tuple(stored), (x_bytes, x_bytes)
-    device, host, reload, first_back = [], [], 0, 0
-    tokens = train.batch_size * train.seq_len
-    input_grad = train.method == "full" or "embed_tokens" in train.modules_to_save
-    for i, (n, layer) in enumerate(model.layers):
-        total, _, x_kept = _layer_totals(model, layer, layer_key)[:3]
-        for first in ([True, False] if i == 0 else [False])[:n]:
-            kept, back = _offload_split(model, layer, layer_key, tokens, first and not input_grad)
-            m = 1 if first else n - (1 if i == 0 else 0)
-            device += [kept] * m
-            host += [total + x_kept - kept] * m
-            if first:
-                first_back = back
-            else:
-                reload = max(reload, back)
-    return device, tuple(host), (reload if len(device) > 1 else first_back, first_back)
 
 
 

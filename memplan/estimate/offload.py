@@ -1,0 +1,73 @@
+"""Activation offloading's device / host split of what each layer keeps (--activation-offload all|checkpoints).
+
+The rules come from the code that runs: TRL's OffloadActivations (trl/models/activation_offloading.py) and
+torch.autograd.graph.save_on_cpu around transformers' checkpoint function; memplan/trace/offload.py runs them on
+the meta trace. activations.activations() calls device_host(); the per-layer saved set is activations'.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+from memplan.estimate import activations as act
+from memplan.estimate.lora import is_target
+from memplan.spec import LayerSpec, ModelSpec, TrainSpec
+
+_QK = {"q_proj", "k_proj", "qkv_proj", "query_key_value"}  # linears whose LoRA makes the attention scores need a grad
+_V = {"v_proj", "qkv_proj", "query_key_value"}
+
+
+@lru_cache(maxsize=4096)
+def split(model: ModelSpec, layer: LayerSpec, train: TrainSpec, tokens: int,
+                   no_input_grad: bool = False) -> tuple[int, int]:
+    """--activation-offload all without checkpointing (TRL OffloadActivations' rules, memplan/trace/offload.py):
+    (bytes per token a layer keeps on the device, bytes per token brought back at once in its backward).
+    Kept: a storage saved a second time while its first copy is in flight (TRL's storage-key dedupe keeps that
+    reference on the device until backward) and tensors under min_offload_size (1024 B). Brought back: a tensor
+    lives until the autograd node after the one that unpacked it finishes: the layer's two largest saved tensors."""
+    sv = act.layer_saved(model, layer, act.Ctx.of(train, model))
+    kept = [n for n in sv.kept if n != "x" or sv.kept.get("x")]
+    shared = set(sv.shared)
+    if no_input_grad:  # the first layer, its input a frozen embedding's output (no checkpointing: nothing calls
+        # enable_input_require_grads): an op whose inputs need no gradient saves nothing, so the input norm saves
+        # once or not at all; softmax saves its result only if q or k is adapted (the scores need a gradient),
+        # probs @ v's bmm saves the probabilities only if v is (derivatives.yaml, bmm: self for mat2's grad)
+        shared -= {"x", "norm1.x32"}
+        adapted = {lin.name for lin in layer.linears if is_target(lin, train)}
+        if not (adapted & _QK and adapted & _V):
+            shared -= {"probs", "probs.fp32"}
+    device = sum(sv.size[n] for n in kept if n in shared or sv.size[n] * tokens < 1024)
+    largest = sorted((sv.size[n] for n in kept if n not in shared), reverse=True)[:2]
+    # TRL's forward stash (its 5 newest packs stay on the device while they stream out) is left out: its window
+    # counts every pack, parameters and kept references too, which this per-layer saved set does not order;
+    # counting 5 offloaded tensors overstated the sampled peaks (tests/test_toolbox.py offload-all-nockpt: +7%)
+    return device, sum(largest)
+
+
+
+
+def device_host(model: ModelSpec, train: TrainSpec, layer_key: TrainSpec, stored: list[int], x_bytes: int):
+    """The device / host split of what each layer keeps, under activation offloading.
+    Checkpointing on (either mode): each checkpointed layer input goes to the host (torch's _NoopSaveInputs saves
+    it under the offload hooks; everything else is saved through the checkpoint's own inner hooks). The first
+    layer's input stays on the device anyway when the embedding is frozen: enable_input_require_grads makes that
+    output a leaf that requires grad, which its AccumulateGrad node holds until backward. In backward each layer's
+    input comes back as a new device copy (x_bytes). Checkpointing off (all): split."""
+    if train.gradient_checkpointing:
+        leaf = train.method == "lora" and "embed_tokens" not in train.modules_to_save
+        device = [x_bytes if (i == 0 and leaf) else 0 for i in range(len(stored))]
+        return device, tuple(stored), (x_bytes, x_bytes)
+    device, host, reload, first_back = [], [], 0, 0
+    tokens = train.batch_size * train.seq_len
+    input_grad = train.method == "full" or "embed_tokens" in train.modules_to_save
+    for i, (n, layer) in enumerate(model.layers):
+        total, _, x_kept = act.layer_totals(model, layer, layer_key)[:3]
+        for first in ([True, False] if i == 0 else [False])[:n]:
+            kept, back = split(model, layer, layer_key, tokens, first and not input_grad)
+            m = 1 if first else n - (1 if i == 0 else 0)
+            device += [kept] * m
+            host += [total + x_kept - kept] * m
+            if first:
+                first_back = back
+            else:
+                reload = max(reload, back)
+    return device, tuple(host), (reload if len(device) > 1 else first_back, first_back)
