@@ -251,6 +251,15 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
         attn = _candidate(steady, gradients=done_grads + mlp_grads, activations=kept + recompute - held,
                           temporaries=T * a.bwd_work_attn - (freed - held) + a.dequant_bytes, comm_buffers=in_flight)
         start = _larger(start, attn)
+        if a.bwd_work_act:  # a plain MLP's activation backward (activations._plain_act_backward): no dequantized weight
+            start = _larger(start, _candidate(steady, gradients=done_grads, activations=kept + recompute,
+                                              temporaries=T * a.bwd_work_act, comm_buffers=in_flight))
+        if a.bwd_work_softmax:  # eager attention's softmax backward (activations.eager_softmax_backward): no
+            # dequantized weight (o_proj's backward is done, q/k/v's not begun)
+            start = _larger(start, _candidate(steady, gradients=done_grads + mlp_grads,
+                                              activations=kept + recompute - held,
+                                              temporaries=T * a.bwd_work_softmax - (freed - held),
+                                              comm_buffers=in_flight))
         # the first layer's own adapter gradients are made by its backward, after these moments
         own = fixed.first_layer_adapters if idx == 0 and rank is None else 0
         best = None  # each DoRA linear's backward (dora.py): its moments compared as sums, one candidate built

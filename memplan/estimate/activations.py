@@ -29,7 +29,7 @@ Backward working sets use the few coefficients in coefficients.json, fitted agai
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -62,6 +62,8 @@ class Ctx:
     attention: str  # the attention that runs (see effective_attention)
     liger: bool = False  # Liger's RMSNorm / SwiGLU (memplan/trace/liger.py has their saved tensors)
     gemma_norm: bool = False  # Gemma's RMSNorm multiplies in fp32 by (1 + weight)
+    frozen_input: bool = False  # the layer's input needs no gradient (first_input_frozen): layer 0 without
+    # checkpointing, where ops on frozen tensors build no graph node and save nothing
 
     @staticmethod
     def of(train: TrainSpec, model: ModelSpec | None = None) -> "Ctx":
@@ -138,6 +140,17 @@ class Saved:
         # every linear in forward order, for DoRA's terms (dora.layer_linears): (lin, input, input dtype, group,
         # saved bytes through it, its own saved LoRA bytes, adapted by DoRA)
         self.marks: list[tuple] = []
+        self.nograd: set[str] = set()  # tensors that need no gradient (a frozen layer input and what it feeds)
+
+    def grad(self, *names: str) -> bool:
+        """True when any of the named tensors needs a gradient: only then does the op on them record a node
+        (torch autograd records nothing when no input requires grad; a node saves an input only for another input's
+        gradient: derivatives.yaml, e.g. bmm saves mat2 for self's gradient, should_compute_output)."""
+        return any(n not in self.nograd for n in names)
+
+    def frozen(self, name: str) -> str:
+        self.nograd.add(name)
+        return name
 
     def tensor(self, name: str, nbytes: int) -> str:
         self.size[name] = nbytes
@@ -165,7 +178,8 @@ def casts(train: TrainSpec, in_bytes: int) -> bool:
 
 def _linear(sv: Saved, ctx: Ctx, lin: Linear, x: str, in_bytes: int, group: str) -> str:
     """Run one (possibly LoRA-adapted) linear on tensor x; returns its output's name."""
-    if ctx.train.bits == 8 and lin.quantizable:
+    x_grad = sv.grad(x)
+    if ctx.train.bits == 8 and lin.quantizable and x_grad:
         # bitsandbytes MatMul8bitLt.forward keeps ctx.tensors = (CAt, subA, A) as plain attributes whenever its
         # input needs a gradient: A (this input) lives with the graph node, out of reach of saved-tensor hooks,
         # so gradient checkpointing does not drop it (autograd/_functions.py)
@@ -177,8 +191,9 @@ def _linear(sv: Saved, ctx: Ctx, lin: Linear, x: str, in_bytes: int, group: str)
     elif is_target(lin, ctx.train):
         adapted = ctx.train.dora
         if ctx.dropout:
-            sv.new(f"{lin.name}.drop", lin.in_features * ctx.lb, group)
-            sv.new(f"{lin.name}.mask", lin.in_features, group)
+            sv.new(f"{lin.name}.drop", lin.in_features * ctx.lb, group)  # lora_A's input, for its weight's gradient
+            if x_grad:  # nn.Dropout on a tensor without grad records no node: its mask dies at once
+                sv.new(f"{lin.name}.mask", lin.in_features, group)
         elif casts(ctx.train, in_bytes):
             sv.new(f"{lin.name}.cast", lin.in_features * ctx.lb, group)
         else:
@@ -189,10 +204,13 @@ def _linear(sv: Saved, ctx: Ctx, lin: Linear, x: str, in_bytes: int, group: str)
         for suffix, nbytes in dora.saved_items(lin, ctx.train, ctx.dtype_of(in_bytes)):
             sv.new(f"{lin.name}.{suffix}", nbytes, group)
     sv.marks.append((lin, x, ctx.dtype_of(in_bytes), group, sv.total(), own, adapted))
-    return sv.tensor(f"{lin.name}.out", lin.out_features * ctx.e)
+    out = sv.tensor(f"{lin.name}.out", lin.out_features * ctx.e)
+    return out if x_grad or ctx.method == "full" or is_target(lin, ctx.train) else sv.frozen(out)
 
 
 def _norm(sv: Saved, ctx: Ctx, x: str, h: int, kind: str, group: str, name: str) -> str:
+    if not sv.grad(x) and ctx.method != "full":  # a frozen weight on an input without grad: no node
+        return sv.frozen(sv.tensor(f"{name}.out", h * ctx.e))
     if kind == "layer":  # LayerNorm saves input, fp32 mean and rstd
         sv.keep(x, group)
         sv.new(f"{name}.stats", 8, group)
@@ -218,8 +236,9 @@ def _attention(sv: Saved, ctx: Ctx, model: ModelSpec, layer: LayerSpec, x_norm: 
     a, kv, d, h, e = model.num_heads, model.num_kv_heads, model.head_dim, model.hidden_size, ctx.e
     lins = {lin.name: lin for lin in layer.linears}
     fused = lins.get("qkv_proj") or lins.get("query_key_value")
+    fused_out = None
     if fused:  # q, k, v are views of one output
-        out = _linear(sv, ctx, fused, x_norm, e, "attn")
+        out = fused_out = _linear(sv, ctx, fused, x_norm, e, "attn")
         q = k = v = out
         if model.model_type == "falcon" and model.hf_config.get("new_decoder_architecture"):
             # FalconAttention._split_heads copies k and v out of the fused output (fused_qkv[..., [-2], :]) and
@@ -235,9 +254,13 @@ def _attention(sv: Saved, ctx: Ctx, model: ModelSpec, layer: LayerSpec, x_norm: 
         k = _norm(sv, ctx, k, kv * d, "rms", "attn", "k_norm")
         sv.size["q_norm.rstd"], sv.size["k_norm.rstd"] = 4 * a, 4 * kv
     if model.model_type != "opt":  # rotary: q*cos + rotate_half(q)*sin makes new q and k
-        q = sv.tensor("q.rot", a * d * e)
-        k = sv.tensor("k.rot", kv * d * e)
-    if ctx.attention == FA2:
+        q = _follows(sv, q, sv.tensor("q.rot", a * d * e))
+        k = _follows(sv, k, sv.tensor("k.rot", kv * d * e))
+    qg, kg, vg = sv.grad(q), sv.grad(k), sv.grad(v)
+    if not (qg or kg or vg):  # layer 0 with frozen q, k, v projections: the attention core records no node
+        out = "attn.out" if ctx.attention in FUSED else "attn.ctx"
+        out = sv.frozen(sv.tensor(out, a * d * (ctx.c if ctx.attention == FA2 else e)))
+    elif ctx.attention == FA2:
         # transformers' flash_attention_forward (integrations/flash_attention.py) -> _flash_attention_forward:
         # no mask (flash_attention_mask returns None for unpadded batches), sliding windows and soft-capping
         # inside the kernel, GQA native (k/v keep their kv heads). fa_peft_integration_check casts fp32 q/k/v
@@ -266,31 +289,51 @@ def _attention(sv: Saved, ctx: Ctx, model: ModelSpec, layer: LayerSpec, x_norm: 
         sv.new("math.qkv", (a + 2 * kv) * d * 4, "attn")
         sv.new("probs.fp32", a * ctx.s * 4, "attn")
     else:
+        # each matmul saves one operand for the other's gradient (derivatives.yaml bmm: mat2 for self, self for
+        # mat2): q @ k^T keeps k for q and q for k; probs @ v keeps v for probs and probs for v. All of q, k, v
+        # need a gradient but in layer 0 with some of its projections frozen (first_input_frozen)
+        sg = qg or kg  # the scores, and the probabilities, need a gradient
+        if fused and v == fused_out and model.model_type in ("phi3", "gpt_neox") and kv == a:
+            # v is a strided view of the fused output: torch.matmul folds probs @ v to a bmm through
+            # v.expand(...).reshape(b·a, s, d), which copies a view whose batch and head dims do not merge
+            # (aten/src/ATen/native/LinearAlgebra.cpp _matmul_impl); bmm saves that copy, not the fused output
+            v = _follows(sv, v, sv.tensor("v.copy", a * d * e))
         if kv != a:  # repeat_kv copies k and v to every head
-            sv.new("k.rep", a * d * e, "attn")
-            sv.new("v.rep", a * d * e, "attn")
-        else:
-            sv.keep(k, "attn")
-            sv.keep(v, "attn")
-        sv.keep(q, "attn")
-        if softcapped(model):  # tanh(scores / cap) saves its output
+            k = _follows(sv, k, sv.tensor("k.rep", a * d * e))
+            v = _follows(sv, v, sv.tensor("v.rep", a * d * e))
+        for t, saved in ((k, qg), (v, sg), (q, kg)):
+            if saved:
+                sv.keep(t, "attn")
+        if softcapped(model) and sg:  # tanh(scores / cap) saves its output
             sv.new("scores.tanh", a * ctx.s * e, "attn")
         if _softmax_in_dtype(model):  # one storage saved by softmax (its result) and by probs @ v's bmm (self):
-            sv.new("probs", a * ctx.s * e, "attn")  # offloading's dedupe keeps the second save on the device
-            sv.keep("probs", "attn")
+            sv.tensor("probs", a * ctx.s * e)  # offloading's dedupe keeps the second save on the device
+            for saved in (sg, vg):
+                if saved:
+                    sv.keep("probs", "attn")
         else:
-            sv.new("probs.fp32", a * ctx.s * 4, "attn")  # softmax(dtype=float32) saves its result
-            if e != 4:
+            sv.tensor("probs.fp32", a * ctx.s * 4)
+            if sg:
+                sv.keep("probs.fp32", "attn")  # softmax(dtype=float32) saves its result
+            if e != 4 and vg:
                 sv.new("probs", a * ctx.s * e, "attn")  # .to(q.dtype), saved by probs @ v
-            else:  # fp32 activations: the cast is a no-op and probs @ v saves the softmax's own output again
+            elif vg:  # fp32 activations: the cast is a no-op and probs @ v saves the softmax's own output again
                 sv.keep("probs.fp32", "attn")
     # o_proj's input: transpose(1, 2).contiguous(). The fused kernels already write their output in the
     # (b, s, heads, d) layout, so the copy is a no-op there; eager's matmul output needs a real copy.
-    ctx_t = "attn.out" if ctx.attention in FUSED else sv.tensor("attn.ctx", a * d * e)
+    ctx_t = "attn.out" if ctx.attention in FUSED else "attn.ctx"
+    if ctx_t not in sv.size:
+        sv.tensor(ctx_t, a * d * e)
     o = lins.get("o_proj") or lins.get("out_proj") or lins.get("dense")
-    _linear(sv, ctx, o, ctx_t, ctx.c if ctx.attention == FA2 else e, "attn")
-    if _opt_dropout(model):  # OPT's residual dropout keeps a bool mask
+    o_out = _linear(sv, ctx, o, ctx_t, ctx.c if ctx.attention == FA2 else e, "attn")
+    if _opt_dropout(model) and sv.grad(o_out):  # OPT's residual dropout keeps a bool mask
         sv.new("attn.resid_mask", h, "attn")
+    return o_out
+
+
+def _follows(sv: Saved, src: str, new: str) -> str:
+    """`new`, made from `src` by ops with frozen (or no) other operands, needs a gradient only if `src` does."""
+    return new if sv.grad(src) else sv.frozen(new)
 
 
 def _opt_dropout(model: ModelSpec) -> bool:
@@ -312,29 +355,38 @@ def _dense_mlp(sv: Saved, ctx: Ctx, layer: LayerSpec, x_norm: str, hidden_act: s
         up = lins.get("dense_h_to_4h") or lins.get("fc1")
         down = lins.get("dense_4h_to_h") or lins.get("fc2")
         f = _linear(sv, ctx, up, x_norm, e, group)
-        if hidden_act == "relu":  # ReLU saves its output
-            act = sv.new("mlp.act", up.out_features * e, group)
+        act = _follows(sv, f, sv.tensor("mlp.act", up.out_features * e))
+        if not sv.grad(f):  # a frozen up projection on an input without grad (first_input_frozen)
+            pass
+        elif hidden_act == "relu":  # ReLU saves its output
+            sv.keep(act, group)
         else:
             sv.keep(f, group)
-            act = sv.tensor("mlp.act", up.out_features * e)
             for j in range(_TANH_GELU_SAVED.get(hidden_act, 0)):
                 sv.new(f"mlp.gelu.{j}", up.out_features * e, group)
         return _linear(sv, ctx, down, act, e, group)
     fused = lins.get("gate_up_proj")
     if fused:  # Phi-3: gate and up are views of one output; act saves the view (the whole storage)
-        gu = _linear(sv, ctx, fused, x_norm, e, group)
+        g = u = _linear(sv, ctx, fused, x_norm, e, group)
         i = fused.out_features // 2
-        sv.keep(gu, group)
+        if sv.grad(g):
+            sv.keep(g, group)
     else:
         gate, up = lins["gate_proj"], lins["up_proj"]
         i = gate.out_features
         g = _linear(sv, ctx, gate, x_norm, e, group)
         u = _linear(sv, ctx, up, x_norm, e, group)
-        sv.keep(g, group)
-        sv.keep(u, group)
-    if not ctx.liger:  # Liger's SiLU/GELU-mul saves gate and up only
+        # act(gate) saves gate for gate's gradient; act(gate) * up saves up for act's gradient and act(gate) for
+        # up's (Liger's SiLU/GELU-mul saves both inputs whenever either needs a gradient)
+        gg, ug = sv.grad(g), sv.grad(u)
+        for t in (g, u):
+            if gg or (ctx.liger and ug):
+                sv.keep(t, group)
+    if not ctx.liger and sv.grad(u):  # Liger's SiLU/GELU-mul saves gate and up only
         sv.new("mlp.act", i * e, group)  # act(gate), saved by the product
     m = sv.tensor("mlp.prod", i * e)
+    if not sv.grad(g, u):
+        sv.frozen(m)
     return _linear(sv, ctx, lins["down_proj"], m, e, group)
 
 
@@ -343,8 +395,13 @@ def _moe(sv: Saved, ctx: Ctx, model: ModelSpec, layer: LayerSpec, x_norm: str) -
     h = model.hidden_size
     if linear_experts(ctx.train):  # transformers 4: the router is a (LoRA-adaptable) nn.Linear
         _linear(sv, ctx, experts_router(model, layer), x_norm, e, "mlp")
-    sv.new("router.probs", E * 4 + k * (8 + 4), "mlp")  # fp32 softmax, top-k indices and weights
-    if linear_experts(ctx.train):
+    if not sv.grad(x_norm) and not linear_experts(ctx.train):
+        pass  # transformers 5: a frozen router and frozen 3-D experts on an input without grad record no node
+    else:
+        sv.new("router.probs", E * 4 + k * (8 + 4), "mlp")  # fp32 softmax, top-k indices and weights
+    if not sv.grad(x_norm) and not linear_experts(ctx.train):
+        pass
+    elif linear_experts(ctx.train):
         # transformers 4.57.6 MixtralSparseMoeBlock.forward: a loop over the experts hit; per token-slot the
         # gathered input (hidden_states[None, top_x]) runs act(gate(x)) * up(x) -> down, each an nn.Linear that
         # LoRA may adapt, then the output is scaled by its routing weight (mul saves both) and index_add_-ed
@@ -372,9 +429,11 @@ def _moe(sv: Saved, ctx: Ctx, model: ModelSpec, layer: LayerSpec, x_norm: str) -
     lins = {lin.name: lin for lin in layer.linears}
     if "shared_expert_gate" in lins:  # Qwen2-MoE: a dense shared expert scaled by sigmoid(shared_expert_gate(x))
         out = _dense_mlp(sv, ctx, layer, x_norm, "silu")
-        _linear(sv, ctx, lins["shared_expert_gate"], x_norm, e, "mlp")
-        sv.keep(out, "mlp")  # the product with the sigmoid saves both factors
-        sv.new("shared.sig", e, "mlp")
+        sig = _linear(sv, ctx, lins["shared_expert_gate"], x_norm, e, "mlp")
+        if sv.grad(sig):  # the product with the sigmoid saves each factor for the other's gradient
+            sv.keep(out, "mlp")
+        if sv.grad(out):
+            sv.new("shared.sig", e, "mlp")
 
 
 def layer_saved(model: ModelSpec, layer: LayerSpec, ctx: Ctx) -> Saved:
@@ -385,31 +444,57 @@ def layer_saved(model: ModelSpec, layer: LayerSpec, ctx: Ctx) -> Saved:
     h = model.hidden_size
     norm_kind = "layer" if model.model_type in ("falcon", "gpt_neox", "opt") else "rms"
     x = sv.tensor("x", h * ctx.e)
+    if ctx.frozen_input:
+        sv.frozen(x)
     n1 = _norm(sv, ctx, x, h, norm_kind, "attn", "norm1")
-    _attention(sv, ctx, model, layer, n1)
+    o_out = _attention(sv, ctx, model, layer, n1)
     if layer.parallel_attn:  # Falcon-7B: one norm feeds both; GPT-NeoX / Falcon-40B: a second norm of x
         n_ln = 2 if model.model_type == "gpt_neox" or model.hf_config.get("new_decoder_architecture") else 1
         n2 = _norm(sv, ctx, x, h, norm_kind, "mlp", "norm2") if n_ln == 2 else n1
     else:
         h1 = sv.tensor("h1", h * ctx.e)  # x + attention output
+        if not sv.grad(x, o_out):
+            sv.frozen(h1)
         n2 = _norm(sv, ctx, h1, h, norm_kind, "mlp", "norm2")
     if layer.mlp == "moe":
         _moe(sv, ctx, model, layer, n2)
+        mlp_grad = True
     else:
-        _dense_mlp(sv, ctx, layer, n2, model.hf_config.get("hidden_act") or model.hf_config.get("activation_function")
-                   or "silu")
-    if _opt_dropout(model):
+        mlp_out = _dense_mlp(sv, ctx, layer, n2, model.hf_config.get("hidden_act")
+                             or model.hf_config.get("activation_function") or "silu")
+        mlp_grad = sv.grad(mlp_out)
+    if _opt_dropout(model) and mlp_grad:
         sv.new("mlp.resid_mask", h, "mlp")
     if model.model_type == "gemma2":  # post-attention / post-feedforward RMSNorms on the o_proj and down_proj
-        sv.new("norm.post", 2 * (4 * h + 4), "mlp")  # outputs: each keeps an fp32 input (or copy) and rsqrt
+        # outputs: each keeps an fp32 input (or copy) and rsqrt
+        sv.new("norm.post", (int(sv.grad(o_out)) + int(mlp_grad)) * (4 * h + 4), "mlp")
     return sv
 
 
+def first_input_frozen(model: ModelSpec, train: TrainSpec) -> bool:
+    """True when layer 0's input needs no gradient: LoRA with a frozen input embedding and no checkpointing, and no
+    activation offloading (memplan/estimate/offload.py walks its own layers). Checkpointing makes the embedding's
+    output require grad (transformers modeling_utils.py 5.24 gradient_checkpointing_enable ->
+    enable_input_require_grads); without it nothing does (PEFT's PeftModel only calls it for a model that
+    checkpoints). Then layer 0's ops on frozen tensors (its norms, frozen projections, an attention core fed by
+    frozen q/k/v) record no autograd node and save nothing; its LoRA branches still save lora_A's input."""
+    from memplan.estimate.lora import head_and_embedding_grads
+
+    return (train.method == "lora" and not train.gradient_checkpointing and train.activation_offload == "off"
+            and not head_and_embedding_grads(model, train)["embed"])
+
+
+def _ctx(model: ModelSpec, train: TrainSpec, first: bool) -> Ctx:
+    ctx = Ctx.of(train, model)
+    return replace(ctx, frozen_input=True) if first else ctx
+
+
 @lru_cache(maxsize=4096)
-def layer_totals(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> tuple[int, int, int, int, int]:
+def layer_totals(model: ModelSpec, layer: LayerSpec, train: TrainSpec,
+                 first: bool = False) -> tuple[int, int, int, int, int]:
     """(saved bytes per token without the layer input, of which attention, the layer input if it is kept,
     and for a gated MLP the product's backward: saved bytes released before it, working set at it)."""
-    sv = layer_saved(model, layer, Ctx.of(train, model))
+    sv = layer_saved(model, layer, _ctx(model, train, first))
     x = sv.size["x"] if "x" in sv.kept else 0
     freed, work = _mlp_product_backward(model, layer, train, sv)
     return sv.total() - x, sv.total("attn") - (x if sv.kept.get("x") == "attn" else 0), x, freed, work
@@ -426,7 +511,7 @@ def _mlp_product_backward(model: ModelSpec, layer: LayerSpec, train: TrainSpec, 
     lora_A output; p itself when dropout is 0) is released by then. Per token: (released, working set).
     Source: torch/utils/checkpoint.py (_checkpoint_hook, _StopRecomputationError), the meta trace's live
     tensors at the peak (tests/test_validate_random.py holds the cases)."""
-    if layer.mlp != "gated" or "mlp.prod" not in sv.size:
+    if layer.mlp != "gated" or "mlp.prod" not in sv.size or "mlp.prod" in sv.nograd:
         return 0, 0
     down = next(lin for lin in layer.linears if lin.name == "down_proj")
     prod = sv.size["mlp.prod"]
@@ -442,13 +527,33 @@ def _mlp_product_backward(model: ModelSpec, layer: LayerSpec, train: TrainSpec, 
 
 
 @lru_cache(maxsize=4096)
+def _plain_act_backward(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> int:
+    """Per token: a plain MLP's backward at its activation, after the down projection's backward (whose
+    dequantized weight is gone by then), with the saved set still whole: the gradient coming from the down
+    projection (in the stream's dtype: Linear4bit's cast back has a ToCopyBackward) and the activation's input
+    gradient, two i-wide tensors (GeluBackward0 / threshold_backward); a tanh-GELU chain (_TANH_GELU_SAVED) starts
+    at its outer product `0.5 * x * (1 + tanh(...))`, whose MulBackward0 makes two (three i-wide in all). Beside
+    them the residual stream's gradient and, in a parallel-attention layer (GPT-NeoX: one add of both branches and
+    the residual), the attention branch's gradient waiting in the compute dtype when flash-attention's output is
+    16-bit in an fp32 stream (AddBackward0 casts it). Sources: transformers activations.py 5.24 (FastGELU /
+    NewGELU), modeling_gpt_neox.py GPTNeoXLayer.forward, the meta trace's live tensors."""
+    if layer.mlp != "plain":
+        return 0
+    act = model.hf_config.get("hidden_act") or model.hf_config.get("activation_function") or "silu"
+    up = next(lin for lin in layer.linears if lin.name in ("dense_h_to_4h", "fc1"))
+    ctx = Ctx.of(train, model)
+    e, h = ctx.e, model.hidden_size
+    branch = h * ctx.c if layer.parallel_attn and ctx.attention == FA2 and e != ctx.c else 0
+    return h * e + branch + (3 if act in _TANH_GELU_SAVED else 2) * up.out_features * e
+
+
 def _int8_held(model: ModelSpec, layer: LayerSpec, train: TrainSpec, checkpointed: bool,
-               offloaded: bool = False) -> int:
+               offloaded: bool = False, first: bool = False) -> int:
     """Bytes per token of LLM.int8 linear inputs held by their graph nodes beyond what the layer stores anyway:
     under checkpointing all but the layer input; without it, those no op saves. bitsandbytes' MatMul8bitLt keeps
     them as ctx attributes, not through save_for_backward, so saved-tensor hooks never see them: under activation
     offloading (offloaded=True) every one stays on the device, whatever else saves it (the meta trace shows them)."""
-    sv = layer_saved(model, layer, Ctx.of(train, model))
+    sv = layer_saved(model, layer, _ctx(model, train, first))
     if offloaded:
         return sum(sv.size[n] for n in set(sv.int8_inputs) if n != "x")
     return sum(sv.size[n] for n in sv.int8_inputs if n != "x" and (checkpointed or n not in sv.kept))
@@ -485,6 +590,8 @@ class Activations:
     reload_first: int = 0  # ... during the first layer's (its saved set differs: offload.device_host)
     recompute_lora_add: list = field(default_factory=list)  # per layer, checkpointed: recompute.lora_add
     bwd_work_h: int = 0  # the residual stream's gradients alive while a layer recomputes (coefficients mlp_h)
+    bwd_work_softmax: int = 0  # per token, eager attention: the working set at softmax's backward
+    bwd_work_act: int = 0  # per token, a plain MLP: the working set at its activation's backward
 
 
 @lru_cache(maxsize=4096)
@@ -496,18 +603,22 @@ def _per_layer(model: ModelSpec, train: TrainSpec) -> tuple:
     stored, saved, saved_attn, mul_freed, mul_work, int8_device, lora_add = [], [], [], [], [], [], []
     dora_layers: list = []
     attn_out: list = []
-    widest = cast = 0
+    widest = cast = act_bwd = 0
     ends = []  # per layer: a checkpointed layer's working set at the end of its recompute (recompute.end)
-    for n, layer in model.layers:
-        total, attn, x_kept, freed, work = layer_totals(model, layer, train)
+    groups = [(n, layer, False) for n, layer in model.layers]
+    if first_input_frozen(model, train):  # layer 0 on its own: its input needs no gradient
+        n0, layer0 = model.layers[0]
+        groups[:1] = [(1, layer0, True)] + ([(n0 - 1, layer0, False)] if n0 > 1 else [])
+    for n, layer, first in groups:
+        total, attn, x_kept, freed, work = layer_totals(model, layer, train, first)
         mul_freed += [freed] * n
         mul_work += [work] * n
         lora_add += [recompute.lora_add(model, layer, train)] * n
         saved += [total] * n
         saved_attn += [attn] * n
-        dora_layers += [_dora_layer(model, layer, train)] * n
-        attn_out += [_attn_out_saved(model, layer, train)] * n
-        int8 = _int8_held(model, layer, train, train.gradient_checkpointing) if train.bits == 8 else 0
+        dora_layers += [_dora_layer(model, layer, train, first)] * n
+        attn_out += [_attn_out_saved(model, layer, train, first)] * n
+        int8 = _int8_held(model, layer, train, train.gradient_checkpointing, first=first) if train.bits == 8 else 0
         stored += [(h * e if train.gradient_checkpointing else total + x_kept) + int8] * n
         # offloaded: LLM.int8 nodes hold their inputs outside the saved-tensor hooks, so those stay on the device
         int8_device += [_int8_held(model, layer, train, True, offloaded=True) if train.bits == 8 else 0] * n
@@ -516,13 +627,14 @@ def _per_layer(model: ModelSpec, train: TrainSpec) -> tuple:
         if linear_experts(train) and layer.num_experts:  # 4.x loop: one expert's share of the slots at a time
             moe_slots /= layer.num_experts
         i = max(i, int(layer.expert_intermediate * 2 * moe_slots))
+        act_bwd = max(act_bwd, _plain_act_backward(model, layer, train))
         widest = max(widest, i)
         if train.gradient_checkpointing:
             ends.append(recompute.end(model, layer, train))
         if train.method == "lora" and casts(train, e):  # PEFT casts an adapted linear's input to the adapter dtype:
             cast = max([cast] + [lin.in_features * ctx.lb for lin in layer.linears if is_target(lin, train)])
     return (tuple(stored), tuple(saved), tuple(saved_attn), tuple(mul_freed), tuple(mul_work), tuple(int8_device),
-            tuple(lora_add), tuple(dora_layers), tuple(attn_out), widest, cast, tuple(ends))
+            tuple(lora_add), tuple(dora_layers), tuple(attn_out), widest, cast, tuple(ends), act_bwd)
 
 
 _LAYER_KEYS: dict = {}
@@ -546,7 +658,7 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     if len(_LAYER_KEYS) > 65536:
         _LAYER_KEYS.clear()
     (stored, saved, saved_attn, mul_freed, mul_work, int8_device, lora_add, dora_layers, attn_out, widest, cast,
-     ends) = _per_layer(model, layer_key)
+     ends, act_bwd) = _per_layer(model, layer_key)
     # rotary cos / sin are (1, s, head_dim): per sequence position, shared by the batch
     final_norm = h * e + (8 if model.model_type in ("falcon", "gpt_neox", "opt") else 4)
     fixed = 8 * 3 + 2 * model.head_dim * e // train.batch_size + final_norm
@@ -571,8 +683,14 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
         dequant_work = max(h * e + layer.linears[-1].in_features * e for _, layer in model.layers)
     else:
         bwd_mlp += promoted if train.gradient_checkpointing else 0  # the recompute adds again
+    # eager without offloading: the softmax's backward is a moment of its own, before q/k/v's backward and its
+    # dequantized weight: the residual stream's gradient, v's gradient (from probs @ v's backward, which released
+    # the v it saved: as large) and the softmax terms. (Offloaded, the reloaded v and probabilities join that
+    # moment: memplan/estimate/offload.py's terms keep the combined candidate below.)
+    softmax = (h * e + eager_softmax_backward(model, train, e)
+               if ctx.attention == "eager" and train.activation_offload == "off" else 0)
     bwd_attn = int(k["attn_h"] * h * e + k["attn_qkv"] * (model.num_heads + 2 * model.num_kv_heads) * model.head_dim * e
-                   + (eager_softmax_backward(model, train, e) if ctx.attention not in FUSED else 0))
+                   + (eager_softmax_backward(model, train, e) if ctx.attention not in FUSED and not softmax else 0))
     dequant = max_quantized_numel(model, train) * ctx.c if train.quantized else 0
     tail = _moe_tail(model, model.layers[-1][1], layer_key)
     host, reload = (), (0, 0)
@@ -584,7 +702,8 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
                        mul_work, dequant, dora_saved if any(dora_saved) else (), tuple(dora_layers),
                        dequant_work=dequant_work, attn_out_saved=tuple(attn_out), moe_tail=tail,
                        host_per_layer=host, reload=reload[0], reload_first=reload[1],
-                       recompute_lora_add=lora_add if train.gradient_checkpointing else [],
+                       recompute_lora_add=lora_add if train.gradient_checkpointing else [], bwd_work_softmax=softmax,
+                       bwd_work_act=act_bwd,
                        bwd_work_h=int(k["mlp_h"] * h * e))
 
 
@@ -605,23 +724,23 @@ def _lora_sum_promoted(model: ModelSpec, train: TrainSpec) -> int:
 
 
 @lru_cache(maxsize=4096)
-def _attn_out_saved(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> int:
+def _attn_out_saved(model: ModelSpec, layer: LayerSpec, train: TrainSpec, first: bool = False) -> int:
     """Per token: the saved tensors of the attention output linear's adapter (dropout copy, mask, lora_A's output,
     DoRA's products' inputs), released by its backward, which runs before the attention core's."""
     if train.method != "lora":
         return 0
-    sv = layer_saved(model, layer, Ctx.of(train, model))
+    sv = layer_saved(model, layer, _ctx(model, train, first))
     out = next((m[0].name for m in sv.marks if m[0].name in dora.RESIDUAL_LINEARS), None)
     return sum(sv.size[n] for n, g in sv.kept.items() if g == "attn" and out and n.startswith(out + "."))
 
 
 @lru_cache(maxsize=4096)
-def _dora_layer(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> tuple:
+def _dora_layer(model: ModelSpec, layer: LayerSpec, train: TrainSpec, first: bool = False) -> tuple:
     """The DoRA terms of one layer's adapted linears (dora.layer_linears), from its saved-set walk."""
     if train.method != "lora" or not train.dora:
         return ()
-    sv = layer_saved(model, layer, Ctx.of(train, model))
-    return dora.layer_linears(model, train, sv.marks, set(sv.kept), sv.size, sv.total())
+    sv = layer_saved(model, layer, _ctx(model, train, first))
+    return dora.layer_linears(model, train, sv.marks, set(sv.kept), sv.size, sv.total(), sv.nograd)
 
 
 def _moe_tail(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> int:

@@ -128,10 +128,11 @@ class DoraLinear:
 
 
 def layer_linears(model: ModelSpec, train: TrainSpec, marks: list, kept: set, sizes: dict,
-                  total: int) -> tuple[DoraLinear, ...]:
+                  total: int, nograd: set = frozenset()) -> tuple[DoraLinear, ...]:
     """The DoraLinear terms of one layer from the saved-set walk (activations.layer_saved): `marks` lists every
     linear in forward order as (lin, input name, input dtype, group, the layer's saved bytes through it, its own
-    saved LoRA bytes, adapted by DoRA)."""
+    saved LoRA bytes, adapted by DoRA); `nograd` the tensors needing no gradient (layer 0's frozen input: F.linear
+    of a dropout output without grad and a detached weight records no node, so it saves no weight)."""
     if train.method != "lora" or not train.dora:
         return ()
     h = model.hidden_size
@@ -184,7 +185,7 @@ def layer_linears(model: ModelSpec, train: TrainSpec, marks: list, kept: set, si
         # those run after it have begun the input's gradient
         bwd += sum(sib.out_features * DTYPES[sib_dtype] for p, sib, sib_dtype in siblings if p < pos)
         bwd += i * xb if any(p > pos for p, _, _ in siblings) else 0
-        w = saved_weight(lin, train)
+        w = saved_weight(lin, train) if x not in nograd else 0
         norm_abs, held_abs = norm_transient(lin, train, False)
         ck_norm_abs, ck_held_abs = norm_transient(lin, train, True)
         out.append(DoraLinear(lin.name, through, sizes["x"] if "x" in kept else 0, total - through, fwd, fwd_norm,
