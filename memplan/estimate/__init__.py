@@ -251,7 +251,7 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
         attn = _candidate(steady, gradients=done_grads + mlp_grads, activations=kept + recompute - held,
                           temporaries=T * a.bwd_work_attn - (freed - held) + a.dequant_bytes, comm_buffers=in_flight)
         start = _larger(start, attn)
-        if a.bwd_work_act:  # a plain MLP's activation backward (activations._plain_act_backward): no dequantized weight
+        if a.bwd_work_act:  # no dequantized weight: a plain MLP's activation backward, a checkpointed MoE's experts
             start = _larger(start, _candidate(steady, gradients=done_grads, activations=kept + recompute,
                                               temporaries=T * a.bwd_work_act, comm_buffers=in_flight))
         if a.bwd_work_softmax:  # eager attention's softmax backward (activations.eager_softmax_backward): no

@@ -591,7 +591,8 @@ class Activations:
     recompute_lora_add: list = field(default_factory=list)  # per layer, checkpointed: recompute.lora_add
     bwd_work_h: int = 0  # the residual stream's gradients alive while a layer recomputes (coefficients mlp_h)
     bwd_work_softmax: int = 0  # per token, eager attention: the working set at softmax's backward
-    bwd_work_act: int = 0  # per token, a plain MLP: the working set at its activation's backward
+    bwd_work_act: int = 0  # per token, a moment of the MLP's backward without a dequantized weight: a plain MLP's
+    # activation backward (_plain_act_backward), a checkpointed MoE layer's recompute in its experts (recompute.moe_stop)
 
 
 @lru_cache(maxsize=4096)
@@ -627,7 +628,7 @@ def _per_layer(model: ModelSpec, train: TrainSpec) -> tuple:
         if linear_experts(train) and layer.num_experts:  # 4.x loop: one expert's share of the slots at a time
             moe_slots /= layer.num_experts
         i = max(i, int(layer.expert_intermediate * 2 * moe_slots))
-        act_bwd = max(act_bwd, _plain_act_backward(model, layer, train))
+        act_bwd = max(act_bwd, _plain_act_backward(model, layer, train), recompute.moe_stop(model, layer, train))
         widest = max(widest, i)
         if train.gradient_checkpointing:
             ends.append(recompute.end(model, layer, train))

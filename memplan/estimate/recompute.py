@@ -85,3 +85,24 @@ def end(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> int | None:
     if ctx.dropout and act.casts(train, e):  # by name: bf16 into fp16 adapters is a copy too
         out += lin.in_features * lb
     return out
+
+
+@lru_cache(maxsize=4096)
+def moe_stop(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> int:
+    """Per token, beside the recomputed saved set: a checkpointed MoE layer's recompute as it runs through transformers
+    5's grouped_mm experts (integrations/moe.py 5.24, grouped_mm_experts_forward). At `weighted_out[inv_perm]` the
+    function's S = tokens x top-k rows of hidden width are alive: the gathered input selected_hidden_states_g (a
+    local: frozen experts' grouped_mm saves only the weight), the down projection's output (saved by the routing-weight
+    product: in the saved set), weighted_out, and either its permuted copy (Qwen2-MoE: the shared expert's gate
+    product saves after the experts, so the recompute goes on) or, where the experts hold the layer's last saved
+    tensor (Qwen3-MoE, Mixtral), the gradient of the experts' output, (T, k, h) from the sum's backward, made before
+    the first unpack: the recompute stops in the pack hook of inv_perm, an input of the index, before its output
+    exists (torch/utils/checkpoint.py early stop). Three S x h tensors either way, with the sort's int64 index
+    tensors (expert ids, permutation, token index), the decoder's `residual` (x + attn) and the post-attention norm's
+    output (locals, unless saved) and the residual stream's gradient. 0 but for such layers."""
+    if not (train.gradient_checkpointing and layer.num_experts and layer.mlp == "moe" and train.transformers >= 5):
+        return 0
+    sv = act.layer_saved(model, layer, act.Ctx.of(train, model))
+    e, h, k = act.Ctx.of(train, model).e, model.hidden_size, layer.experts_per_token
+    locals_ = sum(sv.size[n] for n in ("h1", "norm2.out") if n in sv.size and n not in sv.kept)
+    return h * e + locals_ + 3 * k * h * e + 3 * k * 8
