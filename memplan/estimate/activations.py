@@ -704,7 +704,8 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
                        dequant_work=dequant_work, attn_out_saved=tuple(attn_out), moe_tail=tail,
                        host_per_layer=host, reload=reload[0], reload_first=reload[1],
                        recompute_lora_add=lora_add if train.gradient_checkpointing else [], bwd_work_softmax=softmax,
-                       bwd_work_act=act_bwd,
+                       bwd_work_act=act_bwd if train.activation_offload != "all" else 0,  # offloaded saved sets
+                       # come back per node: offload.py's reload terms hold that moment
                        bwd_work_h=int(k["mlp_h"] * h * e))
 
 
