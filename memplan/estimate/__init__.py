@@ -213,7 +213,7 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
                           comm_buffers=comm["forward_loss"])
     fwd_layer = _candidate(steady, activations=T * (stored - a.stored_per_layer[-1]) + dora_but_last,
                            temporaries=T * a.fwd_transient + a.dequant_bytes, comm_buffers=comm["forward_layer"])
-    bwd_loss = _candidate(steady, activations=T * stored + dora_all, logits_loss=loss_bwd,
+    bwd_loss = _candidate(steady, activations=T * (stored - a.forward_only) + dora_all, logits_loss=loss_bwd,
                           comm_buffers=comm["backward_loss"])
     forward = [fwd_loss, fwd_layer]
     if comm.get("forward_copy_out"):  # FSDP: the last layer's parameters being copied out (parallel.py)
@@ -229,7 +229,7 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
     def layer_bwd(idx: int, done_grads: int, mul_grads: int = 0, mlp_grads: int = 0) -> dict[str, int]:
         """The peak of layer idx's backward; done_grads exist at its start, the gated product's backward adds
         mul_grads (down_proj's), the attention's backward comes after the whole MLP's (mlp_grads)."""
-        kept = T * (sum(a.stored_per_layer[: idx + 1]) + a.fixed - a.final_norm)
+        kept = T * (sum(a.stored_per_layer[: idx + 1]) + a.fixed - a.final_norm - a.forward_only)
         kept += sum(dora[: idx + 1]) if dora else 0
         recompute_reload = a.reload_first if idx == 0 else a.reload
         recompute = (a.layer_saved[idx] if train.gradient_checkpointing else 0) + recompute_reload
@@ -320,14 +320,14 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
         backward.append(layer_bwd(1, rank.gradients_second_layer))
     if ends["embed"]:  # EmbeddingBackward0: every gradient but the embedding's done, its own being made; tied:
         # the head's gradient waiting beside it, then their sum (3 V x H at once, one counted in grads)
-        backward.append(_candidate(steady, gradients=grads, activations=T * (a.fixed - a.final_norm),
+        backward.append(_candidate(steady, gradients=grads, activations=T * (a.fixed - a.final_norm - a.forward_only),
                                    temporaries=2 * ends["head"] if ends["tied"] else 0,
                                    comm_buffers=comm["backward_layer"]))
     if rank is not None and rank.gradients_embedding is not None:
         unsharded = lora.head_and_embedding_grads(model, train)  # FSDP: made whole, then reduce-scattered
         if unsharded["embed"]:  # the embedding's backward, as above: tied, 3 V x H at once
             backward.append(_candidate(steady, gradients=rank.gradients_embedding,
-                                       activations=T * (a.fixed - a.final_norm),
+                                       activations=T * (a.fixed - a.final_norm - a.forward_only),
                                        temporaries=(3 if unsharded["tied"] else 1) * unsharded["embed"],
                                        comm_buffers=comm["backward_embedding"]))
     step_tmp = fixed.step_temporaries if rank is None else optimizer.step_temporaries(train, grads, model)

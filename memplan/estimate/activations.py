@@ -591,6 +591,7 @@ class Activations:
     recompute_lora_add: list = field(default_factory=list)  # per layer, checkpointed: recompute.lora_add
     bwd_work_h: int = 0  # the residual stream's gradients alive while a layer recomputes (coefficients mlp_h)
     bwd_work_softmax: int = 0  # per token, eager attention: the working set at softmax's backward
+    forward_only: int = 0  # per token, of `fixed`: what the forward holds and the backward no longer (eager's mask)
     bwd_work_act: int = 0  # per token, a moment of the MLP's backward without a dequantized weight: a plain MLP's
     # activation backward (_plain_act_backward), a checkpointed MoE layer's recompute in its experts (recompute.moe_stop)
 
@@ -663,8 +664,13 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     # rotary cos / sin are (1, s, head_dim): per sequence position, shared by the batch
     final_norm = h * e + (8 if model.model_type in ("falcon", "gpt_neox", "opt") else 4)
     fixed = 8 * 3 + 2 * model.head_dim * e // train.batch_size + final_norm
+    forward_only = 0
     if ctx.attention in ("eager", "math"):  # the 4-D causal mask (b, 1, s, s) in the activation dtype; Gemma-2
-        fixed += (2 if model.model_type == "gemma2" else 1) * train.seq_len * e  # builds a second, sliding
+        mask = (2 if model.model_type == "gemma2" else 1) * train.seq_len * e  # builds a second, sliding
+        fixed += mask
+        # only the model's forward holds it (`scores + mask` saves neither): it dies with the forward unless the
+        # checkpointed layers' recompute closures keep it (GradientCheckpointingLayer passes it in their kwargs)
+        forward_only = mask if not train.gradient_checkpointing and train.activation_offload == "off" else 0
     elif masked and train.transformers == 4:  # the (b, 1, s, s) boolean mask, alive for the whole step
         fixed += train.seq_len
     # eager: the scaled (and masked) scores beside softmax's fp32 output, then that output beside its cast to the
@@ -673,6 +679,12 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     if ctx.attention == "eager" and _softmax_in_dtype(model):
         eager = _falcon_eager_forward(model, train, e)
     fwd_transient = widest * (e + ctx.c) + h * ctx.c + eager
+    if ctx.attention == "eager" and not _softmax_in_dtype(model) and train.activation_offload == "off":
+        # the scores and the MLP's transients are not alive together: at the MLP the last layer's attention has
+        # saved its probabilities (and the rest of its set; checkpointed, nothing); at the softmax only the scores
+        # are new
+        saved_before = 0 if train.gradient_checkpointing else saved_attn[-1]
+        fwd_transient = max(widest * (e + ctx.c) + h * ctx.c + saved_before, eager)
     promoted = _lora_sum_promoted(model, train)
     fwd_transient += promoted
     bwd_mlp = int(k["mlp_h"] * h * e + k["mlp_i"] * widest * e) + cast  # a copy alive beside the recompute
@@ -704,7 +716,7 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
                        dequant_work=dequant_work, attn_out_saved=tuple(attn_out), moe_tail=tail,
                        host_per_layer=host, reload=reload[0], reload_first=reload[1],
                        recompute_lora_add=lora_add if train.gradient_checkpointing else [], bwd_work_softmax=softmax,
-                       bwd_work_act=act_bwd if train.activation_offload != "all" else 0,  # offloaded saved sets
+                       forward_only=forward_only, bwd_work_act=act_bwd if train.activation_offload != "all" else 0,  # offloaded saved sets
                        # come back per node: offload.py's reload terms hold that moment
                        bwd_work_h=int(k["mlp_h"] * h * e))
 
