@@ -221,7 +221,7 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
                                   comm_buffers=comm["forward_copy_out"]))
     if comm.get("forward_tail_copy_out"):
         forward.append(_candidate(steady, activations=T * stored + dora_all, comm_buffers=comm["forward_tail_copy_out"]))
-    if a.moe_tail:  # the last layer's experts combine their outputs (activations._moe_tail)
+    if a.moe_tail:  # the last layer's experts combine their outputs (moments.moe_tail)
         forward.append(_candidate(steady, activations=T * stored + dora_but_last, temporaries=T * a.moe_tail,
                                   comm_buffers=comm["forward_layer"]))
     forward += _dora_forward(a, train, T, steady, stored, dora_but_last, comm["forward_layer"])
@@ -254,7 +254,7 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
         if a.bwd_work_act:  # no dequantized weight: a plain MLP's activation backward, a checkpointed MoE's experts
             start = _larger(start, _candidate(steady, gradients=done_grads, activations=kept + recompute,
                                               temporaries=T * a.bwd_work_act, comm_buffers=in_flight))
-        if a.bwd_work_softmax:  # eager attention's softmax backward (activations.eager_softmax_backward): no
+        if a.bwd_work_softmax:  # eager attention's softmax backward (moments.eager_softmax_backward): no
             # dequantized weight (o_proj's backward is done, q/k/v's not begun)
             start = _larger(start, _candidate(steady, gradients=done_grads + mlp_grads,
                                               activations=kept + recompute - held,

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
-from memplan.estimate import dora, offload, recompute
+from memplan.estimate import dora, moments, offload, recompute
 from memplan.estimate.experts import expert_mlp, linear_experts, max_quantized_numel
 from memplan.estimate.experts import router as experts_router
 from memplan.estimate.lora import is_target
@@ -306,7 +306,7 @@ def _attention(sv: Saved, ctx: Ctx, model: ModelSpec, layer: LayerSpec, x_norm: 
                 sv.keep(t, "attn")
         if softcapped(model) and sg:  # tanh(scores / cap) saves its output
             sv.new("scores.tanh", a * ctx.s * e, "attn")
-        if _softmax_in_dtype(model):  # one storage saved by softmax (its result) and by probs @ v's bmm (self):
+        if moments.softmax_in_dtype(model):  # one storage saved by softmax (its result) and by probs @ v's bmm (self):
             sv.tensor("probs", a * ctx.s * e)  # offloading's dedupe keeps the second save on the device
             for saved in (sg, vg):
                 if saved:
@@ -496,57 +496,11 @@ def layer_totals(model: ModelSpec, layer: LayerSpec, train: TrainSpec,
     and for a gated MLP the product's backward: saved bytes released before it, working set at it)."""
     sv = layer_saved(model, layer, _ctx(model, train, first))
     x = sv.size["x"] if "x" in sv.kept else 0
-    freed, work = _mlp_product_backward(model, layer, train, sv)
+    freed, work = moments.mlp_product_backward(model, layer, train, sv)
     return sv.total() - x, sv.total("attn") - (x if sv.kept.get("x") == "attn" else 0), x, freed, work
 
 
-def _mlp_product_backward(model: ModelSpec, layer: LayerSpec, train: TrainSpec, sv: Saved) -> tuple[int, int]:
-    """A gated MLP's backward peaks at act(gate) * up's backward (MulBackward0), a moment the layer-start
-    working set does not cover: down_proj's backward has already made the gradient of the product p (i wide),
-    MulBackward0 is writing the gradient of act(gate) beside it, and under checkpointing the recomputed p itself
-    is still alive (torch.utils.checkpoint's non-reentrant recompute stops early, in the pack hook of the last
-    saved tensor, and the product it just made is only freed with that frame). A frozen down_proj (no LoRA on
-    it: a partial target list) saves nothing, so its backward runs before anything triggers the recompute and
-    all of this sits on top of the recomputed saved set. What down_proj's LoRA saved (dropout copy, mask,
-    lora_A output; p itself when dropout is 0) is released by then. Per token: (released, working set).
-    Source: torch/utils/checkpoint.py (_checkpoint_hook, _StopRecomputationError), the meta trace's live
-    tensors at the peak (tests/test_validate_random.py holds the cases)."""
-    if layer.mlp != "gated" or "mlp.prod" not in sv.size or "mlp.prod" in sv.nograd:
-        return 0, 0
-    down = next(lin for lin in layer.linears if lin.name == "down_proj")
-    prod = sv.size["mlp.prod"]
-    prod_saved = "mlp.prod" in sv.kept
-    ckpt = train.gradient_checkpointing
-    freed = sum(sv.size[n] for n in sv.kept if n.startswith(down.name + "."))
-    if prod_saved and not ckpt:
-        freed += prod
-    work = model.hidden_size * Ctx.of(train, model).e + 2 * prod  # the layer output's gradient, dp, d act(gate)
-    if ckpt and not prod_saved:
-        work += prod
-    return freed, work
-
-
 @lru_cache(maxsize=4096)
-def _plain_act_backward(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> int:
-    """Per token: a plain MLP's backward at its activation, after the down projection's backward (whose
-    dequantized weight is gone by then), with the saved set still whole: the gradient coming from the down
-    projection (in the stream's dtype: Linear4bit's cast back has a ToCopyBackward) and the activation's input
-    gradient, two i-wide tensors (GeluBackward0 / threshold_backward); a tanh-GELU chain (_TANH_GELU_SAVED) starts
-    at its outer product `0.5 * x * (1 + tanh(...))`, whose MulBackward0 makes two (three i-wide in all). Beside
-    them the residual stream's gradient and, in a parallel-attention layer (GPT-NeoX: one add of both branches and
-    the residual), the attention branch's gradient waiting in the compute dtype when flash-attention's output is
-    16-bit in an fp32 stream (AddBackward0 casts it). Sources: transformers activations.py 5.24 (FastGELU /
-    NewGELU), modeling_gpt_neox.py GPTNeoXLayer.forward, the meta trace's live tensors."""
-    if layer.mlp != "plain":
-        return 0
-    act = model.hf_config.get("hidden_act") or model.hf_config.get("activation_function") or "silu"
-    up = next(lin for lin in layer.linears if lin.name in ("dense_h_to_4h", "fc1"))
-    ctx = Ctx.of(train, model)
-    e, h = ctx.e, model.hidden_size
-    branch = h * ctx.c if layer.parallel_attn and ctx.attention == FA2 and e != ctx.c else 0
-    return h * e + branch + (3 if act in _TANH_GELU_SAVED else 2) * up.out_features * e
-
-
 def _int8_held(model: ModelSpec, layer: LayerSpec, train: TrainSpec, checkpointed: bool,
                offloaded: bool = False, first: bool = False) -> int:
     """Bytes per token of LLM.int8 linear inputs held by their graph nodes beyond what the layer stores anyway:
@@ -593,7 +547,8 @@ class Activations:
     bwd_work_softmax: int = 0  # per token, eager attention: the working set at softmax's backward
     forward_only: int = 0  # per token, of `fixed`: what the forward holds and the backward no longer (eager's mask)
     bwd_work_act: int = 0  # per token, a moment of the MLP's backward without a dequantized weight: a plain MLP's
-    # activation backward (_plain_act_backward), a checkpointed MoE layer's recompute in its experts (recompute.moe_stop)
+    # activation backward (moments.plain_act_backward), a checkpointed MoE layer's recompute in its experts
+    # (recompute.moe_stop); 0 under activation offload all, whose reload terms (offload.py) hold that moment
 
 
 @lru_cache(maxsize=4096)
@@ -629,7 +584,7 @@ def _per_layer(model: ModelSpec, train: TrainSpec) -> tuple:
         if linear_experts(train) and layer.num_experts:  # 4.x loop: one expert's share of the slots at a time
             moe_slots /= layer.num_experts
         i = max(i, int(layer.expert_intermediate * 2 * moe_slots))
-        act_bwd = max(act_bwd, _plain_act_backward(model, layer, train), recompute.moe_stop(model, layer, train))
+        act_bwd = max(act_bwd, moments.plain_act_backward(model, layer, train), recompute.moe_stop(model, layer, train))
         widest = max(widest, i)
         if train.gradient_checkpointing:
             ends.append(recompute.end(model, layer, train))
@@ -676,16 +631,16 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     # eager: the scaled (and masked) scores beside softmax's fp32 output, then that output beside its cast to the
     # activations' dtype; fp32 activations make the cast a no-op, so two fp32 score tensors at most
     eager = model.num_heads * train.seq_len * (2 * e + 4 if e != 4 else 8) if ctx.attention not in FUSED else 0
-    if ctx.attention == "eager" and _softmax_in_dtype(model):
-        eager = _falcon_eager_forward(model, train, e)
+    if ctx.attention == "eager" and moments.softmax_in_dtype(model):
+        eager = moments.falcon_eager_forward(model, train, e)
     fwd_transient = widest * (e + ctx.c) + h * ctx.c + eager
-    if ctx.attention == "eager" and not _softmax_in_dtype(model) and train.activation_offload == "off":
+    if ctx.attention == "eager" and not moments.softmax_in_dtype(model) and train.activation_offload == "off":
         # the scores and the MLP's transients are not alive together: at the MLP the last layer's attention has
         # saved its probabilities (and the rest of its set; checkpointed, nothing); at the softmax only the scores
         # are new
         saved_before = 0 if train.gradient_checkpointing else saved_attn[-1]
         fwd_transient = max(widest * (e + ctx.c) + h * ctx.c + saved_before, eager)
-    promoted = _lora_sum_promoted(model, train)
+    promoted = moments.lora_sum_promoted(model, train)
     fwd_transient += promoted
     bwd_mlp = int(k["mlp_h"] * h * e + k["mlp_i"] * widest * e) + cast  # a copy alive beside the recompute
     dequant_work = 0
@@ -700,12 +655,13 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     # dequantized weight: the residual stream's gradient, v's gradient (from probs @ v's backward, which released
     # the v it saved: as large) and the softmax terms. (Offloaded, the reloaded v and probabilities join that
     # moment: memplan/estimate/offload.py's terms keep the combined candidate below.)
-    softmax = (h * e + eager_softmax_backward(model, train, e)
+    softmax = (h * e + moments.eager_softmax_backward(model, train, e)
                if ctx.attention == "eager" and train.activation_offload == "off" else 0)
+    eager_bwd = moments.eager_softmax_backward(model, train, e) if ctx.attention not in FUSED and not softmax else 0
     bwd_attn = int(k["attn_h"] * h * e + k["attn_qkv"] * (model.num_heads + 2 * model.num_kv_heads) * model.head_dim * e
-                   + (eager_softmax_backward(model, train, e) if ctx.attention not in FUSED and not softmax else 0))
+                   + eager_bwd)
     dequant = max_quantized_numel(model, train) * ctx.c if train.quantized else 0
-    tail = _moe_tail(model, model.layers[-1][1], layer_key)
+    tail = moments.moe_tail(model, model.layers[-1][1], layer_key)
     host, reload = (), (0, 0)
     if train.activation_offload != "off":
         stored, host, reload = offload.device_host(model, train, layer_key, stored, h * e)
@@ -716,25 +672,8 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
                        dequant_work=dequant_work, attn_out_saved=tuple(attn_out), moe_tail=tail,
                        host_per_layer=host, reload=reload[0], reload_first=reload[1],
                        recompute_lora_add=lora_add if train.gradient_checkpointing else [], bwd_work_softmax=softmax,
-                       forward_only=forward_only, bwd_work_act=act_bwd if train.activation_offload != "all" else 0,  # offloaded saved sets
-                       # come back per node: offload.py's reload terms hold that moment
+                       forward_only=forward_only, bwd_work_act=act_bwd if train.activation_offload != "all" else 0,
                        bwd_work_h=int(k["mlp_h"] * h * e))
-
-
-def _lora_sum_promoted(model: ModelSpec, train: TrainSpec) -> int:
-    """PEFT's plain LoRA Linear (peft/tuners/lora/layer.py 0.21, Linear.forward; a 16/32-bit or unquantizable base)
-    adds `result + lora_B(lora_A(x)) * scaling` in the two operands' promoted dtype before `.to(result dtype)`.
-    bf16 + fp16 promotes to fp32, wider than both: the add holds the base output, the scaled LoRA output and a
-    4-byte sum, 2 bytes per output element more than with matching dtypes, in the widest adapted linear. (The
-    bitsandbytes LoRA layers cast the LoRA output to the result dtype before adding: bnb.py.) Per token."""
-    if train.method != "lora" or train.dora:
-        return 0
-    result = "fp32" if unquantized_dtype_bytes(train) == 4 else train.compute_dtype
-    if {result, train.lora_dtype} != {"fp16", "bf16"}:
-        return 0
-    widths = [lin.out_features for _, layer in model.layers for lin in layer.linears
-              if is_target(lin, train) and not (train.quantized and lin.quantizable)]
-    return 2 * max(widths, default=0)
 
 
 @lru_cache(maxsize=4096)
@@ -755,52 +694,6 @@ def _dora_layer(model: ModelSpec, layer: LayerSpec, train: TrainSpec, first: boo
         return ()
     sv = layer_saved(model, layer, _ctx(model, train, first))
     return dora.layer_linears(model, train, sv.marks, set(sv.kept), sv.size, sv.total(), sv.nograd)
-
-
-def _moe_tail(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> int:
-    """The end of transformers 5's grouped_mm_experts_forward (integrations/moe.py, 5.24), per token: with S = tokens
-    x top-k rows of hidden width, `weighted_out[inv_perm]` runs while the gathered input selected_hidden_states_g
-    (a local until the function returns), the down projection's output (saved by the routing-weight mul; a local
-    under checkpointing), weighted_out and its permuted copy are all alive. By then the layer has saved all but
-    what follows its experts (Qwen2-MoE runs its shared expert first; only the shared gate's few bytes follow).
-    0 off transformers 5 or without experts."""
-    if not layer.num_experts or linear_experts(train):
-        return 0
-    k, h, e = layer.experts_per_token, model.hidden_size, Ctx.of(train, model).e
-    return (4 if train.gradient_checkpointing else 3) * k * h * e
-
-
-
-
-
-
-def _softmax_in_dtype(model: ModelSpec) -> bool:
-    """Falcon's eager attention (no ALiBi) takes the softmax in the activations' dtype:
-    F.softmax(scores + mask, dim=-1, dtype=hidden_states.dtype) (transformers/models/falcon/modeling_falcon.py,
-    FalconAttention.forward, 5.24); the other eager paths take it in fp32 and cast back."""
-    return model.model_type == "falcon" and not model.hf_config.get("alibi", False)
-
-
-def _falcon_eager_forward(model: ModelSpec, train: TrainSpec, e: int) -> int:
-    """Falcon's eager attention at its softmax, per token (modeling_falcon.py 5.24, FalconAttention.forward): the
-    scores (q @ k^T, scaled in place), scores + mask, and the softmax output, all in the activations' dtype (3 a·s·e).
-    FalconModel.forward keeps each block's return value (`outputs = block(...)`: output and attn_weights, the
-    probabilities) until the next block returns, so under checkpointing, where nothing inside a layer is saved, the
-    previous layer's probabilities are alive through this layer's forward too; without it they are saved anyway."""
-    n = 3 + (1 if train.gradient_checkpointing and model.num_layers > 1 else 0)
-    return n * model.num_heads * train.seq_len * e
-
-
-def eager_softmax_backward(model: ModelSpec, train: TrainSpec, e: int) -> int:
-    """Eager attention's backward peaks in softmax's backward (per token): the fp32 gradient of the
-    probabilities (ToCopyBackward of the .to(q.dtype) cast, or the matmul's own gradient when the activations
-    are fp32) and _softmax_backward_data's fp32 output, a*s*4 bytes each. By then probs @ v's backward has run,
-    so the 16-bit copy of the probabilities it saved (a*s*e, counted in the saved set) is released: torch
-    derivatives.yaml (_softmax: result; mm/bmm: self, mat2), checked on the meta trace's live tensors."""
-    a, s = model.num_heads, train.seq_len
-    if _softmax_in_dtype(model):  # the gradient of the probabilities and softmax's backward output, in the
-        return a * s * 2 * e  # activations' dtype; the saved probabilities stay until softmax's backward ends
-    return a * s * (4 + 4) - (a * s * e if e != 4 else 0)
 
 
 def dora_transient(model: ModelSpec, train: TrainSpec) -> int:

@@ -1,0 +1,122 @@
+"""A layer's working sets at named moments of its forward and backward, per token: what is alive beside the saved
+set (activations.py) when an op's backward (or forward) peaks. Each moment cites the code it follows; the meta
+trace's live tensors are the check (tests/test_estimate_moments.py, tests/test_validate_random.py).
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+from memplan.estimate import activations as act
+from memplan.estimate.experts import linear_experts
+from memplan.estimate.lora import is_target
+from memplan.estimate.weights import unquantized_dtype_bytes
+from memplan.spec import LayerSpec, ModelSpec, TrainSpec
+
+
+def mlp_product_backward(model: ModelSpec, layer: LayerSpec, train: TrainSpec, sv: act.Saved) -> tuple[int, int]:
+    """A gated MLP's backward peaks at act(gate) * up's backward (MulBackward0), a moment the layer-start
+    working set does not cover: down_proj's backward has already made the gradient of the product p (i wide),
+    MulBackward0 is writing the gradient of act(gate) beside it, and under checkpointing the recomputed p itself
+    is still alive (torch.utils.checkpoint's non-reentrant recompute stops early, in the pack hook of the last
+    saved tensor, and the product it just made is only freed with that frame). A frozen down_proj (no LoRA on
+    it: a partial target list) saves nothing, so its backward runs before anything triggers the recompute and
+    all of this sits on top of the recomputed saved set. What down_proj's LoRA saved (dropout copy, mask,
+    lora_A output; p itself when dropout is 0) is released by then. Per token: (released, working set).
+    Source: torch/utils/checkpoint.py (_checkpoint_hook, _StopRecomputationError), the meta trace's live
+    tensors at the peak (tests/test_validate_random.py holds the cases)."""
+    if layer.mlp != "gated" or "mlp.prod" not in sv.size or "mlp.prod" in sv.nograd:
+        return 0, 0
+    down = next(lin for lin in layer.linears if lin.name == "down_proj")
+    prod = sv.size["mlp.prod"]
+    prod_saved = "mlp.prod" in sv.kept
+    ckpt = train.gradient_checkpointing
+    freed = sum(sv.size[n] for n in sv.kept if n.startswith(down.name + "."))
+    if prod_saved and not ckpt:
+        freed += prod
+    work = model.hidden_size * act.Ctx.of(train, model).e + 2 * prod  # the layer output's gradient, dp, d act(gate)
+    if ckpt and not prod_saved:
+        work += prod
+    return freed, work
+
+
+@lru_cache(maxsize=4096)
+def plain_act_backward(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> int:
+    """Per token: a plain MLP's backward at its activation, after the down projection's backward (whose
+    dequantized weight is gone by then), with the saved set still whole: the gradient coming from the down
+    projection (in the stream's dtype: Linear4bit's cast back has a ToCopyBackward) and the activation's input
+    gradient, two i-wide tensors (GeluBackward0 / threshold_backward); a tanh-GELU chain (act._TANH_GELU_SAVED) starts
+    at its outer product `0.5 * x * (1 + tanh(...))`, whose MulBackward0 makes two (three i-wide in all). Beside
+    them the residual stream's gradient and, in a parallel-attention layer (GPT-NeoX: one add of both branches and
+    the residual), the attention branch's gradient waiting in the compute dtype when flash-attention's output is
+    16-bit in an fp32 stream (AddBackward0 casts it). Sources: transformers activations.py 5.24 (FastGELU /
+    NewGELU), modeling_gpt_neox.py GPTNeoXLayer.forward, the meta trace's live tensors."""
+    if layer.mlp != "plain":
+        return 0
+    fn = model.hf_config.get("hidden_act") or model.hf_config.get("activation_function") or "silu"
+    up = next(lin for lin in layer.linears if lin.name in ("dense_h_to_4h", "fc1"))
+    ctx = act.Ctx.of(train, model)
+    e, h = ctx.e, model.hidden_size
+    branch = h * ctx.c if layer.parallel_attn and ctx.attention == act.FA2 and e != ctx.c else 0
+    return h * e + branch + (3 if fn in act._TANH_GELU_SAVED else 2) * up.out_features * e
+
+
+def lora_sum_promoted(model: ModelSpec, train: TrainSpec) -> int:
+    """PEFT's plain LoRA Linear (peft/tuners/lora/layer.py 0.21, Linear.forward; a 16/32-bit or unquantizable base)
+    adds `result + lora_B(lora_A(x)) * scaling` in the two operands' promoted dtype before `.to(result dtype)`.
+    bf16 + fp16 promotes to fp32, wider than both: the add holds the base output, the scaled LoRA output and a
+    4-byte sum, 2 bytes per output element more than with matching dtypes, in the widest adapted linear. (The
+    bitsandbytes LoRA layers cast the LoRA output to the result dtype before adding: bnb.py.) Per token."""
+    if train.method != "lora" or train.dora:
+        return 0
+    result = "fp32" if unquantized_dtype_bytes(train) == 4 else train.compute_dtype
+    if {result, train.lora_dtype} != {"fp16", "bf16"}:
+        return 0
+    widths = [lin.out_features for _, layer in model.layers for lin in layer.linears
+              if is_target(lin, train) and not (train.quantized and lin.quantizable)]
+    return 2 * max(widths, default=0)
+
+
+def moe_tail(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> int:
+    """The end of transformers 5's grouped_mm_experts_forward (integrations/moe.py, 5.24), per token: with S = tokens
+    x top-k rows of hidden width, `weighted_out[inv_perm]` runs while the gathered input selected_hidden_states_g
+    (a local until the function returns), the down projection's output (saved by the routing-weight mul; a local
+    under checkpointing), weighted_out and its permuted copy are all alive. By then the layer has saved all but
+    what follows its experts (Qwen2-MoE runs its shared expert first; only the shared gate's few bytes follow).
+    0 off transformers 5 or without experts."""
+    if not layer.num_experts or linear_experts(train):
+        return 0
+    k, h, e = layer.experts_per_token, model.hidden_size, act.Ctx.of(train, model).e
+    return (4 if train.gradient_checkpointing else 3) * k * h * e
+
+
+
+
+
+
+def softmax_in_dtype(model: ModelSpec) -> bool:
+    """Falcon's eager attention (no ALiBi) takes the softmax in the activations' dtype:
+    F.softmax(scores + mask, dim=-1, dtype=hidden_states.dtype) (transformers/models/falcon/modeling_falcon.py,
+    FalconAttention.forward, 5.24); the other eager paths take it in fp32 and cast back."""
+    return model.model_type == "falcon" and not model.hf_config.get("alibi", False)
+
+
+def falcon_eager_forward(model: ModelSpec, train: TrainSpec, e: int) -> int:
+    """Falcon's eager attention at its softmax, per token (modeling_falcon.py 5.24, FalconAttention.forward): the
+    scores (q @ k^T, scaled in place), scores + mask, and the softmax output, all in the activations' dtype (3 a·s·e).
+    FalconModel.forward keeps each block's return value (`outputs = block(...)`: output and attn_weights, the
+    probabilities) until the next block returns, so under checkpointing, where nothing inside a layer is saved, the
+    previous layer's probabilities are alive through this layer's forward too; without it they are saved anyway."""
+    n = 3 + (1 if train.gradient_checkpointing and model.num_layers > 1 else 0)
+    return n * model.num_heads * train.seq_len * e
+
+
+def eager_softmax_backward(model: ModelSpec, train: TrainSpec, e: int) -> int:
+    """Eager attention's backward peaks in softmax's backward (per token): the fp32 gradient of the
+    probabilities (ToCopyBackward of the .to(q.dtype) cast, or the matmul's own gradient when the activations
+    are fp32) and _softmax_backward_data's fp32 output, a*s*4 bytes each. By then probs @ v's backward has run,
+    so the 16-bit copy of the probabilities it saved (a*s*e, counted in the saved set) is released: torch
+    derivatives.yaml (_softmax: result; mm/bmm: self, mat2), checked on the meta trace's live tensors."""
+    a, s = model.num_heads, train.seq_len
+    if softmax_in_dtype(model):  # the gradient of the probabilities and softmax's backward output, in the
+        return a * s * 2 * e  # activations' dtype; the saved probabilities stay until softmax's backward ends
+    return a * s * (4 + 4) - (a * s * e if e != 4 else 0)
