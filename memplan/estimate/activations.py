@@ -395,11 +395,11 @@ def _moe(sv: Saved, ctx: Ctx, model: ModelSpec, layer: LayerSpec, x_norm: str) -
     h = model.hidden_size
     if linear_experts(ctx.train):  # transformers 4: the router is a (LoRA-adaptable) nn.Linear
         _linear(sv, ctx, experts_router(model, layer), x_norm, e, "mlp")
-    if not sv.grad(x_norm) and not linear_experts(ctx.train):
-        pass  # transformers 5: a frozen router and frozen 3-D experts on an input without grad record no node
-    else:
+    # transformers 5: a frozen router and frozen 3-D experts on an input without grad record no node
+    frozen = not sv.grad(x_norm) and not linear_experts(ctx.train)
+    if not frozen:
         sv.new("router.probs", E * 4 + k * (8 + 4), "mlp")  # fp32 softmax, top-k indices and weights
-    if not sv.grad(x_norm) and not linear_experts(ctx.train):
+    if frozen:
         pass
     elif linear_experts(ctx.train):
         # transformers 4.57.6 MixtralSparseMoeBlock.forward: a loop over the experts hit; per token-slot the
