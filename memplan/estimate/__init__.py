@@ -226,15 +226,17 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
                                   comm_buffers=comm["forward_layer"]))
     forward += _dora_forward(a, train, T, steady, stored, dora_but_last, comm["forward_layer"])
 
-    def layer_bwd(idx: int, done_grads: int, mul_grads: int = 0, mlp_grads: int = 0) -> dict[str, int]:
+    def layer_bwd(idx: int, done_grads: int, mul_grads: int = 0, mlp_grads: int = 0,
+                  moment: tuple | None = None) -> dict[str, int]:
         """The peak of layer idx's backward; done_grads exist at its start, the gated product's backward adds
-        mul_grads (down_proj's), the attention's backward comes after the whole MLP's (mlp_grads)."""
+        mul_grads (down_proj's), the attention's backward comes after the whole MLP's (mlp_grads). moment: FSDP's
+        buffers in flight during this layer's backward and at its post-backward reduce (parallel.py)."""
         kept = T * (sum(a.stored_per_layer[: idx + 1]) + a.fixed - a.final_norm)
         kept += sum(dora[: idx + 1]) if dora else 0
         recompute_reload = a.reload_first if idx == 0 else a.reload
         recompute = (a.layer_saved[idx] if train.gradient_checkpointing else 0) + recompute_reload
         recompute = T * recompute + (a.dora_saved[idx] if train.gradient_checkpointing and a.dora_saved else 0)
-        in_flight = comm.get("backward_first_layer", comm["backward_layer"]) if idx == 0 else comm["backward_layer"]
+        in_flight = moment[0] if moment else comm["backward_layer"]
         start = _candidate(steady, gradients=done_grads, activations=kept + recompute,
                            temporaries=T * a.bwd_work_mlp + (0 if a.dequant_work else a.dequant_bytes),
                            comm_buffers=in_flight)
@@ -276,7 +278,7 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
             start = _larger(start, _candidate(steady, gradients=done_grads,
                                               activations=kept + T * (a.recompute_lora_add[idx] + recompute_reload),
                                               temporaries=T * a.bwd_work_h, comm_buffers=in_flight))
-        reduce = comm.get("reduce_first_layer" if idx == 0 else "reduce_layer")
+        reduce = moment[1] if moment else 0
         if reduce:  # FSDP's post-backward: the layer's gradients and their reduce-scatter input (parallel.py)
             released = 0 if train.gradient_checkpointing else T * a.stored_per_layer[idx]  # by its backward
             start = _larger(start, _candidate(steady, gradients=done_grads, activations=kept - released,
@@ -298,17 +300,20 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
         done = ends["head"] + others
         bwd_last = layer_bwd(len(per_layer) - 1, done, down[-1], mlp[-1])
         bwd_first = layer_bwd(0, done + sum(per_layer[1:]), down[0], mlp[0])
+    elif rank is not None and rank.layer_moments:  # FSDP: each layer's unsharded gradients appear during its own
+        # backward (full fine-tuning: down_proj's at the gated product, the MLP's by the attention), beside the
+        # shards of the layers after it and the buffers in flight at that layer (parallel._fsdp_layer_moments)
+        own = fixed.full_grads
+        backward = [bwd_loss] + [layer_bwd(i, done, own[1][i] if own else 0, own[2][i] if own else 0, (fl, red))
+                                 for i, (fl, red, done) in rank.layer_moments.items()]
     elif rank is not None:
         bwd_last = layer_bwd(len(a.stored_per_layer) - 1, 0)
-        bwd_first = layer_bwd(0, rank.gradients_first_layer if rank.gradients_first_layer is not None else grads)
+        bwd_first = layer_bwd(0, grads)
     else:
         bwd_last = layer_bwd(len(a.stored_per_layer) - 1, ends["head"])
         bwd_first = layer_bwd(0, grads - (0 if ends["tied"] else ends["embed"]))
-    backward = [bwd_loss, bwd_last, bwd_first]
-    if rank and rank.gradients_second_layer is not None and len(a.stored_per_layer) > 2:
-        # FSDP: the second layer's backward overlaps the first-in-line reduce-scatter of the layer above with the
-        # most gradients already reduced (parallel.py's reduce_layer)
-        backward.append(layer_bwd(1, rank.gradients_second_layer))
+    if rank is None or not rank.layer_moments:
+        backward = [bwd_loss, bwd_last, bwd_first]
     if ends["embed"]:  # EmbeddingBackward0: every gradient but the embedding's done, its own being made; tied:
         # the head's gradient waiting beside it, then their sum (3 V x H at once, one counted in grads)
         backward.append(_candidate(steady, gradients=grads, activations=T * (a.fixed - a.final_norm),

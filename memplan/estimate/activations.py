@@ -487,6 +487,23 @@ class Activations:
     bwd_work_h: int = 0  # the residual stream's gradients alive while a layer recomputes (coefficients mlp_h)
 
 
+def _final_norm(model: ModelSpec, train: TrainSpec, ctx: Ctx) -> int:
+    """Per token: what the final norm saves (as a layer's norm, _norm) and, full fine-tuning with the standard loss,
+    lm_head's input (a trained weight's matmul saves it for the weight gradient): released by their backward,
+    before the layers'. LayerNorm: input and fp32 mean/rstd; Liger's RMSNorm: input and rstd; RMSNorm: the fp32
+    input (4 B even from 16-bit), rstd, and with a trained weight the normalized input."""
+    h, e = model.hidden_size, ctx.e
+    if model.model_type in ("falcon", "gpt_neox", "opt"):
+        out = h * e + 8
+    elif ctx.liger:
+        out = h * e + 4
+    else:
+        out = 4 * h + 4 + (h * (4 if ctx.gemma_norm else e) if ctx.method == "full" else 0)
+    if ctx.method == "full" and train.loss == "standard":
+        out += h * e
+    return out
+
+
 @lru_cache(maxsize=4096)
 def _per_layer(model: ModelSpec, train: TrainSpec) -> tuple:
     """Each layer's per-token figures (activations() unpacks them). `train` is activations()' layer key (batch 1, one
@@ -548,11 +565,11 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     (stored, saved, saved_attn, mul_freed, mul_work, int8_device, lora_add, dora_layers, attn_out, widest, cast,
      ends) = _per_layer(model, layer_key)
     # rotary cos / sin are (1, s, head_dim): per sequence position, shared by the batch
-    final_norm = h * e + (8 if model.model_type in ("falcon", "gpt_neox", "opt") else 4)
+    final_norm = _final_norm(model, train, ctx)
     fixed = 8 * 3 + 2 * model.head_dim * e // train.batch_size + final_norm
     if ctx.attention in ("eager", "math"):  # the 4-D causal mask (b, 1, s, s) in the activation dtype; Gemma-2
         fixed += (2 if model.model_type == "gemma2" else 1) * train.seq_len * e  # builds a second, sliding
-    elif masked and train.transformers == 4:  # the (b, 1, s, s) boolean mask, alive for the whole step
+    elif masked:  # the (b, 1, s, s) boolean mask (masking_utils), alive for the whole step
         fixed += train.seq_len
     # eager: the scaled (and masked) scores beside softmax's fp32 output, then that output beside its cast to the
     # activations' dtype; fp32 activations make the cast a no-op, so two fp32 score tensors at most
