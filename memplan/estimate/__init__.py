@@ -199,6 +199,9 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
     static = {**w, "lora": lora_bytes}
     steady = _candidate(static, optimizer_states=states)
     stored = sum(a.stored_per_layer) + a.fixed
+    before_norm = stored - a.final_norm  # the final norm's (and a trained lm_head's) saved input: from the norm on
+    # in the last layer's forward: what the layers before it saved, and its input (the residual stream)
+    last_fwd = before_norm - a.stored_per_layer[-1] + model.hidden_size * act_mod.Ctx.of(act_train).e
     # DoRA with dropout saves each adapted weight (absolute bytes per layer; see activations.dora_saved)
     dora = () if train.gradient_checkpointing or train.activation_offload != "off" else a.dora_saved
     dora_all, dora_but_last = (sum(dora), sum(dora[:-1])) if dora else (0, 0)
@@ -211,20 +214,23 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
         loss_fwd, loss_bwd = fused_loss(model, act_train, T)
     fwd_loss = _candidate(steady, activations=T * stored + dora_all, logits_loss=loss_fwd,
                           comm_buffers=comm["forward_loss"])
-    fwd_layer = _candidate(steady, activations=T * (stored - a.stored_per_layer[-1]) + dora_but_last,
+    fwd_layer = _candidate(steady, activations=T * last_fwd + dora_but_last,
                            temporaries=T * a.fwd_transient + a.dequant_bytes, comm_buffers=comm["forward_layer"])
     bwd_loss = _candidate(steady, activations=T * stored + dora_all, logits_loss=loss_bwd,
                           comm_buffers=comm["backward_loss"])
     forward = [fwd_loss, fwd_layer]
     if comm.get("forward_copy_out"):  # FSDP: the last layer's parameters being copied out (parallel.py)
-        forward.append(_candidate(steady, activations=T * (stored - a.stored_per_layer[-1]) + dora_but_last,
+        forward.append(_candidate(steady, activations=T * last_fwd + dora_but_last,
                                   comm_buffers=comm["forward_copy_out"]))
-    if comm.get("forward_tail_copy_out"):
-        forward.append(_candidate(steady, activations=T * stored + dora_all, comm_buffers=comm["forward_tail_copy_out"]))
+    if comm.get("forward_tail_copy_out"):  # the tail unit copies out in its pre-forward: before the final norm
+        # runs (untied), or at the embedding, before any layer (tied: the tail holds the embedding)
+        before_tail = a.fixed - a.final_norm if model.lm_head_params == 0 else before_norm
+        forward.append(_candidate(steady, activations=T * before_tail + (0 if model.lm_head_params == 0 else dora_all),
+                                  comm_buffers=comm["forward_tail_copy_out"]))
     if a.moe_tail:  # the last layer's experts combine their outputs (activations._moe_tail)
-        forward.append(_candidate(steady, activations=T * stored + dora_but_last, temporaries=T * a.moe_tail,
+        forward.append(_candidate(steady, activations=T * before_norm + dora_but_last, temporaries=T * a.moe_tail,
                                   comm_buffers=comm["forward_layer"]))
-    forward += _dora_forward(a, train, T, steady, stored, dora_but_last, comm["forward_layer"])
+    forward += _dora_forward(a, train, T, steady, before_norm, dora_but_last, comm["forward_layer"])
 
     def layer_bwd(idx: int, done_grads: int, mul_grads: int = 0, mlp_grads: int = 0,
                   moment: tuple | None = None) -> dict[str, int]:
