@@ -134,7 +134,8 @@ class _Settings:
     notes: tuple  # the notes that do not depend on the shape
     loss_per_token: tuple  # the standard loss's (forward, backward) bytes per token
     first_layer_adapters: int  # the first layer's adapter bytes (its backward makes their gradients)
-    full_grads: tuple | None  # full fine-tuning: per layer, its weight gradients, down_proj's, its MLP's; the rest
+    full_grads: tuple | None  # full fine-tuning: per layer, its weight gradients, down_proj's, its MLP's; the rest;
+    # per layer, its experts' (trained 3-D experts)
 
 
 def _settings(model: ModelSpec, train: TrainSpec) -> _Settings:
@@ -153,7 +154,7 @@ def _settings(model: ModelSpec, train: TrainSpec) -> _Settings:
                       for layer in layers),
                 tuple((layer.params - sum(lin.numel for lin in layer.linears if lin.name in ATTENTION_LINEARS)) * gb
                       for layer in layers),
-                model.other_params * gb)
+                model.other_params * gb, tuple(layer.expert_params * gb for layer in layers))
     out = _Settings(
         weights=w, trainable=tr, states=optimizer.states(model, train, tr["params"], tr["bytes"]),
         ends=lora.head_and_embedding_grads(model, train),
@@ -289,6 +290,11 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
             released = 0 if train.gradient_checkpointing else T * a.stored_per_layer[idx]  # by its backward
             start = _larger(start, _candidate(steady, gradients=done_grads, activations=kept - released,
                                               comm_buffers=reduce))
+        if a.experts_bwd and a.experts_bwd[idx][1]:  # trained experts' gate_up backward (experts.backward_moment)
+            freed, work = a.experts_bwd[idx]
+            start = _larger(start, _candidate(steady, gradients=done_grads + fixed.full_grads[4][idx],
+                                              activations=kept + recompute - T * freed, temporaries=T * work,
+                                              comm_buffers=in_flight))
         if not a.mlp_mul_work[idx]:
             return start
         mul = _candidate(steady, gradients=done_grads + mul_grads,
@@ -302,7 +308,7 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
     if train.method == "full" and rank is None:  # a layer's weight gradients appear during its own backward:
         # at its start only the later layers', the head's and the final norm's exist; at the gated MLP's product
         # backward, down_proj's too
-        per_layer, down, mlp, others = fixed.full_grads
+        per_layer, down, mlp, others, _ = fixed.full_grads
         done = ends["head"] + others
         bwd_last = layer_bwd(len(per_layer) - 1, done, down[-1], mlp[-1])
         bwd_first = layer_bwd(0, done + sum(per_layer[1:]), down[0], mlp[0])

@@ -36,6 +36,7 @@ from pathlib import Path
 from memplan.estimate import dora, offload, recompute
 from memplan.estimate.experts import expert_mlp, linear_experts, max_quantized_numel
 from memplan.estimate.experts import router as experts_router
+from memplan.estimate.experts import backward_moment as experts_backward
 from memplan.estimate.lora import is_target
 from memplan.estimate.weights import unquantized_dtype_bytes
 from memplan.spec import DTYPES, LayerSpec, Linear, ModelSpec, TrainSpec
@@ -485,6 +486,7 @@ class Activations:
     reload_first: int = 0  # ... during the first layer's (its saved set differs: offload.device_host)
     recompute_lora_add: list = field(default_factory=list)  # per layer, checkpointed: recompute.lora_add
     bwd_work_h: int = 0  # the residual stream's gradients alive while a layer recomputes (coefficients mlp_h)
+    experts_bwd: tuple = ()  # per layer, per token: (released, working set) at trained experts' gate_up backward
 
 
 def _final_norm(model: ModelSpec, train: TrainSpec, ctx: Ctx) -> int:
@@ -511,6 +513,7 @@ def _per_layer(model: ModelSpec, train: TrainSpec) -> tuple:
     ctx = Ctx.of(train, model)
     h, e = model.hidden_size, ctx.e
     stored, saved, saved_attn, mul_freed, mul_work, int8_device, lora_add = [], [], [], [], [], [], []
+    experts_bwd = []  # per layer: the trained experts' gate_up backward (experts.backward_moment)
     dora_layers: list = []
     attn_out: list = []
     widest = cast = 0
@@ -519,6 +522,7 @@ def _per_layer(model: ModelSpec, train: TrainSpec) -> tuple:
         total, attn, x_kept, freed, work = layer_totals(model, layer, train)
         mul_freed += [freed] * n
         mul_work += [work] * n
+        experts_bwd += [experts_backward(model, layer, train, e)] * n
         lora_add += [recompute.lora_add(model, layer, train)] * n
         saved += [total] * n
         saved_attn += [attn] * n
@@ -539,7 +543,7 @@ def _per_layer(model: ModelSpec, train: TrainSpec) -> tuple:
         if train.method == "lora" and casts(train, e):  # PEFT casts an adapted linear's input to the adapter dtype:
             cast = max([cast] + [lin.in_features * ctx.lb for lin in layer.linears if is_target(lin, train)])
     return (tuple(stored), tuple(saved), tuple(saved_attn), tuple(mul_freed), tuple(mul_work), tuple(int8_device),
-            tuple(lora_add), tuple(dora_layers), tuple(attn_out), widest, cast, tuple(ends))
+            tuple(lora_add), tuple(dora_layers), tuple(attn_out), widest, cast, tuple(ends), tuple(experts_bwd))
 
 
 _LAYER_KEYS: dict = {}
@@ -563,7 +567,7 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     if len(_LAYER_KEYS) > 65536:
         _LAYER_KEYS.clear()
     (stored, saved, saved_attn, mul_freed, mul_work, int8_device, lora_add, dora_layers, attn_out, widest, cast,
-     ends) = _per_layer(model, layer_key)
+     ends, experts_bwd) = _per_layer(model, layer_key)
     # rotary cos / sin are (1, s, head_dim): per sequence position, shared by the batch
     final_norm = _final_norm(model, train, ctx)
     fixed = 8 * 3 + 2 * model.head_dim * e // train.batch_size + final_norm
@@ -602,7 +606,7 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
                        dequant_work=dequant_work, attn_out_saved=tuple(attn_out), moe_tail=tail,
                        host_per_layer=host, reload=reload[0], reload_first=reload[1],
                        recompute_lora_add=lora_add if train.gradient_checkpointing else [],
-                       bwd_work_h=int(k["mlp_h"] * h * e))
+                       bwd_work_h=int(k["mlp_h"] * h * e), experts_bwd=experts_bwd if any(map(any, experts_bwd)) else ())
 
 
 def _lora_sum_promoted(model: ModelSpec, train: TrainSpec) -> int:
