@@ -234,10 +234,11 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
     forward += _dora_forward(a, train, T, steady, before_norm, dora_but_last, comm["forward_layer"])
 
     def layer_bwd(idx: int, done_grads: int, mul_grads: int = 0, mlp_grads: int = 0,
-                  moment: tuple | None = None) -> dict[str, int]:
+                  moment: tuple | None = None, own_grads: int = 0) -> dict[str, int]:
         """The peak of layer idx's backward; done_grads exist at its start, the gated product's backward adds
         mul_grads (down_proj's), the attention's backward comes after the whole MLP's (mlp_grads). moment: FSDP's
-        buffers in flight during this layer's backward and at its post-backward reduce (parallel.py)."""
+        buffers in flight during this layer's backward and at its post-backward reduce (parallel.py), own_grads the
+        layer's unsharded gradients once its backward is done."""
         kept = T * (sum(a.stored_per_layer[: idx + 1]) + a.fixed - a.final_norm)
         kept += sum(dora[: idx + 1]) if dora else 0
         recompute_reload = a.reload_first if idx == 0 else a.reload
@@ -290,6 +291,9 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
             released = 0 if train.gradient_checkpointing else T * a.stored_per_layer[idx]  # by its backward
             start = _larger(start, _candidate(steady, gradients=done_grads, activations=kept - released,
                                               comm_buffers=reduce))
+            # just before it: the layer's backward done, every unsharded gradient of it made, nothing resharded
+            start = _larger(start, _candidate(steady, gradients=done_grads + own_grads, activations=kept - released,
+                                              comm_buffers=moment[0]))
         if a.experts_bwd and a.experts_bwd[idx][1]:  # trained experts' gate_up backward (experts.backward_moment)
             freed, work = a.experts_bwd[idx]
             start = _larger(start, _candidate(steady, gradients=done_grads + fixed.full_grads[4][idx],
@@ -304,8 +308,10 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
 
     # a trained output layer's gradient exists from the loss's backward on, a trained embedding's only after the
     # layers' (lora.head_and_embedding_grads); multi-GPU ranks keep the sharded total (parallel.py)
-    ends = fixed.ends if rank is None else {"head": 0, "embed": 0, "tied": False}
-    if train.method == "full" and rank is None:  # a layer's weight gradients appear during its own backward:
+    # (DDP: every rank holds whole gradients as one GPU does, its buckets beside them)
+    replicated = rank is None or train.strategy == "ddp"
+    ends = fixed.ends if replicated else {"head": 0, "embed": 0, "tied": False}
+    if train.method == "full" and replicated:  # a layer's weight gradients appear during its own backward:
         # at its start only the later layers', the head's and the final norm's exist; at the gated MLP's product
         # backward, down_proj's too
         per_layer, down, mlp, others, _ = fixed.full_grads
@@ -316,8 +322,8 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
         # backward (full fine-tuning: down_proj's at the gated product, the MLP's by the attention), beside the
         # shards of the layers after it and the buffers in flight at that layer (parallel._fsdp_layer_moments)
         own = fixed.full_grads
-        backward = [bwd_loss] + [layer_bwd(i, done, own[1][i] if own else 0, own[2][i] if own else 0, (fl, red))
-                                 for i, (fl, red, done) in rank.layer_moments.items()]
+        backward = [bwd_loss] + [layer_bwd(i, done, own[1][i] if own else 0, own[2][i] if own else 0, (fl, red),
+                                           own[0][i] if own else 0) for i, (fl, red, done) in rank.layer_moments.items()]
     elif rank is not None:
         bwd_last = layer_bwd(len(a.stored_per_layer) - 1, 0)
         bwd_first = layer_bwd(0, grads)
