@@ -403,7 +403,9 @@ def _finish(model, train, overheads, fixed: _Settings, chosen: dict, extra_notes
         par = {"gpus": train.gpus, "strategy": train.strategy, "fsdp_version": train.fsdp_version,
                "offload": train.offload, "quant_storage": train.storage,
                "comm_bytes_per_step": rank.comm_bytes_per_step, "host_bytes_per_node": rank.host_bytes,
-               "ranks": "every rank holds the same bytes (shards padded to equal size)"}
+               "ranks": "rank 0, the largest: shards are padded to equal size, but optimizer states follow each "
+                        "rank's unpadded chunk (torch.chunk), smaller on the last ranks when a dimension does not "
+                        "divide (FSDP); DDP ranks are identical"}
         if host is not None:  # one node: each rank's offloaded activations and paged states, and the offloaded state
             host = host_mod.per_node(host, train.gpus, rank.host_bytes)
     config = dict(fixed.config, seq_len=train.seq_len, batch_size=train.batch_size)  # train.to_dict()

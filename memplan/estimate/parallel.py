@@ -1,6 +1,8 @@
 """Data parallelism: what one rank of N holds (DDP, FSDP FULL_SHARD / SHARD_GRAD_OP, DeepSpeed ZeRO 1/2/3, CPU
-offload). Every rank holds the same bytes: FSDP and ZeRO pad each shard to the same size, and every rank runs
-its own micro-batch (batch_size is per rank).
+offload): rank 0's, the largest. FSDP2 pads each parameter's and gradient's shard to ceil(dim0 / N) rows on every
+rank, but the optimizer makes its states from the rank's unpadded chunk (torch.chunk: the last ranks' are smaller
+when dim0 does not divide), so the last ranks can hold slightly less (checked on fake ranks 0..N-1); every rank
+runs its own micro-batch (batch_size is per rank).
 
     rank_view(model, train, weights, trainable, states) -> RankView
 
@@ -69,7 +71,7 @@ class RankView:
     activation_train: TrainSpec | None = None  # the spec activations follow (ZeRO: 16-bit, no upcast)
     # FSDP: {layer index: (in flight during its backward, at its post-backward reduce, gradient shards done)}
     layer_moments: dict = field(default_factory=dict)
-    gradients_embedding: int | None = None  # the same when the embedding's backward runs (its shards pending)
+    gradients_embedding: int | None = None  # FSDP: gradient shards done when the embedding's backward runs
     notes: list[str] = field(default_factory=list)
 
 
@@ -270,8 +272,8 @@ def _fsdp(model, train, w, trainable, states) -> RankView:
 
 
 def _fsdp_layer_moments(order, params, grads, shards, tail_grads, done_all, embed, tail, tied, grad_op) -> dict:
-    """{layer index: (in flight during its backward, in flight at its post-backward reduce, gradient shards done)}
-    for the layers whose backward can hold the most: the first two, the last two, and the one with the most in
+    """{layer index: (in flight during its backward and until its post-backward reshards it, in flight at its
+    post-backward reduce, gradient shards done)} for the layers whose backward can hold the most: the first two, the last two, and the one with the most in
     flight. FSDP2 (torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py, torch 2.13), per layer i, backward
     runs L-1 .. 0:
     - pre_backward(i) (a hook on the layer's forward outputs) all-gathers i unless it is unsharded already
