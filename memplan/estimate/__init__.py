@@ -202,7 +202,7 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
     stored = sum(a.stored_per_layer) + a.fixed
     before_norm = stored - a.final_norm  # the final norm's (and a trained lm_head's) saved input: from the norm on
     # in the last layer's forward: what the layers before it saved, and its input (the residual stream)
-    last_fwd = before_norm - a.stored_per_layer[-1] + model.hidden_size * act_mod.Ctx.of(act_train).e
+    last_fwd = before_norm - a.stored_per_layer[-1] + a.layer_input
     # DoRA with dropout saves each adapted weight (absolute bytes per layer; see activations.dora_saved)
     dora = () if train.gradient_checkpointing or train.activation_offload != "off" else a.dora_saved
     dora_all, dora_but_last = (sum(dora), sum(dora[:-1])) if dora else (0, 0)

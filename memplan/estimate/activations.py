@@ -487,13 +487,12 @@ class Activations:
     recompute_lora_add: list = field(default_factory=list)  # per layer, checkpointed: recompute.lora_add
     bwd_work_h: int = 0  # the residual stream's gradients alive while a layer recomputes (coefficients mlp_h)
     experts_bwd: tuple = ()  # per layer, per token: (released, working set) at trained experts' gate_up backward
+    layer_input: int = 0  # per token: a layer's input, the residual stream
 
 
 def _final_norm(model: ModelSpec, train: TrainSpec, ctx: Ctx) -> int:
-    """Per token: what the final norm saves (as a layer's norm, _norm) and, full fine-tuning with the standard loss,
-    lm_head's input (a trained weight's matmul saves it for the weight gradient): released by their backward,
-    before the layers'. LayerNorm: input and fp32 mean/rstd; Liger's RMSNorm: input and rstd; RMSNorm: the fp32
-    input (4 B even from 16-bit), rstd, and with a trained weight the normalized input."""
+    """Per token: what the final norm saves (as _norm: RMSNorm's fp32 input even from 16-bit, rstd, a trained
+    weight's normalized input) and, full fine-tuning with the standard loss, lm_head's input for its gradient."""
     h, e = model.hidden_size, ctx.e
     if model.model_type in ("falcon", "gpt_neox", "opt"):
         out = h * e + 8
@@ -543,7 +542,8 @@ def _per_layer(model: ModelSpec, train: TrainSpec) -> tuple:
         if train.method == "lora" and casts(train, e):  # PEFT casts an adapted linear's input to the adapter dtype:
             cast = max([cast] + [lin.in_features * ctx.lb for lin in layer.linears if is_target(lin, train)])
     return (tuple(stored), tuple(saved), tuple(saved_attn), tuple(mul_freed), tuple(mul_work), tuple(int8_device),
-            tuple(lora_add), tuple(dora_layers), tuple(attn_out), widest, cast, tuple(ends), tuple(experts_bwd))
+            tuple(lora_add), tuple(dora_layers), tuple(attn_out), widest, cast, tuple(ends),
+            tuple(experts_bwd) if any(map(any, experts_bwd)) else ())
 
 
 _LAYER_KEYS: dict = {}
@@ -606,7 +606,7 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
                        dequant_work=dequant_work, attn_out_saved=tuple(attn_out), moe_tail=tail,
                        host_per_layer=host, reload=reload[0], reload_first=reload[1],
                        recompute_lora_add=lora_add if train.gradient_checkpointing else [],
-                       bwd_work_h=int(k["mlp_h"] * h * e), experts_bwd=experts_bwd if any(map(any, experts_bwd)) else ())
+                       bwd_work_h=int(k["mlp_h"] * h * e), experts_bwd=experts_bwd, layer_input=h * e)
 
 
 def _lora_sum_promoted(model: ModelSpec, train: TrainSpec) -> int:
