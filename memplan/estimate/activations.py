@@ -485,6 +485,7 @@ class Activations:
     reload_first: int = 0  # ... during the first layer's (its saved set differs: offload.device_host)
     recompute_lora_add: list = field(default_factory=list)  # per layer, checkpointed: recompute.lora_add
     bwd_work_h: int = 0  # the residual stream's gradients alive while a layer recomputes (coefficients mlp_h)
+    offloaded_layers: bool = False  # --activation-offload all without checkpointing: the saved sets are on the host
 
 
 @lru_cache(maxsize=4096)
@@ -572,7 +573,8 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     else:
         bwd_mlp += promoted if train.gradient_checkpointing else 0  # the recompute adds again
     bwd_attn = int(k["attn_h"] * h * e + k["attn_qkv"] * (model.num_heads + 2 * model.num_kv_heads) * model.head_dim * e
-                   + (eager_softmax_backward(model, train, e) if ctx.attention not in FUSED else 0))
+                   + (eager_softmax_backward(model, train, e) if ctx.attention not in FUSED else 0)
+                   + offload.eager_softmax_backward_held(model, train, e))
     dequant = max_quantized_numel(model, train) * ctx.c if train.quantized else 0
     tail = _moe_tail(model, model.layers[-1][1], layer_key)
     host, reload = (), (0, 0)
@@ -585,7 +587,8 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
                        dequant_work=dequant_work, attn_out_saved=tuple(attn_out), moe_tail=tail,
                        host_per_layer=host, reload=reload[0], reload_first=reload[1],
                        recompute_lora_add=lora_add if train.gradient_checkpointing else [],
-                       bwd_work_h=int(k["mlp_h"] * h * e))
+                       bwd_work_h=int(k["mlp_h"] * h * e),
+                       offloaded_layers=train.activation_offload == "all" and not train.gradient_checkpointing)
 
 
 def _lora_sum_promoted(model: ModelSpec, train: TrainSpec) -> int:

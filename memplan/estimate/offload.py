@@ -71,3 +71,17 @@ def device_host(model: ModelSpec, train: TrainSpec, layer_key: TrainSpec, stored
             else:
                 reload = max(reload, back)
     return device, tuple(host), (reload if len(device) > 1 else first_back, first_back)
+
+
+def eager_softmax_backward_held(model: ModelSpec, train: TrainSpec, e: int) -> int:
+    """Per token, --activation-offload all without checkpointing, eager attention: what softmax's backward holds
+    beyond activations.eager_softmax_backward. That figure has probs @ v's backward release the 16-bit
+    probabilities it saved; offloaded, that backward (BmmBackward0) brings them back into TRL's bwd stash, where
+    they stay until the next node that unpacks a tensor (SoftmaxBackward0, which brings back its fp32 result)
+    finishes (trl/models/activation_offloading.py, unpack_tensor_with_streams: prev_node_ids are freed in the
+    hook of the node after). fp32 activations: one fp32 tensor serves both saves (no cast), nothing more; Falcon's
+    in-dtype softmax keeps its probabilities until softmax's backward ends anyway."""
+    if (train.activation_offload != "all" or train.gradient_checkpointing or e == 4
+            or act.effective_attention(model, train) != "eager" or act._softmax_in_dtype(model)):
+        return 0
+    return model.num_heads * train.seq_len * e
