@@ -483,6 +483,8 @@ class Activations:
     host_per_layer: tuple = ()  # what each layer's saved set puts in pinned host memory
     reload: int = 0  # brought back to the device during one layer's backward
     reload_first: int = 0  # ... during the first layer's (its saved set differs: offload.device_host)
+    reload_attn: int = 0  # ... during one layer's attention backward (the MLP's brought back are released)
+    reload_attn_first: int = 0
     recompute_lora_add: list = field(default_factory=list)  # per layer, checkpointed: recompute.lora_add
     bwd_work_h: int = 0  # the residual stream's gradients alive while a layer recomputes (coefficients mlp_h)
     offloaded_layers: bool = False  # --activation-offload all without checkpointing: the saved sets are on the host
@@ -577,7 +579,7 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
                    + offload.eager_softmax_backward_held(model, train, e))
     dequant = max_quantized_numel(model, train) * ctx.c if train.quantized else 0
     tail = _moe_tail(model, model.layers[-1][1], layer_key)
-    host, reload = (), (0, 0)
+    host, reload = (), (0, 0, 0, 0)
     if train.activation_offload != "off":
         stored, host, reload = offload.device_host(model, train, layer_key, stored, h * e)
         stored = [d + i for d, i in zip(stored, int8_device)]
@@ -585,7 +587,8 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     return Activations(stored, saved, saved_attn, fixed, final_norm, fwd_transient, bwd_mlp, bwd_attn, mul_freed,
                        mul_work, dequant, dora_saved if any(dora_saved) else (), tuple(dora_layers),
                        dequant_work=dequant_work, attn_out_saved=tuple(attn_out), moe_tail=tail,
-                       host_per_layer=host, reload=reload[0], reload_first=reload[1],
+                       host_per_layer=host, reload=reload[0], reload_first=reload[1], reload_attn=reload[2],
+                       reload_attn_first=reload[3],
                        recompute_lora_add=lora_add if train.gradient_checkpointing else [],
                        bwd_work_h=int(k["mlp_h"] * h * e),
                        offloaded_layers=train.activation_offload == "all" and not train.gradient_checkpointing)
