@@ -264,7 +264,8 @@ def _attention(sv: Saved, ctx: Ctx, model: ModelSpec, layer: LayerSpec, x_norm: 
             sv.new("attn.mask", -(-ctx.s // 16) * 16 * e, "attn")  # in the query dtype, kept for backward
     elif ctx.attention == "math":  # fp32 copies of q, k, v and the fp32 softmax
         sv.new("math.qkv", (a + 2 * kv) * d * 4, "attn")
-        sv.new("probs.fp32", a * ctx.s * 4, "attn")
+        sv.new("probs.fp32", a * ctx.s * 4, "attn")  # _safe_softmax saves its result, probs @ v (fp32, no cast)
+        sv.keep("probs.fp32", "attn")  # the same storage: offloading's dedupe keeps that second save on the device
     else:
         if kv != a:  # repeat_kv copies k and v to every head
             sv.new("k.rep", a * d * e, "attn")
