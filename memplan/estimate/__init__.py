@@ -249,7 +249,7 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
         # (offloaded without checkpointing, the MLP's saved tensors were never on the device and those brought
         # back for its backward left TRL's bwd stash with it: nothing comes off)
         freed = 0 if a.offloaded_layers else T * (a.layer_saved[idx] - a.layer_saved_attn[idx] + out_saved)
-        # offloaded: what the attention's own backward brings back (offload.split)
+        # offloaded: what the attention's own backward brings back, less the MLP's released part (offload.split)
         back = T * (a.reload_attn_first if idx == 0 else a.reload_attn) if a.offloaded_layers else recompute
         held = min(freed, kept + back)
         attn = _candidate(steady, gradients=done_grads + mlp_grads, activations=kept + back - held,

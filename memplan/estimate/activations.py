@@ -484,7 +484,7 @@ class Activations:
     host_per_layer: tuple = ()  # what each layer's saved set puts in pinned host memory
     reload: int = 0  # brought back to the device during one layer's backward
     reload_first: int = 0  # ... during the first layer's (its saved set differs: offload.device_host)
-    reload_attn: int = 0  # ... during one layer's attention backward (the MLP's brought back are released)
+    reload_attn: int = 0  # ... during one layer's attention backward, less the MLP's device part (released)
     reload_attn_first: int = 0
     recompute_lora_add: list = field(default_factory=list)  # per layer, checkpointed: recompute.lora_add
     bwd_work_h: int = 0  # the residual stream's gradients alive while a layer recomputes (coefficients mlp_h)

@@ -20,8 +20,9 @@ _V = {"v_proj", "qkv_proj", "query_key_value"}
 def split(model: ModelSpec, layer: LayerSpec, train: TrainSpec, tokens: int,
                    no_input_grad: bool = False) -> tuple[int, int]:
     """--activation-offload all without checkpointing (TRL OffloadActivations' rules, memplan/trace/offload.py):
-    (bytes per token a layer keeps on the device, bytes per token brought back at once in its backward, the same
-    in its attention's backward, after the MLP's were released). Kept: a storage saved a second time while its first copy is in flight (TRL's storage-key dedupe keeps that
+    (bytes per token a layer keeps on the device, bytes per token brought back at once in its backward, and what
+    its attention's backward adds to the kept bytes: its two largest brought back, less what the MLP kept on the
+    device, released by the MLP's backward as its nodes unpacked them). Kept: a storage saved a second time while its first copy is in flight (TRL's storage-key dedupe keeps that
     reference on the device until backward) and tensors under min_offload_size (1024 B). Brought back: a tensor
     lives until the autograd node after the one that unpacked it finishes: the layer's two largest saved tensors."""
     sv = act.layer_saved(model, layer, act.Ctx.of(train, model))
@@ -35,7 +36,9 @@ def split(model: ModelSpec, layer: LayerSpec, train: TrainSpec, tokens: int,
         adapted = {lin.name for lin in layer.linears if is_target(lin, train)}
         if not (adapted & _QK and adapted & _V):
             shared -= {"probs", "probs.fp32"}
-    device = sum(sv.size[n] for n in kept if n in shared or sv.size[n] * tokens < 1024)
+    on_device = [n for n in kept if n in shared or sv.size[n] * tokens < 1024]
+    device = sum(sv.size[n] for n in on_device)
+    device_mlp = sum(sv.size[n] for n in on_device if sv.kept[n] == "mlp")
     def two_largest(group=None):
         return sum(sorted((sv.size[n] for n in kept if n not in shared and group in (None, sv.kept[n])),
                           reverse=True)[:2])
@@ -43,7 +46,7 @@ def split(model: ModelSpec, layer: LayerSpec, train: TrainSpec, tokens: int,
     # TRL's forward stash (its 5 newest packs stay on the device while they stream out) is left out: its window
     # counts every pack, parameters and kept references too, which this per-layer saved set does not order;
     # counting 5 offloaded tensors overstated the sampled peaks (tests/test_toolbox.py offload-all-nockpt: +7%)
-    return device, two_largest(), two_largest("attn")
+    return device, two_largest(), two_largest("attn") - device_mlp
 
 
 
