@@ -3,7 +3,8 @@ builder (memplan/derive), and their activation terms for the default training se
 `memplan params` and a default `memplan estimate` of those models need no torch. Other settings are fitted on
 first use and cached (memplan/derive/cache.py).
 
-    python scripts/gen_derived_catalog.py       # a few minutes: 6 meta traces per model
+    python scripts/gen_derived_catalog.py       # a few minutes: 8 meta traces per model
+    python scripts/gen_derived_catalog.py deepseek-v2-lite   # only these; the others' entries are kept
 """
 from __future__ import annotations
 
@@ -29,10 +30,11 @@ def main() -> int:
     from memplan.spec import TrainSpec
 
     derive.SHIPPED_DISABLED = True
-    entries = {}
+    only = set(sys.argv[1:])
+    entries = json.loads(OUT.read_text())["models"] if only and OUT.is_file() else {}
     for entry in models().values():
         cfg, _ = read_config(entry["config"], entry["name"])
-        if cfg["model_type"] in BUILDERS:
+        if cfg["model_type"] in BUILDERS or (only and entry["name"] not in only):
             continue
         spec = resolve_model(entry["name"])
         derive.activation_terms(spec, TrainSpec())

@@ -18,9 +18,10 @@ where one moment overtakes another the peak bends, so a line through batches 1 a
 
 a holds what does not grow with the batch (bitsandbytes' dequantized weight, gradients at the end of backward,
 rotary tables), c1 what grows with tokens (saved activations, logits), c2 the s² terms (eager scores, masks). The layer step
-assumes the layers after the second are like the second (true for uniform stacks and for a dense first layer
-followed by MoE layers). A stack whose config names mixed layer_types (Gemma-3: 5 sliding-window layers to 1
-global) gets one step per kind, from a 2-layer model whose second layer is of that kind, and each further layer
+assumes the layers after the second are like the second; a first layer unlike the uniform rest (a dense
+first layer followed by MoE layers) takes its step from 2 to 3 layers instead (first_layer_differs). A stack
+whose config names mixed layer_types (Gemma-3: 5 sliding-window layers to 1 global) gets one step per kind,
+from a 2-layer model whose second layer is of that kind, and each further layer
 adds the step of its kind. The same fit is made for the components at
 the trace's overall peak, to split the estimate's dynamic bytes into activations / logits / temporaries /
 gradients.
@@ -55,7 +56,16 @@ def activation_key(model: ModelSpec, train: TrainSpec) -> str:
     parts = [f"{k}={d[k]}" for k in sorted(d)]
     batches = batch_anchors(train.batch_size)  # in the key past (1, 2): the fits made before batch octaves
     return ";".join(parts) + f";anchors={','.join(map(str, anchors(model, train.seq_len)))}" + \
-        (f";batches={batches[0]},{batches[1]}" if batches != (1, 2) else "")
+        (f";batches={batches[0]},{batches[1]}" if batches != (1, 2) else "") + \
+        (";layers=1,2,3" if first_layer_differs(model) else "")  # fits before the 3-layer step lack it
+
+
+def first_layer_differs(model: ModelSpec) -> bool:
+    """A first layer unlike the uniform rest (DeepSeek-V2's first_k_dense_replace = 1: a dense MLP, then MoE).
+    Its step is fitted from 2 to 3 layers: from 1 to 2 it would count, once per further layer, the difference
+    between the two kinds' transients (the MoE experts' working set over the dense MLP's), which only the widest
+    layer makes once (DeepSeek-V2-Lite, 4 layers: +16.5% with the 1-to-2 step)."""
+    return len(model.layers) == 2 and model.layers[0][0] == 1 and model.num_layers > 2
 
 
 def batch_anchors(batch: int) -> tuple[int, int]:
@@ -112,18 +122,21 @@ def fit(model: ModelSpec, train: TrainSpec) -> dict:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     seqs = anchors(model, train.seq_len)
     b1, b2 = batch_anchors(train.batch_size)
+    cuts = "1, 2 and 3" if first_layer_differs(model) else "1 and 2"
     print(f"memplan: deriving the activation terms of {model.model_type} for these settings "
-          f"(meta traces of 1 and 2 layers at seq {', '.join(map(str, seqs))}, batch {b1} and {b2}; cached "
+          f"(meta traces of {cuts} layers at seq {', '.join(map(str, seqs))}, batch {b1} and {b2}; cached "
           "afterwards)", file=sys.stderr)
     t0 = time.perf_counter()
     types = layer_types(model.hf_config)
     variants = {"layers_1": [types[0]] if types else None, "layers_2": [types[0]] * 2 if types else None}
+    if first_layer_differs(model):
+        variants["layers_3"] = None
     for t in dict.fromkeys(types[1:]) if types else ():  # each other layer kind, after a first layer
         if t != types[0]:
             variants[f"step:{t}"] = [types[0], t]
     fitted = {}
     for label, kinds in variants.items():
-        n_layers = 1 if label == "layers_1" else 2
+        n_layers = {"layers_1": 1, "layers_3": 3}.get(label, 2)
         cfg = truncated(model.hf_config, n_layers)
         if kinds:
             cfg["layer_types"] = list(kinds)
@@ -174,6 +187,12 @@ def evaluate(terms: dict, kind: str, name: str, num_layers: int, batch: int, seq
     """dyn bytes of phase (kind="phases") or component (kind="components") `name` for the full model: the first
     layer's terms plus, for each further layer, the step its kind adds (mixed stacks: one step per kind)."""
     c1, c2 = terms["layers_1"][kind][name], terms["layers_2"][kind][name]
+    if "layers_3" in terms and num_layers > 1:  # a first layer unlike the rest: step from 2 to 3 layers
+        c3 = terms["layers_3"][kind][name]
+        c = [b + (num_layers - 2) * (t - b) for b, t in zip(c2, c3)]
+        if len(c) == 3:
+            c = [c[0], 0.0, c[1], c[2]]
+        return c[0] + batch * (c[1] + c[2] * seq + c[3] * seq * seq)
     counts = terms.get("layer_counts") or {None: num_layers - 1}
     c = list(c1)
     for layer_kind, n in counts.items():

@@ -44,7 +44,8 @@ def phase_components(model, train) -> tuple[dict[str, dict[str, int]], list[str]
     lo, hi = terms["anchors"][0], terms["anchors"][-1]
     where = "inside" if lo <= s <= hi else "extrapolated beyond"
     b1, b2 = terms.get("batches", (1, 2))
+    cuts = "1, 2 and 3" if "layers_3" in terms else "1 and 2"
     notes = [f"activations, logits and temporaries of this derived architecture: fitted to meta traces of its first "
-             f"1 and 2 layers at seq {', '.join(map(str, terms['anchors']))} ({where} the fitted range) and batch "
+             f"{cuts} layers at seq {', '.join(map(str, terms['anchors']))} ({where} the fitted range) and batch "
              f"{b1} and {b2}, extrapolated to {L} layers"]
     return out, notes
