@@ -18,11 +18,13 @@ _V = {"v_proj", "qkv_proj", "query_key_value"}
 
 @lru_cache(maxsize=4096)
 def split(model: ModelSpec, layer: LayerSpec, train: TrainSpec, tokens: int,
-                   no_input_grad: bool = False) -> tuple[int, int]:
+          no_input_grad: bool = False) -> tuple[int, int, int]:
     """--activation-offload all without checkpointing (TRL OffloadActivations' rules, memplan/trace/offload.py):
     (bytes per token a layer keeps on the device, bytes per token brought back at once in its backward, and what
     its attention's backward adds to the kept bytes: its two largest brought back, less what the MLP kept on the
-    device, released by the MLP's backward as its nodes unpacked them). Kept: a storage saved a second time while its first copy is in flight (TRL's storage-key dedupe keeps that
+    device, released by the MLP's backward as its nodes unpacked them; not its LLM.int8 inputs: MatMul8bitLt's
+    ctx attributes live as long as the graph, which the loss holds through the backward).
+    Kept: a storage saved a second time while its first copy is in flight (TRL's storage-key dedupe keeps that
     reference on the device until backward) and tensors under min_offload_size (1024 B). Brought back: a tensor
     lives until the autograd node after the one that unpacked it finishes: the layer's two largest saved tensors."""
     sv = act.layer_saved(model, layer, act.Ctx.of(train, model))
