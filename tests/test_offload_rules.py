@@ -48,6 +48,7 @@ def test_offload_all_model_takes_trls_decisions(attention, checkpointing, monkey
 
     monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda *a, **k: torch.device("cpu"))
     monkeypatch.setattr(torch.cpu.Stream, "synchronize", lambda self: None, raising=False)  # __exit__'s sync
+    monkeypatch.setattr(torch.cpu, "empty_cache", lambda: None, raising=False)  # __enter__'s, once bnb is imported
     real_model = _model(attention, checkpointing)
     real = trl_offload.get_act_offloading_ctx_manager(real_model, use_pin_memory=False)
     real_log = []
