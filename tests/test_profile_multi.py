@@ -87,7 +87,7 @@ def test_rank0_equals_the_rank_trace(tmp_path, tiny, env, parallel, load):
     assert prof["run"]["parallel"]["backend"] == "gloo"
     launch = prof["run"]["launch"]  # what ran: accelerate launch with the config file the flags made
     assert launch["command"].startswith("accelerate launch --config_file ")
-    assert launch["command"].endswith(" -m memplan.profile.multi " + launch["command"].split()[-1])
+    assert launch["command"].endswith(" -m memplan.profile.rank " + launch["command"].split()[-1])
     cfg = launch["config"]
     assert (cfg["num_processes"], cfg["use_cpu"], cfg["mixed_precision"]) == (2, True, "no")
     if parallel == "fsdp":
@@ -282,7 +282,7 @@ def test_the_config_file_is_what_accelerate_launch_reads(tmp_path, flags, expect
     argv = launch_argv(path, tmp_path / "job.json")
     args = launch_command_parser().parse_args(argv[3:])
     args, defaults, from_config = _validate_launch_command(args)
-    assert args.num_processes == train.gpus and args.module and args.training_script == "memplan.profile.multi"
+    assert args.num_processes == train.gpus and args.module and args.training_script == "memplan.profile.rank"
     if train.strategy.startswith("zero"):  # as launch_command sets it before deepspeed_launcher
         args.deepspeed_fields_from_accelerate_config = ",".join([*defaults.deepspeed_config]
                                                                 + ["mixed_precision"] * from_config)

@@ -93,9 +93,9 @@ def write_config(path: Path, cfg: dict) -> Path:
 
 
 def launch_argv(config_path: Path, job_path: Path) -> list[str]:
-    """`accelerate launch --config_file F -m memplan.profile.multi JOB.json`, with this interpreter's accelerate."""
+    """`accelerate launch --config_file F -m memplan.profile.rank JOB.json`, with this interpreter's accelerate."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_path), "-m",
-            "memplan.profile.multi", str(job_path)]
+            "memplan.profile.rank", str(job_path)]
 
 
 def shown(argv: list[str]) -> str:

@@ -7,7 +7,7 @@ Exit status: 0 for ok/oom, 3 for error, 130 for interrupted, 4 when the parent i
 of a multi-GPU run exits 5 for oom, so that its launcher stops the ranks waiting for it in a collective.
 
 With --gpus N (a strategy other than none) the child is the launcher of N rank processes (memplan.profile.multi:
-`accelerate launch -m memplan.profile.multi JOB.json`), each of which runs this same run_file() on its rank's job.
+`accelerate launch -m memplan.profile.rank JOB.json`), each of which runs this same run_file() on its rank's job.
 
 The child dies with its parent: on Linux it asks the kernel for SIGKILL when the parent exits
 (prctl PR_SET_PDEATHSIG), then checks that the parent named in the job (job["parent_pid"]) is still its parent

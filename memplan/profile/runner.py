@@ -6,7 +6,7 @@ the optimizer creates its states here) and steady (every step after the first, f
 phase). An out-of-memory error is a result (status "oom", with the phase and the bytes asked for); Ctrl-C or
 SIGTERM ends the run as "interrupted" keeping what was measured; any other exception is "error".
 A rank of a multi-GPU run (job["dist"], started by memplan.profile.multi) runs the same steps on its own device,
-with memplan.profile.multi.Rank's hooks: the process group, the wrapping after the recipe, the step.
+with memplan.profile.rank.Rank's hooks: the process group, the wrapping after the recipe, the step.
 """
 from __future__ import annotations
 
@@ -250,7 +250,7 @@ def _measure(job: dict, profile: dict, meas: dict, state: dict) -> None:
     phases = meas["phases"]
     rank = None
     if job.get("dist"):  # one rank of a multi-GPU run (memplan.profile.multi)
-        from memplan.profile.multi import Rank
+        from memplan.profile.rank import Rank
 
         rank = state["rank"] = Rank(job, train)
     dev = rank.torch_device if rank is not None else device

@@ -127,7 +127,11 @@ class OffloadActivationsModel:
         import torch
 
         self.ledger = ledger
-        self.params = {p.untyped_storage()._cdata for p in model.parameters()}
+        # TRL keeps the parameters' storage pointers (update_model_params). Here a storage's identity is its
+        # StorageImpl address, which a parameter whose storage is replaced later frees for any new storage to reuse
+        # (bitsandbytes' Linear4bit.forward casts its bias: `self.bias.data = self.bias.data.to(x.dtype)`), so an
+        # activation could be taken for a parameter at random: each entry holds a weak reference to its storage
+        self.params = {p.untyped_storage()._cdata: weakref.ref(p.untyped_storage()) for p in model.parameters()}
         self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         noop = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
         self.handles = []
@@ -185,8 +189,9 @@ class OffloadActivationsModel:
             self.tracker[tid] = (t, False)
             self.keys[k], self.key_of[tid] = (tid, weakref.ref(t.untyped_storage())), k
             return tid
+        param = self.params.get(storage._cdata)
         if (t.element_size() * t.nelement() < MIN_OFFLOAD_SIZE or isinstance(t, torch.nn.Parameter)
-                or t.untyped_storage()._cdata in self.params):
+                or (param is not None and param() is storage)):
             self.tracker[tid] = (t, False)
             return tid
         broadcast = 0 in t.stride()
