@@ -256,9 +256,13 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
         # the working set)
         out_saved = a.attn_out_saved[idx] if a.attn_out_saved and (
             train.gradient_checkpointing or train.activation_offload == "off") else 0  # else on the host
-        freed = T * (a.layer_saved[idx] - a.layer_saved_attn[idx] + out_saved)
-        held = min(freed, kept + recompute)
-        attn = _candidate(steady, gradients=done_grads + mlp_grads, activations=kept + recompute - held,
+        # (offloaded without checkpointing, the MLP's saved tensors were never on the device and those brought
+        # back for its backward left TRL's bwd stash with it: nothing comes off)
+        freed = 0 if a.offloaded_layers else T * (a.layer_saved[idx] - a.layer_saved_attn[idx] + out_saved)
+        # offloaded: what the attention's own backward brings back, less the MLP's released part (offload.split)
+        back = T * (a.reload_attn_first if idx == 0 else a.reload_attn) if a.offloaded_layers else recompute
+        held = min(freed, kept + back)
+        attn = _candidate(steady, gradients=done_grads + mlp_grads, activations=kept + back - held,
                           temporaries=T * a.bwd_work_attn - (freed - held) + a.dequant_bytes, comm_buffers=in_flight)
         start = _larger(start, attn)
         # the first layer's own adapter gradients are made by its backward, after these moments

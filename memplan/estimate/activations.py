@@ -265,7 +265,8 @@ def _attention(sv: Saved, ctx: Ctx, model: ModelSpec, layer: LayerSpec, x_norm: 
             sv.new("attn.mask", -(-ctx.s // 16) * 16 * e, "attn")  # in the query dtype, kept for backward
     elif ctx.attention == "math":  # fp32 copies of q, k, v and the fp32 softmax
         sv.new("math.qkv", (a + 2 * kv) * d * 4, "attn")
-        sv.new("probs.fp32", a * ctx.s * 4, "attn")
+        sv.new("probs.fp32", a * ctx.s * 4, "attn")  # _safe_softmax saves its result, probs @ v (fp32, no cast)
+        sv.keep("probs.fp32", "attn")  # the same storage: offloading's dedupe keeps that second save on the device
     else:
         if kv != a:  # repeat_kv copies k and v to every head
             sv.new("k.rep", a * d * e, "attn")
@@ -484,10 +485,13 @@ class Activations:
     host_per_layer: tuple = ()  # what each layer's saved set puts in pinned host memory
     reload: int = 0  # brought back to the device during one layer's backward
     reload_first: int = 0  # ... during the first layer's (its saved set differs: offload.device_host)
+    reload_attn: int = 0  # ... during one layer's attention backward, less the MLP's device part (released)
+    reload_attn_first: int = 0
     recompute_lora_add: list = field(default_factory=list)  # per layer, checkpointed: recompute.lora_add
     bwd_work_h: int = 0  # the residual stream's gradients alive while a layer recomputes (coefficients mlp_h)
     experts_bwd: tuple = ()  # per layer, per token: (released, working set) at trained experts' gate_up backward
     layer_input: int = 0  # per token: a layer's input, the residual stream
+    offloaded_layers: bool = False  # --activation-offload all without checkpointing: the saved sets are on the host
 
 
 def _final_norm(model: ModelSpec, train: TrainSpec, ctx: Ctx) -> int:
@@ -593,10 +597,11 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     else:
         bwd_mlp += promoted if train.gradient_checkpointing else 0  # the recompute adds again
     bwd_attn = int(k["attn_h"] * h * e + k["attn_qkv"] * (model.num_heads + 2 * model.num_kv_heads) * model.head_dim * e
-                   + (eager_softmax_backward(model, train, e) if ctx.attention not in FUSED else 0))
+                   + (eager_softmax_backward(model, train, e) if ctx.attention not in FUSED else 0)
+                   + offload.eager_softmax_backward_held(model, train, e))
     dequant = max_quantized_numel(model, train) * ctx.c if train.quantized else 0
     tail = _moe_tail(model, model.layers[-1][1], layer_key)
-    host, reload = (), (0, 0)
+    host, reload = (), (0, 0, 0, 0)
     if train.activation_offload != "off":
         stored, host, reload = offload.device_host(model, train, layer_key, stored, h * e)
         stored = [d + i for d, i in zip(stored, int8_device)]
@@ -604,9 +609,11 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     return Activations(stored, saved, saved_attn, fixed, final_norm, fwd_transient, bwd_mlp, bwd_attn, mul_freed,
                        mul_work, dequant, dora_saved if any(dora_saved) else (), tuple(dora_layers),
                        dequant_work=dequant_work, attn_out_saved=tuple(attn_out), moe_tail=tail,
-                       host_per_layer=host, reload=reload[0], reload_first=reload[1],
+                       host_per_layer=host, reload=reload[0], reload_first=reload[1], reload_attn=reload[2],
+                       reload_attn_first=reload[3],
                        recompute_lora_add=lora_add if train.gradient_checkpointing else [],
-                       bwd_work_h=int(k["mlp_h"] * h * e), experts_bwd=experts_bwd, layer_input=h * e)
+                       bwd_work_h=int(k["mlp_h"] * h * e), experts_bwd=experts_bwd, layer_input=h * e,
+                       offloaded_layers=train.activation_offload == "all" and not train.gradient_checkpointing)
 
 
 def _lora_sum_promoted(model: ModelSpec, train: TrainSpec) -> int:
