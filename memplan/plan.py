@@ -199,8 +199,8 @@ class Searcher:
             self.covered += (hi - lo) // step + 1
         k_lo, k_hi = lo // step, hi // step  # search over k, value = k * step
 
-        def ok(k: int) -> bool:
-            return self.fits(spec.with_(**{name: k * step}))
+        def ok(k: int) -> bool:  # k * step >= lo > 0 is all TrainSpec checks of a length, batch or rank
+            return self.fits(spec.variant(**{name: k * step}))
 
         start = min(max(getattr(spec, name) // step, k_lo), k_hi)
         if ok(start):

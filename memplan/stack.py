@@ -3,7 +3,7 @@
 Memory depends on the stack (MoE experts are nn.Linear modules under transformers 4 and fused 3-D parameters
 under 5, DESIGN.md), so every estimate, trace and profile names the versions it describes.
 
-- The default is what is installed, read from package metadata (importlib.metadata: no torch import).
+- The default is what is installed, read from package metadata (no torch import; _version).
 - A package that is not installed counts as the latest release memplan supports (LATEST), and says so.
 - `--transformers 4|5` (TrainSpec.transformers) overrides the transformers major the estimate models; the
   release it then describes is the last one of that major (RELEASES). The trace and profile run the installed
@@ -11,7 +11,8 @@ under 5, DESIGN.md), so every estimate, trace and profile names the versions it 
 """
 from __future__ import annotations
 
-import importlib.metadata
+import os
+import sys
 from functools import lru_cache
 
 from memplan.errors import MemplanError
@@ -27,13 +28,37 @@ MAJORS = tuple(RELEASES)
 @lru_cache(maxsize=None)
 def installed() -> dict[str, str | None]:
     """{package: installed version or None}, from package metadata."""
-    out = {}
-    for name in PACKAGES:
+    return {name: _version(name) for name in PACKAGES}
+
+
+def _version(name: str) -> str | None:
+    """importlib.metadata.version(name), without importing importlib.metadata and its e-mail parser (about 50 ms
+    of every command's start-up): the first NAME-VERSION.dist-info directory along sys.path, as its path finder
+    searches, and the Version field of its METADATA. Anything else (an egg-info, a zipped path) asks
+    importlib.metadata."""
+    prefix = name.lower() + "-"
+    for entry in sys.path:
         try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
+            with os.scandir(entry or ".") as found:
+                infos = [d.path for d in found if d.name.lower().startswith(prefix) and d.name.endswith(".dist-info")]
+        except OSError:
+            continue
+        for path in infos:
+            try:
+                with open(os.path.join(path, "METADATA"), encoding="utf-8") as f:
+                    for line in f:
+                        if line.startswith("Version:"):
+                            return line.split(":", 1)[1].strip()
+                        if not line.strip():  # the headers end here
+                            break
+            except OSError:
+                pass
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _major(version: str) -> int:

@@ -152,7 +152,7 @@ def print_one(console, model, est, gpu) -> None:
         console.print(f"[bold]per GPU[/], rank 0 of {p['gpus']} · {p['strategy']}"
                       f"{' (FSDP' + str(p['fsdp_version']) + ')' if p['strategy'].startswith('fsdp') else ''}"
                       f"{' · offload ' + p['offload'] if p['offload'] != 'none' else ''} · 4-bit storage "
-                      f"{p['quant_storage']} · every rank holds the same bytes · sends "
+                      f"{p['quant_storage']} · rank 0 holds the most · sends "
                       f"{p['comm_bytes_per_step'] / GIB:,.2f} GiB per step"
                       + (f" · host RAM {est.host_bytes / GIB:,.2f} GiB per node" if est.host_bytes else ""))
     console.print(f"[dim]{stack_line(est.config)}[/]", highlight=False)

@@ -26,15 +26,9 @@ STACK = ("torch", "transformers", "peft", "bitsandbytes")
 @lru_cache(maxsize=None)
 def versions() -> dict[str, str | None]:
     """Installed versions of the stack a derivation ran on, from package metadata (no import of the packages)."""
-    from importlib import metadata
+    from memplan.stack import installed
 
-    out = {}
-    for pkg in STACK:
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
+    return {pkg: installed()[pkg] for pkg in STACK}
 
 
 def cache_dir() -> Path:

@@ -134,7 +134,8 @@ class _Settings:
     notes: tuple  # the notes that do not depend on the shape
     loss_per_token: tuple  # the standard loss's (forward, backward) bytes per token
     first_layer_adapters: int  # the first layer's adapter bytes (its backward makes their gradients)
-    full_grads: tuple | None  # full fine-tuning: per layer, its weight gradients, down_proj's, its MLP's; the rest
+    full_grads: tuple | None  # full fine-tuning: per layer, its weight gradients, down_proj's, its MLP's; the rest;
+    # per layer, its experts' (trained 3-D experts)
 
 
 def _settings(model: ModelSpec, train: TrainSpec) -> _Settings:
@@ -153,7 +154,7 @@ def _settings(model: ModelSpec, train: TrainSpec) -> _Settings:
                       for layer in layers),
                 tuple((layer.params - sum(lin.numel for lin in layer.linears if lin.name in ATTENTION_LINEARS)) * gb
                       for layer in layers),
-                model.other_params * gb)
+                model.other_params * gb, tuple(layer.expert_params * gb for layer in layers))
     out = _Settings(
         weights=w, trainable=tr, states=optimizer.states(model, train, tr["params"], tr["bytes"]),
         ends=lora.head_and_embedding_grads(model, train),
@@ -199,6 +200,9 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
     static = {**w, "lora": lora_bytes}
     steady = _candidate(static, optimizer_states=states)
     stored = sum(a.stored_per_layer) + a.fixed
+    before_norm = stored - a.final_norm  # the final norm's (and a trained lm_head's) saved input: from the norm on
+    # in the last layer's forward: what the layers before it saved, and its input (the residual stream)
+    last_fwd = before_norm - a.stored_per_layer[-1] + a.layer_input
     # DoRA with dropout saves each adapted weight (absolute bytes per layer; see activations.dora_saved)
     dora = () if train.gradient_checkpointing or train.activation_offload != "off" else a.dora_saved
     dora_all, dora_but_last = (sum(dora), sum(dora[:-1])) if dora else (0, 0)
@@ -211,30 +215,36 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
         loss_fwd, loss_bwd = fused_loss(model, act_train, T)
     fwd_loss = _candidate(steady, activations=T * stored + dora_all, logits_loss=loss_fwd,
                           comm_buffers=comm["forward_loss"])
-    fwd_layer = _candidate(steady, activations=T * (stored - a.stored_per_layer[-1]) + dora_but_last,
+    fwd_layer = _candidate(steady, activations=T * last_fwd + dora_but_last,
                            temporaries=T * a.fwd_transient + a.dequant_bytes, comm_buffers=comm["forward_layer"])
     bwd_loss = _candidate(steady, activations=T * (stored - a.forward_only) + dora_all, logits_loss=loss_bwd,
                           comm_buffers=comm["backward_loss"])
     forward = [fwd_loss, fwd_layer]
     if comm.get("forward_copy_out"):  # FSDP: the last layer's parameters being copied out (parallel.py)
-        forward.append(_candidate(steady, activations=T * (stored - a.stored_per_layer[-1]) + dora_but_last,
+        forward.append(_candidate(steady, activations=T * last_fwd + dora_but_last,
                                   comm_buffers=comm["forward_copy_out"]))
-    if comm.get("forward_tail_copy_out"):
-        forward.append(_candidate(steady, activations=T * stored + dora_all, comm_buffers=comm["forward_tail_copy_out"]))
+    if comm.get("forward_tail_copy_out"):  # the tail unit copies out in its pre-forward: before the final norm
+        # runs (untied), or at the embedding, before any layer (tied: the tail holds the embedding)
+        before_tail = a.fixed - a.final_norm if model.lm_head_params == 0 else before_norm
+        forward.append(_candidate(steady, activations=T * before_tail + (0 if model.lm_head_params == 0 else dora_all),
+                                  comm_buffers=comm["forward_tail_copy_out"]))
     if a.moe_tail:  # the last layer's experts combine their outputs (moments.moe_tail)
-        forward.append(_candidate(steady, activations=T * stored + dora_but_last, temporaries=T * a.moe_tail,
+        forward.append(_candidate(steady, activations=T * before_norm + dora_but_last, temporaries=T * a.moe_tail,
                                   comm_buffers=comm["forward_layer"]))
-    forward += _dora_forward(a, train, T, steady, stored, dora_but_last, comm["forward_layer"])
+    forward += _dora_forward(a, train, T, steady, before_norm, dora_but_last, comm["forward_layer"])
 
-    def layer_bwd(idx: int, done_grads: int, mul_grads: int = 0, mlp_grads: int = 0) -> dict[str, int]:
+    def layer_bwd(idx: int, done_grads: int, mul_grads: int = 0, mlp_grads: int = 0,
+                  moment: tuple | None = None, own_grads: int = 0) -> dict[str, int]:
         """The peak of layer idx's backward; done_grads exist at its start, the gated product's backward adds
-        mul_grads (down_proj's), the attention's backward comes after the whole MLP's (mlp_grads)."""
+        mul_grads (down_proj's), the attention's backward comes after the whole MLP's (mlp_grads). moment: FSDP's
+        buffers in flight during this layer's backward and at its post-backward reduce (parallel.py), own_grads the
+        layer's unsharded gradients once its backward is done."""
         kept = T * (sum(a.stored_per_layer[: idx + 1]) + a.fixed - a.final_norm - a.forward_only)
         kept += sum(dora[: idx + 1]) if dora else 0
         recompute_reload = a.reload_first if idx == 0 else a.reload
         recompute = (a.layer_saved[idx] if train.gradient_checkpointing else 0) + recompute_reload
         recompute = T * recompute + (a.dora_saved[idx] if train.gradient_checkpointing and a.dora_saved else 0)
-        in_flight = comm.get("backward_first_layer", comm["backward_layer"]) if idx == 0 else comm["backward_layer"]
+        in_flight = moment[0] if moment else comm["backward_layer"]
         start = _candidate(steady, gradients=done_grads, activations=kept + recompute,
                            temporaries=T * a.bwd_work_mlp + (0 if a.dequant_work else a.dequant_bytes),
                            comm_buffers=in_flight)
@@ -246,9 +256,13 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
         # the working set)
         out_saved = a.attn_out_saved[idx] if a.attn_out_saved and (
             train.gradient_checkpointing or train.activation_offload == "off") else 0  # else on the host
-        freed = T * (a.layer_saved[idx] - a.layer_saved_attn[idx] + out_saved)
-        held = min(freed, kept + recompute)
-        attn = _candidate(steady, gradients=done_grads + mlp_grads, activations=kept + recompute - held,
+        # (offloaded without checkpointing, the MLP's saved tensors were never on the device and those brought
+        # back for its backward left TRL's bwd stash with it: nothing comes off)
+        freed = 0 if a.offloaded_layers else T * (a.layer_saved[idx] - a.layer_saved_attn[idx] + out_saved)
+        # offloaded: what the attention's own backward brings back, less the MLP's released part (offload.split)
+        back = T * (a.reload_attn_first if idx == 0 else a.reload_attn) if a.offloaded_layers else recompute
+        held = min(freed, kept + back)
+        attn = _candidate(steady, gradients=done_grads + mlp_grads, activations=kept + back - held,
                           temporaries=T * a.bwd_work_attn - (freed - held) + a.dequant_bytes, comm_buffers=in_flight)
         start = _larger(start, attn)
         if a.bwd_work_act:  # no dequantized weight: a plain MLP's activation backward, a checkpointed MoE's experts
@@ -285,11 +299,19 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
             start = _larger(start, _candidate(steady, gradients=done_grads,
                                               activations=kept + T * (a.recompute_lora_add[idx] + recompute_reload),
                                               temporaries=T * a.bwd_work_h, comm_buffers=in_flight))
-        reduce = comm.get("reduce_first_layer" if idx == 0 else "reduce_layer")
+        reduce = moment[1] if moment else 0
         if reduce:  # FSDP's post-backward: the layer's gradients and their reduce-scatter input (parallel.py)
             released = 0 if train.gradient_checkpointing else T * a.stored_per_layer[idx]  # by its backward
             start = _larger(start, _candidate(steady, gradients=done_grads, activations=kept - released,
                                               comm_buffers=reduce))
+            # just before it: the layer's backward done, every unsharded gradient of it made, nothing resharded
+            start = _larger(start, _candidate(steady, gradients=done_grads + own_grads, activations=kept - released,
+                                              comm_buffers=moment[0]))
+        if a.experts_bwd and a.experts_bwd[idx][1]:  # trained experts' gate_up backward (experts.backward_moment)
+            freed, work = a.experts_bwd[idx]
+            start = _larger(start, _candidate(steady, gradients=done_grads + fixed.full_grads[4][idx],
+                                              activations=kept + recompute - T * freed, temporaries=T * work,
+                                              comm_buffers=in_flight))
         if not a.mlp_mul_work[idx]:
             return start
         mul = _candidate(steady, gradients=done_grads + mul_grads,
@@ -299,25 +321,30 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
 
     # a trained output layer's gradient exists from the loss's backward on, a trained embedding's only after the
     # layers' (lora.head_and_embedding_grads); multi-GPU ranks keep the sharded total (parallel.py)
-    ends = fixed.ends if rank is None else {"head": 0, "embed": 0, "tied": False}
-    if train.method == "full" and rank is None:  # a layer's weight gradients appear during its own backward:
+    # (DDP: every rank holds whole gradients as one GPU does, its buckets beside them)
+    replicated = rank is None or train.strategy == "ddp"
+    ends = fixed.ends if replicated else {"head": 0, "embed": 0, "tied": False}
+    if train.method == "full" and replicated:  # a layer's weight gradients appear during its own backward:
         # at its start only the later layers', the head's and the final norm's exist; at the gated MLP's product
         # backward, down_proj's too
-        per_layer, down, mlp, others = fixed.full_grads
+        per_layer, down, mlp, others, _ = fixed.full_grads
         done = ends["head"] + others
         bwd_last = layer_bwd(len(per_layer) - 1, done, down[-1], mlp[-1])
         bwd_first = layer_bwd(0, done + sum(per_layer[1:]), down[0], mlp[0])
+    elif rank is not None and rank.layer_moments:  # FSDP: each layer's unsharded gradients appear during its own
+        # backward (full fine-tuning: down_proj's at the gated product, the MLP's by the attention), beside the
+        # shards of the layers after it and the buffers in flight at that layer (parallel._fsdp_layer_moments)
+        own = fixed.full_grads
+        backward = [bwd_loss] + [layer_bwd(i, done, own[1][i] if own else 0, own[2][i] if own else 0, (fl, red),
+                                           own[0][i] if own else 0) for i, (fl, red, done) in rank.layer_moments.items()]
     elif rank is not None:
         bwd_last = layer_bwd(len(a.stored_per_layer) - 1, 0)
-        bwd_first = layer_bwd(0, rank.gradients_first_layer if rank.gradients_first_layer is not None else grads)
+        bwd_first = layer_bwd(0, grads)
     else:
         bwd_last = layer_bwd(len(a.stored_per_layer) - 1, ends["head"])
         bwd_first = layer_bwd(0, grads - (0 if ends["tied"] else ends["embed"]))
-    backward = [bwd_loss, bwd_last, bwd_first]
-    if rank and rank.gradients_second_layer is not None and len(a.stored_per_layer) > 2:
-        # FSDP: the second layer's backward overlaps the first-in-line reduce-scatter of the layer above with the
-        # most gradients already reduced (parallel.py's reduce_layer)
-        backward.append(layer_bwd(1, rank.gradients_second_layer))
+    if rank is None or not rank.layer_moments:
+        backward = [bwd_loss, bwd_last, bwd_first]
     if ends["embed"]:  # EmbeddingBackward0: every gradient but the embedding's done, its own being made; tied:
         # the head's gradient waiting beside it, then their sum (3 V x H at once, one counted in grads)
         backward.append(_candidate(steady, gradients=grads, activations=T * (a.fixed - a.final_norm - a.forward_only),
@@ -389,7 +416,9 @@ def _finish(model, train, overheads, fixed: _Settings, chosen: dict, extra_notes
         par = {"gpus": train.gpus, "strategy": train.strategy, "fsdp_version": train.fsdp_version,
                "offload": train.offload, "quant_storage": train.storage,
                "comm_bytes_per_step": rank.comm_bytes_per_step, "host_bytes_per_node": rank.host_bytes,
-               "ranks": "every rank holds the same bytes (shards padded to equal size)"}
+               "ranks": "rank 0, the largest: shards are padded to equal size, but optimizer states follow each "
+                        "rank's unpadded chunk (torch.chunk), smaller on the last ranks when a dimension does not "
+                        "divide (FSDP); DDP ranks are identical"}
         if host is not None:  # one node: each rank's offloaded activations and paged states, and the offloaded state
             host = host_mod.per_node(host, train.gpus, rank.host_bytes)
     config = dict(fixed.config, seq_len=train.seq_len, batch_size=train.batch_size)  # train.to_dict()

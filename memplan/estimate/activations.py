@@ -36,6 +36,7 @@ from pathlib import Path
 from memplan.estimate import dora, moments, offload, recompute
 from memplan.estimate.experts import expert_mlp, linear_experts, max_quantized_numel
 from memplan.estimate.experts import router as experts_router
+from memplan.estimate.experts import backward_moment as experts_backward
 from memplan.estimate.lora import is_target
 from memplan.estimate.weights import unquantized_dtype_bytes
 from memplan.spec import DTYPES, LayerSpec, Linear, ModelSpec, TrainSpec
@@ -80,6 +81,13 @@ class Ctx:
 def softcapped(model: ModelSpec) -> bool:
     """Gemma-2 caps attention logits (attn_logit_softcapping, default 50.0): tanh(scores / cap) * cap."""
     return model.model_type == "gemma2" and bool(model.hf_config.get("attn_logit_softcapping", 50.0))
+
+
+def _softmax_in_dtype(model: ModelSpec) -> bool:
+    """Falcon's eager attention (no ALiBi) takes the softmax in the activations' dtype:
+    F.softmax(scores + mask, dim=-1, dtype=hidden_states.dtype) (transformers/models/falcon/modeling_falcon.py,
+    FalconAttention.forward, 5.24); the other eager paths take it in fp32 and cast back."""
+    return model.model_type == "falcon" and not model.hf_config.get("alibi", False)
 
 
 # Model types that transformers 4.57.6 still masks with their own _update_causal_mask, which returns no mask for
@@ -287,7 +295,8 @@ def _attention(sv: Saved, ctx: Ctx, model: ModelSpec, layer: LayerSpec, x_norm: 
             sv.new("attn.mask", -(-ctx.s // 16) * 16 * e, "attn")  # in the query dtype, kept for backward
     elif ctx.attention == "math":  # fp32 copies of q, k, v and the fp32 softmax
         sv.new("math.qkv", (a + 2 * kv) * d * 4, "attn")
-        sv.new("probs.fp32", a * ctx.s * 4, "attn")
+        sv.new("probs.fp32", a * ctx.s * 4, "attn")  # _safe_softmax saves its result, probs @ v (fp32, no cast)
+        sv.keep("probs.fp32", "attn")  # the same storage: offloading's dedupe keeps that second save on the device
     else:
         # each matmul saves one operand for the other's gradient (derivatives.yaml bmm: mat2 for self, self for
         # mat2): q @ k^T keeps k for q and q for k; probs @ v keeps v for probs and probs for v. All of q, k, v
@@ -306,7 +315,7 @@ def _attention(sv: Saved, ctx: Ctx, model: ModelSpec, layer: LayerSpec, x_norm: 
                 sv.keep(t, "attn")
         if softcapped(model) and sg:  # tanh(scores / cap) saves its output
             sv.new("scores.tanh", a * ctx.s * e, "attn")
-        if moments.softmax_in_dtype(model):  # one storage saved by softmax (its result) and by probs @ v's bmm (self):
+        if _softmax_in_dtype(model):  # one storage saved by softmax (its result) and by probs @ v's bmm (self):
             sv.tensor("probs", a * ctx.s * e)  # offloading's dedupe keeps the second save on the device
             for saved in (sg, vg):
                 if saved:
@@ -542,13 +551,33 @@ class Activations:
     host_per_layer: tuple = ()  # what each layer's saved set puts in pinned host memory
     reload: int = 0  # brought back to the device during one layer's backward
     reload_first: int = 0  # ... during the first layer's (its saved set differs: offload.device_host)
+    reload_attn: int = 0  # ... during one layer's attention backward, less the MLP's device part (released)
+    reload_attn_first: int = 0
     recompute_lora_add: list = field(default_factory=list)  # per layer, checkpointed: recompute.lora_add
     bwd_work_h: int = 0  # the residual stream's gradients alive while a layer recomputes (coefficients mlp_h)
+    experts_bwd: tuple = ()  # per layer, per token: (released, working set) at trained experts' gate_up backward
+    layer_input: int = 0  # per token: a layer's input, the residual stream
+    offloaded_layers: bool = False  # --activation-offload all without checkpointing: the saved sets are on the host
     bwd_work_softmax: int = 0  # per token, eager attention: the working set at softmax's backward
     forward_only: int = 0  # per token, of `fixed`: what the forward holds and the backward no longer (eager's mask)
     bwd_work_act: int = 0  # per token, a moment of the MLP's backward without a dequantized weight: a plain MLP's
     # activation backward (moments.plain_act_backward), a checkpointed MoE layer's recompute in its experts
     # (recompute.moe_stop); 0 under activation offload all, whose reload terms (offload.py) hold that moment
+
+
+def _final_norm(model: ModelSpec, train: TrainSpec, ctx: Ctx) -> int:
+    """Per token: what the final norm saves (as _norm: RMSNorm's fp32 input even from 16-bit, rstd, a trained
+    weight's normalized input) and, full fine-tuning with the standard loss, lm_head's input for its gradient."""
+    h, e = model.hidden_size, ctx.e
+    if model.model_type in ("falcon", "gpt_neox", "opt"):
+        out = h * e + 8
+    elif ctx.liger:
+        out = h * e + 4
+    else:
+        out = 4 * h + 4 + (h * (4 if ctx.gemma_norm else e) if ctx.method == "full" else 0)
+    if ctx.method == "full" and train.loss == "standard":
+        out += h * e
+    return out
 
 
 @lru_cache(maxsize=4096)
@@ -558,6 +587,7 @@ def _per_layer(model: ModelSpec, train: TrainSpec) -> tuple:
     ctx = Ctx.of(train, model)
     h, e = model.hidden_size, ctx.e
     stored, saved, saved_attn, mul_freed, mul_work, int8_device, lora_add = [], [], [], [], [], [], []
+    experts_bwd = []  # per layer: the trained experts' gate_up backward (experts.backward_moment)
     dora_layers: list = []
     attn_out: list = []
     widest = cast = act_bwd = 0
@@ -570,6 +600,7 @@ def _per_layer(model: ModelSpec, train: TrainSpec) -> tuple:
         total, attn, x_kept, freed, work = layer_totals(model, layer, train, first)
         mul_freed += [freed] * n
         mul_work += [work] * n
+        experts_bwd += [experts_backward(model, layer, train, e)] * n
         lora_add += [recompute.lora_add(model, layer, train)] * n
         saved += [total] * n
         saved_attn += [attn] * n
@@ -591,7 +622,8 @@ def _per_layer(model: ModelSpec, train: TrainSpec) -> tuple:
         if train.method == "lora" and casts(train, e):  # PEFT casts an adapted linear's input to the adapter dtype:
             cast = max([cast] + [lin.in_features * ctx.lb for lin in layer.linears if is_target(lin, train)])
     return (tuple(stored), tuple(saved), tuple(saved_attn), tuple(mul_freed), tuple(mul_work), tuple(int8_device),
-            tuple(lora_add), tuple(dora_layers), tuple(attn_out), widest, cast, tuple(ends), act_bwd)
+            tuple(lora_add), tuple(dora_layers), tuple(attn_out), widest, cast, tuple(ends), act_bwd,
+            tuple(experts_bwd) if any(map(any, experts_bwd)) else ())
 
 
 _LAYER_KEYS: dict = {}
@@ -615,9 +647,9 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     if len(_LAYER_KEYS) > 65536:
         _LAYER_KEYS.clear()
     (stored, saved, saved_attn, mul_freed, mul_work, int8_device, lora_add, dora_layers, attn_out, widest, cast,
-     ends, act_bwd) = _per_layer(model, layer_key)
+     ends, act_bwd, experts_bwd) = _per_layer(model, layer_key)
     # rotary cos / sin are (1, s, head_dim): per sequence position, shared by the batch
-    final_norm = h * e + (8 if model.model_type in ("falcon", "gpt_neox", "opt") else 4)
+    final_norm = _final_norm(model, train, ctx)
     fixed = 8 * 3 + 2 * model.head_dim * e // train.batch_size + final_norm
     forward_only = 0
     if ctx.attention in ("eager", "math"):  # the 4-D causal mask (b, 1, s, s) in the activation dtype; Gemma-2
@@ -626,15 +658,15 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
         # only the model's forward holds it (`scores + mask` saves neither): it dies with the forward unless the
         # checkpointed layers' recompute closures keep it (GradientCheckpointingLayer passes it in their kwargs)
         forward_only = mask if not train.gradient_checkpointing and train.activation_offload == "off" else 0
-    elif masked and train.transformers == 4:  # the (b, 1, s, s) boolean mask, alive for the whole step
+    elif masked:  # the (b, 1, s, s) boolean mask (masking_utils), alive for the whole step
         fixed += train.seq_len
     # eager: the scaled (and masked) scores beside softmax's fp32 output, then that output beside its cast to the
     # activations' dtype; fp32 activations make the cast a no-op, so two fp32 score tensors at most
     eager = model.num_heads * train.seq_len * (2 * e + 4 if e != 4 else 8) if ctx.attention not in FUSED else 0
-    if ctx.attention == "eager" and moments.softmax_in_dtype(model):
+    if ctx.attention == "eager" and _softmax_in_dtype(model):
         eager = moments.falcon_eager_forward(model, train, e)
     fwd_transient = widest * (e + ctx.c) + h * ctx.c + eager
-    if ctx.attention == "eager" and not moments.softmax_in_dtype(model) and train.activation_offload == "off":
+    if ctx.attention == "eager" and not _softmax_in_dtype(model) and train.activation_offload == "off":
         # the scores and the MLP's transients are not alive together: at the MLP the last layer's attention has
         # saved its probabilities (and the rest of its set; checkpointed, nothing); at the softmax only the scores
         # are new
@@ -659,10 +691,10 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
                if ctx.attention == "eager" and train.activation_offload == "off" else 0)
     eager_bwd = moments.eager_softmax_backward(model, train, e) if ctx.attention not in FUSED and not softmax else 0
     bwd_attn = int(k["attn_h"] * h * e + k["attn_qkv"] * (model.num_heads + 2 * model.num_kv_heads) * model.head_dim * e
-                   + eager_bwd)
+                   + eager_bwd + offload.eager_softmax_backward_held(model, train, e))
     dequant = max_quantized_numel(model, train) * ctx.c if train.quantized else 0
     tail = moments.moe_tail(model, model.layers[-1][1], layer_key)
-    host, reload = (), (0, 0)
+    host, reload = (), (0, 0, 0, 0)
     if train.activation_offload != "off":
         stored, host, reload = offload.device_host(model, train, layer_key, stored, h * e)
         stored = [d + i for d, i in zip(stored, int8_device)]
@@ -670,10 +702,13 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     return Activations(stored, saved, saved_attn, fixed, final_norm, fwd_transient, bwd_mlp, bwd_attn, mul_freed,
                        mul_work, dequant, dora_saved if any(dora_saved) else (), tuple(dora_layers),
                        dequant_work=dequant_work, attn_out_saved=tuple(attn_out), moe_tail=tail,
-                       host_per_layer=host, reload=reload[0], reload_first=reload[1],
-                       recompute_lora_add=lora_add if train.gradient_checkpointing else [], bwd_work_softmax=softmax,
-                       forward_only=forward_only, bwd_work_act=act_bwd if train.activation_offload != "all" else 0,
-                       bwd_work_h=int(k["mlp_h"] * h * e))
+                       host_per_layer=host, reload=reload[0], reload_first=reload[1], reload_attn=reload[2],
+                       reload_attn_first=reload[3],
+                       recompute_lora_add=lora_add if train.gradient_checkpointing else [],
+                       bwd_work_h=int(k["mlp_h"] * h * e), experts_bwd=experts_bwd, layer_input=h * e,
+                       offloaded_layers=train.activation_offload == "all" and not train.gradient_checkpointing,
+                       bwd_work_softmax=softmax, forward_only=forward_only,
+                       bwd_work_act=act_bwd if train.activation_offload != "all" else 0)
 
 
 @lru_cache(maxsize=4096)

@@ -57,3 +57,17 @@ def max_quantized_numel(model: ModelSpec, train: TrainSpec) -> int:
         for _, lin in layer_linears(model, layer, train):
             biggest = max(biggest, lin.weight_numel)
     return biggest
+
+
+def backward_moment(model: ModelSpec, layer: LayerSpec, train: TrainSpec, e: int) -> tuple[int, int]:
+    """Per token (released, working set) at a trained transformers-5 experts block's gate_up grouped_mm backward,
+    the moment its weight gradients (down_proj's already made, gate_up_proj's being written) sit beside the
+    gradient of every token-slot's gate_up output (2I wide) and of its gathered input (integrations/moe.py 5.24,
+    GroupedMMBackward after SplitBackward0), and the layer output's gradient. By then the backward of the routing
+    weight's product, of down_proj's grouped_mm and of act(gate) * up released what they saved: the scaled output,
+    the product (down_proj's input), the act output and the gate_up output; the gathered input (gate_up's own
+    saved input) and the routing indices remain. (0, 0) when the experts are not trained 3-D parameters."""
+    if layer.mlp != "moe" or not layer.experts_per_token or linear_experts(train) or train.method != "full":
+        return 0, 0
+    k, i, h = layer.experts_per_token, layer.expert_intermediate, model.hidden_size
+    return k * (4 * i * e + h * e), k * (2 * i * e + h * e) + h * e

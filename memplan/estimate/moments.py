@@ -93,13 +93,6 @@ def moe_tail(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> int:
 
 
 
-def softmax_in_dtype(model: ModelSpec) -> bool:
-    """Falcon's eager attention (no ALiBi) takes the softmax in the activations' dtype:
-    F.softmax(scores + mask, dim=-1, dtype=hidden_states.dtype) (transformers/models/falcon/modeling_falcon.py,
-    FalconAttention.forward, 5.24); the other eager paths take it in fp32 and cast back."""
-    return model.model_type == "falcon" and not model.hf_config.get("alibi", False)
-
-
 def falcon_eager_forward(model: ModelSpec, train: TrainSpec, e: int) -> int:
     """Falcon's eager attention at its softmax, per token (modeling_falcon.py 5.24, FalconAttention.forward): the
     scores (q @ k^T, scaled in place), scores + mask, and the softmax output, all in the activations' dtype (3 a·s·e).
@@ -117,6 +110,6 @@ def eager_softmax_backward(model: ModelSpec, train: TrainSpec, e: int) -> int:
     so the 16-bit copy of the probabilities it saved (a*s*e, counted in the saved set) is released: torch
     derivatives.yaml (_softmax: result; mm/bmm: self, mat2), checked on the meta trace's live tensors."""
     a, s = model.num_heads, train.seq_len
-    if softmax_in_dtype(model):  # the gradient of the probabilities and softmax's backward output, in the
+    if act._softmax_in_dtype(model):  # the gradient of the probabilities and softmax's backward output, in the
         return a * s * 2 * e  # activations' dtype; the saved probabilities stay until softmax's backward ends
     return a * s * (4 + 4) - (a * s * e if e != 4 else 0)

@@ -18,9 +18,12 @@ _V = {"v_proj", "qkv_proj", "query_key_value"}
 
 @lru_cache(maxsize=4096)
 def split(model: ModelSpec, layer: LayerSpec, train: TrainSpec, tokens: int,
-                   no_input_grad: bool = False) -> tuple[int, int]:
+          no_input_grad: bool = False) -> tuple[int, int, int]:
     """--activation-offload all without checkpointing (TRL OffloadActivations' rules, memplan/trace/offload.py):
-    (bytes per token a layer keeps on the device, bytes per token brought back at once in its backward).
+    (bytes per token a layer keeps on the device, bytes per token brought back at once in its backward, and what
+    its attention's backward adds to the kept bytes: its two largest brought back, less what the MLP kept on the
+    device, released by the MLP's backward as its nodes unpacked them; not its LLM.int8 inputs: MatMul8bitLt's
+    ctx attributes live as long as the graph, which the loss holds through the backward).
     Kept: a storage saved a second time while its first copy is in flight (TRL's storage-key dedupe keeps that
     reference on the device until backward) and tensors under min_offload_size (1024 B). Brought back: a tensor
     lives until the autograd node after the one that unpacked it finishes: the layer's two largest saved tensors."""
@@ -35,12 +38,17 @@ def split(model: ModelSpec, layer: LayerSpec, train: TrainSpec, tokens: int,
         adapted = {lin.name for lin in layer.linears if is_target(lin, train)}
         if not (adapted & _QK and adapted & _V):
             shared -= {"probs", "probs.fp32"}
-    device = sum(sv.size[n] for n in kept if n in shared or sv.size[n] * tokens < 1024)
-    largest = sorted((sv.size[n] for n in kept if n not in shared), reverse=True)[:2]
+    on_device = [n for n in kept if n in shared or sv.size[n] * tokens < 1024]
+    device = sum(sv.size[n] for n in on_device)
+    device_mlp = sum(sv.size[n] for n in on_device if sv.kept[n] == "mlp")
+    def two_largest(group=None):
+        return sum(sorted((sv.size[n] for n in kept if n not in shared and group in (None, sv.kept[n])),
+                          reverse=True)[:2])
+
     # TRL's forward stash (its 5 newest packs stay on the device while they stream out) is left out: its window
     # counts every pack, parameters and kept references too, which this per-layer saved set does not order;
     # counting 5 offloaded tensors overstated the sampled peaks (tests/test_toolbox.py offload-all-nockpt: +7%)
-    return device, sum(largest)
+    return device, two_largest(), two_largest("attn") - device_mlp
 
 
 
@@ -51,23 +59,41 @@ def device_host(model: ModelSpec, train: TrainSpec, layer_key: TrainSpec, stored
     it under the offload hooks; everything else is saved through the checkpoint's own inner hooks). The first
     layer's input stays on the device anyway when the embedding is frozen: enable_input_require_grads makes that
     output a leaf that requires grad, which its AccumulateGrad node holds until backward. In backward each layer's
-    input comes back as a new device copy (x_bytes). Checkpointing off (all): split."""
+    input comes back as a new device copy (x_bytes). Checkpointing off (all): split. Returns per-layer device and
+    host bytes and what one layer's backward brings back: (any layer, the first, any layer's attention, the
+    first's attention)."""
     if train.gradient_checkpointing:
         leaf = train.method == "lora" and "embed_tokens" not in train.modules_to_save
         device = [x_bytes if (i == 0 and leaf) else 0 for i in range(len(stored))]
-        return device, tuple(stored), (x_bytes, x_bytes)
-    device, host, reload, first_back = [], [], 0, 0
+        return device, tuple(stored), (x_bytes,) * 4
+    device, host, reload, first_back, attn, first_attn = [], [], 0, 0, 0, 0
     tokens = train.batch_size * train.seq_len
     input_grad = train.method == "full" or "embed_tokens" in train.modules_to_save
     for i, (n, layer) in enumerate(model.layers):
         total, _, x_kept = act.layer_totals(model, layer, layer_key)[:3]
         for first in ([True, False] if i == 0 else [False])[:n]:
-            kept, back = split(model, layer, layer_key, tokens, first and not input_grad)
+            kept, back, back_attn = split(model, layer, layer_key, tokens, first and not input_grad)
             m = 1 if first else n - (1 if i == 0 else 0)
             device += [kept] * m
             host += [total + x_kept - kept] * m
             if first:
-                first_back = back
+                first_back, first_attn = back, back_attn
             else:
-                reload = max(reload, back)
-    return device, tuple(host), (reload if len(device) > 1 else first_back, first_back)
+                reload, attn = max(reload, back), max(attn, back_attn)
+    if len(device) == 1:
+        reload, attn = first_back, first_attn
+    return device, tuple(host), (reload, first_back, attn, first_attn)
+
+
+def eager_softmax_backward_held(model: ModelSpec, train: TrainSpec, e: int) -> int:
+    """Per token, --activation-offload all without checkpointing, eager attention: what softmax's backward holds
+    beyond activations.eager_softmax_backward. That figure has probs @ v's backward release the 16-bit
+    probabilities it saved; offloaded, that backward (BmmBackward0) brings them back into TRL's bwd stash, where
+    they stay until the next node that unpacks a tensor (SoftmaxBackward0, which brings back its fp32 result)
+    finishes (trl/models/activation_offloading.py, unpack_tensor_with_streams: prev_node_ids are freed in the
+    hook of the node after). fp32 activations: one fp32 tensor serves both saves (no cast), nothing more; Falcon's
+    in-dtype softmax keeps its probabilities until softmax's backward ends anyway."""
+    if (train.activation_offload != "all" or train.gradient_checkpointing or e == 4
+            or act.effective_attention(model, train) != "eager" or act._softmax_in_dtype(model)):
+        return 0
+    return model.num_heads * train.seq_len * e

@@ -1,6 +1,8 @@
 """Data parallelism: what one rank of N holds (DDP, FSDP FULL_SHARD / SHARD_GRAD_OP, DeepSpeed ZeRO 1/2/3, CPU
-offload). Every rank holds the same bytes: FSDP and ZeRO pad each shard to the same size, and every rank runs
-its own micro-batch (batch_size is per rank).
+offload): rank 0's, the largest. FSDP2 pads each parameter's and gradient's shard to ceil(dim0 / N) rows on every
+rank, but the optimizer makes its states from the rank's unpadded chunk (torch.chunk: the last ranks' are smaller
+when dim0 does not divide), so the last ranks can hold slightly less (checked on fake ranks 0..N-1); every rank
+runs its own micro-batch (batch_size is per rank).
 
     rank_view(model, train, weights, trainable, states) -> RankView
 
@@ -67,11 +69,9 @@ class RankView:
     host_bytes: int  # host RAM per node for offloaded state
     comm_bytes_per_step: int  # bytes each rank sends per step (ring collectives)
     activation_train: TrainSpec | None = None  # the spec activations follow (ZeRO: 16-bit, no upcast)
-    # gradients held while the first decoder layer runs its backward: FSDP reduce-scatters a unit's gradients
-    # after its backward, so that layer's and the embedding's shards do not exist yet (None: all of them)
-    gradients_first_layer: int | None = None
-    gradients_second_layer: int | None = None  # the same when the second layer runs (its shards, too, pending)
-    gradients_embedding: int | None = None  # the same when the embedding's backward runs (its shards pending)
+    # FSDP: {layer index: (in flight during its backward, at its post-backward reduce, gradient shards done)}
+    layer_moments: dict = field(default_factory=dict)
+    gradients_embedding: int | None = None  # FSDP: gradient shards done when the embedding's backward runs
     notes: list[str] = field(default_factory=list)
 
 
@@ -235,18 +235,10 @@ def _fsdp(model, train, w, trainable, states) -> RankView:
         "forward_loss": kept_fwd + (tail + big_layer if tied else 2 * tail),
         "backward_loss": kept_fwd + tail,
         # the tail (final norm, lm_head) is resharded after its own backward (post_backward reshards every unit).
-        # SHARD_GRAD_OP: the last layer's parameters are among those kept since forward, no all-gather in flight
+        # Each layer's backward moments: layer_moments below
         "backward_layer": (kept_fwd + big_layer_grads) if grad_op else 2 * big_layer + big_layer_grads,
-        # the first layer (last in backward): its parameters, the unit backward prefetches next (the embedding,
-        # or the tail when it holds the tied embedding) and its gradients; every other layer is resharded
-        "backward_first_layer": unit_bytes(layer_units[0]) + (tail if tied else embed) + big_layer_grads,
         # the embedding's backward (the last): its unit's parameters, and the first layer's reduce-scatter input
         "backward_embedding": (tail if tied else embed) + big_layer_grads,
-        # post-backward (foreach_reduce): the recompute's tensors are gone, the unsharded gradients are copied
-        # into the reduce-scatter input while they are still alive (2 x the layer's gradients)
-        "reduce_layer": ((kept_fwd if grad_op else 2 * big_layer) + 2 * big_layer_grads) if big_layer_grads else 0,
-        "reduce_first_layer": (unit_bytes(layer_units[0]) + (tail if tied else embed) + 2 * big_layer_grads)
-        if big_layer_grads else 0,
         "optimizer": 0,
     }
     total = sum(cnt * d0 * rest * eb for _, cnt, d0, rest, eb, k in params if not (k == "q" and q_whole))
@@ -266,13 +258,58 @@ def _fsdp(model, train, w, trainable, states) -> RankView:
     def pending(*units):  # one layer's (or the embedding's) gradient shards
         return sum(_ceil(d0, n) * rest * eb for u, _, d0, rest, eb, k in params if k == "t" and u in units)
 
-    first = pending("embed", layer_units[0])
-    second = first + (pending(layer_units[1]) if len(layer_units) > 1 else
-                      pending(layer_units[0]) if model.layers[0][0] > 1 else 0)
+    order = [u for u, (cnt, _) in zip(layer_units, model.layers) for _ in range(cnt)]  # every layer, in order
+    layer_params = {u: unit_bytes(u) for u in layer_units}
+    layer_grads = {u: unit_bytes(u, "t") for u in layer_units}
+    layer_shards = {u: pending(u) for u in layer_units}
+    tail_grads = unit_bytes("tail", "t") + (unit_bytes("embed", "t") if tied else 0)
     return RankView(weights=weights, lora=0 if train.method == "full" else shard_t, gradients=shard_t,
-                    gradients_first_layer=shard_t - first, gradients_second_layer=shard_t - second,
-                    gradients_embedding=shard_t - pending("embed", "tail" if tied else "embed"), states=int(states * frac), comm=comm, host_bytes=0,
+                    layer_moments=_fsdp_layer_moments(order, layer_params, layer_grads, layer_shards, tail_grads,
+                                                      shard_t - pending("embed"), embed, tail, tied, grad_op),
+                    gradients_embedding=shard_t - pending("embed", "tail" if tied else "embed"),
+                    states=int(states * frac), comm=comm, host_bytes=0,
                     comm_bytes_per_step=2 * _ring(n, total) + _ring(n, trainable["bytes"]), notes=notes)
+
+
+def _fsdp_layer_moments(order, params, grads, shards, tail_grads, done_all, embed, tail, tied, grad_op) -> dict:
+    """{layer index: (in flight during its backward and until its post-backward reshards it, in flight at its
+    post-backward reduce, gradient shards done)} for the layers whose backward can hold the most: the first two, the last two, and the one with the most in
+    flight. FSDP2 (torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py, torch 2.13), per layer i, backward
+    runs L-1 .. 0:
+    - pre_backward(i) (a hook on the layer's forward outputs) all-gathers i unless it is unsharded already
+      (SHARD_GRAD_OP keeps every unit unsharded from its forward, reshard_after_forward=False), copies it out
+      (wait_for_unshard frees the flat result at once outside forward), then _backward_prefetch issues the
+      all-gather of the unit before it in forward order (i - 1; the embedding, or the tied tail, before layer 0)
+      whose flat result waits un-copied until pre_backward(i - 1). Nothing to prefetch under SHARD_GRAD_OP.
+    - a checkpointed layer recomputes its forward inside its backward: FSDP's pre_forward runs again but finds
+      the unit unsharded (unshard is a no-op) and post_forward does not reshard inside backward (is_bw()).
+    - post_backward(i) (RegisterPostBackwardFunction on the layer's inputs, after its backward) reshards i,
+      frees the previous unit's reduce-scatter input (reduce_scatter_states, reduce_scatter_max_input_buffers=1),
+      then foreach_reduce copies i's unsharded gradients into a new full-size input (2 x the gradients), kept
+      until post_backward(i - 1). While i runs its backward the input of the unit after it (i + 1, or the tail
+      of final norm and lm_head after the last layer) is alive.
+    Layers of unequal size come from their groups, every layer in forward order."""
+    last = len(order) - 1
+    full = [params[u] for u in order]
+    before, done_before = [0], [done_all]  # parameters of layers 0..i-1; gradient shards done before layer i runs
+    for u, b in zip(order, full):
+        before.append(before[-1] + b)
+        done_before.append(done_before[-1] - shards[u])
+
+    def moment(i):
+        rs_next = grads[order[i + 1]] if i < last else tail_grads
+        if grad_op:  # layers 0..i and the embedding unsharded since forward (the tied tail: prefetched at layer 0)
+            held = before[i + 1] + (0 if tied else embed) + (tail if tied and i == 0 else 0)
+            prior = held - full[i]
+        else:  # this layer and the prefetched unit before it (flat all-gather result)
+            prior = full[i - 1] if i > 0 else (tail if tied else embed)
+            held = full[i] + prior
+        return held + rs_next, prior + 2 * grads[order[i]], done_before[i + 1]
+
+    wanted = {0, min(1, last), max(last - 1, 0), last}
+    if len(params) > 1:  # layer groups of unequal size: also the layer with the most in flight
+        wanted.add(max(range(last + 1), key=lambda i: sum(moment(i)[::2])))
+    return {i: moment(i) for i in sorted(wanted)}
 
 
 def _zero(model, train, w, trainable, states) -> RankView:

@@ -39,7 +39,7 @@ COLUMNS: list[tuple[str, str]] = (
        ("device_total_gib", "device total, GiB")]
     + [(f"{p}_version", f"{p} version the row describes (installed, else the latest supported; --transformers "
         "overrides transformers)") for p in PACKAGES]
-    + [("per_rank", "1 when the figures above are one GPU's of a multi-GPU run (every rank holds the same bytes)"),
+    + [("per_rank", "1 when the figures above are one GPU's of a multi-GPU run (rank 0's, the largest rank)"),
        ("strategy", "the data parallelism that runs: none, ddp, fsdp, fsdp-grad-op, zero1, zero2, zero3"),
        ("quant_storage_dtype", "bnb_4bit_quant_storage that runs (auto resolved)"),
        ("comm_buffers_bytes", "tensor bytes of comm_buffers at the peak: unsharded parameters / reduce-scatter input / DDP buckets at the peak, bytes"),

@@ -225,18 +225,19 @@ class OffloadActivationsModel:
         if self.first_backward:  # at the end of backward every tensor brought back is dropped
             self.first_backward = False
             torch.autograd.Variable._execution_engine.queue_callback(self.bwd_stash.clear)
-        if tid in self.fwd_stash:  # still on the device
-            return self.fwd_stash[tid]
-        host, shape = value
         node = torch._C._current_autograd_node()
         prev = []
-        if node is not None and node is not self.node:
+        if node is not None and node is not self.node:  # a new node: the previous node's tensors go when it ends
             self.node = node
             prev = list(self.bwd_stash)
-        dev = _device_copy(host, self.ledger)
-        if shape is not None:
-            dev = torch.as_strided(dev, *shape)
-        self.bwd_stash[tid] = dev
+        if tid in self.fwd_stash:  # still on the device; the node's hook below still clears the forward stash
+            dev = self.fwd_stash[tid]
+        else:
+            host, shape = value
+            dev = _device_copy(host, self.ledger)
+            if shape is not None:
+                dev = torch.as_strided(dev, *shape)
+            self.bwd_stash[tid] = dev
 
         def done(outputs, inputs):
             self.fwd_stash.clear()
