@@ -271,7 +271,7 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
         if a.bwd_work_softmax:  # eager attention's softmax backward (moments.eager_softmax_backward): no
             # dequantized weight (o_proj's backward is done, q/k/v's not begun)
             start = _larger(start, _candidate(steady, gradients=done_grads + mlp_grads,
-                                              activations=kept + recompute - held,
+                                              activations=kept + back - held,
                                               temporaries=T * a.bwd_work_softmax - (freed - held),
                                               comm_buffers=in_flight))
         # the first layer's own adapter gradients are made by its backward, after these moments

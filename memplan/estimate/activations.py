@@ -34,6 +34,8 @@ from functools import lru_cache
 from pathlib import Path
 
 from memplan.estimate import dora, moments, offload, recompute
+from memplan.estimate.attention import FA2, FUSED, effective_attention, sdpa_gets_a_mask, softcapped  # noqa: F401
+from memplan.estimate.attention import softmax_in_dtype as _softmax_in_dtype
 from memplan.estimate.experts import expert_mlp, linear_experts, max_quantized_numel
 from memplan.estimate.experts import router as experts_router
 from memplan.estimate.experts import backward_moment as experts_backward
@@ -78,62 +80,6 @@ class Ctx:
         return dora.stream_dtype(self.train) if nbytes == self.e else self.train.compute_dtype
 
 
-def softcapped(model: ModelSpec) -> bool:
-    """Gemma-2 caps attention logits (attn_logit_softcapping, default 50.0): tanh(scores / cap) * cap."""
-    return model.model_type == "gemma2" and bool(model.hf_config.get("attn_logit_softcapping", 50.0))
-
-
-def _softmax_in_dtype(model: ModelSpec) -> bool:
-    """Falcon's eager attention (no ALiBi) takes the softmax in the activations' dtype:
-    F.softmax(scores + mask, dim=-1, dtype=hidden_states.dtype) (transformers/models/falcon/modeling_falcon.py,
-    FalconAttention.forward, 5.24); the other eager paths take it in fp32 and cast back."""
-    return model.model_type == "falcon" and not model.hf_config.get("alibi", False)
-
-
-# Model types that transformers 4.57.6 still masks with their own _update_causal_mask, which returns no mask for
-# SDPA in training without an attention_mask (AttentionMaskConverter._ignore_causal_mask_sdpa).
-_TF4_OWN_MASK = ("falcon", "opt", "qwen2_moe")
-
-
-def sdpa_gets_a_mask(model: ModelSpec, seq_len: int, transformers: int = 5) -> bool:
-    """SDPA runs causal without a mask unless the model passes one: Falcon always does
-    (allow_is_causal_skip=False); sliding-window models (Mistral v0.1, Phi-3 mini-4k; Qwen with
-    use_sliding_window) do once the sequence is longer than the window (transformers masking_utils).
-    transformers 4.57.6: the batch carries no attention_mask, so masking_utils._preprocess_mask_arguments runs
-    find_packed_sequence_indices on the position ids, which in 4.x always returns a tensor (5.x returns None when
-    nothing is packed); create_causal_mask then sets allow_is_causal_skip=False and every layer gets a
-    (b, 1, s, s) boolean mask: CUDA runs the memory-efficient kernel, and GQA goes through repeat_kv
-    (sdpa_attention.use_gqa_in_sdpa needs attention_mask None)."""
-    if transformers == 4:
-        return model.model_type not in _TF4_OWN_MASK
-    cfg = model.hf_config
-    if model.model_type == "falcon":
-        return True
-    window = cfg.get("sliding_window")
-    if model.model_type in ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe") and not cfg.get("use_sliding_window"):
-        return False
-    return bool(window) and seq_len >= window  # masking_utils: kv_length >= local_attention_size
-
-
-def effective_attention(model: ModelSpec, train: TrainSpec) -> str:
-    """The attention that runs. transformers implements Gemma-2's soft-capping only in its eager attention
-    (flash-attn takes a softcap argument, so flash_attention_2 keeps it in the kernel).
-    Falcon-7B's multi-query SDPA call passes one k/v head without enable_gqa, which torch 2.13's flash,
-    memory-efficient and cuDNN kernels all reject (sdp_utils check_batch_size_and_num_heads_dense): CUDA runs
-    the math kernel, which upcasts q, k, v to fp32 and keeps the fp32 softmax (b·a·s²·4 B)."""
-    if train.attention == FA2:
-        return FA2
-    if softcapped(model):
-        return "eager"
-    cfg = model.hf_config
-    if (train.attention == "sdpa" and model.model_type == "falcon" and cfg.get("multi_query", True)
-            and not cfg.get("new_decoder_architecture")):
-        return "math"
-    return train.attention
-
-
-FA2 = "flash_attention_2"
-FUSED = ("sdpa", FA2)  # O(s) attention kernels: no b·a·s² scores
 
 
 class Saved:
@@ -657,7 +603,7 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
         fixed += mask
         # only the model's forward holds it (`scores + mask` saves neither): it dies with the forward unless the
         # checkpointed layers' recompute closures keep it (GradientCheckpointingLayer passes it in their kwargs)
-        forward_only = mask if not train.gradient_checkpointing and train.activation_offload == "off" else 0
+        forward_only = 0 if train.gradient_checkpointing else mask
     elif masked:  # the (b, 1, s, s) boolean mask (masking_utils), alive for the whole step
         fixed += train.seq_len
     # eager: the scaled (and masked) scores beside softmax's fp32 output, then that output beside its cast to the
@@ -683,15 +629,14 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
         dequant_work = max(h * e + layer.linears[-1].in_features * e for _, layer in model.layers)
     else:
         bwd_mlp += promoted if train.gradient_checkpointing else 0  # the recompute adds again
-    # eager without offloading: the softmax's backward is a moment of its own, before q/k/v's backward and its
-    # dequantized weight: the residual stream's gradient, v's gradient (from probs @ v's backward, which released
-    # the v it saved: as large) and the softmax terms. (Offloaded, the reloaded v and probabilities join that
-    # moment: memplan/estimate/offload.py's terms keep the combined candidate below.)
+    # eager: the softmax's backward is a moment of its own, before q/k/v's backward and its dequantized weight: the
+    # residual stream's gradient, v's gradient (from probs @ v's backward, which released the v it saved: as large)
+    # and the softmax terms; offloaded, what TRL's bwd stash still holds (offload.eager_softmax_backward_held)
     softmax = (h * e + moments.eager_softmax_backward(model, train, e)
-               if ctx.attention == "eager" and train.activation_offload == "off" else 0)
-    eager_bwd = moments.eager_softmax_backward(model, train, e) if ctx.attention not in FUSED and not softmax else 0
+               + offload.eager_softmax_backward_held(model, train, e)) if ctx.attention == "eager" else 0
+    eager_bwd = moments.eager_softmax_backward(model, train, e) if ctx.attention == "math" else 0
     bwd_attn = int(k["attn_h"] * h * e + k["attn_qkv"] * (model.num_heads + 2 * model.num_kv_heads) * model.head_dim * e
-                   + eager_bwd + offload.eager_softmax_backward_held(model, train, e))
+                   + eager_bwd)
     dequant = max_quantized_numel(model, train) * ctx.c if train.quantized else 0
     tail = moments.moe_tail(model, model.layers[-1][1], layer_key)
     host, reload = (), (0, 0, 0, 0)
