@@ -64,10 +64,19 @@ def layer_adapter_bytes(model: ModelSpec, train: TrainSpec, layer) -> int:
     return n * DTYPES[train.lora_dtype]
 
 
+def token_embedding_params(model: ModelSpec) -> int:
+    """The token embedding alone: what PEFT's modules_to_save copies for embed_tokens (and a tied lm_head's weight).
+    OPT's embedding_params hold its learned positions too (embed_positions, a module of its own, not copied):
+    V x word_embed_proj_dim is the token table (modeling_opt.py OPTDecoder)."""
+    if model.model_type == "opt":
+        return model.vocab_size * int(model.hf_config.get("word_embed_proj_dim") or model.hidden_size)
+    return model.embedding_params
+
+
 def modules_to_save_params(model: ModelSpec, train: TrainSpec) -> int:
-    sizes = {"lm_head": model.lm_head_params or model.embedding_params, "embed_tokens": model.embedding_params,
-             "embed_in": model.embedding_params, "embed_out": model.lm_head_params,
-             "word_embeddings": model.embedding_params}
+    tokens = token_embedding_params(model)
+    sizes = {"lm_head": model.lm_head_params or tokens, "embed_tokens": tokens, "embed_in": tokens,
+             "embed_out": model.lm_head_params, "word_embeddings": tokens}
     total = 0
     for name in train.modules_to_save:
         if name not in sizes:
@@ -108,6 +117,7 @@ def head_and_embedding_grads(model: ModelSpec, train: TrainSpec) -> dict:
         return {"head": vh * gb, "embed": model.embedding_params * gb, "tied": tied}
     gb = unquantized_dtype_bytes(train)
     saved = set(train.modules_to_save)
-    head = (model.lm_head_params or model.embedding_params) if saved & set(OUTPUT_NAMES) else 0
-    embed = model.embedding_params if saved & set(INPUT_NAMES) else 0
+    tokens = token_embedding_params(model)
+    head = (model.lm_head_params or tokens) if saved & set(OUTPUT_NAMES) else 0
+    embed = tokens if saved & set(INPUT_NAMES) else 0
     return {"head": head * gb, "embed": embed * gb, "tied": False}
