@@ -35,7 +35,7 @@ from pathlib import Path
 
 from memplan.estimate import dora, moments, offload, recompute
 from memplan.estimate.attention import FA2, FUSED, effective_attention, sdpa_gets_a_mask, softcapped  # noqa: F401
-from memplan.estimate.attention import softmax_in_dtype as _softmax_in_dtype
+from memplan.estimate.attention import softmax_in_dtype
 from memplan.estimate.experts import expert_mlp, linear_experts, max_quantized_numel
 from memplan.estimate.experts import router as experts_router
 from memplan.estimate.experts import backward_moment as experts_backward
@@ -261,7 +261,7 @@ def _attention(sv: Saved, ctx: Ctx, model: ModelSpec, layer: LayerSpec, x_norm: 
                 sv.keep(t, "attn")
         if softcapped(model) and sg:  # tanh(scores / cap) saves its output
             sv.new("scores.tanh", a * ctx.s * e, "attn")
-        if _softmax_in_dtype(model):  # one storage saved by softmax (its result) and by probs @ v's bmm (self):
+        if softmax_in_dtype(model):  # one storage saved by softmax (its result) and by probs @ v's bmm (self):
             sv.tensor("probs", a * ctx.s * e)  # offloading's dedupe keeps the second save on the device
             for saved in (sg, vg):
                 if saved:
@@ -609,10 +609,10 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     # eager: the scaled (and masked) scores beside softmax's fp32 output, then that output beside its cast to the
     # activations' dtype; fp32 activations make the cast a no-op, so two fp32 score tensors at most
     eager = model.num_heads * train.seq_len * (2 * e + 4 if e != 4 else 8) if ctx.attention not in FUSED else 0
-    if ctx.attention == "eager" and _softmax_in_dtype(model):
+    if ctx.attention == "eager" and softmax_in_dtype(model):
         eager = moments.falcon_eager_forward(model, train, e)
     fwd_transient = widest * (e + ctx.c) + h * ctx.c + eager
-    if ctx.attention == "eager" and not _softmax_in_dtype(model) and train.activation_offload == "off":
+    if ctx.attention == "eager" and not softmax_in_dtype(model) and train.activation_offload == "off":
         # the scores and the MLP's transients are not alive together: at the MLP the last layer's attention has
         # saved its probabilities (and the rest of its set; checkpointed, nothing); at the softmax only the scores
         # are new

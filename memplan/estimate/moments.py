@@ -7,6 +7,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from memplan.estimate import activations as act
+from memplan.estimate.attention import softmax_in_dtype
 from memplan.estimate.experts import linear_experts
 from memplan.estimate.lora import is_target
 from memplan.estimate.weights import unquantized_dtype_bytes
@@ -89,10 +90,6 @@ def moe_tail(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> int:
     return (4 if train.gradient_checkpointing else 3) * k * h * e
 
 
-
-
-
-
 def falcon_eager_forward(model: ModelSpec, train: TrainSpec, e: int) -> int:
     """Falcon's eager attention at its softmax, per token (modeling_falcon.py 5.24, FalconAttention.forward): the
     scores (q @ k^T, scaled in place), scores + mask, and the softmax output, all in the activations' dtype (3 a·s·e).
@@ -110,6 +107,6 @@ def eager_softmax_backward(model: ModelSpec, train: TrainSpec, e: int) -> int:
     so the 16-bit copy of the probabilities it saved (a*s*e, counted in the saved set) is released: torch
     derivatives.yaml (_softmax: result; mm/bmm: self, mat2), checked on the meta trace's live tensors."""
     a, s = model.num_heads, train.seq_len
-    if act._softmax_in_dtype(model):  # the gradient of the probabilities and softmax's backward output, in the
+    if softmax_in_dtype(model):  # the gradient of the probabilities and softmax's backward output, in the
         return a * s * 2 * e  # activations' dtype; the saved probabilities stay until softmax's backward ends
     return a * s * (4 + 4) - (a * s * e if e != 4 else 0)

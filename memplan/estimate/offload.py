@@ -9,6 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from memplan.estimate import activations as act
+from memplan.estimate.attention import effective_attention, softmax_in_dtype
 from memplan.estimate.lora import is_target
 from memplan.spec import LayerSpec, ModelSpec, TrainSpec
 
@@ -41,6 +42,7 @@ def split(model: ModelSpec, layer: LayerSpec, train: TrainSpec, tokens: int,
     on_device = [n for n in kept if n in shared or sv.size[n] * tokens < 1024]
     device = sum(sv.size[n] for n in on_device)
     device_mlp = sum(sv.size[n] for n in on_device if sv.kept[n] == "mlp")
+
     def two_largest(group=None):
         return sum(sorted((sv.size[n] for n in kept if n not in shared and group in (None, sv.kept[n])),
                           reverse=True)[:2])
@@ -49,8 +51,6 @@ def split(model: ModelSpec, layer: LayerSpec, train: TrainSpec, tokens: int,
     # counts every pack, parameters and kept references too, which this per-layer saved set does not order;
     # counting 5 offloaded tensors overstated the sampled peaks (tests/test_toolbox.py offload-all-nockpt: +7%)
     return device, two_largest(), two_largest("attn") - device_mlp
-
-
 
 
 def device_host(model: ModelSpec, train: TrainSpec, layer_key: TrainSpec, stored: list[int], x_bytes: int):
@@ -87,13 +87,13 @@ def device_host(model: ModelSpec, train: TrainSpec, layer_key: TrainSpec, stored
 
 def eager_softmax_backward_held(model: ModelSpec, train: TrainSpec, e: int) -> int:
     """Per token, --activation-offload all without checkpointing, eager attention: what softmax's backward holds
-    beyond activations.eager_softmax_backward. That figure has probs @ v's backward release the 16-bit
+    beyond moments.eager_softmax_backward. That figure has probs @ v's backward release the 16-bit
     probabilities it saved; offloaded, that backward (BmmBackward0) brings them back into TRL's bwd stash, where
     they stay until the next node that unpacks a tensor (SoftmaxBackward0, which brings back its fp32 result)
     finishes (trl/models/activation_offloading.py, unpack_tensor_with_streams: prev_node_ids are freed in the
     hook of the node after). fp32 activations: one fp32 tensor serves both saves (no cast), nothing more; Falcon's
     in-dtype softmax keeps its probabilities until softmax's backward ends anyway."""
     if (train.activation_offload != "all" or train.gradient_checkpointing or e == 4
-            or act.effective_attention(model, train) != "eager" or act._softmax_in_dtype(model)):
+            or effective_attention(model, train) != "eager" or softmax_in_dtype(model)):
         return 0
     return model.num_heads * train.seq_len * e

@@ -10,6 +10,7 @@ from functools import lru_cache
 
 from memplan.estimate import activations as act
 from memplan.estimate import dora
+from memplan.estimate.experts import linear_experts
 from memplan.estimate.lora import is_target
 from memplan.spec import LayerSpec, ModelSpec, TrainSpec
 
@@ -42,8 +43,6 @@ def lora_add(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> int:
         cast = lin.in_features * ctx.lb if act.casts(train, e) else 0
         best = max(best, before + lin.out_features * add + cast)
     return best
-
-
 
 
 @lru_cache(maxsize=4096)
@@ -100,7 +99,7 @@ def moe_stop(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> int:
     exists (torch/utils/checkpoint.py early stop). Three S x h tensors either way, with the sort's int64 index
     tensors (expert ids, permutation, token index), the decoder's `residual` (x + attn) and the post-attention norm's
     output (locals, unless saved) and the residual stream's gradient. 0 but for such layers."""
-    if not (train.gradient_checkpointing and layer.num_experts and layer.mlp == "moe" and train.transformers >= 5):
+    if not (train.gradient_checkpointing and layer.num_experts and layer.mlp == "moe") or linear_experts(train):
         return 0
     sv = act.layer_saved(model, layer, act.Ctx.of(train, model))
     e, h, k = act.Ctx.of(train, model).e, model.hidden_size, layer.experts_per_token
