@@ -336,7 +336,8 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
         # shards of the layers after it and the buffers in flight at that layer (parallel._fsdp_layer_moments)
         own = fixed.full_grads
         backward = [bwd_loss] + [layer_bwd(i, done, own[1][i] if own else 0, own[2][i] if own else 0, (fl, red),
-                                           own[0][i] if own else 0) for i, (fl, red, done) in rank.layer_moments.items()]
+                                           own[0][i] if own else 0)
+                                 for i, (fl, red, done) in rank.layer_moments.items()]
     elif rank is not None:
         bwd_last = layer_bwd(len(a.stored_per_layer) - 1, 0)
         bwd_first = layer_bwd(0, grads)

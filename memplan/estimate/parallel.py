@@ -273,9 +273,9 @@ def _fsdp(model, train, w, trainable, states) -> RankView:
 
 def _fsdp_layer_moments(order, params, grads, shards, tail_grads, done_all, embed, tail, tied, grad_op) -> dict:
     """{layer index: (in flight during its backward and until its post-backward reshards it, in flight at its
-    post-backward reduce, gradient shards done)} for the layers whose backward can hold the most: the first two, the last two, and the one with the most in
-    flight. FSDP2 (torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py, torch 2.13), per layer i, backward
-    runs L-1 .. 0:
+    post-backward reduce, gradient shards done)} for the layers whose backward can hold the most: the first two,
+    the last two, and the one with the most in flight. FSDP2
+    (torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py, torch 2.13), per layer i, backward runs L-1 .. 0:
     - pre_backward(i) (a hook on the layer's forward outputs) all-gathers i unless it is unsharded already
       (SHARD_GRAD_OP keeps every unit unsharded from its forward, reshard_after_forward=False), copies it out
       (wait_for_unshard frees the flat result at once outside forward), then _backward_prefetch issues the
