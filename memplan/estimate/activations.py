@@ -95,6 +95,7 @@ class Saved:
         # saved bytes through it, its own saved LoRA bytes, adapted by DoRA)
         self.marks: list[tuple] = []
         self.nograd: set[str] = set()  # tensors that need no gradient (a frozen layer input and what it feeds)
+        self.order: list[str] = []  # every save in forward order (activation offloading's stash: offload.split)
 
     def grad(self, *names: str) -> bool:
         """True when any of the named tensors needs a gradient: only then does the op on them record a node
@@ -111,6 +112,7 @@ class Saved:
         return name
 
     def keep(self, name: str, group: str) -> None:
+        self.order.append(name)
         if name in self.kept:
             self.shared.add(name)
         self.kept.setdefault(name, group)

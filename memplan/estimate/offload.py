@@ -15,6 +15,8 @@ from memplan.spec import LayerSpec, ModelSpec, TrainSpec
 
 _QK = {"q_proj", "k_proj", "qkv_proj", "query_key_value"}  # linears whose LoRA makes the attention scores need a grad
 _V = {"v_proj", "qkv_proj", "query_key_value"}
+MIN_OFFLOAD_SIZE = 1024  # trl OffloadActivations(min_offload_size=1024), bytes
+MAX_FWD_STASH = 5  # trl OffloadActivations(max_fwd_stash_size=5)
 
 
 @lru_cache(maxsize=4096)
@@ -30,7 +32,7 @@ def split(model: ModelSpec, layer: LayerSpec, train: TrainSpec, tokens: int,
     lives until the autograd node after the one that unpacked it finishes: the layer's two largest saved tensors."""
     sv = act.layer_saved(model, layer, act.Ctx.of(train, model))
     kept = [n for n in sv.kept if n != "x" or sv.kept.get("x")]
-    shared = set(sv.shared)
+    shared = deduped(sv, tokens)
     if no_input_grad:  # the first layer, its input a frozen embedding's output (no checkpointing: nothing calls
         # enable_input_require_grads): an op whose inputs need no gradient saves nothing, so the input norm saves
         # once or not at all; softmax saves its result only if q or k is adapted (the scores need a gradient),
@@ -39,7 +41,7 @@ def split(model: ModelSpec, layer: LayerSpec, train: TrainSpec, tokens: int,
         adapted = {lin.name for lin in layer.linears if is_target(lin, train)}
         if not (adapted & _QK and adapted & _V):
             shared -= {"probs", "probs.fp32"}
-    on_device = [n for n in kept if n in shared or sv.size[n] * tokens < 1024]
+    on_device = [n for n in kept if n in shared or sv.size[n] * tokens < MIN_OFFLOAD_SIZE]
     device = sum(sv.size[n] for n in on_device)
     device_mlp = sum(sv.size[n] for n in on_device if sv.kept[n] == "mlp")
 
@@ -51,6 +53,30 @@ def split(model: ModelSpec, layer: LayerSpec, train: TrainSpec, tokens: int,
     # counts every pack, parameters and kept references too, which this per-layer saved set does not order;
     # counting 5 offloaded tensors overstated the sampled peaks (tests/test_toolbox.py offload-all-nockpt: +7%)
     return device, two_largest(), two_largest("attn") - device_mlp
+
+
+def deduped(sv: act.Saved, tokens: int) -> set[str]:
+    """The tensors a layer saves more than once whose later save finds the first still tracked, so TRL keeps that
+    reference on the device (trl/models/activation_offloading.py pack_tensor: a storage key is tracked while its
+    offloaded copy is in the forward stash, i.e. until a tensor offloaded max_fwd_stash_size ids later evicts it;
+    a reference kept by that dedupe tracks the key until backward). A later save that comes after the first left
+    the stash is offloaded again: a second host copy, nothing on the device. Every save in the layer's forward
+    order (Saved.order) takes one id; parameters' saves, which take ids too, are not in it, so a first copy
+    counted as still stashed may already have left (never the other way)."""
+    stash: dict[int, str] = {}  # id -> name of the offloaded copies still on the device
+    tracked: dict[str, int | None] = {}  # name -> the stashed id holding its key (None: a kept reference)
+    out = set()
+    for tid, name in enumerate(sv.order):
+        if name in tracked:
+            out.add(name)
+            tracked[name] = None
+        elif sv.size[name] * tokens >= MIN_OFFLOAD_SIZE:
+            for old in [i for i in stash if i <= tid - MAX_FWD_STASH]:
+                if tracked.get(stash[old]) == old:
+                    del tracked[stash[old]]
+                del stash[old]
+            stash[tid], tracked[name] = name, tid
+    return out & sv.shared
 
 
 def device_host(model: ModelSpec, train: TrainSpec, layer_key: TrainSpec, stored: list[int], x_bytes: int):
