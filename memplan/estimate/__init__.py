@@ -215,6 +215,9 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
         loss_fwd, loss_bwd = fused_loss(model, act_train, T)
     fwd_loss = _candidate(steady, activations=T * stored + dora_all, logits_loss=loss_fwd,
                           comm_buffers=comm["forward_loss"])
+    # offloaded: the embedding's output, saved by layer 0 to the host, stays the model forward's local
+    # (`inputs_embeds` in LlamaModel.forward et al.) until the layers are done; not at the loss
+    last_fwd += a.layer_input if a.offloaded_layers else 0
     fwd_layer = _candidate(steady, activations=T * last_fwd + dora_but_last,
                            temporaries=T * a.fwd_transient + a.dequant_bytes, comm_buffers=comm["forward_layer"])
     bwd_loss = _candidate(steady, activations=T * (stored - a.forward_only) + dora_all, logits_loss=loss_bwd,
@@ -231,7 +234,8 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
     if a.moe_tail:  # the last layer's experts combine their outputs (moments.moe_tail)
         forward.append(_candidate(steady, activations=T * before_norm + dora_but_last, temporaries=T * a.moe_tail,
                                   comm_buffers=comm["forward_layer"]))
-    forward += _dora_forward(a, train, T, steady, before_norm, dora_but_last, comm["forward_layer"])
+    forward += _dora_forward(a, train, T, steady, before_norm + (a.layer_input if a.offloaded_layers else 0),
+                             dora_but_last, comm["forward_layer"])
 
     def layer_bwd(idx: int, done_grads: int, mul_grads: int = 0, mlp_grads: int = 0,
                   moment: tuple | None = None, own_grads: int = 0) -> dict[str, int]:
@@ -382,7 +386,7 @@ def _dora_forward(a, train: TrainSpec, T: int, steady: dict, stored: int, dora_b
                         (T * stored, T * d.ckpt_fwd + d.ckpt_held_abs + d.weight)]
         elif train.activation_offload != "off":  # what the layers save streams to the host; the device keeps
             # their kept part (activations._offloaded) and the linear's transients
-            moments += [(T * stored, d.norm_abs), (T * stored, T * d.offload_fwd + d.held_abs)]
+            moments += [(T * stored, T * d.offload_norm + d.norm_abs), (T * stored, T * d.offload_fwd + d.held_abs)]
         else:
             before = T * (stored - a.stored_per_layer[-1]) + dora_but_last + d.weight_before
             moments += [(before + T * d.through, T * d.fwd_norm + d.norm_abs),

@@ -95,7 +95,8 @@ class Saved:
         # saved bytes through it, its own saved LoRA bytes, adapted by DoRA)
         self.marks: list[tuple] = []
         self.nograd: set[str] = set()  # tensors that need no gradient (a frozen layer input and what it feeds)
-        self.order: list[str] = []  # every save in forward order (activation offloading's stash: offload.split)
+        self.order: list[str] = []  # every save in forward order (activation offloading's stash: offload.py)
+        self.mark_starts: list[int] = []  # per marks entry: len(order) when that linear began
 
     def grad(self, *names: str) -> bool:
         """True when any of the named tensors needs a gradient: only then does the op on them record a node
@@ -135,6 +136,7 @@ def casts(train: TrainSpec, in_bytes: int) -> bool:
 def _linear(sv: Saved, ctx: Ctx, lin: Linear, x: str, in_bytes: int, group: str) -> str:
     """Run one (possibly LoRA-adapted) linear on tensor x; returns its output's name."""
     x_grad = sv.grad(x)
+    sv.mark_starts.append(len(sv.order))
     if ctx.train.bits == 8 and lin.quantizable and x_grad:
         # bitsandbytes MatMul8bitLt.forward keeps ctx.tensors = (CAt, subA, A) as plain attributes whenever its
         # input needs a gradient: A (this input) lives with the graph node, out of reach of saved-tensor hooks,
@@ -675,7 +677,8 @@ def _dora_layer(model: ModelSpec, layer: LayerSpec, train: TrainSpec, first: boo
     if train.method != "lora" or not train.dora:
         return ()
     sv = layer_saved(model, layer, _ctx(model, train, first))
-    return dora.layer_linears(model, train, sv.marks, set(sv.kept), sv.size, sv.total(), sv.nograd)
+    stash = offload.dora_norm_stash(sv, train) if train.activation_offload == "all" else ()
+    return dora.layer_linears(model, train, sv.marks, set(sv.kept), sv.size, sv.total(), sv.nograd, stash)
 
 
 def dora_transient(model: ModelSpec, train: TrainSpec) -> int:

@@ -115,7 +115,8 @@ class DoraLinear:
     ckpt_fwd: int  # alive in a checkpointed forward (nothing saved) at the adapter sum
     ckpt_norm: int  # ... at get_weight_norm
     offload_fwd: int  # at the adapter sum under activation offload all: saved tensors stream out, what is made here
-    # is still on the device
+    # is still on the device, and the locals (saved or not: an offloaded tensor a frame still holds stays)
+    offload_norm: int  # ... at get_weight_norm: the locals, dropout's mask and the forward stash before the linear
     bwd: int  # on top of `through` at its backward's peak: DoRA's gradients, the residual's, its siblings'
     pre_grads: int  # the gradients alive when a checkpointed layer's recompute runs (its last linear's first steps)
     stop: int  # the layer's last linear: on top of `through` where a recompute stops (0 for the others)
@@ -128,11 +129,13 @@ class DoraLinear:
 
 
 def layer_linears(model: ModelSpec, train: TrainSpec, marks: list, kept: set, sizes: dict,
-                  total: int, nograd: set = frozenset()) -> tuple[DoraLinear, ...]:
+                  total: int, nograd: set = frozenset(), stash: tuple = ()) -> tuple[DoraLinear, ...]:
     """The DoraLinear terms of one layer from the saved-set walk (activations.layer_saved): `marks` lists every
     linear in forward order as (lin, input name, input dtype, group, the layer's saved bytes through it, its own
     saved LoRA bytes, adapted by DoRA); `nograd` the tensors needing no gradient (layer 0's frozen input: F.linear
-    of a dropout output without grad and a detached weight records no node, so it saves no weight)."""
+    of a dropout output without grad and a detached weight records no node, so it saves no weight); `stash` per
+    mark, under activation offload all, what TRL's forward stash holds from before the linear at its
+    get_weight_norm (offload.dora_norm_stash)."""
     if train.method != "lora" or not train.dora:
         return ()
     h = model.hidden_size
@@ -171,6 +174,15 @@ def layer_linears(model: ModelSpec, train: TrainSpec, marks: list, kept: set, si
         # saved by mns * lora_result before that product is made; (mns - 1) * base_result exists by then
         stop = unsaved + frame + o * qb if pos == len(marks) - 1 else 0
         fwd_norm = unsaved + frame - created
+        # offloaded: every local is on the device whether saved or not: the input, the residual stream, the
+        # branch's input, the siblings' outputs, Linear.forward's `result` and x's lora-dtype copy, dropout's
+        # output (DoraLinearVariant.forward passes it on); the mask only in TRL's stash
+        res = h * eb
+        branch = sizes[branch_in] if branch_in in sizes and branch_in != x else 0
+        local = i * xb + res + branch + prior + o * rb + (i * lb if xd != la else 0) + (i * lb if drop else 0)
+        mask = i if drop and x not in nograd else 0
+        offload_norm = local + mask + (stash[pos] if stash else 0)
+        offload_fwd = local + m + created
         # checkpointed forward: nothing saved, the linear's own tensors alive as locals
         ck_own = own + o * lb + o * bdb + (o * rb if drop else 0) + (i * lb if drop and xd != la else 0)
         ck_frame = (i * xb if x != "x" else 0) + (h * eb if group == "mlp" and "h1" in sizes else 0) + prior
@@ -189,7 +201,7 @@ def layer_linears(model: ModelSpec, train: TrainSpec, marks: list, kept: set, si
         norm_abs, held_abs = norm_transient(lin, train, False)
         ck_norm_abs, ck_held_abs = norm_transient(lin, train, True)
         out.append(DoraLinear(lin.name, through, sizes["x"] if "x" in kept else 0, total - through, fwd, fwd_norm,
-                              ckpt_fwd, ckpt_norm, fwd + created, bwd, pre, stop, w,
+                              ckpt_fwd, ckpt_norm, offload_fwd, offload_norm, bwd, pre, stop, w,
                               weights, norm_abs, held_abs, ck_norm_abs, ck_held_abs))
         weights += w
     return tuple(out)
