@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from memplan.errors import MemplanError
 from memplan.estimate import activations as act_mod
 from memplan.estimate import host as host_mod
-from memplan.estimate import lora, optimizer, weights
+from memplan.estimate import lora, offload, optimizer, weights
 from memplan.estimate.logits import fused_loss, loss_backward, loss_forward
 from memplan.estimate.overhead import Overheads, default_overheads, replay_overheads
 from memplan.spec import DTYPES, ModelSpec, TrainSpec
@@ -213,7 +213,8 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
         loss_fwd, loss_bwd = T * per_token[0], T * per_token[1]
     else:
         loss_fwd, loss_bwd = fused_loss(model, act_train, T)
-    fwd_loss = _candidate(steady, activations=T * stored + dora_all, logits_loss=loss_fwd,
+    stash = offload.loss_stash(model, act_train) if a.offloaded_layers else 0  # TRL's, at the loss
+    fwd_loss = _candidate(steady, activations=T * (stored + stash) + dora_all, logits_loss=loss_fwd,
                           comm_buffers=comm["forward_loss"])
     # offloaded: the embedding's output, saved by layer 0 to the host, stays the model forward's local
     # (`inputs_embeds` in LlamaModel.forward et al.) until the layers are done; not at the loss

@@ -28,7 +28,10 @@ def loss_forward(model: ModelSpec, train: TrainSpec) -> int:
 
 
 def loss_backward(model: ModelSpec, train: TrainSpec) -> int:
-    tanh_saved = Ctx.of(train).e if _softcap(model) else 0
+    """At log_softmax's backward. Under --activation-offload all, tanh's saved output is on the host by then:
+    NllLossBackward0 unpacks the offloaded target, whose hook empties TRL's forward stash (trl/models/
+    activation_offloading.py unpack_tensor_with_streams), and TanhBackward0 brings it back only after."""
+    tanh_saved = Ctx.of(train).e if _softcap(model) and train.activation_offload != "all" else 0
     return int(model.vocab_size * (4 * coefficients()["loss"]["backward_fp32_copies"] + tanh_saved))
 
 

@@ -110,6 +110,19 @@ def dora_norm_stash(sv: act.Saved, train: TrainSpec) -> tuple[int, ...]:
     return tuple(out)
 
 
+@lru_cache(maxsize=4096)
+def loss_stash(model: ModelSpec, train: TrainSpec) -> int:
+    """Per token, --activation-offload all without checkpointing: what TRL's forward stash still holds from the last
+    layer when the loss runs (lm_head's own saves sit in get_act_offloading_ctx_manager's NoOp scope). The final
+    norm's last offloaded save ends the window: a 16-bit RMSNorm offloads its fp32 input (pow) and rsqrt's output,
+    then dedupes both, so the last layer's last 3 saves stay; Liger's saves (x, weight, rstd) leave 2; a LayerNorm's
+    five saves (input, weight, bias, mean, rstd) or a trained weight's normalized input leave none."""
+    if model.model_type in ("falcon", "gpt_neox", "opt") or train.method == "full":
+        return 0
+    sv = act.layer_saved(model, model.layers[-1][1], act.Ctx.of(train, model))
+    return stash_before(sv, len(sv.order), MAX_FWD_STASH - (3 if train.liger else 2), set())
+
+
 def device_host(model: ModelSpec, train: TrainSpec, layer_key: TrainSpec, stored: list[int], x_bytes: int):
     """The device / host split of what each layer keeps, under activation offloading.
     Checkpointing on (either mode): each checkpointed layer input goes to the host (torch's _NoopSaveInputs saves
