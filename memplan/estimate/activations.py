@@ -427,6 +427,8 @@ def layer_saved(model: ModelSpec, layer: LayerSpec, ctx: Ctx) -> Saved:
     if model.model_type == "gemma2":  # post-attention / post-feedforward RMSNorms on the o_proj and down_proj
         # outputs: each keeps an fp32 input (or copy) and rsqrt
         sv.new("norm.post", (int(sv.grad(o_out)) + int(mlp_grad)) * (4 * h + 4), "mlp")
+        if not ctx.liger:  # pow and the mul by rsqrt both save that fp32 tensor: offloading's dedupe keeps it
+            sv.keep("norm.post", "mlp")
     return sv
 
 

@@ -179,7 +179,9 @@ def layer_linears(model: ModelSpec, train: TrainSpec, marks: list, kept: set, si
         # output (DoraLinearVariant.forward passes it on); the mask only in TRL's stash
         res = h * eb
         branch = sizes[branch_in] if branch_in in sizes and branch_in != x else 0
-        local = i * xb + res + branch + prior + o * rb + (i * lb if xd != la else 0) + (i * lb if drop else 0)
+        # (gate_proj's own output is no local: act_fn's argument, alive only as its saved, offloaded input)
+        local = (i * xb + res + branch + sum(sib.out_features * eb for sib in earlier) + o * rb
+                 + (i * lb if xd != la else 0) + (i * lb if drop else 0))
         mask = i if drop and x not in nograd else 0
         offload_norm = local + mask + (stash[pos] if stash else 0)
         offload_fwd = local + m + created

@@ -82,7 +82,8 @@ def deduped(sv: act.Saved, tokens: int) -> set[str]:
 def stash_before(sv: act.Saved, start: int, ids: int, exclude: set) -> int:
     """Per token: the offloaded copies TRL's forward stash still holds on the device from the `ids` saves before
     index `start` of the layer's forward order (before index 0: the previous layer's, the same order), less the
-    names in `exclude` (alive anyway as locals) and repeated saves (deduped: no new copy). The stash holds the
+    names in `exclude` (alive anyway as locals) and storages saved twice (a dedupe's reference keeps them on the
+    device already: split() counts them; a repeat makes no new copy). The stash holds the
     offloaded tensors whose id is within max_fwd_stash_size of the latest offloaded one (pack_tensor evicts at each
     offload); parameters' saves take ids but are not in Saved.order, so this can count one too many, never too
     few."""
@@ -90,7 +91,7 @@ def stash_before(sv: act.Saved, start: int, ids: int, exclude: set) -> int:
     out = 0
     for j in range(start - ids, start):
         name = order[j % n]
-        if name not in exclude and name not in order[:j % n]:
+        if name not in exclude and name not in order[:j % n] and name not in sv.shared:
             out += sv.size[name]
     return out
 
@@ -98,12 +99,13 @@ def stash_before(sv: act.Saved, start: int, ids: int, exclude: set) -> int:
 def dora_norm_stash(sv: act.Saved, train: TrainSpec) -> tuple[int, ...]:
     """Per DoRA-adapted linear of a layer (sv.marks order): per token, what TRL's forward stash holds from before
     the linear at PEFT's get_weight_norm (peft/tuners/lora/dora.py DoraLinearLayer.forward). By then the linear has
-    offloaded dropout's mask (when x needs a gradient), eye (lora_A's input in get_lora_weight) and lora_A(eye), so
-    the stash keeps max_fwd_stash_size minus those of the saves before it. Its input, the branch's and the
+    packed dropout's mask (when x needs a gradient), eye (lora_A's input in get_lora_weight), lora_B's weight (kept:
+    a parameter, but an id) and lora_A(eye), so the stash keeps max_fwd_stash_size minus those of the saves before
+    it. Its input, the branch's and the
     residual stream are locals anyway (dora.layer_linears counts them)."""
     out = []
     for (lin, x, _, group, *_rest), start in zip(sv.marks, sv.mark_starts):
-        own = 2 + (1 if train.lora_dropout > 0 and sv.grad(x) else 0)
+        own = 3 + (1 if train.lora_dropout > 0 and sv.grad(x) else 0)
         siblings = {f"{m[0].name}.out" for m in sv.marks if m[1] == x}
         exclude = {x, "x", "h1", "norm1.out", "norm2.out"} | siblings
         out.append(stash_before(sv, start, MAX_FWD_STASH - own, exclude) if is_target(lin, train) else 0)

@@ -98,11 +98,12 @@ def apply_liger_models(model, model_type: str) -> int:
             changed += 1
         elif cls.endswith("MLP") and hasattr(m, "down_proj") and (hasattr(m, "gate_proj") or hasattr(m, "gate_up_proj")):
             def forward(x, mod=m):
-                if hasattr(mod, "gate_up_proj"):  # Phi-3: LigerPhi3SwiGLUMLP chunks the fused output
+                if hasattr(mod, "gate_up_proj"):  # Phi-3: LigerPhi3SwiGLUMLP chunks the fused output (locals)
                     gate, up = mod.gate_up_proj(x).chunk(2, dim=-1)
-                else:
-                    gate, up = mod.gate_proj(x), mod.up_proj(x)
-                return mod.down_proj(GatedMul.apply(gate, up, gemma))
+                    return mod.down_proj(GatedMul.apply(gate, up, gemma))
+                # LigerSwiGLUMLP.forward is one expression (liger_kernel/transformers/swiglu.py): gate_proj's and
+                # up_proj's outputs are no locals while down_proj runs, only GatedMul's saved tensors
+                return mod.down_proj(GatedMul.apply(mod.gate_proj(x), mod.up_proj(x), gemma))
             m.forward = forward
             changed += 1
     return changed
