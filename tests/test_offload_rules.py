@@ -79,6 +79,35 @@ MIXTRAL = {"model_type": "mixtral", "hidden_size": 64, "intermediate_size": 128,
            "num_experts_per_tok": 2, "max_position_embeddings": 2048}
 
 
+NEOX = {"model_type": "gpt_neox", "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "vocab_size": 500, "rotary_pct": 0.25, "use_parallel_residual": True,
+        "max_position_embeddings": 4096, "tie_word_embeddings": False}  # Pythia's layout: two LayerNorms on x
+QWEN2_WIDE = {"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 2,
+              "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 1000,
+              "max_position_embeddings": 4096, "tie_word_embeddings": False}  # DeepSeek-R1-Distill-Qwen-7B's widths
+GEMMA2 = {"model_type": "gemma2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 4000,
+          "max_position_embeddings": 2048, "final_logit_softcapping": 30.0, "sliding_window": 4096}
+
+
+@pytest.mark.parametrize("cfg,kwargs,phase", [
+    # GPT-NeoX's two LayerNorms save the layer input far apart: the first copy has left TRL's forward stash by the
+    # second save, which is offloaded again; nothing stays on the device (offload.deduped). Before: +2.7 points
+    (NEOX, dict(seq_len=1024, upcast=False, dora=True, lora_targets=("query_key_value",), loss="liger"), "backward"),
+    # DoRA's get_weight_norm: the linear's locals, dropout's mask and the stash before it (offload.dora_norm_stash,
+    # dora.layer_linears offload_norm). Before: -36.6 points
+    (QWEN2_WIDE, dict(seq_len=906, batch_size=3, dora=True, lora_dropout=0.1, lora_dtype="fp16", compute_dtype="bf16",
+                      liger=True, loss="liger", attention="flash_attention_2"), "forward"),
+    # the last layer's saves still stashed when the loss runs (offload.loss_stash). Before: -2.8 points
+    (MID_LLAMA, dict(seq_len=512, upcast=False, lora_dropout=0.0), "forward"),
+    # Gemma-2's softcap tanh output is on the host at log_softmax's backward (logits.loss_backward); its post
+    # norms' fp32 inputs are deduped on the device. Before: +13.4 points
+    (GEMMA2, dict(seq_len=256, batch_size=2, upcast=False, attention="eager"), "backward"),
+], ids=["neox-second-save-offloaded", "dora-norm-stash", "loss-stash", "gemma2-softcap-backward"])
+def test_offload_all_stash_rules(cfg, kwargs, phase):
+    test_offload_all_agrees_with_the_trace_as_offloading_off_does(cfg, kwargs, phase)
+
+
 @pytest.mark.parametrize("cfg,kwargs,phase", [
     # the last layer's eager softmax backward: TRL's bwd stash still holds the 16-bit probabilities probs @ v's
     # backward brought back (estimate/offload.py eager_softmax_backward_held); the MLP's saved set is on the host
