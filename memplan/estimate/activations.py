@@ -658,7 +658,7 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
                        offloaded_layers=train.activation_offload == "all" and not train.gradient_checkpointing,
                        bwd_work_softmax=softmax, forward_only=forward_only,
                        bwd_work_act=act_bwd if train.activation_offload != "all" else 0,
-                       bwd_work_norm=moments.input_norm_backward(model, train),
+                       bwd_work_norm=moments.input_norm_backward(model, layer_key),
                        fwd_mlp_out=moments.mlp_out_forward(model, layer_key))
 
 

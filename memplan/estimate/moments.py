@@ -127,7 +127,7 @@ def input_norm_backward(model: ModelSpec, train: TrainSpec) -> int:
     Liger's RMSNorm's one fused backward (native_layer_norm_backward, LigerRMSNormFunction.backward) holds the
     output's gradient and the input's. Checked on the meta trace's live tensors (FSDP full fine-tuning,
     tests/test_parallel_estimate.py)."""
-    h, e = model.hidden_size, act.Ctx.of(train, model).e
+    h, e = model.hidden_size, unquantized_dtype_bytes(train)
     input_saved = 0 if train.gradient_checkpointing else h * e
     if model.model_type in act.LAYER_NORM_TYPES or train.liger:
         return 3 * h * e + input_saved
