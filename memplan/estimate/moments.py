@@ -110,3 +110,22 @@ def eager_softmax_backward(model: ModelSpec, train: TrainSpec, e: int) -> int:
     if softmax_in_dtype(model):  # the gradient of the probabilities and softmax's backward output, in the
         return a * s * 2 * e  # activations' dtype; the saved probabilities stay until softmax's backward ends
     return a * s * (4 + 4) - (a * s * e if e != 4 else 0)
+
+
+def input_norm_backward(model: ModelSpec, train: TrainSpec) -> int:
+    """Per token, alive at a layer's last backward op, its input norm's, once every weight gradient of the layer is
+    made, beyond the layer's kept input (checkpointed) or the earlier layers' saved sets (not): the residual
+    stream's gradient waiting for the norm's, the input the norm saved (a 16-bit RMSNorm's own fp32 copy, which a
+    checkpointed layer's recompute makes again; else the layer input itself, counted already when checkpointed),
+    and the backward's working set. RMSNorm (LlamaRMSNorm; GemmaRMSNorm the same in fp32: to(float32),
+    pow(2).mean, * rsqrt, * weight) peaks at five fp32 tensors of the input's shape (PowBackward0 beside the mul's
+    gradient: torch derivatives.yaml pow, mul, mean; the output's gradient is freed by then). LayerNorm's and
+    Liger's RMSNorm's one fused backward (native_layer_norm_backward, LigerRMSNormFunction.backward) holds the
+    output's gradient and the input's. Checked on the meta trace's live tensors (FSDP full fine-tuning,
+    tests/test_parallel.py)."""
+    h, e = model.hidden_size, unquantized_dtype_bytes(train)
+    input_saved = 0 if train.gradient_checkpointing else h * e
+    if model.model_type in act.LAYER_NORM_TYPES or train.liger:
+        return 3 * h * e + input_saved
+    return h * e + 5 * 4 * h + (4 * h if e != 4 else input_saved)
+
