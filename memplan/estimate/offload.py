@@ -119,7 +119,7 @@ def loss_stash(model: ModelSpec, train: TrainSpec) -> int:
     norm's last offloaded save ends the window: a 16-bit RMSNorm offloads its fp32 input (pow) and rsqrt's output,
     then dedupes both, so the last layer's last 3 saves stay; Liger's saves (x, weight, rstd) leave 2; a LayerNorm's
     five saves (input, weight, bias, mean, rstd) or a trained weight's normalized input leave none."""
-    if model.model_type in ("falcon", "gpt_neox", "opt") or train.method == "full":
+    if model.model_type in act.LAYER_NORM_TYPES or train.method == "full":
         return 0
     sv = act.layer_saved(model, model.layers[-1][1], act.Ctx.of(train, model))
     return stash_before(sv, len(sv.order), MAX_FWD_STASH - (3 if train.liger else 2), set())
