@@ -408,10 +408,14 @@ def layer_saved(model: ModelSpec, layer: LayerSpec, ctx: Ctx) -> Saved:
     if ctx.frozen_input:
         sv.frozen(x)
     n1 = _norm(sv, ctx, x, h, norm_kind, "attn", "norm1")
+    # Falcon-40B's ln_mlp runs right after ln_attn, before the attention (FalconDecoderLayer.forward): the order
+    # decides whether offloading's dedupe finds x's first save still stashed (offload.deduped)
+    early = layer.parallel_attn and model.model_type == "falcon" and model.hf_config.get("new_decoder_architecture")
+    n2 = _norm(sv, ctx, x, h, norm_kind, "mlp", "norm2") if early else None
     o_out = _attention(sv, ctx, model, layer, n1)
     if layer.parallel_attn:  # Falcon-7B: one norm feeds both; GPT-NeoX / Falcon-40B: a second norm of x
         n_ln = 2 if model.model_type == "gpt_neox" or model.hf_config.get("new_decoder_architecture") else 1
-        n2 = _norm(sv, ctx, x, h, norm_kind, "mlp", "norm2") if n_ln == 2 else n1
+        n2 = n2 or (_norm(sv, ctx, x, h, norm_kind, "mlp", "norm2") if n_ln == 2 else n1)
     else:
         h1 = sv.tensor("h1", h * ctx.e)  # x + attention output
         if not sv.grad(x, o_out):
