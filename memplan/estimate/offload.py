@@ -27,8 +27,8 @@ def split(model: ModelSpec, layer: LayerSpec, train: TrainSpec, tokens: int,
     its attention's backward adds to the kept bytes: its two largest brought back, less what the MLP kept on the
     device, released by the MLP's backward as its nodes unpacked them; not its LLM.int8 inputs: MatMul8bitLt's
     ctx attributes live as long as the graph, which the loss holds through the backward).
-    Kept: a storage saved a second time while its first copy is in flight (TRL's storage-key dedupe keeps that
-    reference on the device until backward) and tensors under min_offload_size (1024 B). Brought back: a tensor
+    Kept: a storage saved a second time while its first copy is still in the forward stash (deduped(): TRL's
+    storage-key dedupe keeps that reference on the device until backward) and tensors under min_offload_size. Brought back: a tensor
     lives until the autograd node after the one that unpacked it finishes: the layer's two largest saved tensors."""
     sv = act.layer_saved(model, layer, act.Ctx.of(train, model))
     kept = [n for n in sv.kept if n != "x" or sv.kept.get("x")]
@@ -49,9 +49,9 @@ def split(model: ModelSpec, layer: LayerSpec, train: TrainSpec, tokens: int,
         return sum(sorted((sv.size[n] for n in kept if n not in shared and group in (None, sv.kept[n])),
                           reverse=True)[:2])
 
-    # TRL's forward stash (its 5 newest packs stay on the device while they stream out) is left out: its window
-    # counts every pack, parameters and kept references too, which this per-layer saved set does not order;
-    # counting 5 offloaded tensors overstated the sampled peaks (tests/test_toolbox.py offload-all-nockpt: +7%)
+    # TRL's forward stash (the offloaded tensors within 5 ids of the newest) is counted only where a moment needs
+    # it, from Saved.order: at DoRA's get_weight_norm (dora_norm_stash) and at the loss (loss_stash); counting
+    # the 5 largest everywhere overstated the sampled peaks (tests/test_toolbox.py offload-all-nockpt: +7%)
     return device, two_largest(), two_largest("attn") - device_mlp
 
 
