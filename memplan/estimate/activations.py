@@ -509,6 +509,7 @@ class Activations:
     bwd_work_act: int = 0  # per token, a moment of the MLP's backward without a dequantized weight: a plain MLP's
     # activation backward (moments.plain_act_backward), a checkpointed MoE layer's recompute in its experts
     # (recompute.moe_stop); 0 under activation offload all, whose reload terms (offload.py) hold that moment
+    last_linear_fwd: int = 0  # per token, beside every saved set: the last layer's LoRA MLP output linear's forward
 
 
 def _final_norm(model: ModelSpec, train: TrainSpec, ctx: Ctx) -> int:
@@ -653,7 +654,8 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
                        bwd_work_h=int(k["mlp_h"] * h * e), experts_bwd=experts_bwd, layer_input=h * e,
                        offloaded_layers=train.activation_offload == "all" and not train.gradient_checkpointing,
                        bwd_work_softmax=softmax, forward_only=forward_only,
-                       bwd_work_act=act_bwd if train.activation_offload != "all" else 0)
+                       bwd_work_act=act_bwd if train.activation_offload != "all" else 0,
+                       last_linear_fwd=moments.last_linear_forward(model, model.layers[-1][1], layer_key))
 
 
 @lru_cache(maxsize=4096)

@@ -110,3 +110,36 @@ def eager_softmax_backward(model: ModelSpec, train: TrainSpec, e: int) -> int:
     if softmax_in_dtype(model):  # the gradient of the probabilities and softmax's backward output, in the
         return a * s * 2 * e  # activations' dtype; the saved probabilities stay until softmax's backward ends
     return a * s * (4 + 4) - (a * s * e if e != 4 else 0)
+
+
+@lru_cache(maxsize=4096)
+def last_linear_forward(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> int:
+    """Per token, beside every layer's saved set: the last layer's forward at its MLP's output linear (down_proj,
+    dense_4h_to_h, fc2) when LoRA adapts it, the forward's peak once a fused loss (--loss liger | cce) has no b·s·V
+    logits. PEFT's Linear.forward (peft/tuners/lora/layer.py, bnb.py 0.21) runs the base layer (its output), casts
+    x to the adapter dtype (_cast_input_dtype: a copy beside x, which nothing saves), then `lora_B(lora_A(
+    dropout(x))) * scaling`: lora_B's output and its scaled copy, both out-wide in the adapter dtype. Alive beside
+    them, from the enclosing frames (transformers 5.24 modeling_llama.py LlamaModel.forward / DecoderLayer.forward):
+    the model's inputs_embeds local, the loop's layer input, the residual after attention (sequential layers; a
+    parallel layer's attention output instead), the MLP's input (the norm's output) and the linear's input (the
+    act(gate) * up product), each unless saved anyway. What the layer saves after this linear is not yet made.
+    0 (no such moment above the others) under checkpointing, activation offloading, DoRA, or a linear LoRA does not
+    adapt. Checked against the meta trace's live tensors (tests/test_estimate_moments.py)."""
+    if (train.method != "lora" or train.dora or train.gradient_checkpointing or train.activation_offload != "off"
+            or layer.mlp not in ("gated", "plain")):
+        return 0
+    ctx = act.Ctx.of(train, model)
+    sv = act.layer_saved(model, layer, ctx)
+    lin, x_in, _, _, through, _, _ = sv.marks[-1]
+    if not is_target(lin, train):
+        return 0
+    h, e, lb = model.hidden_size, ctx.e, ctx.lb
+    mids = ("o_proj.out", "dense.out", "out_proj.out") if layer.parallel_attn else ("h1",)
+    mid = next((n for n in mids if n in sv.size), None)
+    norm_out = "norm1.out" if "norm2.out" not in sv.size else "norm2.out"
+    unsaved = [n for n in ("x", mid, norm_out, x_in) if n and n not in sv.kept]
+    embeds = h * e if model.num_layers > 1 and ("x" not in sv.kept or act.first_input_frozen(model, train)) else 0
+    cast = lin.in_features * lb if ctx.dropout and act.casts(train, e) else 0
+    out = lin.out_features
+    return (embeds + sum(sv.size[n] for n in dict.fromkeys(unsaved)) + cast + out * e + 2 * out * lb
+            - (sv.total() - through))
