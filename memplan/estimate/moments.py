@@ -144,3 +144,19 @@ def last_linear_forward(model: ModelSpec, layer: LayerSpec, train: TrainSpec) ->
     out = lin.out_features
     return (embeds + sum(sv.size[n] for n in dict.fromkeys(unsaved)) + cast + out * e + 2 * out * lb
             - (sv.total() - through))
+
+
+def final_norm_backward(model: ModelSpec, train: TrainSpec) -> int:
+    """Per token, beside every saved set: the final RMSNorm's backward, the backward's peak once a fused loss
+    returns only a b·s x H gradient. The norm runs in fp32 (LlamaRMSNorm / GemmaRMSNorm, transformers 5.24:
+    x.float(), pow(2).mean(-1), x * rsqrt(...)); its backward chain holds fp32 H-wide tensors at once: the gradient
+    through the product by rsqrt (MulBackward0), MeanBackward1's expanded gradient and PowBackward0's three
+    (pow_backward: self.pow(1), its doubling, the product with the gradient; torch derivatives.yaml). 16-bit
+    activations: the meta trace shows these five. Liger's RMSNorm and LayerNorm make one gradient in one kernel
+    (counted with the loss's). 0 there, and for model types without a final RMSNorm. A trained weight's product
+    (full fine-tuning) ran its backward first, releasing the normalized input it saved (activations._norm)."""
+    if train.liger or model.model_type in ("falcon", "gpt_neox", "opt"):
+        return 0
+    h = model.hidden_size
+    released = h * (4 if model.model_type.startswith("gemma") else act.Ctx.of(train).e) if train.method == "full" else 0
+    return 5 * 4 * h - released
