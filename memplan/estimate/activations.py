@@ -198,7 +198,7 @@ def _attention(sv: Saved, ctx: Ctx, model: ModelSpec, layer: LayerSpec, x_norm: 
             # FalconAttention._split_heads copies k and v out of the fused output (fused_qkv[..., [-2], :]) and
             # broadcasts them to every query head; the reshape for attention materializes a·d each
             kv = a
-            v = sv.tensor("v.bcast", a * d * e)
+            v = _follows(sv, out, sv.tensor("v.bcast", a * d * e))  # frozen if the fused output is
     else:
         q = _linear(sv, ctx, lins["q_proj"], x_norm, e, "attn")
         k = _linear(sv, ctx, lins["k_proj"], x_norm, e, "attn")

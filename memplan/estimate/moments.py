@@ -141,7 +141,9 @@ def last_linear_forward(model: ModelSpec, layer: LayerSpec, train: TrainSpec) ->
     mid = next((n for n in mids if n in sv.size), None)
     norm_out = "norm1.out" if "norm2.out" not in sv.size else "norm2.out"
     # saved, or held by an LLM.int8 node (MatMul8bitLt keeps its input: counted with the stored set)
-    unsaved = [n for n in ("x", mid, norm_out, x_in) if n and n not in sv.kept and n not in sv.int8_inputs]
+    # (FalconDecoderLayer keeps its attention norm's output as a local, attention_layernorm_out, too)
+    norms = ("norm1.out", norm_out) if model.model_type == "falcon" else (norm_out,)
+    unsaved = [n for n in ("x", mid, *norms, x_in) if n and n not in sv.kept and n not in sv.int8_inputs]
     embeds = h * e if model.num_layers > 1 and ("x" not in sv.kept or act.first_input_frozen(model, train)) else 0
     cast = lin.in_features * lb if ctx.dropout and act.casts(train, e) else 0
     out = lin.out_features
