@@ -44,6 +44,8 @@ from memplan.estimate.weights import unquantized_dtype_bytes
 from memplan.spec import DTYPES, LayerSpec, Linear, ModelSpec, TrainSpec
 from memplan.library_facts import LIGER_TYPES
 
+LAYER_NORM_TYPES = ("falcon", "gpt_neox", "opt")  # nn.LayerNorm in every layer; the others' are RMSNorms
+
 
 @lru_cache(maxsize=None)
 def coefficients() -> dict:
@@ -397,7 +399,7 @@ def layer_saved(model: ModelSpec, layer: LayerSpec, ctx: Ctx) -> Saved:
     fp32 copy instead."""
     sv = Saved()
     h = model.hidden_size
-    norm_kind = "layer" if model.model_type in ("falcon", "gpt_neox", "opt") else "rms"
+    norm_kind = "layer" if model.model_type in LAYER_NORM_TYPES else "rms"
     x = sv.tensor("x", h * ctx.e)
     if ctx.frozen_input:
         sv.frozen(x)
@@ -509,14 +511,15 @@ class Activations:
     bwd_work_act: int = 0  # per token, a moment of the MLP's backward without a dequantized weight: a plain MLP's
     # activation backward (moments.plain_act_backward), a checkpointed MoE layer's recompute in its experts
     # (recompute.moe_stop); 0 under activation offload all, whose reload terms (offload.py) hold that moment
-    last_linear_fwd: int = 0  # per token, beside every saved set: the last layer's LoRA MLP output linear's forward
+    bwd_work_norm: int = 0  # per token: at the layer's input norm's backward, its last op (moments.input_norm_backward)
+    fwd_mlp_out: int = 0  # per token: at the last layer's MLP output linear's LoRA add (moments.mlp_out_forward)
 
 
 def _final_norm(model: ModelSpec, train: TrainSpec, ctx: Ctx) -> int:
     """Per token: what the final norm saves (as _norm: RMSNorm's fp32 input even from 16-bit, rstd, a trained
     weight's normalized input) and, full fine-tuning with the standard loss, lm_head's input for its gradient."""
     h, e = model.hidden_size, ctx.e
-    if model.model_type in ("falcon", "gpt_neox", "opt"):
+    if model.model_type in LAYER_NORM_TYPES:
         out = h * e + 8
     elif ctx.liger:
         out = h * e + 4
@@ -656,7 +659,8 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
                        offloaded_layers=train.activation_offload == "all" and not train.gradient_checkpointing,
                        bwd_work_softmax=softmax, forward_only=forward_only,
                        bwd_work_act=act_bwd if train.activation_offload != "all" else 0,
-                       last_linear_fwd=moments.last_linear_forward(model, model.layers[-1][1], layer_key))
+                       bwd_work_norm=moments.input_norm_backward(model, layer_key),
+                       fwd_mlp_out=moments.mlp_out_forward(model, layer_key))
 
 
 @lru_cache(maxsize=4096)

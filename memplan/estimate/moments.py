@@ -4,6 +4,7 @@ trace's live tensors are the check (tests/test_estimate_moments.py, tests/test_v
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import lru_cache
 
 from memplan.estimate import activations as act
@@ -70,14 +71,17 @@ def lora_sum_promoted(model: ModelSpec, train: TrainSpec) -> int:
     bf16 + fp16 promotes to fp32, wider than both: the add holds the base output, the scaled LoRA output and a
     4-byte sum, 2 bytes per output element more than with matching dtypes, in the widest adapted linear. (The
     bitsandbytes LoRA layers cast the LoRA output to the result dtype before adding: bnb.py.) Per token."""
-    if train.method != "lora" or train.dora:
-        return 0
-    result = "fp32" if unquantized_dtype_bytes(train) == 4 else train.compute_dtype
-    if {result, train.lora_dtype} != {"fp16", "bf16"}:
+    if train.method != "lora" or train.dora or not _sum_promotes(train):
         return 0
     widths = [lin.out_features for _, layer in model.layers for lin in layer.linears
               if is_target(lin, train) and not (train.quantized and lin.quantizable)]
     return 2 * max(widths, default=0)
+
+
+def _sum_promotes(train: TrainSpec) -> bool:
+    """bf16 + fp16 operands: torch promotes their sum to fp32 (lora_sum_promoted)."""
+    result = "fp32" if unquantized_dtype_bytes(train) == 4 else train.compute_dtype
+    return {result, train.lora_dtype} == {"fp16", "bf16"}
 
 
 def moe_tail(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> int:
@@ -115,42 +119,6 @@ def eager_softmax_backward(model: ModelSpec, train: TrainSpec, e: int) -> int:
     return a * s * (4 + 4) - (a * s * e if e != 4 else 0)
 
 
-@lru_cache(maxsize=4096)
-def last_linear_forward(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> int:
-    """Per token, beside every layer's saved set: the last layer's forward at its MLP's output linear (down_proj,
-    dense_4h_to_h, fc2) when LoRA adapts it, the forward's peak once a fused loss (--loss liger | cce) has no b·s·V
-    logits. PEFT's Linear.forward (peft/tuners/lora/layer.py, bnb.py 0.21) runs the base layer (its output), casts
-    x to the adapter dtype (_cast_input_dtype: a copy beside x, which nothing saves), then `lora_B(lora_A(
-    dropout(x))) * scaling`: lora_B's output and its scaled copy, both out-wide in the adapter dtype. Alive beside
-    them, from the enclosing frames (transformers 5.24 modeling_llama.py LlamaModel.forward / DecoderLayer.forward):
-    the model's inputs_embeds local, the loop's layer input, the residual after attention (sequential layers; a
-    parallel layer's attention output instead), the MLP's input (the norm's output) and the linear's input (the
-    act(gate) * up product), each unless saved anyway. What the layer saves after this linear is not yet made.
-    0 (no such moment above the others) under checkpointing, activation offloading, DoRA, or a linear LoRA does not
-    adapt. Checked against the meta trace's live tensors (tests/test_estimate_moments.py)."""
-    if (train.method != "lora" or train.dora or train.gradient_checkpointing or train.activation_offload != "off"
-            or layer.mlp not in ("gated", "plain")):
-        return 0
-    ctx = act.Ctx.of(train, model)
-    sv = act.layer_saved(model, layer, ctx)
-    lin, x_in, _, _, through, _, _ = sv.marks[-1]
-    if not is_target(lin, train):
-        return 0
-    h, e, lb = model.hidden_size, ctx.e, ctx.lb
-    mids = ("o_proj.out", "dense.out", "out_proj.out") if layer.parallel_attn else ("h1",)
-    mid = next((n for n in mids if n in sv.size), None)
-    norm_out = "norm1.out" if "norm2.out" not in sv.size else "norm2.out"
-    # saved, or held by an LLM.int8 node (MatMul8bitLt keeps its input: counted with the stored set)
-    # (FalconDecoderLayer keeps its attention norm's output as a local, attention_layernorm_out, too)
-    norms = ("norm1.out", norm_out) if model.model_type == "falcon" else (norm_out,)
-    unsaved = [n for n in ("x", mid, *norms, x_in) if n and n not in sv.kept and n not in sv.int8_inputs]
-    embeds = h * e if model.num_layers > 1 and ("x" not in sv.kept or act.first_input_frozen(model, train)) else 0
-    cast = lin.in_features * lb if ctx.dropout and act.casts(train, e) else 0
-    out = lin.out_features
-    return (embeds + sum(sv.size[n] for n in dict.fromkeys(unsaved)) + cast + out * e + 2 * out * lb
-            - (sv.total() - through))
-
-
 def final_norm_backward(model: ModelSpec, train: TrainSpec) -> int:
     """Per token, beside every saved set: the final RMSNorm's backward, the backward's peak once a fused loss
     returns only a b·s x H gradient. The norm runs in fp32 (LlamaRMSNorm / GemmaRMSNorm, transformers 5.24:
@@ -165,3 +133,65 @@ def final_norm_backward(model: ModelSpec, train: TrainSpec) -> int:
     h = model.hidden_size
     released = h * (4 if model.model_type.startswith("gemma") else act.Ctx.of(train).e) if train.method == "full" else 0
     return 5 * 4 * h - released
+def input_norm_backward(model: ModelSpec, train: TrainSpec) -> int:
+    """Per token, alive at a layer's last backward op, its input norm's, once every weight gradient of the layer is
+    made, beyond the layer's kept input (checkpointed) or the earlier layers' saved sets (not): the residual
+    stream's gradient waiting for the norm's, the input the norm saved (a 16-bit RMSNorm's own fp32 copy, which a
+    checkpointed layer's recompute makes again; else the layer input itself, counted already when checkpointed),
+    and the backward's working set. RMSNorm (LlamaRMSNorm; GemmaRMSNorm the same in fp32: to(float32),
+    pow(2).mean, * rsqrt, * weight) peaks at five fp32 tensors of the input's shape (PowBackward0 beside the mul's
+    gradient: torch derivatives.yaml pow, mul, mean; the output's gradient is freed by then). LayerNorm's and
+    Liger's RMSNorm's one fused backward (native_layer_norm_backward, LigerRMSNormFunction.backward) holds the
+    output's gradient and the input's. Checked on the meta trace's live tensors (FSDP full fine-tuning,
+    tests/test_parallel_estimate.py)."""
+    h, e = model.hidden_size, unquantized_dtype_bytes(train)
+    input_saved = 0 if train.gradient_checkpointing else h * e
+    if model.model_type in act.LAYER_NORM_TYPES or train.liger:
+        return 3 * h * e + input_saved
+    return h * e + 5 * 4 * h + (4 * h if e != 4 else input_saved)
+
+
+@lru_cache(maxsize=4096)
+def mlp_out_forward(model: ModelSpec, train: TrainSpec) -> int:
+    """Per token, alive beside the saved sets in the last layer's forward at its MLP output linear's LoRA add (a
+    dense layer; 0 otherwise), what a fused loss leaves as the forward's peak and FSDP's small
+    weights make the step's: the model's input embedding (LlamaModel.forward keeps `inputs_embeds` until it
+    returns), the layer's input (the caller's `hidden_states`), the residual after attention and the MLP's input
+    (decoder-layer locals), the product act(gate) * up (down_proj's argument) and PEFT's cast of it to the
+    adapter dtype (_cast_input_dtype, a local of Linear.forward), each unless saved; then the add itself: the base
+    output, the scaled LoRA output and their sum. peft/tuners/lora/layer.py 0.21 (Linear.forward: `result +
+    lora_B(lora_A(dropout(x))) * scaling` in the promoted dtype); bnb.py (Linear4bit/8bitLt: the LoRA output cast
+    to the result's dtype before the add). Checked on the meta trace's live tensors
+    (tests/test_estimate_moments.py)."""
+    layer = model.layers[-1][1]
+    if (layer.mlp == "moe" or train.dora or train.activation_offload != "off"
+            or model.model_type.startswith("gemma")):
+        return 0
+    ctx = act.Ctx.of(train, model)
+    sv = act.layer_saved(model, layer, ctx)
+    e, lb = ctx.e, ctx.lb
+    down, down_input = sv.marks[-1][0], sv.marks[-1][1]
+    ckpt = train.gradient_checkpointing  # a checkpointed layer saves nothing: all of these are locals
+    # LLM.int8 nodes hold their inputs (counted with the stored set: activations._int8_held)
+    saved = (set() if ckpt else set(sv.kept)) | set(sv.int8_inputs)
+    # a parallel layer (GPT-NeoX, Falcon) holds the attention's output instead of the residual after it, and
+    # FalconDecoderLayer its attention norm's output too (attention_layernorm_out)
+    mid = next((n for n in ("o_proj.out", "dense.out", "out_proj.out") if n in sv.size), None) \
+        if layer.parallel_attn else "h1"
+    norms = ["norm2.out" if "norm2.out" in sv.size else "norm1.out"]
+    if model.model_type == "falcon" and "norm2.out" in sv.size:
+        norms.append("norm1.out")
+    stream = [mid, *norms, down_input] + ([] if ckpt else ["x"])  # checkpointed: x is kept anyway
+    alive = sum(sv.size.get(n, 0) for n in dict.fromkeys(stream) if n and n not in saved)
+    if not ckpt:  # the embedding's output, unless layer 0 saves it as its input (checkpointed: kept)
+        first = act.layer_saved(model, model.layers[0][1], replace(ctx, frozen_input=act.first_input_frozen(model,
+                                                                                                             train)))
+        alive += 0 if "x" in first.kept else model.hidden_size * e
+    out = down.out_features
+    if train.method != "lora" or not is_target(down, train):
+        return alive + out * e
+    if act.casts(train, e) and f"{down.name}.cast" not in saved:
+        alive += down.in_features * lb
+    if train.quantized and down.quantizable:  # bitsandbytes' LoRA layers cast the LoRA output first
+        return alive + 3 * out * e
+    return alive + out * (e + lb + (4 if _sum_promotes(train) else max(e, lb)))
