@@ -25,7 +25,7 @@ TINY_QWEN2_MOE = {**_MOE, "model_type": "qwen2_moe", "num_key_value_heads": 8, "
 TINY_FALCON40 = {"model_type": "falcon", "hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 8,
                  "num_kv_heads": 2, "new_decoder_architecture": True, "parallel_attn": True, "bias": False,
                  "vocab_size": 500, "max_position_embeddings": 4096, "alibi": False}
-_FUSED = dict(seq_len=512, batch_size=2, gradient_checkpointing=False, optimizer="sgd", loss="liger")
+_FUSED = {"seq_len": 512, "batch_size": 2, "gradient_checkpointing": False, "optimizer": "sgd", "loss": "liger"}
 
 
 def test_first_input_frozen_only_without_checkpointing_or_a_trained_embedding():
