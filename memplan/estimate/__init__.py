@@ -220,6 +220,9 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
     bwd_loss = _candidate(steady, activations=T * (stored - a.forward_only) + dora_all, logits_loss=loss_bwd,
                           comm_buffers=comm["backward_loss"])
     forward = [fwd_loss, fwd_layer]
+    if a.fwd_mlp_out:  # the last layer's MLP output linear, its LoRA add (moments.mlp_out_forward)
+        forward.append(_candidate(steady, activations=T * before_norm, temporaries=T * a.fwd_mlp_out,
+                                  comm_buffers=comm["forward_layer"]))
     if comm.get("forward_copy_out"):  # FSDP: the last layer's parameters being copied out (parallel.py)
         forward.append(_candidate(steady, activations=T * last_fwd + dora_but_last,
                                   comm_buffers=comm["forward_copy_out"]))

@@ -512,6 +512,7 @@ class Activations:
     # activation backward (moments.plain_act_backward), a checkpointed MoE layer's recompute in its experts
     # (recompute.moe_stop); 0 under activation offload all, whose reload terms (offload.py) hold that moment
     bwd_work_norm: int = 0  # per token: at the layer's input norm's backward, its last op (moments.input_norm_backward)
+    fwd_mlp_out: int = 0  # per token: at the last layer's MLP output linear's LoRA add (moments.mlp_out_forward)
 
 
 def _final_norm(model: ModelSpec, train: TrainSpec, ctx: Ctx) -> int:
@@ -657,7 +658,8 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
                        offloaded_layers=train.activation_offload == "all" and not train.gradient_checkpointing,
                        bwd_work_softmax=softmax, forward_only=forward_only,
                        bwd_work_act=act_bwd if train.activation_offload != "all" else 0,
-                       bwd_work_norm=moments.input_norm_backward(model, layer_key))
+                       bwd_work_norm=moments.input_norm_backward(model, layer_key),
+                       fwd_mlp_out=moments.mlp_out_forward(model, layer_key))
 
 
 @lru_cache(maxsize=4096)
