@@ -23,6 +23,7 @@ from memplan.estimate import activations as act_mod
 from memplan.estimate import host as host_mod
 from memplan.estimate import lora, offload, optimizer, weights
 from memplan.estimate.logits import fused_loss, loss_backward, loss_forward
+from memplan.estimate.moments import final_norm_backward
 from memplan.estimate.overhead import Overheads, default_overheads, replay_overheads
 from memplan.spec import DTYPES, ModelSpec, TrainSpec
 from memplan.stack import stack
@@ -224,6 +225,9 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
     bwd_loss = _candidate(steady, activations=T * (stored - a.forward_only) + dora_all, logits_loss=loss_bwd,
                           comm_buffers=comm["backward_loss"])
     forward = [fwd_loss, fwd_layer]
+    if a.fwd_mlp_out:  # the last layer's MLP output linear, its LoRA add (moments.mlp_out_forward)
+        forward.append(_candidate(steady, activations=T * before_norm, temporaries=T * a.fwd_mlp_out,
+                                  comm_buffers=comm["forward_layer"]))
     if comm.get("forward_copy_out"):  # FSDP: the last layer's parameters being copied out (parallel.py)
         forward.append(_candidate(steady, activations=T * last_fwd + dora_but_last,
                                   comm_buffers=comm["forward_copy_out"]))
@@ -353,6 +357,10 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
         bwd_first = layer_bwd(0, grads - (0 if ends["tied"] else ends["embed"]))
     if rank is None or not rank.layer_moments:
         backward = [bwd_loss, bwd_last, bwd_first]
+    if train.loss != "standard":  # the final norm's backward (moments.final_norm_backward)
+        backward.append(_candidate(steady, gradients=ends["head"], activations=T * (stored - a.forward_only) + dora_all,
+                                   temporaries=T * final_norm_backward(model, act_train),
+                                   comm_buffers=comm["backward_loss"]))
     if ends["embed"]:  # EmbeddingBackward0: every gradient but the embedding's done, its own being made; tied:
         # the head's gradient waiting beside it, then their sum (3 V x H at once, one counted in grads)
         backward.append(_candidate(steady, gradients=grads, activations=T * (a.fixed - a.final_norm - a.forward_only),
