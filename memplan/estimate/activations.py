@@ -408,8 +408,7 @@ def layer_saved(model: ModelSpec, layer: LayerSpec, ctx: Ctx) -> Saved:
     if ctx.frozen_input:
         sv.frozen(x)
     n1 = _norm(sv, ctx, x, h, norm_kind, "attn", "norm1")
-    # Falcon-40B's ln_mlp runs right after ln_attn, before the attention (FalconDecoderLayer.forward): the order
-    # decides whether offloading's dedupe finds x's first save still stashed (offload.deduped)
+    # Falcon-40B runs ln_mlp right after ln_attn (FalconDecoderLayer.forward): the save order offload.deduped reads
     early = layer.parallel_attn and model.model_type == "falcon" and model.hf_config.get("new_decoder_architecture")
     n2 = _norm(sv, ctx, x, h, norm_kind, "mlp", "norm2") if early else None
     o_out = _attention(sv, ctx, model, layer, n1)
