@@ -554,8 +554,10 @@ def _per_layer(model: ModelSpec, train: TrainSpec) -> tuple:
         attn_out += [_attn_out_saved(model, layer, train, first)] * n
         int8 = _int8_held(model, layer, train, train.gradient_checkpointing, first=first) if train.bits == 8 else 0
         stored += [(h * e if train.gradient_checkpointing else total + x_kept) + int8] * n
-        # offloaded: LLM.int8 nodes hold their inputs outside the saved-tensor hooks, so those stay on the device
-        int8_device += [_int8_held(model, layer, train, True, offloaded=True) if train.bits == 8 else 0] * n
+        # offloaded and checkpointed: LLM.int8 nodes hold their inputs outside the saved-tensor hooks, so those stay
+        # on the device (without checkpointing offload.device_host counts them: offload.int8_held)
+        int8_device += [_int8_held(model, layer, train, True, offloaded=True)
+                        if train.bits == 8 and train.gradient_checkpointing else 0] * n
         i = max((lin.out_features for lin in layer.linears), default=h)
         moe_slots = layer.experts_per_token  # 5.x grouped_mm: every token-slot's gate_up output at once;
         if linear_experts(train) and layer.num_experts:  # 4.x loop: one expert's share of the slots at a time

@@ -28,7 +28,11 @@ def loss_forward(model: ModelSpec, train: TrainSpec) -> int:
 
 
 def loss_backward(model: ModelSpec, train: TrainSpec) -> int:
-    tanh_saved = Ctx.of(train).e if _softcap(model) else 0
+    """--activation-offload all: tanh's saved output is offloaded (TRL's NoOp scope covers the lm_head module only,
+    the softcap runs after it) and the forward stash that kept it on the device is cleared by the hook of the
+    loss's first backward node (trl/models/activation_offloading.py): it comes back only for tanh's backward,
+    after the fp32 tensors of the loss's backward are gone."""
+    tanh_saved = Ctx.of(train).e if _softcap(model) and train.activation_offload != "all" else 0
     return int(model.vocab_size * (4 * coefficients()["loss"]["backward_fp32_copies"] + tanh_saved))
 
 
