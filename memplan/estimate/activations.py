@@ -42,7 +42,7 @@ from memplan.estimate.experts import backward_moment as experts_backward
 from memplan.estimate.lora import is_target
 from memplan.estimate.weights import unquantized_dtype_bytes
 from memplan.spec import DTYPES, LayerSpec, Linear, ModelSpec, TrainSpec
-from memplan.library_facts import LIGER_TYPES
+from memplan.library_facts import INT8_OUTLIER_COLUMNS, LIGER_TYPES
 
 
 @lru_cache(maxsize=None)
@@ -464,8 +464,16 @@ def _int8_held(model: ModelSpec, layer: LayerSpec, train: TrainSpec, checkpointe
     offloading (offloaded=True) every one stays on the device, whatever else saves it (the meta trace shows them)."""
     sv = layer_saved(model, layer, _ctx(model, train, first))
     if offloaded:
-        return sum(sv.size[n] for n in set(sv.int8_inputs) if n != "x")
-    return sum(sv.size[n] for n in sv.int8_inputs if n != "x" and (checkpointed or n not in sv.kept))
+        return sum(sv.size[n] for n in set(sv.int8_inputs) if n != "x") + int8_outliers(sv)
+    return sum(sv.size[n] for n in sv.int8_inputs if n != "x" and (checkpointed or n not in sv.kept)) + int8_outliers(sv)
+
+
+def int8_outliers(sv: Saved) -> int:
+    """Per token: subA, the outlier columns of each LLM.int8 input that needs a gradient, which MatMul8bitLt keeps
+    beside it in ctx.tensors (bitsandbytes autograd/_functions.py 0.50: int8_mixed_scaled_mm returns
+    A[:, outlier_cols], in A's dtype), library_facts.INT8_OUTLIER_COLUMNS of them."""
+    return sum(INT8_OUTLIER_COLUMNS * DTYPES[dt] for lin, x, dt, *_ in sv.marks
+               if lin.quantizable and x in sv.int8_inputs)
 
 
 # ------------------------------------------------------------------------------------------ whole-model view

@@ -46,7 +46,7 @@ def int8_held(model: ModelSpec, layer: LayerSpec, train: TrainSpec, tokens: int,
     embedding (no_input_grad): only the inputs that need a gradient (activations._linear)."""
     sv = act.layer_saved(model, layer, act._ctx(model, train, no_input_grad))
     on_device = set(_hooked(model, layer, train, tokens, no_input_grad)[3])
-    return sum(sv.size[n] for n in sv.int8_inputs - on_device if n != "x")
+    return sum(sv.size[n] for n in sv.int8_inputs - on_device if n != "x") + act.int8_outliers(sv)
 
 
 @lru_cache(maxsize=4096)
