@@ -629,7 +629,7 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
         saved_before = 0 if train.gradient_checkpointing else saved_attn[-1]
         fwd_transient = max(widest * (e + ctx.c) + h * ctx.c + saved_before, eager)
     promoted = moments.lora_sum_promoted(model, train)
-    fwd_transient += promoted
+    fwd_transient += promoted + moments.liger_fused_gate_up(model, train)
     bwd_mlp = int(k["mlp_h"] * h * e + k["mlp_i"] * widest * e) + cast  # a copy alive beside the recompute
     dequant_work = 0
     if ends and None not in ends:  # what the recompute's frames and the first gradients hold, term by term

@@ -110,3 +110,14 @@ def eager_softmax_backward(model: ModelSpec, train: TrainSpec, e: int) -> int:
     if softmax_in_dtype(model):  # the gradient of the probabilities and softmax's backward output, in the
         return a * s * 2 * e  # activations' dtype; the saved probabilities stay until softmax's backward ends
     return a * s * (4 + 4) - (a * s * e if e != 4 else 0)
+
+
+def liger_fused_gate_up(model: ModelSpec, train: TrainSpec) -> int:
+    """Per token, --liger on with a fused gate_up projection (Phi-3): LigerPhi3SwiGLUMLP.forward (liger-kernel 0.8.5
+    transformers/swiglu.py) chunks the gate_up output into two strided views, which LigerSiLUMulFunction's
+    @ensure_contiguous copies (ops/utils.py) and saves, while the output itself stays alive as the forward's local
+    `up_states` until down_proj returns: the gate_up output beside its saved copies through down_proj's forward."""
+    if not train.liger:
+        return 0
+    widths = [lin.out_features for _, layer in model.layers for lin in layer.linears if lin.name == "gate_up_proj"]
+    return max(widths, default=0) * act.Ctx.of(train, model).e
