@@ -514,6 +514,7 @@ class Activations:
     offloaded_layers: bool = False  # --activation-offload all without checkpointing: the saved sets are on the host
     bwd_work_softmax: int = 0  # per token, eager attention: the working set at softmax's backward
     forward_only: int = 0  # per token, of `fixed`: what the forward holds and the backward no longer (eager's mask)
+    int8_graph: int = 0  # per token: LLM.int8 inputs held until the graph is freed (moments.int8_graph_held)
     bwd_work_act: int = 0  # per token, a moment of the MLP's backward without a dequantized weight: a plain MLP's
     # activation backward (moments.plain_act_backward), a checkpointed MoE layer's recompute in its experts
     # (recompute.moe_stop); 0 under activation offload all, whose reload terms (offload.py) hold that moment
@@ -663,6 +664,7 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
                        bwd_work_h=int(k["mlp_h"] * h * e), experts_bwd=experts_bwd, layer_input=h * e,
                        offloaded_layers=train.activation_offload == "all" and not train.gradient_checkpointing,
                        bwd_work_softmax=softmax, forward_only=forward_only,
+                       int8_graph=moments.int8_graph_held(model, layer_key),
                        bwd_work_act=act_bwd if train.activation_offload != "all" else 0)
 
 
