@@ -249,3 +249,24 @@ def test_checkpointed_full_finetune_phases_equal_the_rank_trace(parallel, vocab,
     est = estimate(model, train).phases
     for phase in ("forward", "backward"):
         assert est[phase] == pytest.approx(traced[phase], rel=0.005), phase
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_fsdp_layer_backward_ends_at_its_input_norm(checkpointing):
+    """FULL_SHARD full fine-tuning on 4 fake ranks, short sequences: the backward peaks at a layer's input norm,
+    its last backward op, with every unsharded weight gradient of the layer made beside the norm's five fp32
+    working tensors, its saved fp32 input and the residual's gradient (moments.input_norm_backward; before:
+    -3.8% checkpointed, -3.5% not; Llama-2-70B x4 at seq 2048 -3.1%)."""
+    pytest.importorskip("torch")
+    import logging
+
+    logging.disable(logging.WARNING)
+    from memplan.architectures import from_hf_config
+    from memplan.trace.distributed import run_rank_trace
+
+    model = from_hf_config(DENSE_4L, "tiny", "test")
+    train = TrainSpec(seq_len=64, gpus=4, parallel="fsdp", bits=16, method="full", optimizer="sgd",
+                      gradient_checkpointing=checkpointing)
+    traced = run_rank_trace(model, train)
+    assert traced.peak_phase == "backward"
+    assert estimate(model, train).phases["backward"] == pytest.approx(traced.phases["backward"], rel=0.002)

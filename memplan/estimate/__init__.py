@@ -220,6 +220,9 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
     bwd_loss = _candidate(steady, activations=T * (stored - a.forward_only) + dora_all, logits_loss=loss_bwd,
                           comm_buffers=comm["backward_loss"])
     forward = [fwd_loss, fwd_layer]
+    if a.fwd_mlp_out:  # the last layer's MLP output linear, its LoRA add (moments.mlp_out_forward)
+        forward.append(_candidate(steady, activations=T * before_norm, temporaries=T * a.fwd_mlp_out,
+                                  comm_buffers=comm["forward_layer"]))
     if comm.get("forward_copy_out"):  # FSDP: the last layer's parameters being copied out (parallel.py)
         forward.append(_candidate(steady, activations=T * last_fwd + dora_but_last,
                                   comm_buffers=comm["forward_copy_out"]))
@@ -304,9 +307,11 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
             released = 0 if train.gradient_checkpointing else T * a.stored_per_layer[idx]  # by its backward
             start = _larger(start, _candidate(steady, gradients=done_grads, activations=kept - released,
                                               comm_buffers=reduce))
-            # just before it: the layer's backward done, every unsharded gradient of it made, nothing resharded
+            # just before it: every unsharded gradient of the layer made, nothing resharded, its input norm's
+            # backward running (none in a layer 0 whose input needs no gradient: activations.first_input_frozen)
+            norm = T * a.bwd_work_norm if idx or not act_mod.first_input_frozen(model, train) else 0
             start = _larger(start, _candidate(steady, gradients=done_grads + own_grads, activations=kept - released,
-                                              comm_buffers=moment[0]))
+                                              temporaries=norm, comm_buffers=moment[0]))
         if a.experts_bwd and a.experts_bwd[idx][1]:  # trained experts' gate_up backward (experts.backward_moment)
             freed, work = a.experts_bwd[idx]
             start = _larger(start, _candidate(steady, gradients=done_grads + fixed.full_grads[4][idx],

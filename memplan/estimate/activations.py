@@ -44,6 +44,8 @@ from memplan.estimate.weights import unquantized_dtype_bytes
 from memplan.spec import DTYPES, LayerSpec, Linear, ModelSpec, TrainSpec
 from memplan.library_facts import INT8_OUTLIER_COLUMNS, LIGER_TYPES
 
+LAYER_NORM_TYPES = ("falcon", "gpt_neox", "opt")  # nn.LayerNorm in every layer; the others' are RMSNorms
+
 
 @lru_cache(maxsize=None)
 def coefficients() -> dict:
@@ -78,8 +80,6 @@ class Ctx:
     def dtype_of(self, nbytes: int) -> str:
         """The dtype name of a tensor of `nbytes` per element: the stream's, or else the compute dtype."""
         return dora.stream_dtype(self.train) if nbytes == self.e else self.train.compute_dtype
-
-
 
 
 class Saved:
@@ -397,7 +397,7 @@ def layer_saved(model: ModelSpec, layer: LayerSpec, ctx: Ctx) -> Saved:
     fp32 copy instead."""
     sv = Saved()
     h = model.hidden_size
-    norm_kind = "layer" if model.model_type in ("falcon", "gpt_neox", "opt") else "rms"
+    norm_kind = "layer" if model.model_type in LAYER_NORM_TYPES else "rms"
     x = sv.tensor("x", h * ctx.e)
     if ctx.frozen_input:
         sv.frozen(x)
@@ -463,9 +463,8 @@ def _int8_held(model: ModelSpec, layer: LayerSpec, train: TrainSpec, checkpointe
     them as ctx attributes, not through save_for_backward, so saved-tensor hooks never see them: under activation
     offloading (offloaded=True) every one stays on the device, whatever else saves it (the meta trace shows them)."""
     sv = layer_saved(model, layer, _ctx(model, train, first))
-    if offloaded:
-        return sum(sv.size[n] for n in set(sv.int8_inputs) if n != "x") + int8_outliers(sv)
-    return sum(sv.size[n] for n in sv.int8_inputs if n != "x" and (checkpointed or n not in sv.kept)) + int8_outliers(sv)
+    return sum(sv.size[n] for n in sv.int8_inputs if n != "x" and (offloaded or checkpointed or n not in sv.kept)
+               ) + int8_outliers(sv)
 
 
 def int8_outliers(sv: Saved) -> int:
@@ -518,13 +517,15 @@ class Activations:
     bwd_work_act: int = 0  # per token, a moment of the MLP's backward without a dequantized weight: a plain MLP's
     # activation backward (moments.plain_act_backward), a checkpointed MoE layer's recompute in its experts
     # (recompute.moe_stop); 0 under activation offload all, whose reload terms (offload.py) hold that moment
+    bwd_work_norm: int = 0  # per token: at the layer's input norm's backward, its last op (moments.input_norm_backward)
+    fwd_mlp_out: int = 0  # per token: at the last layer's MLP output linear's LoRA add (moments.mlp_out_forward)
 
 
 def _final_norm(model: ModelSpec, train: TrainSpec, ctx: Ctx) -> int:
     """Per token: what the final norm saves (as _norm: RMSNorm's fp32 input even from 16-bit, rstd, a trained
     weight's normalized input) and, full fine-tuning with the standard loss, lm_head's input for its gradient."""
     h, e = model.hidden_size, ctx.e
-    if model.model_type in ("falcon", "gpt_neox", "opt"):
+    if model.model_type in LAYER_NORM_TYPES:
         out = h * e + 8
     elif ctx.liger:
         out = h * e + 4
@@ -563,9 +564,8 @@ def _per_layer(model: ModelSpec, train: TrainSpec) -> tuple:
         attn_out += [_attn_out_saved(model, layer, train, first)] * n
         int8 = _int8_held(model, layer, train, train.gradient_checkpointing, first=first) if train.bits == 8 else 0
         stored += [(h * e if train.gradient_checkpointing else total + x_kept) + int8] * n
-        # offloaded and checkpointed: LLM.int8 nodes hold their inputs outside the saved-tensor hooks, so those stay
-        # on the device (without checkpointing offload.device_host counts them: offload.int8_held)
-        int8_device += [_int8_held(model, layer, train, True, offloaded=True)
+        # offloaded, checkpointed: LLM.int8 inputs, held outside the hooks, stay on the device (else offload.int8_held)
+        int8_device += [_int8_held(model, layer, train, True, True)
                         if train.bits == 8 and train.gradient_checkpointing else 0] * n
         i = max((lin.out_features for lin in layer.linears), default=h)
         moe_slots = layer.experts_per_token  # 5.x grouped_mm: every token-slot's gate_up output at once;
@@ -665,7 +665,9 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
                        offloaded_layers=train.activation_offload == "all" and not train.gradient_checkpointing,
                        bwd_work_softmax=softmax, forward_only=forward_only,
                        int8_graph=moments.int8_graph_held(model, layer_key),
-                       bwd_work_act=act_bwd if train.activation_offload != "all" else 0)
+                       bwd_work_act=act_bwd if train.activation_offload != "all" else 0,
+                       bwd_work_norm=moments.input_norm_backward(model, layer_key),
+                       fwd_mlp_out=moments.mlp_out_forward(model, layer_key))
 
 
 @lru_cache(maxsize=4096)

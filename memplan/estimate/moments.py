@@ -4,6 +4,7 @@ trace's live tensors are the check (tests/test_estimate_moments.py, tests/test_v
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import lru_cache
 
 from memplan.estimate import activations as act
@@ -67,14 +68,17 @@ def lora_sum_promoted(model: ModelSpec, train: TrainSpec) -> int:
     bf16 + fp16 promotes to fp32, wider than both: the add holds the base output, the scaled LoRA output and a
     4-byte sum, 2 bytes per output element more than with matching dtypes, in the widest adapted linear. (The
     bitsandbytes LoRA layers cast the LoRA output to the result dtype before adding: bnb.py.) Per token."""
-    if train.method != "lora" or train.dora:
-        return 0
-    result = "fp32" if unquantized_dtype_bytes(train) == 4 else train.compute_dtype
-    if {result, train.lora_dtype} != {"fp16", "bf16"}:
+    if train.method != "lora" or train.dora or not _sum_promotes(train):
         return 0
     widths = [lin.out_features for _, layer in model.layers for lin in layer.linears
               if is_target(lin, train) and not (train.quantized and lin.quantizable)]
     return 2 * max(widths, default=0)
+
+
+def _sum_promotes(train: TrainSpec) -> bool:
+    """bf16 + fp16 operands: torch promotes their sum to fp32 (lora_sum_promoted)."""
+    result = "fp32" if unquantized_dtype_bytes(train) == 4 else train.compute_dtype
+    return {result, train.lora_dtype} == {"fp16", "bf16"}
 
 
 def moe_tail(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> int:
@@ -110,6 +114,62 @@ def eager_softmax_backward(model: ModelSpec, train: TrainSpec, e: int) -> int:
     if softmax_in_dtype(model):  # the gradient of the probabilities and softmax's backward output, in the
         return a * s * 2 * e  # activations' dtype; the saved probabilities stay until softmax's backward ends
     return a * s * (4 + 4) - (a * s * e if e != 4 else 0)
+
+
+def input_norm_backward(model: ModelSpec, train: TrainSpec) -> int:
+    """Per token, alive at a layer's last backward op, its input norm's, once every weight gradient of the layer is
+    made, beyond the layer's kept input (checkpointed) or the earlier layers' saved sets (not): the residual
+    stream's gradient waiting for the norm's, the input the norm saved (a 16-bit RMSNorm's own fp32 copy, which a
+    checkpointed layer's recompute makes again; else the layer input itself, counted already when checkpointed),
+    and the backward's working set. RMSNorm (LlamaRMSNorm; GemmaRMSNorm the same in fp32: to(float32),
+    pow(2).mean, * rsqrt, * weight) peaks at five fp32 tensors of the input's shape (PowBackward0 beside the mul's
+    gradient: torch derivatives.yaml pow, mul, mean; the output's gradient is freed by then). LayerNorm's and
+    Liger's RMSNorm's one fused backward (native_layer_norm_backward, LigerRMSNormFunction.backward) holds the
+    output's gradient and the input's. Checked on the meta trace's live tensors (FSDP full fine-tuning,
+    tests/test_parallel_estimate.py)."""
+    h, e = model.hidden_size, unquantized_dtype_bytes(train)
+    input_saved = 0 if train.gradient_checkpointing else h * e
+    if model.model_type in act.LAYER_NORM_TYPES or train.liger:
+        return 3 * h * e + input_saved
+    return h * e + 5 * 4 * h + (4 * h if e != 4 else input_saved)
+
+
+@lru_cache(maxsize=4096)
+def mlp_out_forward(model: ModelSpec, train: TrainSpec) -> int:
+    """Per token, alive beside the saved sets in the last layer's forward at its MLP output linear's LoRA add (a
+    dense, sequential layer; 0 otherwise), what a fused loss leaves as the forward's peak and FSDP's small
+    weights make the step's: the model's input embedding (LlamaModel.forward keeps `inputs_embeds` until it
+    returns), the layer's input (the caller's `hidden_states`), the residual after attention and the MLP's input
+    (decoder-layer locals), the product act(gate) * up (down_proj's argument) and PEFT's cast of it to the
+    adapter dtype (_cast_input_dtype, a local of Linear.forward), each unless saved; then the add itself: the base
+    output, the scaled LoRA output and their sum. peft/tuners/lora/layer.py 0.21 (Linear.forward: `result +
+    lora_B(lora_A(dropout(x))) * scaling` in the promoted dtype); bnb.py (Linear4bit/8bitLt: the LoRA output cast
+    to the result's dtype before the add). Checked on the meta trace's live tensors
+    (tests/test_estimate_moments.py)."""
+    layer = model.layers[-1][1]
+    if (layer.parallel_attn or layer.mlp == "moe" or train.dora or train.activation_offload != "off"
+            or model.model_type.startswith("gemma")):
+        return 0
+    ctx = act.Ctx.of(train, model)
+    sv = act.layer_saved(model, layer, ctx)
+    e, lb = ctx.e, ctx.lb
+    down, down_input = sv.marks[-1][0], sv.marks[-1][1]
+    ckpt = train.gradient_checkpointing  # a checkpointed layer saves nothing: all of these are locals
+    saved = set() if ckpt else set(sv.kept)
+    stream = ["h1", "norm2.out", down_input] + ([] if ckpt else ["x"])  # checkpointed: x is kept anyway
+    alive = sum(sv.size.get(n, 0) for n in stream if n not in saved)
+    if not ckpt:  # the embedding's output, unless layer 0 saves it as its input (checkpointed: kept)
+        first = act.layer_saved(model, model.layers[0][1], replace(ctx, frozen_input=act.first_input_frozen(model,
+                                                                                                             train)))
+        alive += 0 if "x" in first.kept else model.hidden_size * e
+    out = down.out_features
+    if train.method != "lora" or not is_target(down, train):
+        return alive + out * e
+    if act.casts(train, e) and f"{down.name}.cast" not in saved:
+        alive += down.in_features * lb
+    if train.quantized and down.quantizable:  # bitsandbytes' LoRA layers cast the LoRA output first
+        return alive + 3 * out * e
+    return alive + out * (e + lb + (4 if _sum_promotes(train) else max(e, lb)))
 
 
 def liger_fused_gate_up(model: ModelSpec, train: TrainSpec) -> int:
