@@ -23,6 +23,7 @@ from memplan.estimate import activations as act_mod
 from memplan.estimate import host as host_mod
 from memplan.estimate import lora, optimizer, weights
 from memplan.estimate.logits import fused_loss, loss_backward, loss_forward
+from memplan.estimate.moments import final_norm_backward
 from memplan.estimate.overhead import Overheads, default_overheads, replay_overheads
 from memplan.spec import DTYPES, ModelSpec, TrainSpec
 from memplan.stack import stack
@@ -351,6 +352,10 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
         bwd_first = layer_bwd(0, grads - (0 if ends["tied"] else ends["embed"]))
     if rank is None or not rank.layer_moments:
         backward = [bwd_loss, bwd_last, bwd_first]
+    if train.loss != "standard":  # the final norm's backward (moments.final_norm_backward)
+        backward.append(_candidate(steady, gradients=ends["head"], activations=T * (stored - a.forward_only) + dora_all,
+                                   temporaries=T * final_norm_backward(model, act_train),
+                                   comm_buffers=comm["backward_loss"]))
     if ends["embed"]:  # EmbeddingBackward0: every gradient but the embedding's done, its own being made; tied:
         # the head's gradient waiting beside it, then their sum (3 V x H at once, one counted in grads)
         backward.append(_candidate(steady, gradients=grads,  # LLM.int8's inputs outlive the layers' backward

@@ -198,7 +198,7 @@ def _attention(sv: Saved, ctx: Ctx, model: ModelSpec, layer: LayerSpec, x_norm: 
             # FalconAttention._split_heads copies k and v out of the fused output (fused_qkv[..., [-2], :]) and
             # broadcasts them to every query head; the reshape for attention materializes a·d each
             kv = a
-            v = sv.tensor("v.bcast", a * d * e)
+            v = _follows(sv, out, sv.tensor("v.bcast", a * d * e))  # frozen if the fused output is
     else:
         q = _linear(sv, ctx, lins["q_proj"], x_norm, e, "attn")
         k = _linear(sv, ctx, lins["k_proj"], x_norm, e, "attn")
@@ -648,7 +648,8 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     eager_bwd = moments.eager_softmax_backward(model, train, e) if ctx.attention == "math" else 0
     bwd_attn = int(k["attn_h"] * h * e + k["attn_qkv"] * (model.num_heads + 2 * model.num_kv_heads) * model.head_dim * e
                    + eager_bwd)
-    dequant = max_quantized_numel(model, train) * ctx.c if train.quantized else 0
+    # LLM.int8's backward dequantizes CB to its input's dtype (bitsandbytes autograd/_functions.py MatMul8bitLt)
+    dequant = max_quantized_numel(model, train) * (ctx.e if train.bits == 8 else ctx.c) if train.quantized else 0
     tail = moments.moe_tail(model, model.layers[-1][1], layer_key)
     host, reload = (), (0, 0, 0, 0)
     if train.activation_offload != "off":

@@ -38,6 +38,9 @@ def mlp_product_backward(model: ModelSpec, layer: LayerSpec, train: TrainSpec, s
     work = model.hidden_size * act.Ctx.of(train, model).e + 2 * prod  # the layer output's gradient, dp, d act(gate)
     if ckpt and not prod_saved:
         work += prod
+    elif not ckpt:  # MulBackward0 returns both factors' gradients at once: d up beside d act(gate) and dp (the
+        # meta trace's live tensors, tiny Llama QLoRA on q_proj with a fused loss: before -7.8%)
+        work += prod
     return freed, work
 
 
@@ -116,6 +119,20 @@ def eager_softmax_backward(model: ModelSpec, train: TrainSpec, e: int) -> int:
     return a * s * (4 + 4) - (a * s * e if e != 4 else 0)
 
 
+def final_norm_backward(model: ModelSpec, train: TrainSpec) -> int:
+    """Per token, beside every saved set: the final RMSNorm's backward, the backward's peak once a fused loss
+    returns only a b·s x H gradient. The norm runs in fp32 (LlamaRMSNorm / GemmaRMSNorm, transformers 5.24:
+    x.float(), pow(2).mean(-1), x * rsqrt(...)); its backward chain holds fp32 H-wide tensors at once: the gradient
+    through the product by rsqrt (MulBackward0), MeanBackward1's expanded gradient and PowBackward0's three
+    (pow_backward: self.pow(1), its doubling, the product with the gradient; torch derivatives.yaml). 16-bit
+    activations: the meta trace shows these five. Liger's RMSNorm and LayerNorm make one gradient in one kernel
+    (counted with the loss's). 0 there, and for model types without a final RMSNorm. A trained weight's product
+    (full fine-tuning) ran its backward first, releasing the normalized input it saved (activations._norm)."""
+    if train.liger or model.model_type in ("falcon", "gpt_neox", "opt"):
+        return 0
+    h = model.hidden_size
+    released = h * (4 if model.model_type.startswith("gemma") else act.Ctx.of(train).e) if train.method == "full" else 0
+    return 5 * 4 * h - released
 def input_norm_backward(model: ModelSpec, train: TrainSpec) -> int:
     """Per token, alive at a layer's last backward op, its input norm's, once every weight gradient of the layer is
     made, beyond the layer's kept input (checkpointed) or the earlier layers' saved sets (not): the residual
@@ -137,7 +154,7 @@ def input_norm_backward(model: ModelSpec, train: TrainSpec) -> int:
 @lru_cache(maxsize=4096)
 def mlp_out_forward(model: ModelSpec, train: TrainSpec) -> int:
     """Per token, alive beside the saved sets in the last layer's forward at its MLP output linear's LoRA add (a
-    dense, sequential layer; 0 otherwise), what a fused loss leaves as the forward's peak and FSDP's small
+    dense layer; 0 otherwise), what a fused loss leaves as the forward's peak and FSDP's small
     weights make the step's: the model's input embedding (LlamaModel.forward keeps `inputs_embeds` until it
     returns), the layer's input (the caller's `hidden_states`), the residual after attention and the MLP's input
     (decoder-layer locals), the product act(gate) * up (down_proj's argument) and PEFT's cast of it to the
@@ -147,7 +164,7 @@ def mlp_out_forward(model: ModelSpec, train: TrainSpec) -> int:
     to the result's dtype before the add). Checked on the meta trace's live tensors
     (tests/test_estimate_moments.py)."""
     layer = model.layers[-1][1]
-    if (layer.parallel_attn or layer.mlp == "moe" or train.dora or train.activation_offload != "off"
+    if (layer.mlp == "moe" or train.dora or train.activation_offload != "off"
             or model.model_type.startswith("gemma")):
         return 0
     ctx = act.Ctx.of(train, model)
@@ -155,9 +172,17 @@ def mlp_out_forward(model: ModelSpec, train: TrainSpec) -> int:
     e, lb = ctx.e, ctx.lb
     down, down_input = sv.marks[-1][0], sv.marks[-1][1]
     ckpt = train.gradient_checkpointing  # a checkpointed layer saves nothing: all of these are locals
-    saved = set() if ckpt else set(sv.kept)
-    stream = ["h1", "norm2.out", down_input] + ([] if ckpt else ["x"])  # checkpointed: x is kept anyway
-    alive = sum(sv.size.get(n, 0) for n in stream if n not in saved)
+    # LLM.int8 nodes hold their inputs (counted with the stored set: activations._int8_held)
+    saved = (set() if ckpt else set(sv.kept)) | set(sv.int8_inputs)
+    # a parallel layer (GPT-NeoX, Falcon) holds the attention's output instead of the residual after it, and
+    # FalconDecoderLayer its attention norm's output too (attention_layernorm_out)
+    mid = next((n for n in ("o_proj.out", "dense.out", "out_proj.out") if n in sv.size), None) \
+        if layer.parallel_attn else "h1"
+    norms = ["norm2.out" if "norm2.out" in sv.size else "norm1.out"]
+    if model.model_type == "falcon" and "norm2.out" in sv.size:
+        norms.append("norm1.out")
+    stream = [mid, *norms, down_input] + ([] if ckpt else ["x"])  # checkpointed: x is kept anyway
+    alive = sum(sv.size.get(n, 0) for n in dict.fromkeys(stream) if n and n not in saved)
     if not ckpt:  # the embedding's output, unless layer 0 saves it as its input (checkpointed: kept)
         first = act.layer_saved(model, model.layers[0][1], replace(ctx, frozen_input=act.first_input_frozen(model,
                                                                                                              train)))
