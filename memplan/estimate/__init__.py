@@ -363,7 +363,8 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
                                    comm_buffers=comm["backward_loss"]))
     if ends["embed"]:  # EmbeddingBackward0: every gradient but the embedding's done, its own being made; tied:
         # the head's gradient waiting beside it, then their sum (3 V x H at once, one counted in grads)
-        backward.append(_candidate(steady, gradients=grads, activations=T * (a.fixed - a.final_norm - a.forward_only),
+        backward.append(_candidate(steady, gradients=grads,  # LLM.int8's inputs outlive the layers' backward
+                                   activations=T * (a.fixed - a.final_norm - a.forward_only + a.int8_graph),
                                    temporaries=2 * ends["head"] if ends["tied"] else 0,
                                    comm_buffers=comm["backward_layer"]))
     if rank is not None and rank.gradients_embedding is not None:

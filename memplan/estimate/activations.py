@@ -42,7 +42,7 @@ from memplan.estimate.experts import backward_moment as experts_backward
 from memplan.estimate.lora import is_target
 from memplan.estimate.weights import unquantized_dtype_bytes
 from memplan.spec import DTYPES, LayerSpec, Linear, ModelSpec, TrainSpec
-from memplan.library_facts import LIGER_TYPES
+from memplan.library_facts import INT8_OUTLIER_COLUMNS, LIGER_TYPES
 
 LAYER_NORM_TYPES = ("falcon", "gpt_neox", "opt")  # nn.LayerNorm in every layer; the others' are RMSNorms
 
@@ -80,8 +80,6 @@ class Ctx:
     def dtype_of(self, nbytes: int) -> str:
         """The dtype name of a tensor of `nbytes` per element: the stream's, or else the compute dtype."""
         return dora.stream_dtype(self.train) if nbytes == self.e else self.train.compute_dtype
-
-
 
 
 class Saved:
@@ -474,9 +472,16 @@ def _int8_held(model: ModelSpec, layer: LayerSpec, train: TrainSpec, checkpointe
     them as ctx attributes, not through save_for_backward, so saved-tensor hooks never see them: under activation
     offloading (offloaded=True) every one stays on the device, whatever else saves it (the meta trace shows them)."""
     sv = layer_saved(model, layer, _ctx(model, train, first))
-    if offloaded:
-        return sum(sv.size[n] for n in set(sv.int8_inputs) if n != "x")
-    return sum(sv.size[n] for n in sv.int8_inputs if n != "x" and (checkpointed or n not in sv.kept))
+    return sum(sv.size[n] for n in sv.int8_inputs if n != "x" and (offloaded or checkpointed or n not in sv.kept)
+               ) + int8_outliers(sv)
+
+
+def int8_outliers(sv: Saved) -> int:
+    """Per token: subA, the outlier columns of each LLM.int8 input that needs a gradient, which MatMul8bitLt keeps
+    beside it in ctx.tensors (bitsandbytes autograd/_functions.py 0.50: int8_mixed_scaled_mm returns
+    A[:, outlier_cols], in A's dtype), library_facts.INT8_OUTLIER_COLUMNS of them."""
+    return sum(INT8_OUTLIER_COLUMNS * DTYPES[dt] for lin, x, dt, *_ in sv.marks
+               if lin.quantizable and x in sv.int8_inputs)
 
 
 # ------------------------------------------------------------------------------------------ whole-model view
@@ -517,6 +522,7 @@ class Activations:
     offloaded_layers: bool = False  # --activation-offload all without checkpointing: the saved sets are on the host
     bwd_work_softmax: int = 0  # per token, eager attention: the working set at softmax's backward
     forward_only: int = 0  # per token, of `fixed`: what the forward holds and the backward no longer (eager's mask)
+    int8_graph: int = 0  # per token: LLM.int8 inputs held until the graph is freed (moments.int8_graph_held)
     bwd_work_act: int = 0  # per token, a moment of the MLP's backward without a dequantized weight: a plain MLP's
     # activation backward (moments.plain_act_backward), a checkpointed MoE layer's recompute in its experts
     # (recompute.moe_stop); 0 under activation offload all, whose reload terms (offload.py) hold that moment
@@ -567,8 +573,9 @@ def _per_layer(model: ModelSpec, train: TrainSpec) -> tuple:
         attn_out += [_attn_out_saved(model, layer, train, first)] * n
         int8 = _int8_held(model, layer, train, train.gradient_checkpointing, first=first) if train.bits == 8 else 0
         stored += [(h * e if train.gradient_checkpointing else total + x_kept) + int8] * n
-        # offloaded: LLM.int8 nodes hold their inputs outside the saved-tensor hooks, so those stay on the device
-        int8_device += [_int8_held(model, layer, train, True, offloaded=True) if train.bits == 8 else 0] * n
+        # offloaded, checkpointed: LLM.int8 inputs, held outside the hooks, stay on the device (else offload.int8_held)
+        int8_device += [_int8_held(model, layer, train, True, True)
+                        if train.bits == 8 and train.gradient_checkpointing else 0] * n
         i = max((lin.out_features for lin in layer.linears), default=h)
         moe_slots = layer.experts_per_token  # 5.x grouped_mm: every token-slot's gate_up output at once;
         if linear_experts(train) and layer.num_experts:  # 4.x loop: one expert's share of the slots at a time
@@ -632,7 +639,7 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
         saved_before = 0 if train.gradient_checkpointing else saved_attn[-1]
         fwd_transient = max(widest * (e + ctx.c) + h * ctx.c + saved_before, eager)
     promoted = moments.lora_sum_promoted(model, train)
-    fwd_transient += promoted
+    fwd_transient += promoted + moments.liger_fused_gate_up(model, train)
     bwd_mlp = int(k["mlp_h"] * h * e + k["mlp_i"] * widest * e) + cast  # a copy alive beside the recompute
     dequant_work = 0
     if ends and None not in ends:  # what the recompute's frames and the first gradients hold, term by term
@@ -667,6 +674,7 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
                        bwd_work_h=int(k["mlp_h"] * h * e), experts_bwd=experts_bwd, layer_input=h * e,
                        offloaded_layers=train.activation_offload == "all" and not train.gradient_checkpointing,
                        bwd_work_softmax=softmax, forward_only=forward_only,
+                       int8_graph=moments.int8_graph_held(model, layer_key),
                        bwd_work_act=act_bwd if train.activation_offload != "all" else 0,
                        bwd_work_norm=moments.input_norm_backward(model, layer_key),
                        fwd_mlp_out=moments.mlp_out_forward(model, layer_key))

@@ -28,11 +28,19 @@ def loss_forward(model: ModelSpec, train: TrainSpec) -> int:
 
 
 def loss_backward(model: ModelSpec, train: TrainSpec) -> int:
-    """At log_softmax's backward. Under --activation-offload all, tanh's saved output is on the host by then:
-    NllLossBackward0 unpacks the offloaded target, whose hook empties TRL's forward stash (trl/models/
-    activation_offloading.py unpack_tensor_with_streams), and TanhBackward0 brings it back only after."""
-    tanh_saved = Ctx.of(train).e if _softcap(model) and train.activation_offload != "all" else 0
-    return int(model.vocab_size * (4 * coefficients()["loss"]["backward_fp32_copies"] + tanh_saved))
+    """--activation-offload all with a softcap: tanh's saved output is offloaded (TRL's NoOp scope covers the
+    lm_head module only, the softcap runs after it) and the forward stash that kept it on the device is cleared by
+    the hook of the loss's first backward node (trl/models/activation_offloading.py): it comes back only for tanh's
+    backward. By then the loss's fp32 tensors are gone but the log_softmax output brought back for its backward,
+    which TRL's bwd stash holds until the next node that unpacks (tanh's) ends: beside it the gradient scaled by
+    the cap, tanh's output and its gradient, in the logits' dtype."""
+    e = Ctx.of(train).e
+    loss = 4 * coefficients()["loss"]["backward_fp32_copies"]
+    if not _softcap(model):
+        return int(model.vocab_size * loss)
+    if train.activation_offload == "all":
+        return int(model.vocab_size * max(loss, 4 + 3 * e))
+    return int(model.vocab_size * (loss + e))
 
 
 def fused_loss(model: ModelSpec, train: TrainSpec, tokens: int) -> tuple[int, int]:

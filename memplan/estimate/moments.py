@@ -195,3 +195,35 @@ def mlp_out_forward(model: ModelSpec, train: TrainSpec) -> int:
     if train.quantized and down.quantizable:  # bitsandbytes' LoRA layers cast the LoRA output first
         return alive + 3 * out * e
     return alive + out * (e + lb + (4 if _sum_promotes(train) else max(e, lb)))
+
+
+def liger_fused_gate_up(model: ModelSpec, train: TrainSpec) -> int:
+    """Per token, --liger on with a fused gate_up projection (Phi-3): LigerPhi3SwiGLUMLP.forward (liger-kernel 0.8.5
+    transformers/swiglu.py) chunks the gate_up output into two strided views, which LigerSiLUMulFunction's
+    @ensure_contiguous copies (ops/utils.py) and saves, while the output itself stays alive as the forward's local
+    `up_states` until down_proj returns: the gate_up output beside its saved copies through down_proj's forward."""
+    if not train.liger:
+        return 0
+    widths = [lin.out_features for _, layer in model.layers for lin in layer.linears if lin.name == "gate_up_proj"]
+    return max(widths, default=0) * act.Ctx.of(train, model).e
+
+
+@lru_cache(maxsize=4096)
+def int8_graph_held(model: ModelSpec, train: TrainSpec) -> int:
+    """Per token: every LLM.int8 input that needs a gradient, with its outlier columns, in every layer. MatMul8bitLt
+    keeps them in ctx.tensors, plain attributes that live as long as the graph (bitsandbytes autograd/_functions.py
+    0.50), not saved tensors that autograd frees as each node runs: they are still on the device at the input
+    embedding's backward (EmbeddingBackward0), after every layer's backward. Layer 0 without checkpointing, with a
+    frozen embedding: only its inputs that need a gradient. `train`: activations()' layer key."""
+    if train.bits != 8:
+        return 0
+    from memplan.estimate.lora import head_and_embedding_grads
+
+    frozen0 = (train.method == "lora" and not train.gradient_checkpointing
+               and not head_and_embedding_grads(model, train)["embed"])
+    total = 0
+    for i, (n, layer) in enumerate(model.layers):
+        for first, count in (((True, 1), (False, n - 1)) if i == 0 and frozen0 else ((False, n),)):
+            sv = act.layer_saved(model, layer, act._ctx(model, train, first))
+            total += count * (sum(sv.size[x] for x in sv.int8_inputs) + act.int8_outliers(sv))
+    return total

@@ -20,16 +20,9 @@ MAX_FWD_STASH = 5  # trl OffloadActivations(max_fwd_stash_size=5)
 
 
 @lru_cache(maxsize=4096)
-def split(model: ModelSpec, layer: LayerSpec, train: TrainSpec, tokens: int,
-          no_input_grad: bool = False) -> tuple[int, int, int]:
-    """--activation-offload all without checkpointing (TRL OffloadActivations' rules, memplan/trace/offload.py):
-    (bytes per token a layer keeps on the device, bytes per token brought back at once in its backward, and what
-    its attention's backward adds to the kept bytes: its two largest brought back, less what the MLP kept on the
-    device, released by the MLP's backward as its nodes unpacked them; not its LLM.int8 inputs: MatMul8bitLt's
-    ctx attributes live as long as the graph, which the loss holds through the backward).
-    Kept: a storage saved a second time while its first copy is still in the forward stash (deduped(): TRL's
-    storage-key dedupe keeps that reference on the device until backward) and tensors under min_offload_size. Brought back: a tensor
-    lives until the autograd node after the one that unpacked it finishes: the layer's two largest saved tensors."""
+def _hooked(model: ModelSpec, layer: LayerSpec, train: TrainSpec, tokens: int, no_input_grad: bool):
+    """The layer's saved set as TRL's hooks see it: (the Saved walk, the names saved, those saved twice, those the
+    hooks leave on the device: saved a second time, or under min_offload_size)."""
     sv = act.layer_saved(model, layer, act.Ctx.of(train, model))
     kept = [n for n in sv.kept if n != "x" or sv.kept.get("x")]
     shared = deduped(sv, tokens)
@@ -42,6 +35,35 @@ def split(model: ModelSpec, layer: LayerSpec, train: TrainSpec, tokens: int,
         if not (adapted & _QK and adapted & _V):
             shared -= {"probs", "probs.fp32"}
     on_device = [n for n in kept if n in shared or sv.size[n] * tokens < MIN_OFFLOAD_SIZE]
+    return sv, kept, shared, on_device
+
+
+@lru_cache(maxsize=4096)
+def int8_held(model: ModelSpec, layer: LayerSpec, train: TrainSpec, tokens: int, no_input_grad: bool) -> int:
+    """Per token, --activation-offload all without checkpointing: the LLM.int8 inputs on the device beyond what
+    TRL's hooks leave there (split). bitsandbytes' MatMul8bitLt.forward keeps its input as `ctx.tensors = (CAt,
+    subA, A)`, a plain attribute, not save_for_backward (autograd/_functions.py 0.50), whenever the input or the
+    weight needs a gradient: the hooks never see it, so it stays on the device as long as the graph, whatever else
+    saves (and offloads) it; a storage the hooks also keep on the device counts once. Layer 0 with a frozen
+    embedding (no_input_grad): only the inputs that need a gradient (activations._linear)."""
+    sv = act.layer_saved(model, layer, act._ctx(model, train, no_input_grad))
+    on_device = set(_hooked(model, layer, train, tokens, no_input_grad)[3])
+    return sum(sv.size[n] for n in sv.int8_inputs - on_device if n != "x") + act.int8_outliers(sv)
+
+
+@lru_cache(maxsize=4096)
+def split(model: ModelSpec, layer: LayerSpec, train: TrainSpec, tokens: int,
+          no_input_grad: bool = False) -> tuple[int, int, int]:
+    """--activation-offload all without checkpointing (TRL OffloadActivations' rules, memplan/trace/offload.py):
+    (bytes per token a layer keeps on the device, bytes per token brought back at once in its backward, and what
+    its attention's backward adds to the kept bytes: its two largest brought back, less what the MLP kept on the
+    device, released by the MLP's backward as its nodes unpacked them; not its LLM.int8 inputs: MatMul8bitLt's
+    ctx attributes live as long as the graph, which the loss holds through the backward).
+    Kept: a storage saved a second time while its first copy is still in the forward stash (deduped(): TRL's
+    storage-key dedupe keeps that reference on the device until backward) and tensors under min_offload_size.
+    Brought back: a tensor lives until the autograd node after the one that unpacked it finishes: the layer's two
+    largest saved tensors."""
+    sv, kept, shared, on_device = _hooked(model, layer, train, tokens, no_input_grad)
     device = sum(sv.size[n] for n in on_device)
     device_mlp = sum(sv.size[n] for n in on_device if sv.kept[n] == "mlp")
 
@@ -145,8 +167,9 @@ def device_host(model: ModelSpec, train: TrainSpec, layer_key: TrainSpec, stored
         total, _, x_kept = act.layer_totals(model, layer, layer_key)[:3]
         for first in ([True, False] if i == 0 else [False])[:n]:
             kept, back, back_attn = split(model, layer, layer_key, tokens, first and not input_grad)
+            int8 = int8_held(model, layer, layer_key, tokens, first and not input_grad) if train.bits == 8 else 0
             m = 1 if first else n - (1 if i == 0 else 0)
-            device += [kept] * m
+            device += [kept + int8] * m
             host += [total + x_kept - kept] * m
             if first:
                 first_back, first_attn = back, back_attn

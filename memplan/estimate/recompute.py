@@ -81,6 +81,8 @@ def end(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> int | None:
     for name in dict.fromkeys((residual, mlp_in, x)):
         out += sv.size[name] if name in sv.size and name not in sv.kept else 0
     out += lin.out_features * e  # R
+    if ctx.liger:  # Liger's Phi-3 MLP: the gate_up output, a local beside its saved contiguous copies
+        out += next((m.out_features * e for m in layer.linears if m.name == "gate_up_proj"), 0)  # (moments.py)
     if ctx.dropout and act.casts(train, e):  # by name: bf16 into fp16 adapters is a copy too
         out += lin.in_features * lb
     return out

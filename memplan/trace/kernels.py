@@ -463,10 +463,8 @@ def attention_notes(model: ModelSpec, fused) -> list[str]:
     return notes
 
 
-# LLM.int8's outlier columns are data-dependent (bitsandbytes backends/cuda/ops.py int8_vectorwise_quant:
-# argwhere over the columns holding any |x| >= threshold, 6.0 by default). On meta the trace states their number:
-# Dettmers et al. 2022 (LLM.int8(), §4) find the emergent outliers of 6.7B+ models in about 6 hidden dimensions.
-INT8_OUTLIER_COLUMNS = 6
+# LLM.int8's outlier columns are data-dependent: on meta the trace states their number (library_facts.py)
+from memplan.library_facts import INT8_OUTLIER_COLUMNS  # noqa: E402
 
 
 def int8_outliers_mode():

@@ -6,8 +6,10 @@ these models, read from liger-kernel 0.8.5's source:
 - LigerRMSNormFunction (ops/rms_norm.py): Y = empty((rows, h), X.dtype), RSTD = empty(rows, fp32) (llama / gemma
   casting modes); saves X itself (no fp32 copy, unlike transformers' RMSNorm, which upcasts and saves the copy),
   W and RSTD. Backward: dX (in place into dY by default, in_place=True) and the weight gradient when trained.
-- LigerSiLUMulFunction / LigerGELUMulFunction (ops/swiglu.py, geglu.py): c = empty_like(a); saves a and b (the
-  gate and up projections), not act(gate), which transformers' MLP keeps.
+- LigerSiLUMulFunction / LigerGELUMulFunction (ops/swiglu.py, geglu.py): @ensure_contiguous copies a and b when
+  they are views (Phi-3's chunked gate_up output), c = empty_like(a); saves a and b (the gate and up projections),
+  not act(gate), which transformers' MLP keeps. Backward (swiglu_backward, geglu_backward) has its kernel store da
+  and db into a and b and returns those: no new tensor beyond a contiguous dc.
 - RoPE (ops/rope.py) rotates q and k in place and saves only cos and sin: the tensors attention saves are the same
   size either way, so the trace leaves transformers' rotary code in place (a few transient temporaries differ).
 With real CPU tensors the values come from untracked reference computations.
@@ -57,6 +59,7 @@ def _models():
     class GatedMul(torch.autograd.Function):
         @staticmethod
         def forward(ctx, a, b, gelu):
+            a, b = a.contiguous(), b.contiguous()  # @ensure_contiguous: Phi-3's chunked gate / up are copied
             c = torch.empty_like(a)
             if not _is_meta(a):
                 with _untracked(), torch.no_grad():
@@ -69,15 +72,15 @@ def _models():
         @staticmethod
         def backward(ctx, dc):
             a, b = ctx.saved_tensors
-            da, db = torch.empty_like(a), torch.empty_like(b)
+            dc = dc.contiguous()
             if not _is_meta(a):
                 with _untracked(), torch.enable_grad():
                     aa, bb = a.detach().requires_grad_(True), b.detach().requires_grad_(True)
                     f = torch.nn.functional.gelu(aa, approximate="tanh") if ctx.gelu else torch.nn.functional.silu(aa)
                     ga, gb = torch.autograd.grad(f * bb, (aa, bb), dc)
                 with _untracked(), torch.no_grad():
-                    da.copy_(ga), db.copy_(gb)
-            return da, db, None
+                    a.copy_(ga), b.copy_(gb)
+            return a, b, None  # swiglu_backward / geglu_backward store da and db into a and b: nothing new
 
     return RMSNorm, GatedMul
 
