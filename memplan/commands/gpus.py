@@ -113,9 +113,11 @@ def run(args) -> int:
     spec = one_spec(args, "gpus")
     overheads, notes = overheads_for()  # one calibration (the newest) for every GPU, else the defaults
     warn(notes)
-    from memplan.integrations.dataset import from_args
+    data = None
+    if any(getattr(args, f, None) is not None for f in ("dataset", "tokenizer", "text_field", "order", "packing")):
+        from memplan.integrations.dataset import from_args  # imported only when asked: start-up time
 
-    data, spec = from_args(args, model, spec, None, overheads)  # with --dataset: the dataset's peak step
+        data, spec = from_args(args, model, spec, None, overheads)  # with --dataset: the dataset's peak step
     est = estimate(model, spec, overheads)
     rows = verdicts(model, spec, args.margin, overheads, est.device_total_bytes)["rows"]
     plan = multi_gpu_plan(model, spec, args.max_gpus, args.margin, overheads, {spec: est}) if args.max_gpus > 1 \
