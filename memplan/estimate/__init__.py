@@ -215,7 +215,8 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
     else:
         loss_fwd, loss_bwd = fused_loss(model, act_train, T)
     stash = offload.loss_stash(model, act_train) if a.offloaded_layers else 0  # TRL's, at the loss
-    fwd_loss = _candidate(steady, activations=T * (stored + stash) + dora_all, logits_loss=loss_fwd,
+    # the loss runs after the base model's forward returned: its eager 4-D mask (forward_only) is gone
+    fwd_loss = _candidate(steady, activations=T * (stored - a.forward_only + stash) + dora_all, logits_loss=loss_fwd,
                           comm_buffers=comm["forward_loss"])
     # offloaded: the embedding's output, saved by layer 0 to the host, stays the model forward's local
     # (`inputs_embeds` in LlamaModel.forward et al.) until the layers are done; not at the loss

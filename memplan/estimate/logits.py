@@ -13,7 +13,7 @@ from memplan.library_facts import liger_chunk_size
 from memplan.spec import ModelSpec, TrainSpec
 
 
-def _softcap(model: ModelSpec) -> bool:
+def final_softcap(model: ModelSpec) -> bool:
     """Gemma-2 caps the final logits: tanh(logits / cap) * cap (final_logit_softcapping, default 30.0); tanh
     saves its b*s*V output for backward."""
     return model.model_type == "gemma2" and bool(model.hf_config.get("final_logit_softcapping", 30.0))
@@ -23,7 +23,7 @@ def loss_forward(model: ModelSpec, train: TrainSpec) -> int:
     e = Ctx.of(train).e
     k = coefficients()["loss"]["forward_fp32_copies"]
     upcast_copy = 4 if e != 4 else 0
-    tanh_saved = e if _softcap(model) else 0
+    tanh_saved = e if final_softcap(model) else 0
     return int(model.vocab_size * (e + tanh_saved + upcast_copy + 4 * k))
 
 
@@ -36,7 +36,7 @@ def loss_backward(model: ModelSpec, train: TrainSpec) -> int:
     the cap, tanh's output and its gradient, in the logits' dtype."""
     e = Ctx.of(train).e
     loss = 4 * coefficients()["loss"]["backward_fp32_copies"]
-    if not _softcap(model):
+    if not final_softcap(model):
         return int(model.vocab_size * loss)
     if train.activation_offload == "all":
         return int(model.vocab_size * max(loss, 4 + 3 * e))

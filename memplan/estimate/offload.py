@@ -143,8 +143,10 @@ def loss_stash(model: ModelSpec, train: TrainSpec) -> int:
     five saves (input, weight, bias, mean, rstd) or a trained weight's normalized input leave none."""
     if model.model_type in act.LAYER_NORM_TYPES or train.method == "full":
         return 0
+    from memplan.estimate.logits import final_softcap  # Gemma-2's tanh saves its output after lm_head: one more id
+
     sv = act.layer_saved(model, model.layers[-1][1], act.Ctx.of(train, model))
-    return stash_before(sv, len(sv.order), MAX_FWD_STASH - (3 if train.liger else 2), set())
+    return stash_before(sv, len(sv.order), MAX_FWD_STASH - (3 if train.liger else 2) - final_softcap(model), set())
 
 
 def device_host(model: ModelSpec, train: TrainSpec, layer_key: TrainSpec, stored: list[int], x_bytes: int):
