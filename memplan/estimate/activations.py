@@ -97,6 +97,7 @@ class Saved:
         self.nograd: set[str] = set()  # tensors that need no gradient (a frozen layer input and what it feeds)
         self.order: list[str] = []  # every save in forward order (activation offloading's stash: offload.py)
         self.mark_starts: list[int] = []  # per marks entry: len(order) when that linear began
+        self._totals: dict[str | None, int] = {None: 0}  # kept bytes, all and per group, as they are kept
 
     def grad(self, *names: str) -> bool:
         """True when any of the named tensors needs a gradient: only then does the op on them record a node
@@ -109,14 +110,23 @@ class Saved:
         return name
 
     def tensor(self, name: str, nbytes: int) -> str:
+        old = self.size.get(name)
         self.size[name] = nbytes
+        if old is not None and name in self.kept:  # resized after it was kept
+            self._count(self.kept[name], nbytes - old)
         return name
 
     def keep(self, name: str, group: str) -> None:
         self.order.append(name)
         if name in self.kept:
             self.shared.add(name)
-        self.kept.setdefault(name, group)
+        else:
+            self.kept[name] = group
+            self._count(group, self.size[name])
+
+    def _count(self, group: str, nbytes: int) -> None:
+        self._totals[None] += nbytes
+        self._totals[group] = self._totals.get(group, 0) + nbytes
 
     def new(self, name: str, nbytes: int, group: str) -> str:
         self.tensor(name, nbytes)
@@ -124,7 +134,7 @@ class Saved:
         return name
 
     def total(self, group: str | None = None) -> int:
-        return sum(self.size[n] for n, g in self.kept.items() if group is None or g == group)
+        return self._totals.get(group, 0)
 
 
 def casts(train: TrainSpec, in_bytes: int) -> bool:
@@ -210,7 +220,7 @@ def _attention(sv: Saved, ctx: Ctx, model: ModelSpec, layer: LayerSpec, x_norm: 
     if layer.qk_norm:  # Qwen3 q_norm / k_norm: RMSNorm over head_dim
         q = _norm(sv, ctx, q, a * d, "rms", "attn", "q_norm")
         k = _norm(sv, ctx, k, kv * d, "rms", "attn", "k_norm")
-        sv.size["q_norm.rstd"], sv.size["k_norm.rstd"] = 4 * a, 4 * kv
+        sv.tensor("q_norm.rstd", 4 * a), sv.tensor("k_norm.rstd", 4 * kv)
     if model.model_type != "opt":  # rotary: q*cos + rotate_half(q)*sin makes new q and k
         q = _follows(sv, q, sv.tensor("q.rot", a * d * e))
         k = _follows(sv, k, sv.tensor("k.rot", kv * d * e))
@@ -395,10 +405,11 @@ def _moe(sv: Saved, ctx: Ctx, model: ModelSpec, layer: LayerSpec, x_norm: str) -
             sv.new("shared.sig", e, "mlp")
 
 
+@lru_cache(maxsize=4096)
 def layer_saved(model: ModelSpec, layer: LayerSpec, ctx: Ctx) -> Saved:
     """Everything one decoder layer keeps for backward, per token. Its input "x" (the previous layer's output)
     is kept only if an op here saves it: an fp32 RMSNorm or a LayerNorm does, a 16-bit RMSNorm saves its own
-    fp32 copy instead."""
+    fp32 copy instead. Cached (the walk is most of an uncached estimate's time): callers read it, never change it."""
     sv = Saved()
     h = model.hidden_size
     norm_kind = "layer" if model.model_type in LAYER_NORM_TYPES else "rms"
