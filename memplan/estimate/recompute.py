@@ -50,14 +50,14 @@ def end(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> int | None:
     """Per token, beside the recomputed saved set: a checkpointed layer's backward peaks where its recompute stops
     (torch/utils/checkpoint.py: non-reentrant, early stop in the pack hook of the last saved tensor, lora_B's input
     in the MLP's last linear). Alive then, unsaved: the frames' locals - the decoder layer's `residual` (x + attn;
-    parallel attention: the attention output) and the MLP's input (the post-attention norm's output), the last linear's input (act(gate) * up) and base
-    output R (bitsandbytes' Linear4bit: R.clone()) and PEFT's copy of its input in the adapter dtype (dropout > 0:
-    the dropout's input, not saved) - and the gradients made before the first unpack: the residual stream's, and
-    the adapter branch's (peft/tuners/lora/layer.py Linear.forward: (R + lora * s).to(R.dtype), whose backward
-    casts the gradient up and back down for R; bnb.py casts the adapter output down before the sum instead), whose
-    `* scaling` (MulBackward0 by a number, nothing saved) runs before the unpack. The dequantized weight is freed by
-    then. None where this moment is not the one modelled (MoE, post-norms, full fine-tuning, a frozen last
-    linear, DoRA: dora.py): the coefficients of coefficients.json stay."""
+    parallel attention: the attention output) and the MLP's input (the post-attention norm's output), the last
+    linear's input (act(gate) * up) and base output R (bitsandbytes' Linear4bit: R.clone()) and PEFT's copy of its
+    input in the adapter dtype (dropout > 0: the dropout's input, not saved) - and the gradients made before the
+    first unpack: the residual stream's, and the adapter branch's (peft/tuners/lora/layer.py Linear.forward: (R +
+    lora * s).to(R.dtype), whose backward casts the gradient up and back down for R; bnb.py casts the adapter output
+    down before the sum instead), whose `* scaling` (MulBackward0 by a number, nothing saved) runs before the
+    unpack. The dequantized weight is freed by then. None where this moment is not the one modelled (MoE,
+    post-norms, full fine-tuning, a frozen last linear, DoRA: dora.py): the coefficients of coefficients.json stay."""
     if (train.method != "lora" or train.dora or layer.mlp not in ("gated", "plain")
             or model.model_type in ("gemma2", "gemma3_text", "olmo2", "opt")):
         return None
