@@ -368,33 +368,31 @@ def _moe(sv: Saved, ctx: Ctx, model: ModelSpec, layer: LayerSpec, x_norm: str) -
     frozen = not sv.grad(x_norm) and not linear_experts(ctx.train)
     if not frozen:
         sv.new("router.probs", E * 4 + k * (8 + 4), "mlp")  # fp32 softmax, top-k indices and weights
-    if frozen:
-        pass
-    elif linear_experts(ctx.train):
-        # transformers 4.57.6 MixtralSparseMoeBlock.forward: a loop over the experts hit; per token-slot the
-        # gathered input (hidden_states[None, top_x]) runs act(gate(x)) * up(x) -> down, each an nn.Linear that
-        # LoRA may adapt, then the output is scaled by its routing weight (mul saves both) and index_add_-ed
-        slot = Saved()
-        xs = slot.tensor("x", h * e)
-        gate, up, down = expert_mlp(model, layer)
-        g = _linear(slot, ctx, gate, xs, e, "mlp")
-        u = _linear(slot, ctx, up, xs, e, "mlp")
-        slot.keep(g, "mlp")
-        slot.keep(u, "mlp")
-        slot.new("act", mi * e, "mlp")
-        _linear(slot, ctx, down, slot.tensor("prod", mi * e), e, "mlp")
-        slot.new("out", h * e + 8 + 8 + e, "mlp")  # down's output, top_x / idx (int64), the routing weight
-        # index_add_'s backward formula expands the gradient to `source` (derivatives.yaml), so autograd keeps
-        # the scaled output too
-        slot.new("scaled", h * e, "mlp")
-        sv.new("experts", k * slot.total(), "mlp")
-    else:
-        # per token-slot: gate_up output (act saves the gate view), act output, the expert output scaled by its
-        # routing weight (mul saves it), token / slot indices (int64) and the gathered routing weight
-        slot = 2 * mi * e + mi * e + h * e + 8 + 8 + e
-        if ctx.method == "full":  # trained 3-D experts: each grouped_mm (integrations/moe.py 5.24) saves its input
-            slot += h * e + mi * e  # for the weight gradient: selected_hidden_states and the act(gate) * up product
-        sv.new("experts", k * slot, "mlp")
+        if linear_experts(ctx.train):
+            # transformers 4.57.6 MixtralSparseMoeBlock.forward: a loop over the experts hit; per token-slot the
+            # gathered input (hidden_states[None, top_x]) runs act(gate(x)) * up(x) -> down, each an nn.Linear that
+            # LoRA may adapt, then the output is scaled by its routing weight (mul saves both) and index_add_-ed
+            slot = Saved()
+            xs = slot.tensor("x", h * e)
+            gate, up, down = expert_mlp(model, layer)
+            g = _linear(slot, ctx, gate, xs, e, "mlp")
+            u = _linear(slot, ctx, up, xs, e, "mlp")
+            slot.keep(g, "mlp")
+            slot.keep(u, "mlp")
+            slot.new("act", mi * e, "mlp")
+            _linear(slot, ctx, down, slot.tensor("prod", mi * e), e, "mlp")
+            slot.new("out", h * e + 8 + 8 + e, "mlp")  # down's output, top_x / idx (int64), the routing weight
+            # index_add_'s backward formula expands the gradient to `source` (derivatives.yaml), so autograd keeps
+            # the scaled output too
+            slot.new("scaled", h * e, "mlp")
+            sv.new("experts", k * slot.total(), "mlp")
+        else:
+            # per token-slot: gate_up output (act saves the gate view), act output, the expert output scaled by its
+            # routing weight (mul saves it), token / slot indices (int64) and the gathered routing weight
+            slot = 2 * mi * e + mi * e + h * e + 8 + 8 + e
+            if ctx.method == "full":  # trained 3-D experts: each grouped_mm (integrations/moe.py 5.24) saves its input
+                slot += h * e + mi * e  # for the weight gradient: selected_hidden_states and the act(gate) * up product
+            sv.new("experts", k * slot, "mlp")
     lins = {lin.name: lin for lin in layer.linears}
     if "shared_expert_gate" in lins:  # Qwen2-MoE: a dense shared expert scaled by sigmoid(shared_expert_gate(x))
         out = _dense_mlp(sv, ctx, layer, x_norm, "silu")

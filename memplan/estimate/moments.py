@@ -4,7 +4,6 @@ trace's live tensors are the check (tests/test_estimate_moments.py, tests/test_v
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from functools import lru_cache
 
 from memplan.estimate import activations as act
@@ -119,36 +118,38 @@ def eager_softmax_backward(model: ModelSpec, train: TrainSpec, e: int) -> int:
     return a * s * (4 + 4) - (a * s * e if e != 4 else 0)
 
 
+# RMSNorm's backward (LlamaRMSNorm, GemmaRMSNorm: x.float(), pow(2).mean(-1), x * rsqrt(...)) peaks at this many fp32
+# tensors of its input's shape: the gradient through the product by rsqrt (MulBackward0), MeanBackward1's expanded
+# gradient and PowBackward0's three (pow_backward: self.pow(1), its doubling, the product with the gradient; torch
+# derivatives.yaml); the output's gradient is freed by then. The meta trace shows these five.
+RMSNORM_BACKWARD_FP32 = 5
+
+
 def final_norm_backward(model: ModelSpec, train: TrainSpec) -> int:
-    """Per token, beside every saved set: the final RMSNorm's backward, the backward's peak once a fused loss
-    returns only a b·s x H gradient. The norm runs in fp32 (LlamaRMSNorm / GemmaRMSNorm, transformers 5.24:
-    x.float(), pow(2).mean(-1), x * rsqrt(...)); its backward chain holds fp32 H-wide tensors at once: the gradient
-    through the product by rsqrt (MulBackward0), MeanBackward1's expanded gradient and PowBackward0's three
-    (pow_backward: self.pow(1), its doubling, the product with the gradient; torch derivatives.yaml). 16-bit
-    activations: the meta trace shows these five. Liger's RMSNorm and LayerNorm make one gradient in one kernel
-    (counted with the loss's). 0 there, and for model types without a final RMSNorm. A trained weight's product
-    (full fine-tuning) ran its backward first, releasing the normalized input it saved (activations._norm)."""
-    if train.liger or model.model_type in ("falcon", "gpt_neox", "opt"):
+    """Per token, beside every saved set: the final RMSNorm's backward (RMSNORM_BACKWARD_FP32 H-wide fp32 tensors),
+    the backward's peak once a fused loss returns only a b·s x H gradient. Liger's RMSNorm and LayerNorm make one
+    gradient in one kernel (counted with the loss's): 0 there. A trained weight's product (full fine-tuning) ran its
+    backward first, releasing the normalized input it saved (activations._norm)."""
+    if train.liger or model.model_type in act.LAYER_NORM_TYPES:
         return 0
     h = model.hidden_size
     released = h * (4 if model.model_type.startswith("gemma") else act.Ctx.of(train).e) if train.method == "full" else 0
-    return 5 * 4 * h - released
+    return RMSNORM_BACKWARD_FP32 * 4 * h - released
+
+
 def input_norm_backward(model: ModelSpec, train: TrainSpec) -> int:
     """Per token, alive at a layer's last backward op, its input norm's, once every weight gradient of the layer is
     made, beyond the layer's kept input (checkpointed) or the earlier layers' saved sets (not): the residual
     stream's gradient waiting for the norm's, the input the norm saved (a 16-bit RMSNorm's own fp32 copy, which a
     checkpointed layer's recompute makes again; else the layer input itself, counted already when checkpointed),
-    and the backward's working set. RMSNorm (LlamaRMSNorm; GemmaRMSNorm the same in fp32: to(float32),
-    pow(2).mean, * rsqrt, * weight) peaks at five fp32 tensors of the input's shape (PowBackward0 beside the mul's
-    gradient: torch derivatives.yaml pow, mul, mean; the output's gradient is freed by then). LayerNorm's and
-    Liger's RMSNorm's one fused backward (native_layer_norm_backward, LigerRMSNormFunction.backward) holds the
-    output's gradient and the input's. Checked on the meta trace's live tensors (FSDP full fine-tuning,
-    tests/test_parallel_estimate.py)."""
+    and the backward's working set: RMSNorm's RMSNORM_BACKWARD_FP32 tensors; LayerNorm's and Liger's RMSNorm's one
+    fused backward (native_layer_norm_backward, LigerRMSNormFunction.backward) holds the output's gradient and the
+    input's. Checked on the meta trace's live tensors (FSDP full fine-tuning, tests/test_parallel.py)."""
     h, e = model.hidden_size, unquantized_dtype_bytes(train)
     input_saved = 0 if train.gradient_checkpointing else h * e
     if model.model_type in act.LAYER_NORM_TYPES or train.liger:
         return 3 * h * e + input_saved
-    return h * e + 5 * 4 * h + (4 * h if e != 4 else input_saved)
+    return h * e + RMSNORM_BACKWARD_FP32 * 4 * h + (4 * h if e != 4 else input_saved)
 
 
 @lru_cache(maxsize=4096)
@@ -184,8 +185,7 @@ def mlp_out_forward(model: ModelSpec, train: TrainSpec) -> int:
     stream = [mid, *norms, down_input] + ([] if ckpt else ["x"])  # checkpointed: x is kept anyway
     alive = sum(sv.size.get(n, 0) for n in dict.fromkeys(stream) if n and n not in saved)
     if not ckpt:  # the embedding's output, unless layer 0 saves it as its input (checkpointed: kept)
-        first = act.layer_saved(model, model.layers[0][1], replace(ctx, frozen_input=act.first_input_frozen(model,
-                                                                                                             train)))
+        first = act.layer_saved(model, model.layers[0][1], act._ctx(model, train, act.first_input_frozen(model, train)))
         alive += 0 if "x" in first.kept else model.hidden_size * e
     out = down.out_features
     if train.method != "lora" or not is_target(down, train):

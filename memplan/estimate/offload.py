@@ -105,10 +105,9 @@ def stash_before(sv: act.Saved, start: int, ids: int, exclude: set) -> int:
     """Per token: the offloaded copies TRL's forward stash still holds on the device from the `ids` saves before
     index `start` of the layer's forward order (before index 0: the previous layer's, the same order), less the
     names in `exclude` (alive anyway as locals) and storages saved twice (a dedupe's reference keeps them on the
-    device already: split() counts them; a repeat makes no new copy). The stash holds the
-    offloaded tensors whose id is within max_fwd_stash_size of the latest offloaded one (pack_tensor evicts at each
-    offload); parameters' saves take ids but are not in Saved.order, so this can count one too many, never too
-    few."""
+    device already: split() counts them; a repeat makes no new copy). The stash holds the offloaded tensors whose
+    id is within max_fwd_stash_size of the latest offloaded one (pack_tensor evicts at each offload); parameters'
+    saves take ids but are not in Saved.order, so this can count one too many, never too few."""
     order, n = sv.order, len(sv.order)
     out = 0
     for j in range(start - ids, start):
@@ -123,8 +122,7 @@ def dora_norm_stash(sv: act.Saved, train: TrainSpec) -> tuple[int, ...]:
     the linear at PEFT's get_weight_norm (peft/tuners/lora/dora.py DoraLinearLayer.forward). By then the linear has
     packed dropout's mask (when x needs a gradient), eye (lora_A's input in get_lora_weight), lora_B's weight (kept:
     a parameter, but an id) and lora_A(eye), so the stash keeps max_fwd_stash_size minus those of the saves before
-    it. Its input, the branch's and the
-    residual stream are locals anyway (dora.layer_linears counts them)."""
+    it. Its input, the branch's and the residual stream are locals anyway (dora.layer_linears counts them)."""
     out = []
     for (lin, x, _, group, *_rest), start in zip(sv.marks, sv.mark_starts):
         own = 3 + (1 if train.lora_dropout > 0 and sv.grad(x) else 0)
