@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from memplan.catalog import models, resolve_model
 from memplan.errors import MemplanError
 from memplan.estimate import COMPONENTS, PHASES, estimate
-from memplan.estimate.activations import _int8_held, dora_transient, first_input_frozen, layer_totals
+from memplan.estimate.activations import _int8_held, first_input_frozen, layer_totals
+from memplan.estimate.dora import dora_transient
 from memplan.spec import TrainSpec
 
 # Models with a hand-written builder: a derived architecture's activation terms are fitted per setting to meta
@@ -153,7 +154,7 @@ def test_checkpointing_never_raises_activations(name, spec):
     # The same effect bounds the peak: it may exceed by that one stored input (seen at seq_len 1, where the
     # first layer's backward with every gradient present sets the peak), plus the MLP product the recompute
     # leaves alive at the product's backward (estimate/activations.py _mlp_product_backward), and with DoRA the
-    # weight-sized temporaries its recomputed forward makes again in backward (activations.dora_transient).
+    # weight-sized temporaries its recomputed forward makes again in backward (dora.dora_transient).
     # LLM.int8's linears keep their inputs as ctx attributes, all of them alive while a checkpointed layer
     # recomputes (activations._int8_held: under checkpointing every one but the layer input).
     assert on.phase_components["forward"]["activations"] <= off.phase_components["forward"]["activations"]

@@ -537,6 +537,7 @@ class Activations:
     # (recompute.moe_stop); 0 under activation offload all, whose reload terms (offload.py) hold that moment
     bwd_work_norm: int = 0  # per token: at the layer's input norm's backward, its last op (moments.input_norm_backward)
     fwd_mlp_out: int = 0  # per token: at the last layer's MLP output linear's LoRA add (moments.mlp_out_forward)
+    fwd_liger_down: tuple = (0, 0)  # per token, absolute: Liger's Phi-3 MLP at down_proj (moments.liger_down_forward)
 
 
 def _final_norm(model: ModelSpec, train: TrainSpec, ctx: Ctx) -> int:
@@ -648,7 +649,7 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
         saved_before = 0 if train.gradient_checkpointing else saved_attn[-1]
         fwd_transient = max(widest * (e + ctx.c) + h * ctx.c + saved_before, eager)
     promoted = moments.lora_sum_promoted(model, train)
-    fwd_transient += promoted + moments.liger_fused_gate_up(model, train)
+    fwd_transient += promoted
     bwd_mlp = int(k["mlp_h"] * h * e + k["mlp_i"] * widest * e) + cast  # a copy alive beside the recompute
     dequant_work = 0
     if ends and None not in ends:  # what the recompute's frames and the first gradients hold, term by term
@@ -686,7 +687,8 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
                        int8_graph=moments.int8_graph_held(model, layer_key),
                        bwd_work_act=act_bwd if train.activation_offload != "all" else 0,
                        bwd_work_norm=moments.input_norm_backward(model, layer_key),
-                       fwd_mlp_out=moments.mlp_out_forward(model, layer_key))
+                       fwd_mlp_out=moments.mlp_out_forward(model, layer_key),
+                       fwd_liger_down=moments.liger_down_forward(model, layer_key))
 
 
 @lru_cache(maxsize=4096)
@@ -708,12 +710,3 @@ def _dora_layer(model: ModelSpec, layer: LayerSpec, train: TrainSpec, first: boo
     sv = layer_saved(model, layer, _ctx(model, train, first))
     stash = offload.dora_norm_stash(sv, train) if train.activation_offload == "all" else ()
     return dora.layer_linears(model, train, sv.marks, set(sv.kept), sv.size, sv.total(), sv.nograd, stash)
-
-
-def dora_transient(model: ModelSpec, train: TrainSpec) -> int:
-    """The largest weight-sized DoRA transient (absolute): get_weight_norm's work in one adapted linear's forward
-    (dora.norm_transient), which a checkpointed layer's recompute makes again in backward."""
-    if train.method != "lora" or not train.dora:
-        return 0
-    return max((dora.norm_transient(lin, train, False)[0] for _, layer in model.layers for lin in layer.linears
-                if is_target(lin, train)), default=0)

@@ -244,3 +244,14 @@ def _residual_frame(group: str, kept: set, sizes: dict, nbytes: int) -> int:
     decoder layers): counted when no op saves it (a 16-bit RMSNorm saves its own fp32 copy instead)."""
     name = "h1" if group == "mlp" and "h1" in sizes else "x"
     return 0 if name in kept else nbytes
+
+
+def dora_transient(model: ModelSpec, train: TrainSpec) -> int:
+    """The largest weight-sized DoRA transient (absolute): get_weight_norm's work in one adapted linear's forward
+    (norm_transient), which a checkpointed layer's recompute makes again in backward."""
+    from memplan.estimate.lora import is_target
+
+    if train.method != "lora" or not train.dora:
+        return 0
+    return max((norm_transient(lin, train, False)[0] for _, layer in model.layers for lin in layer.linears
+                if is_target(lin, train)), default=0)

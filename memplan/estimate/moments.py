@@ -34,6 +34,11 @@ def mlp_product_backward(model: ModelSpec, layer: LayerSpec, train: TrainSpec, s
     freed = sum(sv.size[n] for n in sv.kept if n.startswith(down.name + "."))
     if prod_saved and not ckpt:
         freed += prod
+    if train.liger:  # LigerSiLUMulFunction.backward (liger-kernel 0.8.5 ops/swiglu.py swiglu_backward): dc made
+        # contiguous (dp, from down_proj's backward), its kernel stores da and db into the saved a and b and returns
+        # them: nothing beside dp and the layer output's gradient; the recomputed c went with the recompute's frame
+        # (the meta trace's live tensors: Mistral 16-bit LoRA on q/v, checkpointed, draw 100 of seed 88213)
+        return freed, model.hidden_size * act.Ctx.of(train, model).e + prod
     work = model.hidden_size * act.Ctx.of(train, model).e + 2 * prod  # the layer output's gradient, dp, d act(gate)
     if ckpt and not prod_saved:
         work += prod
@@ -197,15 +202,41 @@ def mlp_out_forward(model: ModelSpec, train: TrainSpec) -> int:
     return alive + out * (e + lb + (4 if _sum_promotes(train) else max(e, lb)))
 
 
-def liger_fused_gate_up(model: ModelSpec, train: TrainSpec) -> int:
-    """Per token, --liger on with a fused gate_up projection (Phi-3): LigerPhi3SwiGLUMLP.forward (liger-kernel 0.8.5
-    transformers/swiglu.py) chunks the gate_up output into two strided views, which LigerSiLUMulFunction's
-    @ensure_contiguous copies (ops/utils.py) and saves, while the output itself stays alive as the forward's local
-    `up_states` until down_proj returns: the gate_up output beside its saved copies through down_proj's forward."""
+@lru_cache(maxsize=4096)
+def liger_down_forward(model: ModelSpec, train: TrainSpec) -> tuple[int, int]:
+    """--liger on with a fused gate_up projection (Phi-3), the last layer's forward at down_proj's base matmul:
+    (per token beside the earlier layers' kept bytes, absolute: down_proj's dequantized weight). LigerPhi3SwiGLUMLP.
+    forward (liger-kernel 0.8.5 transformers/swiglu.py) chunks the gate_up output into two strided views, which
+    LigerSiLUMulFunction's @ensure_contiguous copies (ops/utils.py) and saves, while the output itself stays alive
+    as the forward's local `up_states` until down_proj returns. Alive then: that output, the product c (down_proj's
+    input), down_proj's output (in the compute dtype, cast to the stream's), the decoder layer's locals (`residual`,
+    the MLP's input) and what the layer saved so far: all of it (no offloading), TRL's forward stash (offload all:
+    the two copies, just offloaded), nothing (checkpointed). The gate_up moment itself (fwd_transient, with gate_up's
+    dequantized weight, twice as large) holds none of Liger's extras: the meta trace's live tensors at the forward
+    peak (draw 205 of seed 88213: Phi-3 4-bit LoRA, offload all) show gate_up's output, its weight and the stream.
+    (0, 0) elsewhere."""
     if not train.liger:
-        return 0
-    widths = [lin.out_features for _, layer in model.layers for lin in layer.linears if lin.name == "gate_up_proj"]
-    return max(widths, default=0) * act.Ctx.of(train, model).e
+        return 0, 0
+    layer = model.layers[-1][1]
+    fused = next((lin for lin in layer.linears if lin.name == "gate_up_proj"), None)
+    if fused is None:
+        return 0, 0
+    ctx = act.Ctx.of(train, model)
+    e, c, h, i = ctx.e, ctx.c, model.hidden_size, fused.out_features // 2
+    sv = act.layer_saved(model, layer, ctx)
+    down = sv.marks[-1][0]
+    out = 2 * i * e + i * e + h * c + (h * e if e != c else 0)
+    ckpt = train.gradient_checkpointing
+    offloaded = train.activation_offload == "all" and not ckpt
+    saved = set() if ckpt or offloaded else set(sv.kept)
+    out += sum(sv.size[n] for n in ("h1", "norm2.out") if n in sv.size and n not in saved)
+    if offloaded:
+        out += 2 * i * e  # the two contiguous copies, in the forward stash
+    elif not ckpt:  # the layer's saved set so far (the layer input is counted with the kept bytes)
+        own = sum(sv.size[n] for n in sv.kept if n.startswith(down.name + "."))
+        out += sv.total() - own - (sv.size["x"] if "x" in sv.kept else 0)
+    dequant = down.weight_numel * (e if train.bits == 8 else c) if train.quantized and down.quantizable else 0
+    return out, dequant
 
 
 @lru_cache(maxsize=4096)

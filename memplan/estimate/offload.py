@@ -25,7 +25,7 @@ def _hooked(model: ModelSpec, layer: LayerSpec, train: TrainSpec, tokens: int, n
     hooks leave on the device: saved a second time, or under min_offload_size)."""
     sv = act.layer_saved(model, layer, act.Ctx.of(train, model))
     kept = [n for n in sv.kept if n != "x" or sv.kept.get("x")]
-    shared = deduped(sv, tokens)
+    shared = deduped(sv, tokens, dora_ids(sv, train))
     if no_input_grad:  # the first layer, its input a frozen embedding's output (no checkpointing: nothing calls
         # enable_input_require_grads): an op whose inputs need no gradient saves nothing, so the input norm saves
         # once or not at all; softmax saves its result only if q or k is adapted (the scores need a gradient),
@@ -77,27 +77,65 @@ def split(model: ModelSpec, layer: LayerSpec, train: TrainSpec, tokens: int,
     return device, two_largest(), two_largest("attn") - device_mlp
 
 
-def deduped(sv: act.Saved, tokens: int) -> set[str]:
+def dora_ids(sv: act.Saved, train: TrainSpec) -> dict[int, tuple[int, int]]:
+    """Per index of Saved.order: the (before, after) ids that a DoRA-adapted linear's saves outside Saved.order take
+    around that save. PEFT's DoraLinearLayer.forward (peft/tuners/lora/dora.py 0.21) first builds the LoRA weight
+    from an identity matrix (get_lora_weight: lora_B(lora_A(eye)), saving eye, lora_A(eye) and both weights) and its
+    norm, 5 packs before lora_A's input is saved; lora_A's weight takes one after it; the magnitude scale
+    (mag_norm_scale, a (1, out) tensor over 1024 bytes: offloaded) one after each of the two products it multiplies.
+    Read off the meta trace's pack order under OffloadActivationsModel (Phi-3 4-bit DoRA, draw 269 of seed 88213)."""
+    if not (train.dora and train.method == "lora"):
+        return {}
+    out: dict[int, list[int]] = {}
+    for (lin, *_), start in zip(sv.marks, sv.mark_starts):
+        if not is_target(lin, train) or start >= len(sv.order):
+            continue
+        out.setdefault(start, [0, 0])[0] += 5
+        for i in range(start, len(sv.order)):
+            name = sv.order[i]
+            if i == start:
+                out[start][1] += 1
+            elif name in (f"{lin.name}.dora_lora", f"{lin.name}.dora_base"):
+                out.setdefault(i, [0, 0])[1] += 1
+            elif not name.startswith(lin.name + "."):
+                break
+    return {i: tuple(v) for i, v in out.items()}
+
+
+def deduped(sv: act.Saved, tokens: int, extra_ids: dict[int, tuple[int, int]] | None = None) -> set[str]:
     """The tensors a layer saves more than once whose later save finds the first still tracked, so TRL keeps that
     reference on the device (trl/models/activation_offloading.py pack_tensor: a storage key is tracked while its
     offloaded copy is in the forward stash, i.e. until a tensor offloaded max_fwd_stash_size ids later evicts it;
     a reference kept by that dedupe tracks the key until backward). A later save that comes after the first left
     the stash is offloaded again: a second host copy, nothing on the device. Every save in the layer's forward
-    order (Saved.order) takes one id; parameters' saves, which take ids too, are not in it, so a first copy
-    counted as still stashed may already have left (never the other way)."""
+    order (Saved.order) takes one id, and extra_ids (dora_ids) adds the saves DoRA makes outside it; other
+    parameters' saves, which take ids too, are not in it, so a first copy counted as still stashed may already have
+    left (never the other way)."""
     stash: dict[int, str] = {}  # id -> name of the offloaded copies still on the device
     tracked: dict[str, int | None] = {}  # name -> the stashed id holding its key (None: a kept reference)
     out = set()
-    for tid, name in enumerate(sv.order):
+
+    def offload(at: int) -> None:  # pack_tensor evicts what is max_fwd_stash_size ids older at each offload
+        for old in [j for j in stash if j <= at - MAX_FWD_STASH]:
+            if tracked.get(stash[old]) == old:
+                del tracked[stash[old]]
+            del stash[old]
+
+    tid = -1
+    for i, name in enumerate(sv.order):
+        before, after = (extra_ids or {}).get(i, (0, 0))
+        if before:  # DoRA's eye block ends with its norm (offloaded) and lora_B's weight (dora_ids)
+            offload(tid + before - 1)
+        tid += 1 + before
         if name in tracked:
             out.add(name)
             tracked[name] = None
         elif sv.size[name] * tokens >= MIN_OFFLOAD_SIZE:
-            for old in [i for i in stash if i <= tid - MAX_FWD_STASH]:
-                if tracked.get(stash[old]) == old:
-                    del tracked[stash[old]]
-                del stash[old]
+            offload(tid)
             stash[tid], tracked[name] = name, tid
+        tid += after
+        if after and name.endswith((".dora_lora", ".dora_base")):  # the offloaded magnitude scale
+            offload(tid)
     return out & sv.shared
 
 
