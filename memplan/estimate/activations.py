@@ -537,7 +537,7 @@ class Activations:
     # (recompute.moe_stop); 0 under activation offload all, whose reload terms (offload.py) hold that moment
     bwd_work_norm: int = 0  # per token: at the layer's input norm's backward, its last op (moments.input_norm_backward)
     fwd_mlp_out: int = 0  # per token: at the last layer's MLP output linear's LoRA add (moments.mlp_out_forward)
-    fwd_liger_down: tuple = (0, 0)  # per token, absolute: Liger's Phi-3 MLP at down_proj (moments.liger_down_forward)
+    fwd_down: tuple = (0, 0)  # per token, absolute: at the last layer's down_proj forward (moments.down_forward)
 
 
 def _final_norm(model: ModelSpec, train: TrainSpec, ctx: Ctx) -> int:
@@ -688,7 +688,7 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
                        bwd_work_act=act_bwd if train.activation_offload != "all" else 0,
                        bwd_work_norm=moments.input_norm_backward(model, layer_key),
                        fwd_mlp_out=moments.mlp_out_forward(model, layer_key),
-                       fwd_liger_down=moments.liger_down_forward(model, layer_key))
+                       fwd_down=moments.down_forward(model, layer_key))
 
 
 @lru_cache(maxsize=4096)

@@ -203,35 +203,41 @@ def mlp_out_forward(model: ModelSpec, train: TrainSpec) -> int:
 
 
 @lru_cache(maxsize=4096)
-def liger_down_forward(model: ModelSpec, train: TrainSpec) -> tuple[int, int]:
-    """--liger on with a fused gate_up projection (Phi-3), the last layer's forward at down_proj's base matmul:
-    (per token beside the earlier layers' kept bytes, absolute: down_proj's dequantized weight). LigerPhi3SwiGLUMLP.
-    forward (liger-kernel 0.8.5 transformers/swiglu.py) chunks the gate_up output into two strided views, which
-    LigerSiLUMulFunction's @ensure_contiguous copies (ops/utils.py) and saves, while the output itself stays alive
-    as the forward's local `up_states` until down_proj returns. Alive then: that output, the product c (down_proj's
-    input), down_proj's output (in the compute dtype, cast to the stream's), the decoder layer's locals (`residual`,
-    the MLP's input) and what the layer saved so far: all of it (no offloading), TRL's forward stash (offload all:
-    the two copies, just offloaded), nothing (checkpointed). The gate_up moment itself (fwd_transient, with gate_up's
-    dequantized weight, twice as large) holds none of Liger's extras: the meta trace's live tensors at the forward
-    peak (draw 205 of seed 88213: Phi-3 4-bit LoRA, offload all) show gate_up's output, its weight and the stream.
-    (0, 0) elsewhere."""
-    if not train.liger:
-        return 0, 0
+def down_forward(model: ModelSpec, train: TrainSpec) -> tuple[int, int]:
+    """The last layer's forward at a gated MLP's down_proj base matmul, where Liger's Phi-3 MLP or activation offload
+    all (without checkpointing) hold more than the gate/up moment (fwd_transient, which pairs the largest dequantized
+    weight): (per token beside the earlier layers' kept bytes, absolute: down_proj's dequantized weight). Alive: the
+    product (down_proj's input), down_proj's output (in the compute dtype, cast to the stream's), the decoder layer's
+    locals (`residual`, the MLP's input) and what the layer saved so far: all of it (no offloading); under offload
+    all, TRL's forward stash, the offloaded saves within max_fwd_stash_size ids (offload.stash_before: act(gate)
+    and up, the gate, or Liger's two inputs); checkpointed, nothing. LigerPhi3SwiGLUMLP.forward (liger-kernel 0.8.5
+    transformers/swiglu.py) keeps the gate_up output as its local `up_states` until down_proj returns, beside the two
+    contiguous copies LigerSiLUMulFunction's @ensure_contiguous made of its chunks and saved. The meta trace's live
+    tensors at the forward peak: draw 205 of seed 88213 (Phi-3 4-bit, offload all: the gate_up moment, none of
+    Liger's extras), draw 131 (Gemma 4-bit, offload all: gate, act(gate), up and the product beside down_proj's
+    dequantized weight). (0, 0) elsewhere."""
+    from memplan.estimate import offload
+
     layer = model.layers[-1][1]
     fused = next((lin for lin in layer.linears if lin.name == "gate_up_proj"), None)
-    if fused is None:
-        return 0, 0
-    ctx = act.Ctx.of(train, model)
-    e, c, h, i = ctx.e, ctx.c, model.hidden_size, fused.out_features // 2
-    sv = act.layer_saved(model, layer, ctx)
-    down = sv.marks[-1][0]
-    out = 2 * i * e + i * e + h * c + (h * e if e != c else 0)
     ckpt = train.gradient_checkpointing
     offloaded = train.activation_offload == "all" and not ckpt
+    if layer.mlp != "gated" or not (offloaded or (train.liger and fused)):
+        return 0, 0
+    ctx = act.Ctx.of(train, model)
+    e, c, h = ctx.e, ctx.c, model.hidden_size
+    sv = act.layer_saved(model, layer, ctx)
+    down, start = sv.marks[-1][0], sv.mark_starts[-1]
+    if down.name != "down_proj" or "mlp.prod" not in sv.size:
+        return 0, 0
+    out = sv.size["mlp.prod"] + h * c + (h * e if e != c else 0)
+    if train.liger and fused:
+        out += fused.out_features * e  # up_states
     saved = set() if ckpt or offloaded else set(sv.kept)
-    out += sum(sv.size[n] for n in ("h1", "norm2.out") if n in sv.size and n not in saved)
+    local = ("h1", "norm2.out")
+    out += sum(sv.size[n] for n in local if n in sv.size and n not in saved)
     if offloaded:
-        out += 2 * i * e  # the two contiguous copies, in the forward stash
+        out += offload.stash_before(sv, start, offload.MAX_FWD_STASH, {"x", "mlp.prod", *local})
     elif not ckpt:  # the layer's saved set so far (the layer input is counted with the kept bytes)
         own = sum(sv.size[n] for n in sv.kept if n.startswith(down.name + "."))
         out += sv.total() - own - (sv.size["x"] if "x" in sv.kept else 0)
