@@ -168,6 +168,12 @@ def layer_linears(model: ModelSpec, train: TrainSpec, marks: list, kept: set, si
         frame = (i * xb if x not in kept else 0) + _residual_frame(group, kept, sizes, h * eb)
         frame += sizes[branch_in] if branch_in in sizes and branch_in not in kept and branch_in != x else 0
         frame += prior
+        # Liger's Phi-3 MLP: the gate_up output, the forward's local `up_states` beside the contiguous copies of its
+        # halves that LigerSiLUMulFunction saved, until down_proj returns (moments.down_forward; the meta trace's
+        # live tensors in a checkpointed recompute: draw 60 of seed 88213)
+        up_states = next((m[0].out_features * eb for m in marks if m[0].name == "gate_up_proj"), 0) \
+            if train.liger and lin.name == "down_proj" else 0
+        frame += up_states
         created = o * lb + (o * bdb if drop else 0)  # lora_result, F.linear's output: made after the norm
         fwd = unsaved + m + frame
         # the recompute stops in the pack hook of the layer's last saved tensor: the last linear's lora_result,
@@ -181,13 +187,13 @@ def layer_linears(model: ModelSpec, train: TrainSpec, marks: list, kept: set, si
         branch = sizes[branch_in] if branch_in in sizes and branch_in != x else 0
         # (gate_proj's own output is no local: act_fn's argument, alive only as its saved, offloaded input)
         local = (i * xb + res + branch + sum(sib.out_features * eb for sib in earlier) + o * rb
-                 + (i * lb if xd != la else 0) + (i * lb if drop else 0))
+                 + (i * lb if xd != la else 0) + (i * lb if drop else 0) + up_states)
         mask = i if drop and x not in nograd else 0
         offload_norm = local + mask + (stash[pos] if stash else 0)
         offload_fwd = local + m + created
         # checkpointed forward: nothing saved, the linear's own tensors alive as locals
         ck_own = own + o * lb + o * bdb + (o * rb if drop else 0) + (i * lb if drop and xd != la else 0)
-        ck_frame = (i * xb if x != "x" else 0) + (h * eb if group == "mlp" and "h1" in sizes else 0) + prior
+        ck_frame = (i * xb if x != "x" else 0) + (h * eb if group == "mlp" and "h1" in sizes else 0) + prior + up_states
         ckpt_fwd = ck_own + m + ck_frame
         ckpt_norm = ck_own - created + ck_frame
         # backward, beside the incoming gradients (_incoming): p3 = p2 * scaling's gradient, then p2 = mns *
