@@ -11,7 +11,7 @@ from functools import lru_cache
 from memplan.estimate import activations as act
 from memplan.estimate.attention import effective_attention, softmax_in_dtype
 from memplan.estimate.lora import is_target
-from memplan.spec import LayerSpec, ModelSpec, TrainSpec
+from memplan.spec import DTYPES, LayerSpec, ModelSpec, TrainSpec
 
 _QK = {"q_proj", "k_proj", "qkv_proj", "query_key_value"}  # linears whose LoRA makes the attention scores need a grad
 _V = {"v_proj", "qkv_proj", "query_key_value"}
@@ -77,32 +77,36 @@ def split(model: ModelSpec, layer: LayerSpec, train: TrainSpec, tokens: int,
     return device, two_largest(), two_largest("attn") - device_mlp
 
 
-def dora_ids(sv: act.Saved, train: TrainSpec) -> dict[int, tuple[int, int]]:
-    """Per index of Saved.order: the (before, after) ids that a DoRA-adapted linear's saves outside Saved.order take
-    around that save. PEFT's DoraLinearLayer.forward (peft/tuners/lora/dora.py 0.21) first builds the LoRA weight
-    from an identity matrix (get_lora_weight: lora_B(lora_A(eye)), saving eye, lora_A(eye) and both weights) and its
-    norm, 5 packs before lora_A's input is saved; lora_A's weight takes one after it; the magnitude scale
-    (mag_norm_scale, a (1, out) tensor over 1024 bytes: offloaded) one after each of the two products it multiplies.
-    Read off the meta trace's pack order under OffloadActivationsModel (Phi-3 4-bit DoRA, draw 269 of seed 88213)."""
+def dora_ids(sv: act.Saved, train: TrainSpec) -> dict[int, tuple[tuple[bool, ...], tuple[bool, ...]]]:
+    """Per index of Saved.order: the ids that a DoRA-adapted linear's saves outside Saved.order take before and after
+    that save, each as whether TRL offloads it (a parameter or a tensor under min_offload_size stays: no eviction).
+    PEFT's DoraLinearLayer.forward (peft/tuners/lora/dora.py 0.21) first builds the LoRA weight from an identity
+    matrix (get_lora_weight: lora_B(lora_A(eye))) and its norm: eye (in x in), a weight, lora_A(eye) (in x r), an
+    out-wide vector, a weight, 5 packs before lora_A's input is saved; lora_A's weight takes one after it; the
+    magnitude scale (mag_norm_scale, 1 x out) one after each of the two products it multiplies. All in the adapter
+    dtype. Read off the meta trace's pack order under OffloadActivationsModel (Phi-3 4-bit DoRA, draw 269 of seed
+    88213; a tiny Phi-3, whose out-wide vectors stay under 1024 bytes)."""
     if not (train.dora and train.method == "lora"):
         return {}
-    out: dict[int, list[int]] = {}
+    lb = DTYPES[train.lora_dtype]
+    out: dict[int, tuple[tuple[bool, ...], tuple[bool, ...]]] = {}
     for (lin, *_), start in zip(sv.marks, sv.mark_starts):
         if not is_target(lin, train) or start >= len(sv.order):
             continue
-        out.setdefault(start, [0, 0])[0] += 5
-        for i in range(start, len(sv.order)):
-            name = sv.order[i]
-            if i == start:
-                out[start][1] += 1
-            elif name in (f"{lin.name}.dora_lora", f"{lin.name}.dora_base"):
-                out.setdefault(i, [0, 0])[1] += 1
+        i, o = lin.in_features, lin.out_features
+        vec = o * lb >= MIN_OFFLOAD_SIZE
+        out[start] = ((i * i * lb >= MIN_OFFLOAD_SIZE, False, i * train.lora_r * lb >= MIN_OFFLOAD_SIZE, vec, False),
+                      (False,))
+        for j in range(start + 1, len(sv.order)):
+            name = sv.order[j]
+            if name in (f"{lin.name}.dora_lora", f"{lin.name}.dora_base"):
+                out[j] = ((), (vec,))
             elif not name.startswith(lin.name + "."):
                 break
-    return {i: tuple(v) for i, v in out.items()}
+    return out
 
 
-def deduped(sv: act.Saved, tokens: int, extra_ids: dict[int, tuple[int, int]] | None = None) -> set[str]:
+def deduped(sv: act.Saved, tokens: int, extra_ids: dict | None = None) -> set[str]:
     """The tensors a layer saves more than once whose later save finds the first still tracked, so TRL keeps that
     reference on the device (trl/models/activation_offloading.py pack_tensor: a storage key is tracked while its
     offloaded copy is in the forward stash, i.e. until a tensor offloaded max_fwd_stash_size ids later evicts it;
@@ -122,20 +126,25 @@ def deduped(sv: act.Saved, tokens: int, extra_ids: dict[int, tuple[int, int]] | 
             del stash[old]
 
     tid = -1
+
+    def extra(offloads) -> None:
+        nonlocal tid
+        for offloaded in offloads:
+            tid += 1
+            if offloaded:
+                offload(tid)
+
     for i, name in enumerate(sv.order):
-        before, after = (extra_ids or {}).get(i, (0, 0))
-        if before:  # DoRA's eye block ends with its norm (offloaded) and lora_B's weight (dora_ids)
-            offload(tid + before - 1)
-        tid += 1 + before
+        before, after = (extra_ids or {}).get(i, ((), ()))
+        extra(before)
+        tid += 1
         if name in tracked:
             out.add(name)
             tracked[name] = None
         elif sv.size[name] * tokens >= MIN_OFFLOAD_SIZE:
             offload(tid)
             stash[tid], tracked[name] = name, tid
-        tid += after
-        if after and name.endswith((".dora_lora", ".dora_base")):  # the offloaded magnitude scale
-            offload(tid)
+        extra(after)
     return out & sv.shared
 
 
