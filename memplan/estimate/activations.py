@@ -338,7 +338,7 @@ def _dense_mlp(sv: Saved, ctx: Ctx, layer: LayerSpec, x_norm: str, hidden_act: s
     if fused:  # Phi-3: gate and up are views of one output; act saves the view (the whole storage)
         g = u = _linear(sv, ctx, fused, x_norm, e, group)
         i = fused.out_features // 2
-        if sv.grad(g) and ctx.liger:  # @ensure_contiguous copies both halves: two saves (liger-kernel 0.8.5 ops/utils.py)
+        if sv.grad(g) and ctx.liger:  # @ensure_contiguous copies both halves: two saves (liger-kernel ops/utils.py)
             sv.new("mlp.gate", i * e, group)
             sv.new("mlp.up", i * e, group)
         elif sv.grad(g):
