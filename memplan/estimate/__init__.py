@@ -229,9 +229,11 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
     if a.fwd_mlp_out:  # the last layer's MLP output linear, its LoRA add (moments.mlp_out_forward)
         forward.append(_candidate(steady, activations=T * before_norm, temporaries=T * a.fwd_mlp_out,
                                   comm_buffers=comm["forward_layer"]))
-    if a.fwd_down[0]:  # the last layer's down_proj forward (moments.down_forward)
-        forward.append(_candidate(steady, activations=T * last_fwd, temporaries=T * a.fwd_down[0] + a.fwd_down[1],
-                                  comm_buffers=comm["forward_layer"]))
+    if a.fwd_down[0]:  # the last layer's down_proj forward (moments.down_forward), beside what that layer keeps on
+        # the device under offload all (TRL's dedupes: split)
+        own = a.stored_per_layer[-1] if a.offloaded_layers else 0
+        forward.append(_candidate(steady, activations=T * (last_fwd + own),
+                                  temporaries=T * a.fwd_down[0] + a.fwd_down[1], comm_buffers=comm["forward_layer"]))
     if comm.get("forward_copy_out"):  # FSDP: the last layer's parameters being copied out (parallel.py)
         forward.append(_candidate(steady, activations=T * last_fwd + dora_but_last,
                                   comm_buffers=comm["forward_copy_out"]))
