@@ -537,7 +537,8 @@ class Activations:
     int8_graph: int = 0  # per token: LLM.int8 inputs held until the graph is freed (moments.int8_graph_held)
     bwd_work_act: int = 0  # per token, a moment of the MLP's backward without a dequantized weight: a plain MLP's
     # activation backward (moments.plain_act_backward), a checkpointed MoE layer's recompute in its experts
-    # (recompute.moe_stop); 0 under activation offload all, whose reload terms (offload.py) hold that moment
+    # (recompute.moe_stop); 0 under activation offload all without checkpointing, whose reload terms (offload.py)
+    # hold that moment (checkpointed, the recompute runs on the device as without offloading)
     bwd_work_norm: int = 0  # per token: at the layer's input norm's backward, its last op (moments.input_norm_backward)
     fwd_mlp_out: int = 0  # per token: at the last layer's MLP output linear's LoRA add (moments.mlp_out_forward)
     fwd_down: tuple = (0, 0)  # per token, absolute: at the last layer's down_proj forward (moments.down_forward)
@@ -674,6 +675,7 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     dequant = max_quantized_numel(model, train) * (ctx.e if train.bits == 8 else ctx.c) if train.quantized else 0
     tail = moments.moe_tail(model, model.layers[-1][1], layer_key)
     host, reload = (), (0, 0, 0, 0)
+    offloaded = train.activation_offload == "all" and not train.gradient_checkpointing
     if train.activation_offload != "off":
         stored, host, reload = offload.device_host(model, train, layer_key, stored, h * e)
         stored = [d + i for d, i in zip(stored, int8_device)]
@@ -685,10 +687,10 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
                        reload_attn_first=reload[3],
                        recompute_lora_add=lora_add if train.gradient_checkpointing else [],
                        bwd_work_h=int(k["mlp_h"] * h * e), experts_bwd=experts_bwd, layer_input=h * e,
-                       offloaded_layers=train.activation_offload == "all" and not train.gradient_checkpointing,
+                       offloaded_layers=offloaded,
                        bwd_work_softmax=softmax, forward_only=forward_only,
                        int8_graph=moments.int8_graph_held(model, layer_key),
-                       bwd_work_act=act_bwd if train.activation_offload != "all" else 0,
+                       bwd_work_act=0 if offloaded else act_bwd,
                        bwd_work_norm=moments.input_norm_backward(model, layer_key),
                        fwd_mlp_out=moments.mlp_out_forward(model, layer_key),
                        fwd_down=moments.down_forward(model, layer_key))
