@@ -256,3 +256,25 @@ def test_offload_all_down_proj_and_dora_against_the_trace(cfg, kwargs, phase, to
     t = run_trace(m, train, keep_timeline=False)
     err = estimate(m, train).phases[phase] / t.phases[phase] - 1
     assert abs(err) <= tol, (err, phase)
+
+
+def test_offload_all_checkpointed_recompute_moments_as_without_offloading():
+    """--activation-offload all with checkpointing: a layer's recompute runs on the device as without offloading,
+    so a plain MLP's activation backward (moments.plain_act_backward) is a moment there too; the estimate's error is
+    the one it has with offloading off within half a point (before: +0.9% vs +7.9%, the term dropped; OPT-30B full
+    fine-tuning, fresh seed 124871 draw 36: -4.8% vs -1.1%)."""
+    from memplan.architectures import from_hf_config
+    from memplan.estimate import estimate
+    from memplan.spec import TrainSpec
+    from memplan.trace import run_trace
+
+    opt = {"model_type": "opt", "hidden_size": 256, "ffn_dim": 1024, "num_hidden_layers": 2, "num_attention_heads": 8,
+           "vocab_size": 500, "max_position_embeddings": 2048, "do_layer_norm_before": True, "word_embed_proj_dim": 256}
+    m = from_hf_config(opt, "offload-ckpt-test", "test")
+    errors = {}
+    for mode in ("all", "off"):
+        train = TrainSpec(seq_len=512, bits=32, method="full", batch_size=2, gradient_checkpointing=True,
+                          activation_offload=mode, loss="liger", optimizer="sgd")
+        errors[mode] = estimate(m, train).phases["backward"] / run_trace(m, train, keep_timeline=False).phases[
+            "backward"] - 1
+    assert errors["all"] == pytest.approx(errors["off"], abs=0.005)
