@@ -156,6 +156,8 @@ class _Settings:
     full_grads: tuple | None  # full fine-tuning: per layer, its weight gradients, down_proj's, its MLP's; the rest;
     # per layer, its experts' (trained 3-D experts)
     per_seq_activations: bool  # activations.per_seq: the per-token figures depend on the sequence length
+    rank: object  # parallel.RankView on several GPUs, else None (its activation_train holds the first shape)
+    rank_step_temporaries: int  # the optimizer step's on that rank
     activations: dict = field(default_factory=dict, compare=False)  # (batch, seq_len or 0) -> Activations: the
     # per-token figures of the shapes seen, shared by every sequence length where they do not depend on it
 
@@ -182,15 +184,22 @@ def _settings(model: ModelSpec, train: TrainSpec) -> _Settings:
                 tuple((layer.params - sum(lin.numel for lin in layer.linears if lin.name in ATTENTION_LINEARS)) * gb
                       for layer in layers),
                 model.other_params * gb, tuple(layer.expert_params * gb for layer in layers))
+    states = optimizer.states(model, train, tr["params"], tr["bytes"])
+    rank = None
+    if train.strategy != "none" and not model.derived:  # one rank of a data-parallel job (parallel.py)
+        from memplan.estimate import parallel
+
+        rank = parallel.rank_view(model, train, w, tr, states)
     out = _Settings(
-        weights=w, trainable=tr, states=optimizer.states(model, train, tr["params"], tr["bytes"]),
+        weights=w, trainable=tr, states=states,
         ends=lora.head_and_embedding_grads(model, train),
         step_temporaries=optimizer.step_temporaries(train, tr["bytes"], model),
         load_transient=weights.load_transient(model, train), largest_trainable=_largest_trainable(model, train),
         config=shape_free.to_dict(), notes=tuple(_shape_free_notes(model, train)),
         loss_per_token=(loss_forward(model, train), loss_backward(model, train)),
         first_layer_adapters=lora.layer_adapter_bytes(model, train, model.layers[0][1]), full_grads=full,
-        per_seq_activations=act_mod.per_seq(model, train))
+        per_seq_activations=act_mod.per_seq(model, train), rank=rank,
+        rank_step_temporaries=optimizer.step_temporaries(train, rank.gradients, model) if rank else 0)
     if len(_SETTINGS) >= SETTINGS_LIMIT:
         _SETTINGS.clear()
     _SETTINGS[key] = (model, out)
@@ -209,15 +218,14 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
     rank = None
     act_train = train
     if train.strategy != "none":  # one rank of a data-parallel job (parallel.py)
-        from memplan.estimate import parallel
-
         if model.derived:
             raise MemplanError(f"{model.name} is a derived architecture (fitted to single-GPU meta traces): its "
                                f"per-rank estimate is not modelled; `memplan trace {model.name} --gpus "
                                f"{train.gpus}` traces rank 0 exactly")
-        rank = parallel.rank_view(model, train, w, tr, states)
+        rank = fixed.rank
         w, states, grads, lora_bytes, comm = rank.weights, rank.states, rank.gradients, rank.lora, rank.comm
-        act_train = rank.activation_train or train
+        if rank.activation_train:  # at this shape
+            act_train = rank.activation_train.variant(seq_len=train.seq_len, batch_size=train.batch_size)
     if model.derived:  # no hand-written activation formulas: terms fitted to meta traces (derived.py)
         from memplan.estimate import derived
 
@@ -403,13 +411,13 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
                                    temporaries=2 * ends["head"] if ends["tied"] else 0,
                                    comm_buffers=comm["backward_layer"]))
     if rank is not None and rank.gradients_embedding is not None:
-        unsharded = lora.head_and_embedding_grads(model, train)  # FSDP: made whole, then reduce-scattered
+        unsharded = fixed.ends  # FSDP: made whole, then reduce-scattered
         if unsharded["embed"]:  # the embedding's backward, as above: tied, 3 V x H at once
             backward.append(_candidate(steady, gradients=rank.gradients_embedding,
                                        activations=T * (a.fixed - a.final_norm - a.forward_only),
                                        temporaries=(3 if unsharded["tied"] else 1) * unsharded["embed"],
                                        comm_buffers=comm["backward_embedding"]))
-    step_tmp = fixed.step_temporaries if rank is None else optimizer.step_temporaries(train, grads, model)
+    step_tmp = fixed.step_temporaries if rank is None else fixed.rank_step_temporaries
     opt_step = _candidate(steady, gradients=grads, temporaries=step_tmp, comm_buffers=comm["optimizer"])
     # multi-GPU: the load phase is the rank's shards after wrapping (how each launcher loads differs)
     load = _candidate(_base(static), temporaries=0 if rank else fixed.load_transient, comm_buffers=comm["load"])
