@@ -118,6 +118,18 @@ def eager_softmax_backward(model: ModelSpec, train: TrainSpec, e: int) -> int:
     return a * s * (4 + 4) - (a * s * e if e != 4 else 0)
 
 
+def math_softmax_backward(model: ModelSpec, train: TrainSpec) -> int:
+    """SDPA's math kernel (attention.effective_attention: Falcon-7B's multi-query call) at its softmax's backward,
+    per token, beside the saved fp32 probabilities: probs @ v's backward has made the gradient of the probabilities
+    and _softmax_backward_data writes the scores' gradient, both fp32 (a·s·4 B each) whatever the activations'
+    dtype: the kernel upcasts q, k, v (aten/src/ATen/native/transformers/attention.cpp,
+    _scaled_dot_product_attention_math: query_.to(kFloat) unless allowFP16BF16ReductionMathSDP, off by default), so
+    nothing is cast back before o_proj. The meta trace of Falcon-7B (bf16 full fine-tune, checkpointed, seed 88213
+    #277) holds the three a·s² fp32 tensors at the backward's peak; eager_softmax_backward's in-dtype rule
+    counted a·s·2·e, one fp32 tensor short when 16-bit (-23.5%)."""
+    return model.num_heads * train.seq_len * 8
+
+
 # RMSNorm's backward (LlamaRMSNorm, GemmaRMSNorm: x.float(), pow(2).mean(-1), x * rsqrt(...)) peaks at this many fp32
 # tensors of its input's shape: the gradient through the product by rsqrt (MulBackward0), MeanBackward1's expanded
 # gradient and PowBackward0's three (pow_backward: self.pow(1), its doubling, the product with the gradient; torch
