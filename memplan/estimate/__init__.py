@@ -17,6 +17,7 @@ No torch import: this is the path `memplan estimate` runs, thousands of times a 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from memplan.errors import MemplanError
 from memplan.estimate import activations as act_mod
@@ -25,7 +26,7 @@ from memplan.estimate import lora, offload, optimizer, weights
 from memplan.estimate.logits import fused_loss, loss_backward, loss_forward
 from memplan.estimate.moments import final_norm_backward
 from memplan.estimate.overhead import Overheads, default_overheads, replay_overheads
-from memplan.spec import DTYPES, ModelSpec, TrainSpec
+from memplan.spec import DTYPES, TRAIN_FIELDS, ModelSpec, TrainSpec
 from memplan.stack import stack
 
 PHASES = ("load", "forward", "backward", "optimizer")
@@ -93,22 +94,39 @@ class Estimate:
         }
 
 
-def _total(c: dict[str, int]) -> int:
-    return sum(c.values())
+# A moment's live bytes are (total, base components, extras): most candidates lose to another of their phase, so
+# the components dict is built (_components) only for each phase's peak.
+_EXTRAS = ("gradients", "activations", "logits_loss", "temporaries", "comm_buffers")
 
 
-def _larger(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
-    """The candidate with more bytes (the first on a tie, as max)."""
-    return a if sum(a.values()) >= sum(b.values()) else b
+def _base(components: dict[str, int]) -> tuple:
+    """What every moment of a phase holds (weights, adapters, optimizer states), with its total."""
+    return sum(components.values()), components
 
 
-def _candidate(base: dict[str, int], **extra: int) -> dict[str, int]:
-    """One moment's live bytes by component: base plus extra (a component left out is 0)."""
-    out = base.copy()
-    for k, v in extra.items():
-        if v:
-            out[k] = out.get(k, 0) + int(v)
+def _candidate(base: tuple, gradients: int = 0, activations: int = 0, logits_loss: int = 0, temporaries: int = 0,
+               comm_buffers: int = 0) -> tuple:
+    """One moment's live bytes: the base's plus these."""
+    extra = (int(gradients), int(activations), int(logits_loss), int(temporaries), int(comm_buffers))
+    return base[0] + sum(extra), base[1], extra
+
+
+def _components(moment: tuple) -> dict[str, int]:
+    """The moment's bytes by component, every component in COMPONENTS' order."""
+    out = dict.fromkeys(COMPONENTS, 0)
+    out.update(moment[1])
+    for k, v in zip(_EXTRAS, moment[2]):
+        out[k] += v
     return out
+
+
+def _total(moment: tuple) -> int:
+    return moment[0]
+
+
+def _larger(a: tuple, b: tuple) -> tuple:
+    """The moment with more bytes (the first on a tie, as max)."""
+    return a if a[0] >= b[0] else b
 
 
 # the attention's linears (the rest of a layer's parameters get their gradients in its MLP's backward, first)
@@ -137,13 +155,21 @@ class _Settings:
     first_layer_adapters: int  # the first layer's adapter bytes (its backward makes their gradients)
     full_grads: tuple | None  # full fine-tuning: per layer, its weight gradients, down_proj's, its MLP's; the rest;
     # per layer, its experts' (trained 3-D experts); per plain-MLP layer, its down projection's
+    per_seq_activations: bool  # activations.per_seq: the per-token figures depend on the sequence length
+    activations: dict = field(default_factory=dict, compare=False)  # (batch, seq_len or 0) -> Activations: the
+    # per-token figures of the shapes seen, shared by every sequence length where they do not depend on it
+
+
+# every training field but the shape's, read at once (a key built field by field is much of an estimate's time)
+_SETTINGS_FIELDS = attrgetter(*(f for f in TRAIN_FIELDS if f not in ("seq_len", "batch_size")))
 
 
 def _settings(model: ModelSpec, train: TrainSpec) -> _Settings:
-    key = (id(model), train.variant(seq_len=0, batch_size=0))
+    key = (id(model), _SETTINGS_FIELDS(train))
     hit = _SETTINGS.get(key)
     if hit is not None and hit[0] is model:  # the same object (an id is reused once its model is freed)
         return hit[1]
+    shape_free = train.variant(seq_len=0, batch_size=0)
     w = weights.weights(model, train)
     tr = lora.trainable(model, train)
     full = None
@@ -163,9 +189,10 @@ def _settings(model: ModelSpec, train: TrainSpec) -> _Settings:
         ends=lora.head_and_embedding_grads(model, train),
         step_temporaries=optimizer.step_temporaries(train, tr["bytes"], model),
         load_transient=weights.load_transient(model, train), largest_trainable=_largest_trainable(model, train),
-        config=key[1].to_dict(), notes=tuple(_shape_free_notes(model, train)),
+        config=shape_free.to_dict(), notes=tuple(_shape_free_notes(model, train)),
         loss_per_token=(loss_forward(model, train), loss_backward(model, train)),
-        first_layer_adapters=lora.layer_adapter_bytes(model, train, model.layers[0][1]), full_grads=full)
+        first_layer_adapters=lora.layer_adapter_bytes(model, train, model.layers[0][1]), full_grads=full,
+        per_seq_activations=act_mod.per_seq(model, train))
     if len(_SETTINGS) >= SETTINGS_LIMIT:
         _SETTINGS.clear()
     _SETTINGS[key] = (model, out)
@@ -197,11 +224,18 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
         from memplan.estimate import derived
 
         chosen, extra = derived.phase_components(model, train)
-        return _finish(model, train, overheads, fixed, chosen, extra)
-    a = act_mod.activations(model, act_train)
+        return _finish(model, train, overheads, fixed, {p: {k: c.get(k, 0) for k in COMPONENTS}
+                                                        for p, c in chosen.items()}, extra)
+    if act_train is train:
+        shape = train.batch_size, train.seq_len if fixed.per_seq_activations else 0
+        a = fixed.activations.get(shape)
+        if a is None:
+            a = fixed.activations[shape] = act_mod.activations(model, train)
+    else:
+        a = act_mod.activations(model, act_train)
 
     static = {**w, "lora": lora_bytes}
-    steady = _candidate(static, optimizer_states=states)
+    steady = _base({**static, "optimizer_states": states})
     stored = sum(a.stored_per_layer) + a.fixed
     before_norm = stored - a.final_norm  # the final norm's (and a trained lm_head's) saved input: from the norm on
     # in the last layer's forward: what the layers before it saved, and its input (the residual stream)
@@ -246,7 +280,7 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
                              dora_but_last, comm["forward_layer"])
 
     def layer_bwd(idx: int, done_grads: int, mul_grads: int = 0, mlp_grads: int = 0,
-                  moment: tuple | None = None, own_grads: int = 0, act_grads: int = 0) -> dict[str, int]:
+                  moment: tuple | None = None, own_grads: int = 0, act_grads: int = 0) -> tuple:
         """The peak of layer idx's backward; done_grads exist at its start, the gated product's backward adds
         mul_grads (down_proj's), the attention's backward comes after the whole MLP's (mlp_grads). moment: FSDP's
         buffers in flight during this layer's backward and at its post-backward reduce (parallel.py), own_grads the
@@ -381,17 +415,17 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
     step_tmp = fixed.step_temporaries if rank is None else optimizer.step_temporaries(train, grads, model)
     opt_step = _candidate(steady, gradients=grads, temporaries=step_tmp, comm_buffers=comm["optimizer"])
     # multi-GPU: the load phase is the rank's shards after wrapping (how each launcher loads differs)
-    load = _candidate(static, temporaries=0 if rank else fixed.load_transient, comm_buffers=comm["load"])
+    load = _candidate(_base(static), temporaries=0 if rank else fixed.load_transient, comm_buffers=comm["load"])
 
     candidates = {"load": [load], "forward": forward, "backward": backward,
                   "optimizer": [opt_step]}
-    chosen = {p: max(cs, key=_total) for p, cs in candidates.items()}
+    chosen = {p: _components(max(cs, key=_total)) for p, cs in candidates.items()}
     host = host_mod.host_plan(model, act_train, a, states, T)
     return _finish(model, train, overheads, fixed, chosen, [], host, states, rank, act_train)
 
 
-def _dora_forward(a, train: TrainSpec, T: int, steady: dict, stored: int, dora_but_last: int,
-                  in_flight: int) -> list[dict]:
+def _dora_forward(a, train: TrainSpec, T: int, steady: tuple, stored: int, dora_but_last: int,
+                  in_flight: int) -> list[tuple]:
     """The last layer's DoRA linears in forward (dora.py): at get_weight_norm (weight-sized work) and at the
     adapter sum (output-sized products), on top of what the layers saved so far. Under checkpointing only the
     layer inputs are kept and the linear's own tensors are locals."""
@@ -415,9 +449,10 @@ def _dora_forward(a, train: TrainSpec, T: int, steady: dict, stored: int, dora_b
 
 def _finish(model, train, overheads, fixed: _Settings, chosen: dict, extra_notes: list, host: dict | None = None,
             states: int = 0, rank=None, act_train: TrainSpec | None = None) -> Estimate:
-    """The Estimate of the chosen candidate per phase: the peak is the largest phase."""
+    """The Estimate of the chosen candidate per phase (every component, in COMPONENTS' order): the peak is the
+    largest phase."""
     tr = fixed.trainable
-    phase_components = {p: {k: c.get(k, 0) for k in COMPONENTS} for p, c in chosen.items()}
+    phase_components = chosen
     phases = {p: sum(c.values()) for p, c in phase_components.items()}
     peak_phase = max(PHASES, key=lambda p: phases[p])
     peak = phases[peak_phase]
