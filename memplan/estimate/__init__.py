@@ -154,7 +154,7 @@ class _Settings:
     loss_per_token: tuple  # the standard loss's (forward, backward) bytes per token
     first_layer_adapters: int  # the first layer's adapter bytes (its backward makes their gradients)
     full_grads: tuple | None  # full fine-tuning: per layer, its weight gradients, down_proj's, its MLP's; the rest;
-    # per layer, its experts' (trained 3-D experts)
+    # per layer, its experts' (trained 3-D experts); per plain-MLP layer, its down projection's
     per_seq_activations: bool  # activations.per_seq: the per-token figures depend on the sequence length
     rank: object  # parallel.RankView on several GPUs, else None (its activation_train holds the first shape)
     rank_step_temporaries: int  # the optimizer step's on that rank
@@ -183,7 +183,9 @@ def _settings(model: ModelSpec, train: TrainSpec) -> _Settings:
                       for layer in layers),
                 tuple((layer.params - sum(lin.numel for lin in layer.linears if lin.name in ATTENTION_LINEARS)) * gb
                       for layer in layers),
-                model.other_params * gb, tuple(layer.expert_params * gb for layer in layers))
+                model.other_params * gb, tuple(layer.expert_params * gb for layer in layers),
+                tuple(next((lin.numel for lin in layer.linears if lin.name in ("dense_4h_to_h", "fc2")), 0) * gb
+                      if layer.mlp == "plain" else 0 for layer in layers))
     states = optimizer.states(model, train, tr["params"], tr["bytes"])
     rank = None
     if train.strategy != "none" and not model.derived:  # one rank of a data-parallel job (parallel.py)
@@ -286,11 +288,12 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
                              dora_but_last, comm["forward_layer"])
 
     def layer_bwd(idx: int, done_grads: int, mul_grads: int = 0, mlp_grads: int = 0,
-                  moment: tuple | None = None, own_grads: int = 0) -> tuple:
+                  moment: tuple | None = None, own_grads: int = 0, act_grads: int = 0) -> tuple:
         """The peak of layer idx's backward; done_grads exist at its start, the gated product's backward adds
         mul_grads (down_proj's), the attention's backward comes after the whole MLP's (mlp_grads). moment: FSDP's
         buffers in flight during this layer's backward and at its post-backward reduce (parallel.py), own_grads the
-        layer's unsharded gradients once its backward is done."""
+        layer's unsharded gradients once its backward is done, act_grads a plain MLP's down projection's (made before
+        its activation's backward)."""
         kept = T * (sum(a.stored_per_layer[: idx + 1]) + a.fixed - a.final_norm - a.forward_only)
         kept += sum(dora[: idx + 1]) if dora else 0
         recompute_reload = a.reload_first if idx == 0 else a.reload
@@ -318,7 +321,7 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
                           temporaries=T * a.bwd_work_attn - (freed - held) + a.dequant_bytes, comm_buffers=in_flight)
         start = _larger(start, attn)
         if a.bwd_work_act:  # no dequantized weight: a plain MLP's activation backward, a checkpointed MoE's experts
-            start = _larger(start, _candidate(steady, gradients=done_grads, activations=kept + recompute,
+            start = _larger(start, _candidate(steady, gradients=done_grads + act_grads, activations=kept + recompute,
                                               temporaries=T * a.bwd_work_act, comm_buffers=in_flight))
         if a.bwd_work_softmax:  # eager attention's softmax backward (moments.eager_softmax_backward): no
             # dequantized weight (o_proj's backward is done, q/k/v's not begun)
@@ -381,10 +384,10 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
     if train.method == "full" and replicated:  # a layer's weight gradients appear during its own backward:
         # at its start only the later layers', the head's and the final norm's exist; at the gated MLP's product
         # backward, down_proj's too
-        per_layer, down, mlp, others, _ = fixed.full_grads
+        per_layer, down, mlp, others, _, plain_down = fixed.full_grads
         done = ends["head"] + others
-        bwd_last = layer_bwd(len(per_layer) - 1, done, down[-1], mlp[-1])
-        bwd_first = layer_bwd(0, done + sum(per_layer[1:]), down[0], mlp[0])
+        bwd_last = layer_bwd(len(per_layer) - 1, done, down[-1], mlp[-1], act_grads=plain_down[-1])
+        bwd_first = layer_bwd(0, done + sum(per_layer[1:]), down[0], mlp[0], act_grads=plain_down[0])
     elif rank is not None and rank.layer_moments:  # FSDP: each layer's unsharded gradients appear during its own
         # backward (full fine-tuning: down_proj's at the gated product, the MLP's by the attention), beside the
         # shards of the layers after it and the buffers in flight at that layer (parallel._fsdp_layer_moments)
