@@ -34,10 +34,12 @@ def mlp_product_backward(model: ModelSpec, layer: LayerSpec, train: TrainSpec, s
     freed = sum(sv.size[n] for n in sv.kept if n.startswith(down.name + "."))
     if prod_saved and not ckpt:
         freed += prod
-    if train.liger:  # LigerSiLUMulFunction.backward (liger-kernel 0.8.5 ops/swiglu.py swiglu_backward): dc made
-        # contiguous (dp, from down_proj's backward), its kernel stores da and db into the saved a and b and returns
-        # them: nothing beside dp and the layer output's gradient; the recomputed c went with the recompute's frame
-        # (the meta trace's live tensors: Mistral 16-bit LoRA on q/v, checkpointed, draw 100 of seed 88213).
+    if train.liger:  # LigerSiLUMulFunction / LigerGELUMulFunction.backward (liger-kernel 0.8.5 ops/swiglu.py,
+        # geglu.py: swiglu_backward / geglu_backward): dc made contiguous (dp, from down_proj's backward), the kernel
+        # stores da and db into the saved a and b and returns them: nothing beside dp and the residual stream's
+        # gradient (seed 88213 #6, 8-bit gemma-7b: +4.9% with MulBackward0's set); checkpointed, the recomputed c went
+        # with the recompute's frame (the meta trace's live tensors: Mistral 16-bit LoRA on q/v, draw 100 of seed
+        # 88213, +4.2% with it; tests/test_estimate_moments.py liger-swiglu-backward: +26% -> +0.1%).
         # Offload all without checkpointing: the layer's saved set is on the host (nothing to free) and the product
         # down_proj saved, brought back for its backward, stays in TRL's bwd stash until the next node (this one)
         # finishes (offload.py; tiny Llama full fine-tuning: -4.2% without it)
@@ -64,7 +66,10 @@ def plain_act_backward(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> 
     them the residual stream's gradient and, in a parallel-attention layer (GPT-NeoX: one add of both branches and
     the residual), the attention branch's gradient waiting in the compute dtype when flash-attention's output is
     16-bit in an fp32 stream (AddBackward0 casts it). Sources: transformers activations.py 5.24 (FastGELU /
-    NewGELU), modeling_gpt_neox.py GPTNeoXLayer.forward, the meta trace's live tensors."""
+    NewGELU), modeling_gpt_neox.py GPTNeoXLayer.forward, the meta trace's live tensors.
+    By then the down projection's nodes have run and released what they saved (counted in the saved set): its LoRA
+    tensors and, trained (full fine-tuning) or read by lora_A (dropout 0), its input, the activation's output, which
+    ReLU alone saves again (Falcon-40B full fine-tune, seed 88213 #68: +3.5% with them counted)."""
     if layer.mlp != "plain":
         return 0
     fn = model.hf_config.get("hidden_act") or model.hf_config.get("activation_function") or "silu"
@@ -72,7 +77,11 @@ def plain_act_backward(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> 
     ctx = act.Ctx.of(train, model)
     e, h = ctx.e, model.hidden_size
     branch = h * ctx.c if layer.parallel_attn and ctx.attention == act.FA2 and e != ctx.c else 0
-    return h * e + branch + (3 if fn in act._TANH_GELU_SAVED else 2) * up.out_features * e
+    sv = act.layer_saved(model, layer, ctx)
+    down = sv.marks[-1][0]
+    released = sum(sv.size[n] for n in sv.kept if n.startswith(down.name + "."))
+    released += sv.size["mlp.act"] if "mlp.act" in sv.kept and fn != "relu" else 0
+    return h * e + branch + (3 if fn in act._TANH_GELU_SAVED else 2) * up.out_features * e - released
 
 
 def lora_sum_promoted(model: ModelSpec, train: TrainSpec) -> int:
@@ -127,6 +136,18 @@ def eager_softmax_backward(model: ModelSpec, train: TrainSpec, e: int) -> int:
     if softmax_in_dtype(model):  # the gradient of the probabilities and softmax's backward output, in the
         return a * s * 2 * e  # activations' dtype; the saved probabilities stay until softmax's backward ends
     return a * s * (4 + 4) - (a * s * e if e != 4 else 0)
+
+
+def math_softmax_backward(model: ModelSpec, train: TrainSpec) -> int:
+    """SDPA's math kernel (attention.effective_attention: Falcon-7B's multi-query call) at its softmax's backward,
+    per token, beside the saved fp32 probabilities: probs @ v's backward has made the gradient of the probabilities
+    and _softmax_backward_data writes the scores' gradient, both fp32 (a·s·4 B each) whatever the activations'
+    dtype: the kernel upcasts q, k, v (aten/src/ATen/native/transformers/attention.cpp,
+    _scaled_dot_product_attention_math: query_.to(kFloat) unless allowFP16BF16ReductionMathSDP, off by default), so
+    nothing is cast back before o_proj. The meta trace of Falcon-7B (bf16 full fine-tune, checkpointed, seed 88213
+    #277) holds the three a·s² fp32 tensors at the backward's peak; eager_softmax_backward's in-dtype rule
+    counted a·s·2·e, one fp32 tensor short when 16-bit (-23.5%)."""
+    return model.num_heads * train.seq_len * 8
 
 
 # RMSNorm's backward (LlamaRMSNorm, GemmaRMSNorm: x.float(), pow(2).mean(-1), x * rsqrt(...)) peaks at this many fp32
