@@ -44,6 +44,11 @@ def mlp_product_backward(model: ModelSpec, layer: LayerSpec, train: TrainSpec, s
         # down_proj saved, brought back for its backward, stays in TRL's bwd stash until the next node (this one)
         # finishes (offload.py; tiny Llama full fine-tuning: -4.2% without it)
         work = model.hidden_size * act.Ctx.of(train, model).e + prod
+        if ckpt and not prod_saved and train.quantized and down.quantizable:  # a frozen bitsandbytes down_proj
+            # saves nothing through the hooks (MatMul4Bit / MatMul8bitLt keep ctx.tensors), so the recompute stops
+            # in the SiLU-mul's own pack, and its product stays alive (the meta trace: fresh seed 127303 draw 59,
+            # Qwen2.5-3B QLoRA: -13.3% without it; a 16-bit down_proj's saved weight stops it after: #100 above)
+            work += prod
         if train.activation_offload == "all" and not ckpt:
             return 0, work + (prod if prod_saved else 0)
         return freed, work
