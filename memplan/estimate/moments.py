@@ -254,8 +254,8 @@ def down_forward(model: ModelSpec, train: TrainSpec) -> tuple[int, int]:
     fused = next((lin for lin in layer.linears if lin.name == "gate_up_proj"), None)
     ckpt = train.gradient_checkpointing
     offloaded = train.activation_offload == "all" and not ckpt
-    if layer.mlp != "gated" or not (offloaded or (train.liger and fused)):
-        return 0, 0
+    if layer.mlp != "gated" or not (offloaded or (train.liger and fused)) or train.bits == 8:
+        return 0, 0  # LLM.int8 (not modelled here): MatMul8bitLt holds its inputs itself (activations._int8_held)
     ctx = act.Ctx.of(train, model)
     e, c, h = ctx.e, ctx.c, model.hidden_size
     sv = act.layer_saved(model, layer, ctx)
@@ -273,7 +273,7 @@ def down_forward(model: ModelSpec, train: TrainSpec) -> tuple[int, int]:
     elif not ckpt:  # the layer's saved set so far (the layer input is counted with the kept bytes)
         own = sum(sv.size[n] for n in sv.kept if n.startswith(down.name + "."))
         out += sv.total() - own - (sv.size["x"] if "x" in sv.kept else 0)
-    dequant = down.weight_numel * (e if train.bits == 8 else c) if train.quantized and down.quantizable else 0
+    dequant = down.weight_numel * c if train.quantized and down.quantizable else 0
     return out, dequant
 
 
