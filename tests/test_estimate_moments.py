@@ -156,3 +156,19 @@ def test_liger_gated_mul_backward_in_place():
     e = estimate(m, train)
     err = (e.phases["backward"] - t.phases["backward"]) / t.phases["backward"]
     assert abs(err) <= 0.025, (err, e.phases, t.phases)
+
+
+def test_int8_forward_makes_no_weight_sized_copy():
+    """bitsandbytes' LLM.int8 forward multiplies int8 activations by the int8 weight (MatMul8bitLt.forward,
+    int8_mixed_scaled_mm): unlike NF4's, it dequantizes no weight-sized copy; its backward does (fresh seed 131337
+    #24, GPT-NeoX-20B 8-bit; tiny GPT-NeoX forward before: +42.6%)."""
+    from memplan.estimate import estimate
+    from memplan.trace import run_trace
+
+    m = from_hf_config(TINY_NEOX | {"hidden_size": 1024, "intermediate_size": 4096, "hidden_act": "gelu"}, "tiny", "test")
+    train = TrainSpec(seq_len=32, batch_size=2, bits=8, lora_targets="qv", lora_dtype="bf16", optimizer="sgd",
+                      loss="liger", activation_offload="checkpoints")
+    t = run_trace(m, train, keep_timeline=False, steps=1, warm_optimizer=True)
+    e = estimate(m, train)
+    err = (e.phases["forward"] - t.phases["forward"]) / t.phases["forward"]
+    assert abs(err) <= 0.04, (err, e.phases, t.phases)

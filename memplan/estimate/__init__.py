@@ -266,7 +266,10 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
     # (`inputs_embeds` in LlamaModel.forward et al.) until the layers are done; not at the loss
     last_fwd += a.layer_input if a.offloaded_layers else 0
     fwd_layer = _candidate(steady, activations=T * last_fwd + dora_but_last,
-                           temporaries=T * a.fwd_transient + a.dequant_bytes, comm_buffers=comm["forward_layer"])
+                           # LLM.int8's forward multiplies int8 CA by int8 CB (MatMul8bitLt.forward,
+                           # int8_mixed_scaled_mm: only outlier columns dequantized): no weight-sized copy
+                           temporaries=T * a.fwd_transient + (a.dequant_bytes if train.bits != 8 else 0),
+                           comm_buffers=comm["forward_layer"])
     bwd_loss = _candidate(steady, activations=T * (stored - a.forward_only) + dora_all, logits_loss=loss_bwd,
                           comm_buffers=comm["backward_loss"])
     forward = [fwd_loss, fwd_layer]
