@@ -290,6 +290,13 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
     forward += _dora_forward(a, train, T, steady, before_norm + (a.layer_input if a.offloaded_layers else 0),
                              dora_but_last, comm["forward_layer"])
 
+    layer = model.layers[-1][1]
+    frozen_plain = a.layer_input + layer.linears[-1].in_features * (a.layer_input // model.hidden_size) if (
+        train.gradient_checkpointing and train.quantized and train.method == "lora" and layer.mlp == "plain"
+        and len(model.layers) == 1 and not any(lora.is_target(lin, train) for lin in layer.linears
+                                               if lin.name in ("dense_h_to_4h", "dense_4h_to_h", "fc1", "fc2"))
+        and all(lin.quantizable for lin in layer.linears)) else 0
+
     def layer_bwd(idx: int, done_grads: int, mul_grads: int = 0, mlp_grads: int = 0,
                   moment: tuple | None = None, own_grads: int = 0, act_grads: int = 0) -> tuple:
         """The peak of layer idx's backward; done_grads exist at its start, the gated product's backward adds
@@ -303,9 +310,19 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
         recompute = (a.layer_saved[idx] if train.gradient_checkpointing else 0) + recompute_reload
         recompute = T * recompute + (a.dora_saved[idx] if train.gradient_checkpointing and a.dora_saved else 0)
         in_flight = moment[0] if moment else comm["backward_layer"]
-        start = _candidate(steady, gradients=done_grads, activations=kept + recompute,
-                           temporaries=T * a.bwd_work_mlp + (0 if a.dequant_work else a.dequant_bytes),
-                           comm_buffers=in_flight)
+        if frozen_plain:  # checkpointed plain MLP, frozen bitsandbytes linears (keeping ctx.tensors, nothing to
+            # unpack): the down projection's backward dequantizes before anything starts the recompute; the up
+            # projection's after the activation's backward released the MLP's recomputed saved set; each beside the
+            # residual stream's gradient and the i-wide gradient it takes or makes (MatMul4Bit / MatMul8bitLt)
+            mlp_saved = T * (a.layer_saved[idx] - a.layer_saved_attn[idx])
+            start = _larger(_candidate(steady, gradients=done_grads, activations=kept,
+                                       temporaries=T * frozen_plain + a.dequant_bytes, comm_buffers=in_flight),
+                            _candidate(steady, gradients=done_grads, activations=kept + recompute - mlp_saved,
+                                       temporaries=T * frozen_plain + a.dequant_bytes, comm_buffers=in_flight))
+        else:
+            start = _candidate(steady, gradients=done_grads, activations=kept + recompute,
+                               temporaries=T * a.bwd_work_mlp + (0 if a.dequant_work else a.dequant_bytes),
+                               comm_buffers=in_flight)
         if a.dequant_work:  # the recompute's end holds no dequantized weight; the last linear's backward does
             start = _larger(start, _candidate(steady, gradients=done_grads, activations=kept + recompute,
                                               temporaries=T * a.dequant_work + a.dequant_bytes, comm_buffers=in_flight))
