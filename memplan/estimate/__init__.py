@@ -192,15 +192,16 @@ def _settings(model: ModelSpec, train: TrainSpec) -> _Settings:
         from memplan.estimate import parallel
 
         rank = parallel.rank_view(model, train, w, tr, states)
+    act = rank.activation_train if rank and rank.activation_train else train  # what the activations follow
     out = _Settings(
         weights=w, trainable=tr, states=states,
         ends=lora.head_and_embedding_grads(model, train),
         step_temporaries=optimizer.step_temporaries(train, tr["bytes"], model),
         load_transient=weights.load_transient(model, train), largest_trainable=_largest_trainable(model, train),
-        config=shape_free.to_dict(), notes=tuple(_shape_free_notes(model, train)),
-        loss_per_token=(loss_forward(model, train), loss_backward(model, train)),
+        config=shape_free.to_dict(), notes=tuple(_shape_free_notes(model, act)),
+        loss_per_token=(loss_forward(model, act), loss_backward(model, act)),
         first_layer_adapters=lora.layer_adapter_bytes(model, train, model.layers[0][1]), full_grads=full,
-        per_seq_activations=act_mod.per_seq(model, train), rank=rank,
+        per_seq_activations=act_mod.per_seq(model, act), rank=rank,
         rank_step_temporaries=optimizer.step_temporaries(train, rank.gradients, model) if rank else 0)
     if len(_SETTINGS) >= SETTINGS_LIMIT:
         _SETTINGS.clear()
@@ -234,13 +235,10 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
         chosen, extra = derived.phase_components(model, train)
         return _finish(model, train, overheads, fixed, {p: {k: c.get(k, 0) for k in COMPONENTS}
                                                         for p, c in chosen.items()}, extra)
-    if act_train is train:
-        shape = train.batch_size, train.seq_len if fixed.per_seq_activations else 0
-        a = fixed.activations.get(shape)
-        if a is None:
-            a = fixed.activations[shape] = act_mod.activations(model, train)
-    else:
-        a = act_mod.activations(model, act_train)
+    shape = train.batch_size, train.seq_len if fixed.per_seq_activations else 0
+    a = fixed.activations.get(shape)
+    if a is None:
+        a = fixed.activations[shape] = act_mod.activations(model, act_train)
 
     static = {**w, "lora": lora_bytes}
     steady = _base({**static, "optimizer_states": states})
@@ -253,9 +251,7 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
     dora_all, dora_but_last = (sum(dora), sum(dora[:-1])) if dora else (0, 0)
 
     if train.loss == "standard":
-        per_token = fixed.loss_per_token if act_train is train else (loss_forward(model, act_train),
-                                                                     loss_backward(model, act_train))
-        loss_fwd, loss_bwd = T * per_token[0], T * per_token[1]
+        loss_fwd, loss_bwd = T * fixed.loss_per_token[0], T * fixed.loss_per_token[1]
     else:
         loss_fwd, loss_bwd = fused_loss(model, act_train, T)
     stash = offload.loss_stash(model, act_train) if a.offloaded_layers else 0  # TRL's, at the loss
@@ -506,8 +502,7 @@ def _finish(model, train, overheads, fixed: _Settings, chosen: dict, extra_notes
         if host is not None:  # one node: each rank's offloaded activations and paged states, and the offloaded state
             host = host_mod.per_node(host, train.gpus, rank.host_bytes)
     config = dict(fixed.config, seq_len=train.seq_len, batch_size=train.batch_size)  # train.to_dict()
-    shown = act_train or train
-    note_list = (list(fixed.notes) if shown is train else _shape_free_notes(model, shown)) + _shape_notes(model, shown)
+    note_list = list(fixed.notes) + _shape_notes(model, act_train or train)
     return Estimate(
         model=model.name, params_total=model.total_params, params_trainable=tr["params"], config=config,
         components=phase_components[peak_phase], phases=phases, phase_components=phase_components, peak_bytes=peak,
