@@ -663,7 +663,7 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     # and the softmax terms; offloaded, what TRL's bwd stash still holds (offload.eager_softmax_backward_held)
     softmax = (h * e + moments.eager_softmax_backward(model, train, e)
                + offload.eager_softmax_backward_held(model, train, e)) if ctx.attention == "eager" else 0
-    eager_bwd = moments.eager_softmax_backward(model, train, e) if ctx.attention == "math" else 0
+    eager_bwd = moments.math_softmax_backward(model, train) if ctx.attention == "math" else 0
     bwd_attn = int(k["attn_h"] * h * e + k["attn_qkv"] * (model.num_heads + 2 * model.num_kv_heads) * model.head_dim * e
                    + eager_bwd)
     # LLM.int8's backward dequantizes CB to its input's dtype (bitsandbytes autograd/_functions.py MatMul8bitLt)

@@ -118,6 +118,16 @@ def eager_softmax_backward(model: ModelSpec, train: TrainSpec, e: int) -> int:
     return a * s * (4 + 4) - (a * s * e if e != 4 else 0)
 
 
+def math_softmax_backward(model: ModelSpec, train: TrainSpec) -> int:
+    """SDPA's math kernel (attention.effective_attention: Falcon-7B's one-head multi-query k/v) peaks in
+    _safe_softmax's backward (per token): the kernel upcasts q, k, v to fp32, so the probabilities' gradient (attn @
+    v's backward) and _softmax_backward_data's output are fp32, a*s*4 bytes each, whatever the activations' dtype;
+    the fp32 probabilities, which _safe_softmax and the matmul save as one storage, stay until softmax's backward
+    ends (in the saved set, or brought back when offloaded). aten/src/ATen/native/transformers/attention.cpp
+    _scaled_dot_product_attention_math (torch 2.13); the meta trace's live tensors (Falcon-7B, seed 88213 #295)."""
+    return model.num_heads * train.seq_len * 8
+
+
 # RMSNorm's backward (LlamaRMSNorm, GemmaRMSNorm: x.float(), pow(2).mean(-1), x * rsqrt(...)) peaks at this many fp32
 # tensors of its input's shape: the gradient through the product by rsqrt (MulBackward0), MeanBackward1's expanded
 # gradient and PowBackward0's three (pow_backward: self.pow(1), its doubling, the product with the gradient; torch
