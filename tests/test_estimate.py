@@ -170,3 +170,28 @@ def test_the_settings_cache_never_changes_a_number():
         if index >= 60:
             break
     assert checked >= 150
+
+
+def test_activations_shared_across_batches_equal_their_own_walk():
+    """activations() computes a configuration's per-token figures once at batch 1 and shares them with every batch
+    (only rotary cos / sin, shared by the batch, differ): on a seeded sample over every flag and model, at several
+    shapes, they equal those computed for that batch by _activations itself."""
+    from memplan.catalog import models
+    from memplan.estimate.activations import _activations, activations
+    from memplan.validation.sample import draw_configs
+
+    names = [m["name"] for m in models().values() if not resolve_model(m["name"]).derived]
+    checked = 0
+    for index, name, train in draw_configs(5151, names):
+        model = resolve_model(name)
+        for seq_len, batch in ((train.seq_len, train.batch_size), (37, 3), (4097, 6)):
+            t = train.variant(seq_len=seq_len, batch_size=batch)
+            try:
+                expected = _activations(model, t)
+            except MemplanError:
+                continue
+            assert activations(model, t) == expected, (name, t)
+            checked += 1
+        if index >= 60:
+            break
+    assert checked >= 150

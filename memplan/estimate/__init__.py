@@ -17,6 +17,7 @@ No torch import: this is the path `memplan estimate` runs, thousands of times a 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from memplan.errors import MemplanError
 from memplan.estimate import activations as act_mod
@@ -25,7 +26,7 @@ from memplan.estimate import lora, offload, optimizer, weights
 from memplan.estimate.logits import fused_loss, head_backward, loss_backward, loss_forward
 from memplan.estimate.moments import final_norm_backward
 from memplan.estimate.overhead import Overheads, default_overheads, replay_overheads
-from memplan.spec import DTYPES, ModelSpec, TrainSpec
+from memplan.spec import DTYPES, TRAIN_FIELDS, ModelSpec, TrainSpec
 from memplan.stack import stack
 
 PHASES = ("load", "forward", "backward", "optimizer")
@@ -93,22 +94,39 @@ class Estimate:
         }
 
 
-def _total(c: dict[str, int]) -> int:
-    return sum(c.values())
+# A moment's live bytes are (total, base components, extras): most candidates lose to another of their phase, so
+# the components dict is built (_components) only for each phase's peak.
+_EXTRAS = ("gradients", "activations", "logits_loss", "temporaries", "comm_buffers")
 
 
-def _larger(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
-    """The candidate with more bytes (the first on a tie, as max)."""
-    return a if sum(a.values()) >= sum(b.values()) else b
+def _base(components: dict[str, int]) -> tuple:
+    """What every moment of a phase holds (weights, adapters, optimizer states), with its total."""
+    return sum(components.values()), components
 
 
-def _candidate(base: dict[str, int], **extra: int) -> dict[str, int]:
-    """One moment's live bytes by component: base plus extra (a component left out is 0)."""
-    out = base.copy()
-    for k, v in extra.items():
-        if v:
-            out[k] = out.get(k, 0) + int(v)
+def _candidate(base: tuple, gradients: int = 0, activations: int = 0, logits_loss: int = 0, temporaries: int = 0,
+               comm_buffers: int = 0) -> tuple:
+    """One moment's live bytes: the base's plus these."""
+    extra = (int(gradients), int(activations), int(logits_loss), int(temporaries), int(comm_buffers))
+    return base[0] + sum(extra), base[1], extra
+
+
+def _components(moment: tuple) -> dict[str, int]:
+    """The moment's bytes by component, every component in COMPONENTS' order."""
+    out = dict.fromkeys(COMPONENTS, 0)
+    out.update(moment[1])
+    for k, v in zip(_EXTRAS, moment[2]):
+        out[k] += v
     return out
+
+
+def _total(moment: tuple) -> int:
+    return moment[0]
+
+
+def _larger(a: tuple, b: tuple) -> tuple:
+    """The moment with more bytes (the first on a tie, as max)."""
+    return a if a[0] >= b[0] else b
 
 
 # the attention's linears (the rest of a layer's parameters get their gradients in its MLP's backward, first)
@@ -136,14 +154,24 @@ class _Settings:
     loss_per_token: tuple  # the standard loss's (forward, backward) bytes per token
     first_layer_adapters: int  # the first layer's adapter bytes (its backward makes their gradients)
     full_grads: tuple | None  # full fine-tuning: per layer, its weight gradients, down_proj's, its MLP's; the rest;
-    # per layer, its experts' (trained 3-D experts)
+    # per layer, its experts' (trained 3-D experts); per plain-MLP layer, its down projection's
+    per_seq_activations: bool  # activations.per_seq: the per-token figures depend on the sequence length
+    rank: object  # parallel.RankView on several GPUs, else None (its activation_train holds the first shape)
+    rank_step_temporaries: int  # the optimizer step's on that rank
+    activations: dict = field(default_factory=dict, compare=False)  # (batch, seq_len or 0) -> Activations: the
+    # per-token figures of the shapes seen, shared by every sequence length where they do not depend on it
+
+
+# every training field but the shape's, read at once (a key built field by field is much of an estimate's time)
+_SETTINGS_FIELDS = attrgetter(*(f for f in TRAIN_FIELDS if f not in ("seq_len", "batch_size")))
 
 
 def _settings(model: ModelSpec, train: TrainSpec) -> _Settings:
-    key = (id(model), train.variant(seq_len=0, batch_size=0))
+    key = (id(model), _SETTINGS_FIELDS(train))
     hit = _SETTINGS.get(key)
     if hit is not None and hit[0] is model:  # the same object (an id is reused once its model is freed)
         return hit[1]
+    shape_free = train.variant(seq_len=0, batch_size=0)
     w = weights.weights(model, train)
     tr = lora.trainable(model, train)
     full = None
@@ -155,15 +183,26 @@ def _settings(model: ModelSpec, train: TrainSpec) -> _Settings:
                       for layer in layers),
                 tuple((layer.params - sum(lin.numel for lin in layer.linears if lin.name in ATTENTION_LINEARS)) * gb
                       for layer in layers),
-                model.other_params * gb, tuple(layer.expert_params * gb for layer in layers))
+                model.other_params * gb, tuple(layer.expert_params * gb for layer in layers),
+                tuple(next((lin.numel for lin in layer.linears if lin.name in ("dense_4h_to_h", "fc2")), 0) * gb
+                      if layer.mlp == "plain" else 0 for layer in layers))
+    states = optimizer.states(model, train, tr["params"], tr["bytes"])
+    rank = None
+    if train.strategy != "none" and not model.derived:  # one rank of a data-parallel job (parallel.py)
+        from memplan.estimate import parallel
+
+        rank = parallel.rank_view(model, train, w, tr, states)
+    act = rank.activation_train if rank and rank.activation_train else train  # what the activations follow
     out = _Settings(
-        weights=w, trainable=tr, states=optimizer.states(model, train, tr["params"], tr["bytes"]),
+        weights=w, trainable=tr, states=states,
         ends=lora.head_and_embedding_grads(model, train),
         step_temporaries=optimizer.step_temporaries(train, tr["bytes"], model),
         load_transient=weights.load_transient(model, train), largest_trainable=_largest_trainable(model, train),
-        config=key[1].to_dict(), notes=tuple(_shape_free_notes(model, train)),
-        loss_per_token=(loss_forward(model, train), loss_backward(model, train)),
-        first_layer_adapters=lora.layer_adapter_bytes(model, train, model.layers[0][1]), full_grads=full)
+        config=shape_free.to_dict(), notes=tuple(_shape_free_notes(model, act)),
+        loss_per_token=(loss_forward(model, act), loss_backward(model, act)),
+        first_layer_adapters=lora.layer_adapter_bytes(model, train, model.layers[0][1]), full_grads=full,
+        per_seq_activations=act_mod.per_seq(model, act), rank=rank,
+        rank_step_temporaries=optimizer.step_temporaries(train, rank.gradients, model) if rank else 0)
     if len(_SETTINGS) >= SETTINGS_LIMIT:
         _SETTINGS.clear()
     _SETTINGS[key] = (model, out)
@@ -182,24 +221,27 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
     rank = None
     act_train = train
     if train.strategy != "none":  # one rank of a data-parallel job (parallel.py)
-        from memplan.estimate import parallel
-
         if model.derived:
             raise MemplanError(f"{model.name} is a derived architecture (fitted to single-GPU meta traces): its "
                                f"per-rank estimate is not modelled; `memplan trace {model.name} --gpus "
                                f"{train.gpus}` traces rank 0 exactly")
-        rank = parallel.rank_view(model, train, w, tr, states)
+        rank = fixed.rank
         w, states, grads, lora_bytes, comm = rank.weights, rank.states, rank.gradients, rank.lora, rank.comm
-        act_train = rank.activation_train or train
+        if rank.activation_train:  # at this shape
+            act_train = rank.activation_train.variant(seq_len=train.seq_len, batch_size=train.batch_size)
     if model.derived:  # no hand-written activation formulas: terms fitted to meta traces (derived.py)
         from memplan.estimate import derived
 
         chosen, extra = derived.phase_components(model, train)
-        return _finish(model, train, overheads, fixed, chosen, extra)
-    a = act_mod.activations(model, act_train)
+        return _finish(model, train, overheads, fixed, {p: {k: c.get(k, 0) for k in COMPONENTS}
+                                                        for p, c in chosen.items()}, extra)
+    shape = train.batch_size, train.seq_len if fixed.per_seq_activations else 0
+    a = fixed.activations.get(shape)
+    if a is None:
+        a = fixed.activations[shape] = act_mod.activations(model, act_train)
 
     static = {**w, "lora": lora_bytes}
-    steady = _candidate(static, optimizer_states=states)
+    steady = _base({**static, "optimizer_states": states})
     stored = sum(a.stored_per_layer) + a.fixed
     before_norm = stored - a.final_norm  # the final norm's (and a trained lm_head's) saved input: from the norm on
     # in the last layer's forward: what the layers before it saved, and its input (the residual stream)
@@ -209,9 +251,7 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
     dora_all, dora_but_last = (sum(dora), sum(dora[:-1])) if dora else (0, 0)
 
     if train.loss == "standard":
-        per_token = fixed.loss_per_token if act_train is train else (loss_forward(model, act_train),
-                                                                     loss_backward(model, act_train))
-        loss_fwd, loss_bwd = T * per_token[0], T * per_token[1]
+        loss_fwd, loss_bwd = T * fixed.loss_per_token[0], T * fixed.loss_per_token[1]
     else:
         loss_fwd, loss_bwd = fused_loss(model, act_train, T)
     stash = offload.loss_stash(model, act_train) if a.offloaded_layers else 0  # TRL's, at the loss
@@ -244,11 +284,12 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
                              dora_but_last, comm["forward_layer"])
 
     def layer_bwd(idx: int, done_grads: int, mul_grads: int = 0, mlp_grads: int = 0,
-                  moment: tuple | None = None, own_grads: int = 0) -> dict[str, int]:
+                  moment: tuple | None = None, own_grads: int = 0, act_grads: int = 0) -> tuple:
         """The peak of layer idx's backward; done_grads exist at its start, the gated product's backward adds
         mul_grads (down_proj's), the attention's backward comes after the whole MLP's (mlp_grads). moment: FSDP's
         buffers in flight during this layer's backward and at its post-backward reduce (parallel.py), own_grads the
-        layer's unsharded gradients once its backward is done."""
+        layer's unsharded gradients once its backward is done, act_grads a plain MLP's down projection's (made before
+        its activation's backward)."""
         kept = T * (sum(a.stored_per_layer[: idx + 1]) + a.fixed - a.final_norm - a.forward_only)
         kept += sum(dora[: idx + 1]) if dora else 0
         recompute_reload = a.reload_first if idx == 0 else a.reload
@@ -276,7 +317,7 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
                           temporaries=T * a.bwd_work_attn - (freed - held) + a.dequant_bytes, comm_buffers=in_flight)
         start = _larger(start, attn)
         if a.bwd_work_act:  # no dequantized weight: a plain MLP's activation backward, a checkpointed MoE's experts
-            start = _larger(start, _candidate(steady, gradients=done_grads, activations=kept + recompute,
+            start = _larger(start, _candidate(steady, gradients=done_grads + act_grads, activations=kept + recompute,
                                               temporaries=T * a.bwd_work_act, comm_buffers=in_flight))
         if a.bwd_work_softmax:  # eager attention's softmax backward (moments.eager_softmax_backward): no
             # dequantized weight (o_proj's backward is done, q/k/v's not begun)
@@ -339,10 +380,10 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
     if train.method == "full" and replicated:  # a layer's weight gradients appear during its own backward:
         # at its start only the later layers', the head's and the final norm's exist; at the gated MLP's product
         # backward, down_proj's too
-        per_layer, down, mlp, others, _ = fixed.full_grads
+        per_layer, down, mlp, others, _, plain_down = fixed.full_grads
         done = ends["head"] + others
-        bwd_last = layer_bwd(len(per_layer) - 1, done, down[-1], mlp[-1])
-        bwd_first = layer_bwd(0, done + sum(per_layer[1:]), down[0], mlp[0])
+        bwd_last = layer_bwd(len(per_layer) - 1, done, down[-1], mlp[-1], act_grads=plain_down[-1])
+        bwd_first = layer_bwd(0, done + sum(per_layer[1:]), down[0], mlp[0], act_grads=plain_down[0])
     elif rank is not None and rank.layer_moments:  # FSDP: each layer's unsharded gradients appear during its own
         # backward (full fine-tuning: down_proj's at the gated product, the MLP's by the attention), beside the
         # shards of the layers after it and the buffers in flight at that layer (parallel._fsdp_layer_moments)
@@ -372,26 +413,26 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
                                    temporaries=2 * ends["head"] if ends["tied"] else 0,
                                    comm_buffers=comm["backward_layer"]))
     if rank is not None and rank.gradients_embedding is not None:
-        unsharded = lora.head_and_embedding_grads(model, train)  # FSDP: made whole, then reduce-scattered
+        unsharded = fixed.ends  # FSDP: made whole, then reduce-scattered
         if unsharded["embed"]:  # the embedding's backward, as above: tied, 3 V x H at once
             backward.append(_candidate(steady, gradients=rank.gradients_embedding,
                                        activations=T * (a.fixed - a.final_norm - a.forward_only),
                                        temporaries=(3 if unsharded["tied"] else 1) * unsharded["embed"],
                                        comm_buffers=comm["backward_embedding"]))
-    step_tmp = fixed.step_temporaries if rank is None else optimizer.step_temporaries(train, grads, model)
+    step_tmp = fixed.step_temporaries if rank is None else fixed.rank_step_temporaries
     opt_step = _candidate(steady, gradients=grads, temporaries=step_tmp, comm_buffers=comm["optimizer"])
     # multi-GPU: the load phase is the rank's shards after wrapping (how each launcher loads differs)
-    load = _candidate(static, temporaries=0 if rank else fixed.load_transient, comm_buffers=comm["load"])
+    load = _candidate(_base(static), temporaries=0 if rank else fixed.load_transient, comm_buffers=comm["load"])
 
     candidates = {"load": [load], "forward": forward, "backward": backward,
                   "optimizer": [opt_step]}
-    chosen = {p: max(cs, key=_total) for p, cs in candidates.items()}
+    chosen = {p: _components(max(cs, key=_total)) for p, cs in candidates.items()}
     host = host_mod.host_plan(model, act_train, a, states, T)
     return _finish(model, train, overheads, fixed, chosen, [], host, states, rank, act_train)
 
 
-def _dora_forward(a, train: TrainSpec, T: int, steady: dict, stored: int, dora_but_last: int,
-                  in_flight: int) -> list[dict]:
+def _dora_forward(a, train: TrainSpec, T: int, steady: tuple, stored: int, dora_but_last: int,
+                  in_flight: int) -> list[tuple]:
     """The last layer's DoRA linears in forward (dora.py): at get_weight_norm (weight-sized work) and at the
     adapter sum (output-sized products), on top of what the layers saved so far. Under checkpointing only the
     layer inputs are kept and the linear's own tensors are locals."""
@@ -415,9 +456,10 @@ def _dora_forward(a, train: TrainSpec, T: int, steady: dict, stored: int, dora_b
 
 def _finish(model, train, overheads, fixed: _Settings, chosen: dict, extra_notes: list, host: dict | None = None,
             states: int = 0, rank=None, act_train: TrainSpec | None = None) -> Estimate:
-    """The Estimate of the chosen candidate per phase: the peak is the largest phase."""
+    """The Estimate of the chosen candidate per phase (every component, in COMPONENTS' order): the peak is the
+    largest phase."""
     tr = fixed.trainable
-    phase_components = {p: {k: c.get(k, 0) for k in COMPONENTS} for p, c in chosen.items()}
+    phase_components = chosen
     phases = {p: sum(c.values()) for p, c in phase_components.items()}
     peak_phase = max(PHASES, key=lambda p: phases[p])
     peak = phases[peak_phase]
@@ -443,8 +485,7 @@ def _finish(model, train, overheads, fixed: _Settings, chosen: dict, extra_notes
         if host is not None:  # one node: each rank's offloaded activations and paged states, and the offloaded state
             host = host_mod.per_node(host, train.gpus, rank.host_bytes)
     config = dict(fixed.config, seq_len=train.seq_len, batch_size=train.batch_size)  # train.to_dict()
-    shown = act_train or train
-    note_list = (list(fixed.notes) if shown is train else _shape_free_notes(model, shown)) + _shape_notes(model, shown)
+    note_list = list(fixed.notes) + _shape_notes(model, act_train or train)
     return Estimate(
         model=model.name, params_total=model.total_params, params_trainable=tr["params"], config=config,
         components=phase_components[peak_phase], phases=phases, phase_components=phase_components, peak_bytes=peak,

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
+from operator import attrgetter
 from pathlib import Path
 
 from memplan.estimate import dora, moments, offload, recompute
@@ -41,7 +42,7 @@ from memplan.estimate.experts import router as experts_router
 from memplan.estimate.experts import backward_moment as experts_backward
 from memplan.estimate.lora import is_target
 from memplan.estimate.weights import unquantized_dtype_bytes
-from memplan.spec import DTYPES, LayerSpec, Linear, ModelSpec, TrainSpec
+from memplan.spec import DTYPES, TRAIN_FIELDS, LayerSpec, Linear, ModelSpec, TrainSpec
 from memplan.library_facts import INT8_OUTLIER_COLUMNS, LIGER_TYPES
 
 LAYER_NORM_TYPES = ("falcon", "gpt_neox", "opt")  # nn.LayerNorm in every layer; the others' are RMSNorms
@@ -601,10 +602,50 @@ def _per_layer(model: ModelSpec, train: TrainSpec) -> tuple:
             tuple(experts_bwd) if any(map(any, experts_bwd)) else ())
 
 
-_LAYER_KEYS: dict = {}
+_LAYER_KEYS: dict = {}  # (_LAYER_FIELDS, seq_len or 1) -> the layer key: train at batch 1, AdamW
+_LAYER_FIELDS = attrgetter(*(f for f in TRAIN_FIELDS if f not in ("seq_len", "batch_size", "optimizer")))
+
+
+def per_seq(model: ModelSpec, train: TrainSpec) -> bool:
+    """Whether activations() depends on the sequence length beyond the tokens its per-token figures multiply (it
+    depends on the batch through rotary cos / sin, shared by it): eager scores and masks are s wide, an SDPA mask
+    appears at a window, offloading compares each tensor's size with TRL's minimum."""
+    attention = effective_attention(model, train)
+    return (attention not in FUSED or train.activation_offload == "all" and not train.gradient_checkpointing
+            or attention == "sdpa" and sdpa_gets_a_mask(model, 1 << 62, train.transformers))  # at any length
+
+
+_AT_BATCH_ONE: dict = {}  # (_LAYER_FIELDS, seq_len) -> train at batch 1, AdamW: one object per key
 
 
 def activations(model: ModelSpec, train: TrainSpec) -> Activations:
+    """The per-token activation figures of this configuration (_activations). They depend on the batch only
+    through rotary cos / sin, (1, s, head_dim) shared by the batch, so they are computed once at batch 1 and
+    shared by every batch; offloading every saved tensor decides per tensor size (TRL's minimum), per batch."""
+    if train.activation_offload == "all" and not train.gradient_checkpointing:
+        return _activations(model, train)
+    fields = (_LAYER_FIELDS(train), train.seq_len)
+    one = _AT_BATCH_ONE.get(fields)
+    if one is None:
+        if len(_AT_BATCH_ONE) > 65536:
+            _AT_BATCH_ONE.clear()
+        one = _AT_BATCH_ONE[fields] = train.variant(batch_size=1, optimizer="adamw")
+    a = _at_batch_one(model, one)
+    if train.batch_size == 1:
+        return a
+    out = object.__new__(Activations)  # a copy but for `fixed` (dataclasses.replace re-runs __init__: slower)
+    out.__dict__.update(a.__dict__)
+    rotary = 2 * model.head_dim * unquantized_dtype_bytes(train)
+    out.__dict__["fixed"] = a.fixed - rotary + rotary // train.batch_size
+    return out
+
+
+@lru_cache(maxsize=4096)
+def _at_batch_one(model: ModelSpec, train: TrainSpec) -> Activations:
+    return _activations(model, train)
+
+
+def _activations(model: ModelSpec, train: TrainSpec) -> Activations:
     if train.liger and model.model_type not in LIGER_TYPES:
         from memplan.errors import MemplanError
 
@@ -616,11 +657,13 @@ def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     # per-token layer figures do not depend on batch, optimizer or (for fused attention) sequence length
     masked = ctx.attention == "sdpa" and sdpa_gets_a_mask(model, train.seq_len, train.transformers)
     per_seq = ctx.attention not in FUSED or masked
-    layer_key = train.variant(batch_size=1, optimizer="adamw", seq_len=train.seq_len if per_seq else 1)
     # one object per distinct key: the per-layer caches below then match it by identity, not field by field
-    layer_key = _LAYER_KEYS.setdefault(layer_key, layer_key)
-    if len(_LAYER_KEYS) > 65536:
-        _LAYER_KEYS.clear()
+    fields = (_LAYER_FIELDS(train), train.seq_len if per_seq else 1)
+    layer_key = _LAYER_KEYS.get(fields)
+    if layer_key is None:
+        if len(_LAYER_KEYS) > 65536:
+            _LAYER_KEYS.clear()
+        layer_key = _LAYER_KEYS[fields] = train.variant(batch_size=1, optimizer="adamw", seq_len=fields[1])
     (stored, saved, saved_attn, mul_freed, mul_work, int8_device, lora_add, dora_layers, attn_out, widest, cast,
      ends, act_bwd, experts_bwd) = _per_layer(model, layer_key)
     # rotary cos / sin are (1, s, head_dim): per sequence position, shared by the batch

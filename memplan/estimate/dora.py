@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from memplan.estimate.lora import is_target
 from memplan.spec import DTYPES, Linear, ModelSpec, TrainSpec
 
 # a branch's last linear: its output is added to the residual stream, so its incoming gradient is that stream's
@@ -231,10 +232,17 @@ def _incoming(model: ModelSpec, train: TrainSpec, lin: Linear, xd: str) -> int:
 def _pre_recompute_grads(model: ModelSpec, train: TrainSpec, marks: list) -> int:
     """Per token: the gradients alive when a checkpointed layer's first unpack starts its recompute. The residual
     stream's; when the layer's last linear is a DoRA one, its incoming gradients and p3 = p2 * scaling's
-    (MulBackward0 by a number saves nothing, so it runs before anything is unpacked)."""
+    (MulBackward0 by a number saves nothing, so it runs before anything is unpacked). A frozen bitsandbytes last
+    linear saves nothing either (MatMul4Bit / MatMul8bitLt keep their operands in ctx.tensors, plain attributes:
+    bitsandbytes autograd/_functions.py 0.50): its backward runs first and its input's gradient waits through the
+    recompute (Qwen3-8B QLoRA on q/v/o/up, seed 88213 #117: down_proj's dp at up_proj's DoRA; before -4.5%)."""
     h, eb = model.hidden_size, DTYPES[stream_dtype(train)]
-    if not marks or not marks[-1][6]:
+    if not marks:
         return h * eb
+    if not marks[-1][6]:
+        lin, xd = marks[-1][0], marks[-1][2]
+        frozen_bnb = train.quantized and lin.quantizable and not is_target(lin, train)
+        return h * eb + (lin.in_features * DTYPES[xd] if frozen_bnb else 0)
     lin, xd = marks[-1][0], marks[-1][2]
     return _incoming(model, train, lin, xd) + lin.out_features * DTYPES[train.lora_dtype]
 

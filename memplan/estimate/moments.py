@@ -34,6 +34,11 @@ def mlp_product_backward(model: ModelSpec, layer: LayerSpec, train: TrainSpec, s
     freed = sum(sv.size[n] for n in sv.kept if n.startswith(down.name + "."))
     if prod_saved and not ckpt:
         freed += prod
+    if train.liger:  # LigerSiLUMulFunction / LigerGELUMulFunction.backward: the kernel stores da and db into the
+        # saved a and b (ops/swiglu.py, geglu.py: swiglu_backward / geglu_backward return them), so beside dp only
+        # the residual stream's gradient (and a checkpointed recompute's product); 8-bit gemma-7b, seed 88213 #6:
+        # the MulBackward0 set below made this the backward's peak, +4.9% over the frozen down_proj's backward
+        return freed, model.hidden_size * act.Ctx.of(train, model).e + prod * (2 if ckpt and not prod_saved else 1)
     work = model.hidden_size * act.Ctx.of(train, model).e + 2 * prod  # the layer output's gradient, dp, d act(gate)
     if ckpt and not prod_saved:
         work += prod
@@ -53,7 +58,10 @@ def plain_act_backward(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> 
     them the residual stream's gradient and, in a parallel-attention layer (GPT-NeoX: one add of both branches and
     the residual), the attention branch's gradient waiting in the compute dtype when flash-attention's output is
     16-bit in an fp32 stream (AddBackward0 casts it). Sources: transformers activations.py 5.24 (FastGELU /
-    NewGELU), modeling_gpt_neox.py GPTNeoXLayer.forward, the meta trace's live tensors."""
+    NewGELU), modeling_gpt_neox.py GPTNeoXLayer.forward, the meta trace's live tensors.
+    By then the down projection's nodes have run and released what they saved (counted in the saved set): its LoRA
+    tensors and, trained (full fine-tuning) or read by lora_A (dropout 0), its input, the activation's output, which
+    ReLU alone saves again (Falcon-40B full fine-tune, seed 88213 #68: +3.5% with them counted)."""
     if layer.mlp != "plain":
         return 0
     fn = model.hf_config.get("hidden_act") or model.hf_config.get("activation_function") or "silu"
@@ -61,7 +69,11 @@ def plain_act_backward(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> 
     ctx = act.Ctx.of(train, model)
     e, h = ctx.e, model.hidden_size
     branch = h * ctx.c if layer.parallel_attn and ctx.attention == act.FA2 and e != ctx.c else 0
-    return h * e + branch + (3 if fn in act._TANH_GELU_SAVED else 2) * up.out_features * e
+    sv = act.layer_saved(model, layer, ctx)
+    down = sv.marks[-1][0]
+    released = sum(sv.size[n] for n in sv.kept if n.startswith(down.name + "."))
+    released += sv.size["mlp.act"] if "mlp.act" in sv.kept and fn != "relu" else 0
+    return h * e + branch + (3 if fn in act._TANH_GELU_SAVED else 2) * up.out_features * e - released
 
 
 def lora_sum_promoted(model: ModelSpec, train: TrainSpec) -> int:
@@ -119,12 +131,14 @@ def eager_softmax_backward(model: ModelSpec, train: TrainSpec, e: int) -> int:
 
 
 def math_softmax_backward(model: ModelSpec, train: TrainSpec) -> int:
-    """SDPA's math kernel (attention.effective_attention: Falcon-7B's one-head multi-query k/v) peaks in
-    _safe_softmax's backward (per token): the kernel upcasts q, k, v to fp32, so the probabilities' gradient (attn @
-    v's backward) and _softmax_backward_data's output are fp32, a*s*4 bytes each, whatever the activations' dtype;
-    the fp32 probabilities, which _safe_softmax and the matmul save as one storage, stay until softmax's backward
-    ends (in the saved set, or brought back when offloaded). aten/src/ATen/native/transformers/attention.cpp
-    _scaled_dot_product_attention_math (torch 2.13); the meta trace's live tensors (Falcon-7B, seed 88213 #295)."""
+    """SDPA's math kernel (attention.effective_attention: Falcon-7B's multi-query call) at its softmax's backward,
+    per token, beside the saved fp32 probabilities: probs @ v's backward has made the gradient of the probabilities
+    and _softmax_backward_data writes the scores' gradient, both fp32 (a·s·4 B each) whatever the activations'
+    dtype: the kernel upcasts q, k, v (aten/src/ATen/native/transformers/attention.cpp,
+    _scaled_dot_product_attention_math: query_.to(kFloat) unless allowFP16BF16ReductionMathSDP, off by default), so
+    nothing is cast back before o_proj. The meta trace of Falcon-7B (bf16 full fine-tune, checkpointed, seed 88213
+    #277) holds the three a·s² fp32 tensors at the backward's peak; eager_softmax_backward's in-dtype rule
+    counted a·s·2·e, one fp32 tensor short when 16-bit (-23.5%)."""
     return model.num_heads * train.seq_len * 8
 
 
