@@ -23,7 +23,7 @@ from memplan.errors import MemplanError
 from memplan.estimate import activations as act_mod
 from memplan.estimate import host as host_mod
 from memplan.estimate import lora, offload, optimizer, weights
-from memplan.estimate.logits import fused_loss, loss_backward, loss_forward
+from memplan.estimate.logits import fused_loss, head_backward, loss_backward, loss_forward
 from memplan.estimate.moments import final_norm_backward
 from memplan.estimate.overhead import Overheads, default_overheads, replay_overheads
 from memplan.spec import DTYPES, TRAIN_FIELDS, ModelSpec, TrainSpec
@@ -419,6 +419,9 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
         bwd_first = layer_bwd(0, grads - (0 if ends["tied"] else ends["embed"]))
     if rank is None or not rank.layer_moments:
         backward = [bwd_loss, bwd_last, bwd_first]
+    if ends["head"] and train.loss == "standard":  # the trained head's MmBackward0 (logits.head_backward)
+        backward.append(_candidate(steady, gradients=ends["head"], activations=T * (stored - a.forward_only) + dora_all,
+                                   logits_loss=T * head_backward(model, act_train), comm_buffers=comm["backward_loss"]))
     if train.loss != "standard":  # the final norm's backward (moments.final_norm_backward)
         backward.append(_candidate(steady, gradients=ends["head"], activations=T * (stored - a.forward_only) + dora_all,
                                    temporaries=T * final_norm_backward(model, act_train),

@@ -534,8 +534,8 @@ class Activations:
     forward_only: int = 0  # per token, of `fixed`: what the forward holds and the backward no longer (eager's mask)
     int8_graph: int = 0  # per token: LLM.int8 inputs held until the graph is freed (moments.int8_graph_held)
     bwd_work_act: int = 0  # per token, a moment of the MLP's backward without a dequantized weight: a plain MLP's
-    # activation backward (moments.plain_act_backward), a checkpointed MoE layer's recompute in its experts
-    # (recompute.moe_stop); 0 under activation offload all, whose reload terms (offload.py) hold that moment
+    # activation backward (moments.plain_act_backward), a checkpointed MoE layer's recompute in its experts (recompute.
+    # moe_stop: its hooks, not the offload's, hold what it saves); 0 offloading all unless checkpointed (offload.py)
     bwd_work_norm: int = 0  # per token: at the layer's input norm's backward, its last op (moments.input_norm_backward)
     fwd_mlp_out: int = 0  # per token: at the last layer's MLP output linear's LoRA add (moments.mlp_out_forward)
 
@@ -727,7 +727,7 @@ def _activations(model: ModelSpec, train: TrainSpec) -> Activations:
                        offloaded_layers=train.activation_offload == "all" and not train.gradient_checkpointing,
                        bwd_work_softmax=softmax, forward_only=forward_only,
                        int8_graph=moments.int8_graph_held(model, layer_key),
-                       bwd_work_act=act_bwd if train.activation_offload != "all" else 0,
+                       bwd_work_act=act_bwd if train.gradient_checkpointing or train.activation_offload != "all" else 0,
                        bwd_work_norm=moments.input_norm_backward(model, layer_key),
                        fwd_mlp_out=moments.mlp_out_forward(model, layer_key))
 
