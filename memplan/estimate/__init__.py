@@ -23,7 +23,7 @@ from memplan.errors import MemplanError
 from memplan.estimate import activations as act_mod
 from memplan.estimate import host as host_mod
 from memplan.estimate import lora, offload, optimizer, weights
-from memplan.estimate.logits import fused_loss, loss_backward, loss_forward
+from memplan.estimate.logits import fused_loss, head_backward, loss_backward, loss_forward
 from memplan.estimate.moments import final_norm_backward
 from memplan.estimate.overhead import Overheads, default_overheads, replay_overheads
 from memplan.spec import DTYPES, TRAIN_FIELDS, ModelSpec, TrainSpec
@@ -262,7 +262,10 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
     # (`inputs_embeds` in LlamaModel.forward et al.) until the layers are done; not at the loss
     last_fwd += a.layer_input if a.offloaded_layers else 0
     fwd_layer = _candidate(steady, activations=T * last_fwd + dora_but_last,
-                           temporaries=T * a.fwd_transient + a.dequant_bytes, comm_buffers=comm["forward_layer"])
+                           # LLM.int8's forward multiplies int8 CA by int8 CB (MatMul8bitLt.forward,
+                           # int8_mixed_scaled_mm: only outlier columns dequantized): no weight-sized copy
+                           temporaries=T * a.fwd_transient + (a.dequant_bytes if train.bits != 8 else 0),
+                           comm_buffers=comm["forward_layer"])
     bwd_loss = _candidate(steady, activations=T * (stored - a.forward_only) + dora_all, logits_loss=loss_bwd,
                           comm_buffers=comm["backward_loss"])
     forward = [fwd_loss, fwd_layer]
@@ -288,6 +291,13 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
     forward += _dora_forward(a, train, T, steady, before_norm + (a.layer_input if a.offloaded_layers else 0),
                              dora_but_last, comm["forward_layer"])
 
+    layer = model.layers[-1][1]
+    frozen_plain = a.layer_input + layer.linears[-1].in_features * (a.layer_input // model.hidden_size) if (
+        train.gradient_checkpointing and train.quantized and train.method == "lora" and layer.mlp == "plain"
+        and len(model.layers) == 1 and not any(lora.is_target(lin, train) for lin in layer.linears
+                                               if lin.name in ("dense_h_to_4h", "dense_4h_to_h", "fc1", "fc2"))
+        and all(lin.quantizable for lin in layer.linears)) else 0
+
     def layer_bwd(idx: int, done_grads: int, mul_grads: int = 0, mlp_grads: int = 0,
                   moment: tuple | None = None, own_grads: int = 0, act_grads: int = 0) -> tuple:
         """The peak of layer idx's backward; done_grads exist at its start, the gated product's backward adds
@@ -301,9 +311,19 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
         recompute = (a.layer_saved[idx] if train.gradient_checkpointing else 0) + recompute_reload
         recompute = T * recompute + (a.dora_saved[idx] if train.gradient_checkpointing and a.dora_saved else 0)
         in_flight = moment[0] if moment else comm["backward_layer"]
-        start = _candidate(steady, gradients=done_grads, activations=kept + recompute,
-                           temporaries=T * a.bwd_work_mlp + (0 if a.dequant_work else a.dequant_bytes),
-                           comm_buffers=in_flight)
+        if frozen_plain:  # checkpointed plain MLP, frozen bitsandbytes linears (keeping ctx.tensors, nothing to
+            # unpack): the down projection's backward dequantizes before anything starts the recompute; the up
+            # projection's after the activation's backward released the MLP's recomputed saved set; each beside the
+            # residual stream's gradient and the i-wide gradient it takes or makes (MatMul4Bit / MatMul8bitLt)
+            mlp_saved = T * (a.layer_saved[idx] - a.layer_saved_attn[idx])
+            start = _larger(_candidate(steady, gradients=done_grads, activations=kept,
+                                       temporaries=T * frozen_plain + a.dequant_bytes, comm_buffers=in_flight),
+                            _candidate(steady, gradients=done_grads, activations=kept + recompute - mlp_saved,
+                                       temporaries=T * frozen_plain + a.dequant_bytes, comm_buffers=in_flight))
+        else:
+            start = _candidate(steady, gradients=done_grads, activations=kept + recompute,
+                               temporaries=T * a.bwd_work_mlp + (0 if a.dequant_work else a.dequant_bytes),
+                               comm_buffers=in_flight)
         if a.dequant_work:  # the recompute's end holds no dequantized weight; the last linear's backward does
             start = _larger(start, _candidate(steady, gradients=done_grads, activations=kept + recompute,
                                               temporaries=T * a.dequant_work + a.dequant_bytes, comm_buffers=in_flight))
@@ -404,6 +424,9 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
         bwd_first = layer_bwd(0, grads - (0 if ends["tied"] else ends["embed"]))
     if rank is None or not rank.layer_moments:
         backward = [bwd_loss, bwd_last, bwd_first]
+    if ends["head"] and train.loss == "standard":  # the trained head's MmBackward0 (logits.head_backward)
+        backward.append(_candidate(steady, gradients=ends["head"], activations=T * (stored - a.forward_only) + dora_all,
+                                   logits_loss=T * head_backward(model, act_train), comm_buffers=comm["backward_loss"]))
     if train.loss != "standard":  # the final norm's backward (moments.final_norm_backward)
         backward.append(_candidate(steady, gradients=ends["head"], activations=T * (stored - a.forward_only) + dora_all,
                                    temporaries=T * final_norm_backward(model, act_train),

@@ -43,6 +43,19 @@ def loss_backward(model: ModelSpec, train: TrainSpec) -> int:
     return int(model.vocab_size * (loss + e))
 
 
+def head_backward(model: ModelSpec, train: TrainSpec) -> int:
+    """Per token, beside a trained output layer's gradient while its MmBackward0 makes it (the standard loss): the
+    logits' gradient in the logits' dtype (an fp32 one from log_softmax's backward was cast by ToCopyBackward0 and
+    freed). Offloading all activations, TRL's bwd stash still holds the tensor the loss's last unpacking node
+    brought back (log_softmax's fp32 output; under Gemma-2's softcap tanh's output, in the logits' dtype): the
+    head's own saves sit in the NoOp scope, so nothing unpacks until the final norm's backward, whose end frees it
+    (trl/models/activation_offloading.py unpack_tensor_with_streams). The meta trace's live tensors (Qwen3-30B-A3B,
+    lm_head trained, seed 88213 #191: the head's V x H gradient beside two b·s x V fp32 tensors)."""
+    e = Ctx.of(train).e
+    stash = (e if final_softcap(model) else 4) if train.activation_offload == "all" else 0
+    return model.vocab_size * (e + stash)
+
+
 def fused_loss(model: ModelSpec, train: TrainSpec, tokens: int) -> tuple[int, int]:
     """(forward, backward) bytes of --loss liger | cce, absolute (memplan/trace/losses.py has their sources).
     liger: grad_input (b·s x H, in the hidden dtype) computed in the forward and kept for backward, loss_1d (fp32)
