@@ -204,11 +204,32 @@ def mlp_out_forward(model: ModelSpec, train: TrainSpec) -> int:
     output, the scaled LoRA output and their sum. peft/tuners/lora/layer.py 0.21 (Linear.forward: `result +
     lora_B(lora_A(dropout(x))) * scaling` in the promoted dtype); bnb.py (Linear4bit/8bitLt: the LoRA output cast
     to the result's dtype before the add). Checked on the meta trace's live tensors
-    (tests/test_estimate_moments.py)."""
+    (tests/test_estimate_moments.py). A checkpointed gated MLP's up_proj add can be larger (_up_add)."""
     layer = model.layers[-1][1]
-    if (layer.mlp == "moe" or train.dora or train.activation_offload != "off"
-            or model.model_type.startswith("gemma")):
+    if layer.mlp == "moe" or train.dora or model.model_type.startswith("gemma"):
         return 0
+    up = _up_add(model, layer, train)
+    if train.activation_offload == "off":
+        return max(up, _down_add(model, layer, train))
+    return up + (_ckpt_input_stash(model, train) if up and train.activation_offload == "all" else 0)
+
+
+def _ckpt_input_stash(model: ModelSpec, train: TrainSpec) -> int:
+    """Per token, --activation-offload all with checkpointing, in the last layer's forward: the checkpointed layer
+    inputs (torch's _NoopSaveInputs, the only saves TRL's hooks see) that its forward stash still holds on the
+    device, the max_fwd_stash_size most recent (trl/models/activation_offloading.py pack_tensor evicts an id only
+    when a later one is max_fwd_stash_size ahead), less the first layer's when offload.device_host keeps it on the
+    device anyway (a frozen embedding's output). The meta trace: seed 131337 draw 26 (4 layers: all four inputs)."""
+    from memplan.estimate.offload import MAX_FWD_STASH
+
+    n = model.num_layers
+    leaf = train.method == "lora" and "embed_tokens" not in train.modules_to_save
+    return (min(n, MAX_FWD_STASH) - (1 if leaf and n <= MAX_FWD_STASH else 0)) * model.hidden_size * act.Ctx.of(
+        train, model).e
+
+
+def _down_add(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> int:
+    """mlp_out_forward at the MLP output linear (the last mark)."""
     ctx = act.Ctx.of(train, model)
     sv = act.layer_saved(model, layer, ctx)
     e, lb = ctx.e, ctx.lb
@@ -236,6 +257,35 @@ def mlp_out_forward(model: ModelSpec, train: TrainSpec) -> int:
     if train.quantized and down.quantizable:  # bitsandbytes' LoRA layers cast the LoRA output first
         return alive + 3 * out * e
     return alive + out * (e + lb + (4 if _sum_promotes(train) else max(e, lb)))
+
+
+def _up_add(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> int:
+    """mlp_out_forward at a checkpointed gated MLP's up_proj LoRA add (LlamaMLP et al. `down_proj(act_fn(
+    gate_proj(x)) * up_proj(x))`; LigerSwiGLUMLP the same with gate_proj's output as the argument): act(gate) (or
+    the gate itself) waits beside up_proj's add, its base output, the LoRA output cast to the result's dtype and the
+    sum (peft/tuners/lora/bnb.py 0.21 Linear4bit/8bitLt.forward; layer.py Linear.forward promotes), with PEFT's cast
+    of its input and the residual after attention; the MLP's input unless LLM.int8 holds it. Net of what the stored
+    set counts for the last layer that does not exist yet: down_proj's LLM.int8 input (the product). The meta trace's
+    live tensors at the forward peak: fresh seed 131337 draw 26 (Llama-3-8B 8-bit, fp32, checkpointed, offload all,
+    Liger: four b·s x i fp32 tensors). 0 without checkpointing (the saved set overlaps these), for a fused gate_up
+    or an up_proj that is no LoRA target."""
+    lins = {lin.name: lin for lin in layer.linears}
+    up = lins.get("up_proj")
+    if (not train.gradient_checkpointing or layer.mlp != "gated" or "gate_proj" not in lins or up is None
+            or train.method != "lora" or not is_target(up, train)):
+        return 0
+    ctx = act.Ctx.of(train, model)
+    sv = act.layer_saved(model, layer, ctx)
+    e, lb, i = ctx.e, ctx.lb, up.out_features
+    held = set(sv.int8_inputs)
+    stream = sum(sv.size.get(n, 0) for n in ("h1", "norm2.out" if "norm2.out" in sv.size else "norm1.out")
+                 if n not in held)
+    alive = stream + i * e + (up.in_features * lb if act.casts(train, e) else 0)
+    if train.quantized and up.quantizable:
+        alive += 3 * i * e
+    else:
+        alive += i * (e + lb + (4 if _sum_promotes(train) else max(e, lb)))
+    return max(alive - (sv.size.get("mlp.prod", 0) if "mlp.prod" in held else 0), 0)
 
 
 @lru_cache(maxsize=4096)
