@@ -41,8 +41,32 @@ def lora_add(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> int:
             promoted = 4 if {result, train.lora_dtype} == {"fp16", "bf16"} else max(e, ctx.lb)
             add = e + ctx.lb + max(ctx.lb, promoted)
         cast = lin.in_features * ctx.lb if act.casts(train, e) else 0
-        best = max(best, before + lin.out_features * add + cast)
+        best = max(best, before + lin.out_features * add + cast + _gate_side(layer, lin, ctx)
+                   + _int8_inputs_before(sv, lin))
     return best
+
+
+def _int8_inputs_before(sv: act.Saved, lin) -> int:
+    """The recompute's LLM.int8 inputs up to `lin` that its saved set does not hold: MatMul8bitLt keeps them in
+    ctx.tensors, outside autograd's saves (bitsandbytes autograd/_functions.py 0.50), so the rerun's copies stay
+    beside the forward's (a norm's output feeding q/k/v or gate/up). The meta trace: seed 131337 draw 26."""
+    names = []
+    for mark in sv.marks:
+        if mark[1] in sv.int8_inputs and mark[1] not in sv.kept:
+            names.append(mark[1])
+        if mark[0] is lin:
+            break
+    return sum(sv.size[n] for n in dict.fromkeys(names))
+
+
+def _gate_side(layer: LayerSpec, lin, ctx: act.Ctx) -> int:
+    """At up_proj's add in a gated MLP (LlamaMLP et al.: `down_proj(act_fn(gate_proj(x)) * up_proj(x))`), the
+    gate's side waits, saved only later in the order: Liger's SiLU-mul argument, the gate itself
+    (LigerSwiGLUMLP.forward); otherwise act(gate) and the gate the activation saved (the recompute saves for real).
+    The meta trace: fresh seed 131337 draw 26 (Llama-3-8B 8-bit, checkpointed, Liger)."""
+    if lin.name != "up_proj" or layer.mlp != "gated":
+        return 0
+    return lin.out_features * ctx.e * (1 if ctx.liger else 2)
 
 
 @lru_cache(maxsize=4096)
