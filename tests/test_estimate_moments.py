@@ -215,8 +215,8 @@ def test_int8_forward_makes_no_weight_sized_copy():
 @pytest.mark.parametrize("bits,offload,liger", [(8, "all", True), (4, "off", False)], ids=["int8-offload-all-liger",
                                                                                            "nf4-standard-mlp"])
 def test_checkpointed_up_proj_lora_add_forward(bits, offload, liger):
-    """A checkpointed gated MLP whose up_proj is a LoRA target peaks in the last layer's forward at up_proj's add: act(gate)
-    (Liger: the gate) beside the base output, the LoRA output cast to fp32 and their sum, four i-wide tensors; under
+    """A checkpointed gated MLP whose up_proj is a LoRA target peaks in the last layer's forward at up_proj's add:
+    act(gate) (Liger: the gate) beside the base output, the LoRA output cast to fp32 and their sum, four i-wide; under
     offload all TRL's forward stash still holds the last layers' inputs (moments._up_add, _ckpt_input_stash; fresh
     seed 131337 draw 26, Llama-3-8B 8-bit; before: forward -33% / -37% here)."""
     from memplan.estimate import estimate
