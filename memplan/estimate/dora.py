@@ -131,7 +131,7 @@ class DoraLinear:
 
 def layer_linears(model: ModelSpec, train: TrainSpec, marks: list, kept: set, sizes: dict,
                   total: int, nograd: set = frozenset(), stash: tuple = ()) -> tuple[DoraLinear, ...]:
-    """The DoraLinear terms of one layer from the saved-set walk (activations.layer_saved): `marks` lists every
+    """The DoraLinear terms of one layer from the saved-set walk (saved_set.layer_saved): `marks` lists every
     linear in forward order as (lin, input name, input dtype, group, the layer's saved bytes through it, its own
     saved LoRA bytes, adapted by DoRA); `nograd` the tensors needing no gradient (layer 0's frozen input: F.linear
     of a dropout output without grad and a detached weight records no node, so it saves no weight); `stash` per

@@ -7,6 +7,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from memplan.estimate import activations as act
+from memplan.estimate import saved_set
 from memplan.estimate.attention import softmax_in_dtype
 from memplan.estimate.experts import linear_experts
 from memplan.estimate.lora import is_target
@@ -14,7 +15,7 @@ from memplan.estimate.weights import unquantized_dtype_bytes
 from memplan.spec import LayerSpec, ModelSpec, TrainSpec
 
 
-def mlp_product_backward(model: ModelSpec, layer: LayerSpec, train: TrainSpec, sv: act.Saved) -> tuple[int, int]:
+def mlp_product_backward(model: ModelSpec, layer: LayerSpec, train: TrainSpec, sv: saved_set.Saved) -> tuple[int, int]:
     """A gated MLP's backward peaks at act(gate) * up's backward (MulBackward0), a moment the layer-start
     working set does not cover: down_proj's backward has already made the gradient of the product p (i wide),
     MulBackward0 is writing the gradient of act(gate) beside it, and under checkpointing the recomputed p itself
@@ -43,7 +44,7 @@ def mlp_product_backward(model: ModelSpec, layer: LayerSpec, train: TrainSpec, s
         # Offload all without checkpointing: the layer's saved set is on the host (nothing to free) and the product
         # down_proj saved, brought back for its backward, stays in TRL's bwd stash until the next node (this one)
         # finishes (offload.py; tiny Llama full fine-tuning: -4.2% without it)
-        work = model.hidden_size * act.Ctx.of(train, model).e + prod
+        work = model.hidden_size * saved_set.Ctx.of(train, model).e + prod
         if ckpt and not prod_saved and train.quantized and down.quantizable:  # a frozen bitsandbytes down_proj
             # saves nothing through the hooks (MatMul4Bit / MatMul8bitLt keep ctx.tensors), so the recompute stops
             # in the SiLU-mul's own pack, and its product stays alive (the meta trace: fresh seed 127303 draw 59,
@@ -56,7 +57,7 @@ def mlp_product_backward(model: ModelSpec, layer: LayerSpec, train: TrainSpec, s
         # down_proj's backward brought back stays in TRL's bwd stash until this node finishes (fresh seed 121999
         # draw 1, Phi-3 full fine-tuning: -4.8% with the product freed)
         freed = 0
-    work = model.hidden_size * act.Ctx.of(train, model).e + 2 * prod  # the layer output's gradient, dp, d act(gate)
+    work = model.hidden_size * saved_set.Ctx.of(train, model).e + 2 * prod  # the layer output's gradient, dp, d act(gate)
     if ckpt and not prod_saved:
         work += prod
     elif not ckpt:  # MulBackward0 returns both factors' gradients at once: d up beside d act(gate) and dp (the
@@ -70,7 +71,7 @@ def plain_act_backward(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> 
     """Per token: a plain MLP's backward at its activation, after the down projection's backward (whose
     dequantized weight is gone by then), with the saved set still whole: the gradient coming from the down
     projection (in the stream's dtype: Linear4bit's cast back has a ToCopyBackward) and the activation's input
-    gradient, two i-wide tensors (GeluBackward0 / threshold_backward); a tanh-GELU chain (act._TANH_GELU_SAVED) starts
+    gradient, two i-wide tensors (GeluBackward0 / threshold_backward); a tanh-GELU chain (saved_set._TANH_GELU_SAVED) starts
     at its outer product `0.5 * x * (1 + tanh(...))`, whose MulBackward0 makes two (three i-wide in all). Beside
     them the residual stream's gradient and, in a parallel-attention layer (GPT-NeoX: one add of both branches and
     the residual), the attention branch's gradient waiting in the compute dtype when flash-attention's output is
@@ -83,14 +84,14 @@ def plain_act_backward(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> 
         return 0
     fn = model.hf_config.get("hidden_act") or model.hf_config.get("activation_function") or "silu"
     up = next(lin for lin in layer.linears if lin.name in ("dense_h_to_4h", "fc1"))
-    ctx = act.Ctx.of(train, model)
+    ctx = saved_set.Ctx.of(train, model)
     e, h = ctx.e, model.hidden_size
     branch = h * ctx.c if layer.parallel_attn and ctx.attention == act.FA2 and e != ctx.c else 0
-    sv = act.layer_saved(model, layer, ctx)
+    sv = saved_set.layer_saved(model, layer, ctx)
     down = sv.marks[-1][0]
     released = sum(sv.size[n] for n in sv.kept if n.startswith(down.name + "."))
     released += sv.size["mlp.act"] if "mlp.act" in sv.kept and fn != "relu" else 0
-    return h * e + branch + (3 if fn in act._TANH_GELU_SAVED else 2) * up.out_features * e - released
+    return h * e + branch + (3 if fn in saved_set._TANH_GELU_SAVED else 2) * up.out_features * e - released
 
 
 def lora_sum_promoted(model: ModelSpec, train: TrainSpec) -> int:
@@ -121,7 +122,7 @@ def moe_tail(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> int:
     0 off transformers 5 or without experts."""
     if not layer.num_experts or linear_experts(train):
         return 0
-    k, h, e = layer.experts_per_token, model.hidden_size, act.Ctx.of(train, model).e
+    k, h, e = layer.experts_per_token, model.hidden_size, saved_set.Ctx.of(train, model).e
     return (4 if train.gradient_checkpointing else 3) * k * h * e
 
 
@@ -170,11 +171,11 @@ def final_norm_backward(model: ModelSpec, train: TrainSpec) -> int:
     """Per token, beside every saved set: the final RMSNorm's backward (RMSNORM_BACKWARD_FP32 H-wide fp32 tensors),
     the backward's peak once a fused loss returns only a b·s x H gradient. Liger's RMSNorm and LayerNorm make one
     gradient in one kernel (counted with the loss's): 0 there. A trained weight's product (full fine-tuning) ran its
-    backward first, releasing the normalized input it saved (activations._norm)."""
-    if train.liger or model.model_type in act.LAYER_NORM_TYPES:
+    backward first, releasing the normalized input it saved (saved_set._norm)."""
+    if train.liger or model.model_type in saved_set.LAYER_NORM_TYPES:
         return 0
     h = model.hidden_size
-    released = h * (4 if model.model_type.startswith("gemma") else act.Ctx.of(train).e) if train.method == "full" else 0
+    released = h * (4 if model.model_type.startswith("gemma") else saved_set.Ctx.of(train).e) if train.method == "full" else 0
     return RMSNORM_BACKWARD_FP32 * 4 * h - released
 
 
@@ -188,7 +189,7 @@ def input_norm_backward(model: ModelSpec, train: TrainSpec) -> int:
     input's. Checked on the meta trace's live tensors (FSDP full fine-tuning, tests/test_parallel.py)."""
     h, e = model.hidden_size, unquantized_dtype_bytes(train)
     input_saved = 0 if train.gradient_checkpointing else h * e
-    if model.model_type in act.LAYER_NORM_TYPES or train.liger:
+    if model.model_type in saved_set.LAYER_NORM_TYPES or train.liger:
         return 3 * h * e + input_saved
     return h * e + RMSNORM_BACKWARD_FP32 * 4 * h + (4 * h if e != 4 else input_saved)
 
@@ -224,14 +225,14 @@ def _ckpt_input_stash(model: ModelSpec, train: TrainSpec) -> int:
 
     n = model.num_layers
     leaf = train.method == "lora" and "embed_tokens" not in train.modules_to_save
-    return (min(n, MAX_FWD_STASH) - (1 if leaf and n <= MAX_FWD_STASH else 0)) * model.hidden_size * act.Ctx.of(
+    return (min(n, MAX_FWD_STASH) - (1 if leaf and n <= MAX_FWD_STASH else 0)) * model.hidden_size * saved_set.Ctx.of(
         train, model).e
 
 
 def _down_add(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> int:
     """mlp_out_forward at the MLP output linear (the last mark)."""
-    ctx = act.Ctx.of(train, model)
-    sv = act.layer_saved(model, layer, ctx)
+    ctx = saved_set.Ctx.of(train, model)
+    sv = saved_set.layer_saved(model, layer, ctx)
     e, lb = ctx.e, ctx.lb
     down, down_input = sv.marks[-1][0], sv.marks[-1][1]
     ckpt = train.gradient_checkpointing  # a checkpointed layer saves nothing: all of these are locals
@@ -247,12 +248,12 @@ def _down_add(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> int:
     stream = [mid, *norms, down_input] + ([] if ckpt else ["x"])  # checkpointed: x is kept anyway
     alive = sum(sv.size.get(n, 0) for n in dict.fromkeys(stream) if n and n not in saved)
     if not ckpt:  # the embedding's output, unless layer 0 saves it as its input (checkpointed: kept)
-        first = act.layer_saved(model, model.layers[0][1], act._ctx(model, train, act.first_input_frozen(model, train)))
+        first = saved_set.layer_saved(model, model.layers[0][1], act._ctx(model, train, act.first_input_frozen(model, train)))
         alive += 0 if "x" in first.kept else model.hidden_size * e
     out = down.out_features
     if train.method != "lora" or not is_target(down, train):
         return alive + out * e
-    if act.casts(train, e) and f"{down.name}.cast" not in saved:
+    if saved_set.casts(train, e) and f"{down.name}.cast" not in saved:
         alive += down.in_features * lb
     if train.quantized and down.quantizable:  # bitsandbytes' LoRA layers cast the LoRA output first
         return alive + 3 * out * e
@@ -274,13 +275,13 @@ def _up_add(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> int:
     if (not train.gradient_checkpointing or layer.mlp != "gated" or "gate_proj" not in lins or up is None
             or train.method != "lora" or not is_target(up, train)):
         return 0
-    ctx = act.Ctx.of(train, model)
-    sv = act.layer_saved(model, layer, ctx)
+    ctx = saved_set.Ctx.of(train, model)
+    sv = saved_set.layer_saved(model, layer, ctx)
     e, lb, i = ctx.e, ctx.lb, up.out_features
     held = set(sv.int8_inputs)
     stream = sum(sv.size.get(n, 0) for n in ("h1", "norm2.out" if "norm2.out" in sv.size else "norm1.out")
                  if n not in held)
-    alive = stream + i * e + (up.in_features * lb if act.casts(train, e) else 0)
+    alive = stream + i * e + (up.in_features * lb if saved_set.casts(train, e) else 0)
     if train.quantized and up.quantizable:
         alive += 3 * i * e
     else:
@@ -310,9 +311,9 @@ def down_forward(model: ModelSpec, train: TrainSpec) -> tuple[int, int]:
     offloaded = train.activation_offload == "all" and not ckpt
     if layer.mlp != "gated" or not (offloaded or (train.liger and fused)) or train.bits == 8:
         return 0, 0  # LLM.int8 (not modelled here): MatMul8bitLt holds its inputs itself (activations._int8_held)
-    ctx = act.Ctx.of(train, model)
+    ctx = saved_set.Ctx.of(train, model)
     e, c, h = ctx.e, ctx.c, model.hidden_size
-    sv = act.layer_saved(model, layer, ctx)
+    sv = saved_set.layer_saved(model, layer, ctx)
     down, start = sv.marks[-1][0], sv.mark_starts[-1]
     if down.name != "down_proj" or "mlp.prod" not in sv.size:
         return 0, 0
@@ -347,6 +348,6 @@ def int8_graph_held(model: ModelSpec, train: TrainSpec) -> int:
     total = 0
     for i, (n, layer) in enumerate(model.layers):
         for first, count in (((True, 1), (False, n - 1)) if i == 0 and frozen0 else ((False, n),)):
-            sv = act.layer_saved(model, layer, act._ctx(model, train, first))
+            sv = saved_set.layer_saved(model, layer, act._ctx(model, train, first))
             total += count * (sum(sv.size[x] for x in sv.int8_inputs) + act.int8_outliers(sv))
     return total

@@ -9,6 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from memplan.estimate import activations as act
+from memplan.estimate import saved_set
 from memplan.estimate.attention import effective_attention, softmax_in_dtype
 from memplan.estimate.lora import is_target
 from memplan.spec import DTYPES, LayerSpec, ModelSpec, TrainSpec
@@ -23,7 +24,7 @@ MAX_FWD_STASH = 5  # trl OffloadActivations(max_fwd_stash_size=5)
 def _hooked(model: ModelSpec, layer: LayerSpec, train: TrainSpec, tokens: int, no_input_grad: bool):
     """The layer's saved set as TRL's hooks see it: (the Saved walk, the names saved, those saved twice, those the
     hooks leave on the device: saved a second time, or under min_offload_size)."""
-    sv = act.layer_saved(model, layer, act.Ctx.of(train, model))
+    sv = saved_set.layer_saved(model, layer, saved_set.Ctx.of(train, model))
     kept = [n for n in sv.kept if n != "x" or sv.kept.get("x")]
     shared = deduped(sv, tokens, dora_ids(sv, train))
     if no_input_grad:  # the first layer, its input a frozen embedding's output (no checkpointing: nothing calls
@@ -45,8 +46,8 @@ def int8_held(model: ModelSpec, layer: LayerSpec, train: TrainSpec, tokens: int,
     subA, A)`, a plain attribute, not save_for_backward (autograd/_functions.py 0.50), whenever the input or the
     weight needs a gradient: the hooks never see it, so it stays on the device as long as the graph, whatever else
     saves (and offloads) it; a storage the hooks also keep on the device counts once. Layer 0 with a frozen
-    embedding (no_input_grad): only the inputs that need a gradient (activations._linear)."""
-    sv = act.layer_saved(model, layer, act._ctx(model, train, no_input_grad))
+    embedding (no_input_grad): only the inputs that need a gradient (saved_set._linear)."""
+    sv = saved_set.layer_saved(model, layer, act._ctx(model, train, no_input_grad))
     on_device = set(_hooked(model, layer, train, tokens, no_input_grad)[3])
     return sum(sv.size[n] for n in sv.int8_inputs - on_device if n != "x") + act.int8_outliers(sv)
 
@@ -77,7 +78,7 @@ def split(model: ModelSpec, layer: LayerSpec, train: TrainSpec, tokens: int,
     return device, two_largest(), two_largest("attn") - device_mlp
 
 
-def dora_ids(sv: act.Saved, train: TrainSpec) -> dict[int, tuple[tuple[bool, ...], tuple[bool, ...]]]:
+def dora_ids(sv: saved_set.Saved, train: TrainSpec) -> dict[int, tuple[tuple[bool, ...], tuple[bool, ...]]]:
     """Per index of Saved.order: the ids that a DoRA-adapted linear's saves outside Saved.order take before and after
     that save, each as whether TRL offloads it (a parameter or a tensor under min_offload_size stays: no eviction).
     PEFT's DoraLinearLayer.forward (peft/tuners/lora/dora.py 0.21) first builds the LoRA weight from an identity
@@ -106,7 +107,7 @@ def dora_ids(sv: act.Saved, train: TrainSpec) -> dict[int, tuple[tuple[bool, ...
     return out
 
 
-def deduped(sv: act.Saved, tokens: int, extra_ids: dict | None = None) -> set[str]:
+def deduped(sv: saved_set.Saved, tokens: int, extra_ids: dict | None = None) -> set[str]:
     """The tensors a layer saves more than once whose later save finds the first still tracked, so TRL keeps that
     reference on the device (trl/models/activation_offloading.py pack_tensor: a storage key is tracked while its
     offloaded copy is in the forward stash, i.e. until a tensor offloaded max_fwd_stash_size ids later evicts it;
@@ -148,7 +149,7 @@ def deduped(sv: act.Saved, tokens: int, extra_ids: dict | None = None) -> set[st
     return out & sv.shared
 
 
-def stash_before(sv: act.Saved, start: int, ids: int, exclude: set) -> int:
+def stash_before(sv: saved_set.Saved, start: int, ids: int, exclude: set) -> int:
     """Per token: the offloaded copies TRL's forward stash still holds on the device from the `ids` saves before
     index `start` of the layer's forward order (before index 0: the previous layer's, the same order), less the
     names in `exclude` (alive anyway as locals) and storages saved twice (a dedupe's reference keeps them on the
@@ -164,7 +165,7 @@ def stash_before(sv: act.Saved, start: int, ids: int, exclude: set) -> int:
     return out
 
 
-def dora_norm_stash(sv: act.Saved, train: TrainSpec) -> tuple[int, ...]:
+def dora_norm_stash(sv: saved_set.Saved, train: TrainSpec) -> tuple[int, ...]:
     """Per DoRA-adapted linear of a layer (sv.marks order): per token, what TRL's forward stash holds from before
     the linear at PEFT's get_weight_norm (peft/tuners/lora/dora.py DoraLinearLayer.forward). By then the linear has
     packed dropout's mask (when x needs a gradient), eye (lora_A's input in get_lora_weight), lora_B's weight (kept:
@@ -186,11 +187,11 @@ def loss_stash(model: ModelSpec, train: TrainSpec) -> int:
     norm's last offloaded save ends the window: a 16-bit RMSNorm offloads its fp32 input (pow) and rsqrt's output,
     then dedupes both, so the last layer's last 3 saves stay; Liger's saves (x, weight, rstd) leave 2; a LayerNorm's
     five saves (input, weight, bias, mean, rstd) or an RMSNorm's trained weight's normalized input leave none."""
-    if model.model_type in act.LAYER_NORM_TYPES or (train.method == "full" and not train.liger):
+    if model.model_type in saved_set.LAYER_NORM_TYPES or (train.method == "full" and not train.liger):
         return 0
     from memplan.estimate.logits import final_softcap  # Gemma-2's tanh saves its output after lm_head: one more id
 
-    sv = act.layer_saved(model, model.layers[-1][1], act.Ctx.of(train, model))
+    sv = saved_set.layer_saved(model, model.layers[-1][1], saved_set.Ctx.of(train, model))
     # full fine-tuning: Liger's norm saves the same three whether its weight trains or not, and the last linear's
     # trained weight takes an id after its saved input (the meta trace at the fused loss: Qwen3 full, draw 34 of
     # seed 124871, -3.0% before)

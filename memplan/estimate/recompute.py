@@ -2,13 +2,13 @@
 
 torch/utils/checkpoint.py (non-reentrant) reruns the layer's forward when backward first unpacks a saved tensor
 and stops early once the last one is repacked; these terms list what is alive at the widest moments of that rerun,
-from the saved set activations.layer_saved() walks. activations._per_layer() collects them per layer.
+from the saved set saved_set.layer_saved() walks. activations._per_layer() collects them per layer.
 """
 from __future__ import annotations
 
 from functools import lru_cache
 
-from memplan.estimate import activations as act
+from memplan.estimate import saved_set
 from memplan.estimate import dora
 from memplan.estimate.experts import linear_experts
 from memplan.estimate.lora import is_target
@@ -23,10 +23,10 @@ def lora_add(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> int:
     result, the LoRA output cast to its dtype and scaled, and their sum, three output-wide tensors in the result's
     dtype; PEFT's plain Linear (layer.py): result, scaled LoRA output and the sum in their promoted dtype. The input
     cast to the adapter dtype is a local still alive. The widest such moment of the layer; 0 without LoRA."""
-    ctx = act.Ctx.of(train, model)
+    ctx = saved_set.Ctx.of(train, model)
     if train.method != "lora" or train.dora:
         return 0
-    sv = act.layer_saved(model, layer, ctx)
+    sv = saved_set.layer_saved(model, layer, ctx)
     order = [n for n in sv.kept if n != "x"]
     e = ctx.e
     result = "fp32" if e == 4 else train.compute_dtype
@@ -40,13 +40,13 @@ def lora_add(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> int:
         else:
             promoted = 4 if {result, train.lora_dtype} == {"fp16", "bf16"} else max(e, ctx.lb)
             add = e + ctx.lb + max(ctx.lb, promoted)
-        cast = lin.in_features * ctx.lb if act.casts(train, e) else 0
+        cast = lin.in_features * ctx.lb if saved_set.casts(train, e) else 0
         best = max(best, before + lin.out_features * add + cast + _gate_side(layer, lin, ctx)
                    + _int8_inputs_before(sv, lin))
     return best
 
 
-def _int8_inputs_before(sv: act.Saved, lin) -> int:
+def _int8_inputs_before(sv: saved_set.Saved, lin) -> int:
     """The recompute's LLM.int8 inputs up to `lin` that its saved set does not hold: MatMul8bitLt keeps them in
     ctx.tensors, outside autograd's saves (bitsandbytes autograd/_functions.py 0.50), so the rerun's copies stay
     beside the forward's (a norm's output feeding q/k/v or gate/up). The meta trace: seed 131337 draw 26."""
@@ -59,7 +59,7 @@ def _int8_inputs_before(sv: act.Saved, lin) -> int:
     return sum(sv.size[n] for n in dict.fromkeys(names))
 
 
-def _gate_side(layer: LayerSpec, lin, ctx: act.Ctx) -> int:
+def _gate_side(layer: LayerSpec, lin, ctx: saved_set.Ctx) -> int:
     """At up_proj's add in a gated MLP (LlamaMLP et al.: `down_proj(act_fn(gate_proj(x)) * up_proj(x))`), the
     gate's side waits, saved only later in the order: Liger's SiLU-mul argument, the gate itself
     (LigerSwiGLUMLP.forward); otherwise act(gate) and the gate the activation saved (the recompute saves for real).
@@ -85,8 +85,8 @@ def end(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> int | None:
     if (train.method != "lora" or train.dora or layer.mlp not in ("gated", "plain")
             or model.model_type in ("gemma2", "gemma3_text", "olmo2", "opt")):
         return None
-    ctx = act.Ctx.of(train, model)
-    sv = act.layer_saved(model, layer, ctx)
+    ctx = saved_set.Ctx.of(train, model)
+    sv = saved_set.layer_saved(model, layer, ctx)
     lin, x = sv.marks[-1][0], sv.marks[-1][1]
     if not is_target(lin, train):
         return None
@@ -107,7 +107,7 @@ def end(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> int | None:
     out += lin.out_features * e  # R
     if ctx.liger:  # Liger's Phi-3 MLP: the gate_up output, a local beside its saved contiguous copies
         out += next((m.out_features * e for m in layer.linears if m.name == "gate_up_proj"), 0)  # (moments.py)
-    if ctx.dropout and act.casts(train, e):  # by name: bf16 into fp16 adapters is a copy too
+    if ctx.dropout and saved_set.casts(train, e):  # by name: bf16 into fp16 adapters is a copy too
         out += lin.in_features * lb
     return out
 
@@ -127,7 +127,7 @@ def moe_stop(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> int:
     output (locals, unless saved) and the residual stream's gradient. 0 but for such layers."""
     if not (train.gradient_checkpointing and layer.num_experts and layer.mlp == "moe") or linear_experts(train):
         return 0
-    sv = act.layer_saved(model, layer, act.Ctx.of(train, model))
-    e, h, k = act.Ctx.of(train, model).e, model.hidden_size, layer.experts_per_token
+    sv = saved_set.layer_saved(model, layer, saved_set.Ctx.of(train, model))
+    e, h, k = saved_set.Ctx.of(train, model).e, model.hidden_size, layer.experts_per_token
     locals_ = sum(sv.size[n] for n in ("h1", "norm2.out") if n in sv.size and n not in sv.kept)
     return h * e + locals_ + 3 * k * h * e + 3 * k * 8
