@@ -88,16 +88,18 @@ def analytic_ends(model: ModelSpec, train: TrainSpec) -> bool:
 
 def layer_backward(spec: ModelSpec, train: TrainSpec, dyn: dict) -> float:
     """A cut's traced backward dyn bytes without the end-of-backward moment, which the estimate adds analytically
-    (estimate/derived.py). A cut whose backward peaks there (within 0.1%: the trace's rotary tables and the like
-    ride along) carries a constant (all gradients, a tied head's twice) that the fit would spread over the batch
-    and sequence terms wherever the peak switches moments between anchors: Gemma-3-4B fp32 full fine-tune,
+    (estimate/derived.py). A cut whose backward peaks there (within 0.1% and the embedding's incoming b·s·H
+    gradient, which rides along: DeepSeek-V2-Lite full fine-tune, every anchor) carries a constant (all gradients,
+    a tied head's twice) that the fit would spread over the batch and sequence terms wherever the peak switches
+    moments between anchors: Gemma-3-4B fp32 full fine-tune,
     checkpointed, 4 layers, b3 s1092: the b2 s1024 anchor peaks at the end, the others at the loss, +21.4%.
     Such a row gets the loss's moment instead (the forward's traced peak plus what the loss's backward adds),
     the other moment the estimate adds analytically; a layer moment below the end's is not seen in that row."""
     from memplan.estimate.derived import end_of_backward, loss_backward_growth
 
     ends = end_of_backward(spec, train)
-    if train.activation_offload == "all" or ends is None or dyn["backward"] > 1.001 * sum(ends.values()):
+    tail = train.batch_size * train.seq_len * spec.hidden_size * 4  # the embedding's incoming gradient, fp32 at most
+    if train.activation_offload == "all" or ends is None or dyn["backward"] > 1.001 * sum(ends.values()) + tail:
         return dyn["backward"]
     return min(dyn["backward"], dyn["forward"] + loss_backward_growth(spec, train))
 
