@@ -58,7 +58,8 @@ def activation_key(model: ModelSpec, train: TrainSpec) -> str:
     batches = batch_anchors(train.batch_size)  # in the key past (1, 2): the fits made before batch octaves
     return ";".join(parts) + f";anchors={','.join(map(str, anchors(model, train.seq_len)))}" + \
         (f";batches={batches[0]},{batches[1]}" if batches != (1, 2) else "") + \
-        (";layers=1,2,3" if step_from_two(model, train) else "")  # fits before the 3-layer step lack it
+        (";layers=1,2,3" if step_from_two(model, train) else "") + \
+        (";ends=analytic" if analytic_ends(model, train) else "")  # fits before layer_backward lack it
 
 
 def step_from_two(model: ModelSpec, train: TrainSpec) -> bool:
@@ -75,6 +76,32 @@ def step_from_two(model: ModelSpec, train: TrainSpec) -> bool:
     4 layers +10%); that case is left at the 1-to-2 step, which the shipped catalog fits use."""
     return first_layer_differs(model) or (
         train.activation_offload == "all" and not train.gradient_checkpointing and model.num_layers > 2)
+
+
+def analytic_ends(model: ModelSpec, train: TrainSpec) -> bool:
+    """Whether the estimate adds the end-of-backward moment analytically (estimate/derived.py: a trained
+    embedding) beside the loss's (not under --activation-offload all), so the fit leaves it out (layer_backward)."""
+    from memplan.estimate.derived import end_of_backward
+
+    return train.activation_offload != "all" and end_of_backward(model, train) is not None
+
+
+def layer_backward(spec: ModelSpec, train: TrainSpec, dyn: dict) -> float:
+    """A cut's traced backward dyn bytes without the end-of-backward moment, which the estimate adds analytically
+    (estimate/derived.py). A cut whose backward peaks there (within 0.1% and the embedding's incoming b·s·H
+    gradient, which rides along: DeepSeek-V2-Lite full fine-tune, every anchor) carries a constant (all gradients,
+    a tied head's twice) that the fit would spread over the batch and sequence terms wherever the peak switches
+    moments between anchors: Gemma-3-4B fp32 full fine-tune,
+    checkpointed, 4 layers, b3 s1092: the b2 s1024 anchor peaks at the end, the others at the loss, +21.4%.
+    Such a row gets the loss's moment instead (the forward's traced peak plus what the loss's backward adds),
+    the other moment the estimate adds analytically; a layer moment below the end's is not seen in that row."""
+    from memplan.estimate.derived import end_of_backward, loss_backward_growth
+
+    ends = end_of_backward(spec, train)
+    tail = train.batch_size * train.seq_len * spec.hidden_size * 4  # the embedding's incoming gradient, fp32 at most
+    if train.activation_offload == "all" or ends is None or dyn["backward"] > 1.001 * sum(ends.values()) + tail:
+        return dyn["backward"]
+    return min(dyn["backward"], dyn["forward"] + loss_backward_growth(spec, train))
 
 
 def first_layer_differs(model: ModelSpec) -> bool:
@@ -165,6 +192,7 @@ def fit(model: ModelSpec, train: TrainSpec) -> dict:
             base = sum(static.values())
             r = run_trace(spec, t, keep_timeline=False, steps=1, warm_optimizer=True)  # = 2 steps' peaks
             dyn = {p: r.phases[p] - base - (states if p != "load" else 0) for p in PHASES}
+            dyn["backward"] = layer_backward(spec, t, dyn)
             comps = {c: r.components.get(c, 0) for c in DYNAMIC}
             rows.append((dyn, comps, r.peak_phase))
 

@@ -39,24 +39,17 @@ def phase_components(model, train) -> tuple[dict[str, dict[str, int]], list[str]
     # fine-tune with CCE -9.4%, StarCoder2-7B QLoRA checkpointed -4.3% at 4 layers (seed 6719 #270, #43).
     # Offloading all activations keeps the saved set off the device: not this moment.
     if train.activation_offload != "all":
-        from memplan.estimate.logits import fused_loss, loss_backward, loss_forward
-
-        if train.loss != "standard":
-            fwd, bwd = fused_loss(model, train, b * s)
-        else:
-            fwd, bwd = b * s * loss_forward(model, train), b * s * loss_backward(model, train)
         at_loss = dict(out["forward"])
-        at_loss["logits_loss"] = at_loss.get("logits_loss", 0) + bwd - fwd
+        at_loss["logits_loss"] = at_loss.get("logits_loss", 0) + loss_backward_growth(model, train)
         if sum(at_loss.values()) > sum(out["backward"].values()):
             out["backward"] = at_loss
     # The end of backward, analytic for any architecture (as estimate/__init__.py's EmbeddingBackward0 moment):
     # every trainable's gradient exists and a trained embedding's is being made, tied to the head: the head's
     # gradient waiting beside it, then their sum. The fit cannot extrapolate this moment in layers when a shallower
     # cut peaks elsewhere (Gemma-3-27B full fine-tune, 1-2 layers peak at the loss; 4 layers here: -4.6%).
-    ends = lora.head_and_embedding_grads(model, train)
-    if ends["embed"]:
-        end = dict(static, optimizer_states=states, gradients=tr["bytes"],
-                   temporaries=2 * ends["head"] if ends["tied"] else 0)
+    ends = end_of_backward(model, train)
+    if ends is not None:
+        end = dict(static, optimizer_states=states, **ends)
         if sum(end.values()) > sum(out["backward"].values()):
             out["backward"] = end
     lo, hi = terms["anchors"][0], terms["anchors"][-1]
@@ -67,3 +60,25 @@ def phase_components(model, train) -> tuple[dict[str, dict[str, int]], list[str]
              f"{cuts} layers at seq {', '.join(map(str, terms['anchors']))} ({where} the fitted range) and batch "
              f"{b1} and {b2}, extrapolated to {L} layers"]
     return out, notes
+
+
+def loss_backward_growth(model, train) -> int:
+    """What the loss's backward adds over the forward's peak (the at-the-loss moment above): transformers'
+    ForCausalLMLoss or a fused loss (logits.py), for the batch's tokens."""
+    from memplan.estimate.logits import fused_loss, loss_backward, loss_forward
+
+    tokens = train.batch_size * train.seq_len
+    if train.loss != "standard":
+        fwd, bwd = fused_loss(model, train, tokens)
+        return bwd - fwd
+    return tokens * (loss_backward(model, train) - loss_forward(model, train))
+
+
+def end_of_backward(model, train) -> dict | None:
+    """The dynamic bytes of the end-of-backward moment (above), or None when no embedding is trained: every
+    trainable's gradient, and a tied head's gradient waiting beside the embedding's, then their sum."""
+    ends = lora.head_and_embedding_grads(model, train)
+    if not ends["embed"]:
+        return None
+    tr = lora.trainable(model, train)
+    return {"gradients": tr["bytes"], "temporaries": 2 * ends["head"] if ends["tied"] else 0}
