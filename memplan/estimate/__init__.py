@@ -24,6 +24,7 @@ from memplan.estimate import activations as act_mod
 from memplan.estimate import host as host_mod
 from memplan.estimate import lora, offload, optimizer, weights
 from memplan.estimate.logits import fused_loss, head_backward, loss_backward, loss_forward
+from memplan.estimate import moments
 from memplan.estimate.moments import final_norm_backward
 from memplan.estimate.overhead import Overheads, default_overheads, replay_overheads
 from memplan.spec import DTYPES, TRAIN_FIELDS, ModelSpec, TrainSpec
@@ -291,12 +292,7 @@ def estimate(model: ModelSpec, train: TrainSpec, overheads: Overheads | None = N
     forward += _dora_forward(a, train, T, steady, before_norm + (a.layer_input if a.offloaded_layers else 0),
                              dora_but_last, comm["forward_layer"])
 
-    layer = model.layers[-1][1]
-    frozen_plain = a.layer_input + layer.linears[-1].in_features * (a.layer_input // model.hidden_size) if (
-        train.gradient_checkpointing and train.quantized and train.method == "lora" and layer.mlp == "plain"
-        and len(model.layers) == 1 and not any(lora.is_target(lin, train) for lin in layer.linears
-                                               if lin.name in ("dense_h_to_4h", "dense_4h_to_h", "fc1", "fc2"))
-        and all(lin.quantizable for lin in layer.linears)) else 0
+    frozen_plain = moments.frozen_plain_mlp_backward(model, train)  # per token; 0 unless it applies
 
     def layer_bwd(idx: int, done_grads: int, mul_grads: int = 0, mlp_grads: int = 0,
                   moment: tuple | None = None, own_grads: int = 0, act_grads: int = 0) -> tuple:

@@ -333,6 +333,23 @@ def down_forward(model: ModelSpec, train: TrainSpec) -> tuple[int, int]:
 
 
 @lru_cache(maxsize=4096)
+def frozen_plain_mlp_backward(model: ModelSpec, train: TrainSpec) -> int:
+    """Per token, a checkpointed plain MLP (GPT-NeoX, OPT) whose linears are all frozen bitsandbytes ones
+    (MatMul4Bit / MatMul8bitLt keep ctx.tensors: nothing to unpack, so nothing starts the recompute early): beside
+    each projection's dequantized weight in its backward, the residual stream's gradient and the i-wide gradient it
+    takes or makes. The down projection's backward runs before the recompute starts, the up projection's after the
+    activation's backward released the MLP's recomputed saved set (estimate/__init__.py layer_bwd). 0 where this
+    does not apply (a uniform stack only: one layer group)."""
+    layer = model.layers[-1][1]
+    if not (train.gradient_checkpointing and train.quantized and train.method == "lora" and layer.mlp == "plain"
+            and len(model.layers) == 1 and all(lin.quantizable for lin in layer.linears)
+            and not any(is_target(lin, train) for lin in layer.linears
+                        if lin.name in ("dense_h_to_4h", "dense_4h_to_h", "fc1", "fc2"))):
+        return 0
+    e = unquantized_dtype_bytes(train)
+    return model.hidden_size * e + layer.linears[-1].in_features * e
+
+
 def int8_graph_held(model: ModelSpec, train: TrainSpec) -> int:
     """Per token: every LLM.int8 input that needs a gradient, with its outlier columns, in every layer. MatMul8bitLt
     keeps them in ctx.tensors, plain attributes that live as long as the graph (bitsandbytes autograd/_functions.py
