@@ -203,7 +203,8 @@ def test_int8_forward_makes_no_weight_sized_copy():
     from memplan.estimate import estimate
     from memplan.trace import run_trace
 
-    m = from_hf_config(TINY_NEOX | {"hidden_size": 1024, "intermediate_size": 4096, "hidden_act": "gelu"}, "tiny", "test")
+    m = from_hf_config(TINY_NEOX | {"hidden_size": 1024, "intermediate_size": 4096, "hidden_act": "gelu"}, "tiny",
+                       "test")
     train = TrainSpec(seq_len=32, batch_size=2, bits=8, lora_targets="qv", lora_dtype="bf16", optimizer="sgd",
                       loss="liger", activation_offload="checkpoints")
     t = run_trace(m, train, keep_timeline=False, steps=1, warm_optimizer=True)

@@ -17,8 +17,8 @@ where one moment overtakes another the peak bends, so a line through batches 1 a
 (2, 4), (4, 8), ..., each fitted once (batch_anchors), as the sequence anchors are.
 
 a holds what does not grow with the batch (bitsandbytes' dequantized weight, gradients at the end of backward,
-rotary tables), c1 what grows with tokens (saved activations, logits), c2 the s² terms (eager scores, masks). The layer step
-assumes the layers after the second are like the second; a first layer unlike the uniform rest (a dense
+rotary tables), c1 what grows with tokens (saved activations, logits), c2 the s² terms (eager scores, masks). The
+layer step assumes the layers after the second are like the second; a first layer unlike the uniform rest (a dense
 first layer followed by MoE layers) takes its step from 2 to 3 layers instead (first_layer_differs), as does a fit
 with every saved tensor offloaded, whose peaks fall inside the last layer (step_from_two). A stack
 whose config names mixed layer_types (Gemma-3: 5 sliding-window layers to 1 global) gets one step per kind,

@@ -57,7 +57,8 @@ def mlp_product_backward(model: ModelSpec, layer: LayerSpec, train: TrainSpec, s
         # down_proj's backward brought back stays in TRL's bwd stash until this node finishes (fresh seed 121999
         # draw 1, Phi-3 full fine-tuning: -4.8% with the product freed)
         freed = 0
-    work = model.hidden_size * saved_set.Ctx.of(train, model).e + 2 * prod  # the layer output's gradient, dp, d act(gate)
+    # the layer output's gradient, dp, d act(gate)
+    work = model.hidden_size * saved_set.Ctx.of(train, model).e + 2 * prod
     if ckpt and not prod_saved:
         work += prod
     elif not ckpt:  # MulBackward0 returns both factors' gradients at once: d up beside d act(gate) and dp (the
@@ -71,11 +72,11 @@ def plain_act_backward(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> 
     """Per token: a plain MLP's backward at its activation, after the down projection's backward (whose
     dequantized weight is gone by then), with the saved set still whole: the gradient coming from the down
     projection (in the stream's dtype: Linear4bit's cast back has a ToCopyBackward) and the activation's input
-    gradient, two i-wide tensors (GeluBackward0 / threshold_backward); a tanh-GELU chain (saved_set._TANH_GELU_SAVED) starts
-    at its outer product `0.5 * x * (1 + tanh(...))`, whose MulBackward0 makes two (three i-wide in all). Beside
-    them the residual stream's gradient and, in a parallel-attention layer (GPT-NeoX: one add of both branches and
-    the residual), the attention branch's gradient waiting in the compute dtype when flash-attention's output is
-    16-bit in an fp32 stream (AddBackward0 casts it). Sources: transformers activations.py 5.24 (FastGELU /
+    gradient, two i-wide tensors (GeluBackward0 / threshold_backward); a tanh-GELU chain
+    (saved_set._TANH_GELU_SAVED) starts at its outer product `0.5 * x * (1 + tanh(...))`, whose MulBackward0
+    makes two (three i-wide in all). Beside them the residual stream's gradient and, in a parallel-attention layer
+    (GPT-NeoX: one add of both branches and the residual), the attention branch's gradient waiting in the compute
+    dtype when flash-attention's output is 16-bit in an fp32 stream (AddBackward0 casts it). Sources: transformers activations.py 5.24 (FastGELU /
     NewGELU), modeling_gpt_neox.py GPTNeoXLayer.forward, the meta trace's live tensors.
     By then the down projection's nodes have run and released what they saved (counted in the saved set): its LoRA
     tensors and, trained (full fine-tuning) or read by lora_A (dropout 0), its input, the activation's output, which
@@ -175,7 +176,8 @@ def final_norm_backward(model: ModelSpec, train: TrainSpec) -> int:
     if train.liger or model.model_type in saved_set.LAYER_NORM_TYPES:
         return 0
     h = model.hidden_size
-    released = h * (4 if model.model_type.startswith("gemma") else saved_set.Ctx.of(train).e) if train.method == "full" else 0
+    e = 4 if model.model_type.startswith("gemma") else saved_set.Ctx.of(train).e
+    released = h * e if train.method == "full" else 0
     return RMSNORM_BACKWARD_FP32 * 4 * h - released
 
 
@@ -248,7 +250,8 @@ def _down_add(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> int:
     stream = [mid, *norms, down_input] + ([] if ckpt else ["x"])  # checkpointed: x is kept anyway
     alive = sum(sv.size.get(n, 0) for n in dict.fromkeys(stream) if n and n not in saved)
     if not ckpt:  # the embedding's output, unless layer 0 saves it as its input (checkpointed: kept)
-        first = saved_set.layer_saved(model, model.layers[0][1], act._ctx(model, train, act.first_input_frozen(model, train)))
+        first = saved_set.layer_saved(model, model.layers[0][1],
+                                      act._ctx(model, train, act.first_input_frozen(model, train)))
         alive += 0 if "x" in first.kept else model.hidden_size * e
     out = down.out_features
     if train.method != "lora" or not is_target(down, train):
@@ -350,6 +353,7 @@ def frozen_plain_mlp_backward(model: ModelSpec, train: TrainSpec) -> int:
     return model.hidden_size * e + layer.linears[-1].in_features * e
 
 
+@lru_cache(maxsize=4096)
 def int8_graph_held(model: ModelSpec, train: TrainSpec) -> int:
     """Per token: every LLM.int8 input that needs a gradient, with its outlier columns, in every layer. MatMul8bitLt
     keeps them in ctx.tensors, plain attributes that live as long as the graph (bitsandbytes autograd/_functions.py
