@@ -76,8 +76,9 @@ def plain_act_backward(model: ModelSpec, layer: LayerSpec, train: TrainSpec) -> 
     (saved_set._TANH_GELU_SAVED) starts at its outer product `0.5 * x * (1 + tanh(...))`, whose MulBackward0
     makes two (three i-wide in all). Beside them the residual stream's gradient and, in a parallel-attention layer
     (GPT-NeoX: one add of both branches and the residual), the attention branch's gradient waiting in the compute
-    dtype when flash-attention's output is 16-bit in an fp32 stream (AddBackward0 casts it). Sources: transformers activations.py 5.24 (FastGELU /
-    NewGELU), modeling_gpt_neox.py GPTNeoXLayer.forward, the meta trace's live tensors.
+    dtype when flash-attention's output is 16-bit in an fp32 stream (AddBackward0 casts it). Sources: transformers
+    activations.py 5.24 (FastGELU / NewGELU), modeling_gpt_neox.py GPTNeoXLayer.forward, the meta trace's live
+    tensors.
     By then the down projection's nodes have run and released what they saved (counted in the saved set): its LoRA
     tensors and, trained (full fine-tuning) or read by lora_A (dropout 0), its input, the activation's output, which
     ReLU alone saves again (Falcon-40B full fine-tune, seed 88213 #68: +3.5% with them counted)."""
