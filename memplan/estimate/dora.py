@@ -263,8 +263,6 @@ def _residual_frame(group: str, kept: set, sizes: dict, nbytes: int) -> int:
 def dora_transient(model: ModelSpec, train: TrainSpec) -> int:
     """The largest weight-sized DoRA transient (absolute): get_weight_norm's work in one adapted linear's forward
     (norm_transient), which a checkpointed layer's recompute makes again in backward."""
-    from memplan.estimate.lora import is_target
-
     if train.method != "lora" or not train.dora:
         return 0
     return max((norm_transient(lin, train, False)[0] for _, layer in model.layers for lin in layer.linears
