@@ -195,8 +195,20 @@ def _per_layer(model: ModelSpec, train: TrainSpec) -> tuple:
             tuple(experts_bwd) if any(map(any, experts_bwd)) else ())
 
 
-_LAYER_KEYS: dict = {}  # (_LAYER_FIELDS, seq_len or 1) -> the layer key: train at batch 1, AdamW
+_LAYER_KEYS: dict = {}  # (_LAYER_FIELDS, seq_len) -> train at batch 1, AdamW, that length: one object per key
 _LAYER_FIELDS = attrgetter(*(f for f in TRAIN_FIELDS if f not in ("seq_len", "batch_size", "optimizer")))
+
+
+def _layer_key(train: TrainSpec, seq_len: int) -> TrainSpec:
+    """train at batch 1, AdamW and seq_len, one object per distinct key: the caches keyed on it then match it by
+    identity, not field by field (batch and optimizer do not change per-token activation figures)."""
+    fields = (_LAYER_FIELDS(train), seq_len)
+    key = _LAYER_KEYS.get(fields)
+    if key is None:
+        if len(_LAYER_KEYS) > 65536:
+            _LAYER_KEYS.clear()
+        key = _LAYER_KEYS[fields] = train.variant(batch_size=1, optimizer="adamw", seq_len=seq_len)
+    return key
 
 
 def per_seq(model: ModelSpec, train: TrainSpec) -> bool:
@@ -208,22 +220,13 @@ def per_seq(model: ModelSpec, train: TrainSpec) -> bool:
             or attention == "sdpa" and sdpa_gets_a_mask(model, 1 << 62, train.transformers))  # at any length
 
 
-_AT_BATCH_ONE: dict = {}  # (_LAYER_FIELDS, seq_len) -> train at batch 1, AdamW: one object per key
-
-
 def activations(model: ModelSpec, train: TrainSpec) -> Activations:
     """The per-token activation figures of this configuration (_activations). They depend on the batch only
     through rotary cos / sin, (1, s, head_dim) shared by the batch, so they are computed once at batch 1 and
     shared by every batch; offloading every saved tensor decides per tensor size (TRL's minimum), per batch."""
     if train.activation_offload == "all" and not train.gradient_checkpointing:
         return _activations(model, train)
-    fields = (_LAYER_FIELDS(train), train.seq_len)
-    one = _AT_BATCH_ONE.get(fields)
-    if one is None:
-        if len(_AT_BATCH_ONE) > 65536:
-            _AT_BATCH_ONE.clear()
-        one = _AT_BATCH_ONE[fields] = train.variant(batch_size=1, optimizer="adamw")
-    a = _at_batch_one(model, one)
+    a = _at_batch_one(model, _layer_key(train, train.seq_len))
     if train.batch_size == 1:
         return a
     out = object.__new__(Activations)  # a copy but for `fixed` (dataclasses.replace re-runs __init__: slower)
@@ -250,13 +253,7 @@ def _activations(model: ModelSpec, train: TrainSpec) -> Activations:
     # per-token layer figures do not depend on batch, optimizer or (for fused attention) sequence length
     masked = ctx.attention == "sdpa" and sdpa_gets_a_mask(model, train.seq_len, train.transformers)
     per_seq = ctx.attention not in FUSED or masked
-    # one object per distinct key: the per-layer caches below then match it by identity, not field by field
-    fields = (_LAYER_FIELDS(train), train.seq_len if per_seq else 1)
-    layer_key = _LAYER_KEYS.get(fields)
-    if layer_key is None:
-        if len(_LAYER_KEYS) > 65536:
-            _LAYER_KEYS.clear()
-        layer_key = _LAYER_KEYS[fields] = train.variant(batch_size=1, optimizer="adamw", seq_len=fields[1])
+    layer_key = _layer_key(train, train.seq_len if per_seq else 1)
     (stored, saved, saved_attn, mul_freed, mul_work, int8_device, lora_add, dora_layers, attn_out, widest, cast,
      ends, act_bwd, experts_bwd) = _per_layer(model, layer_key)
     # rotary cos / sin are (1, s, head_dim): per sequence position, shared by the batch
